@@ -1,0 +1,1 @@
+"""DRiffusion runtime: the draft-and-refine sampler, device pools, pipelines and the CLI."""

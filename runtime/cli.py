@@ -1,0 +1,55 @@
+"""The `driffusion` command line: one subcommand per stage of the pipeline."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module that defines `register(subparsers)`; imported lazily so that
+# `driffusion --help` stays fast and a missing optional dependency only breaks its command.
+SUBCOMMANDS: dict[str, str] = {
+    "export": "export.cli",
+    "build-engines": "engines.cli",
+    "triton-repo": "triton_models.cli",
+    "serve": "triton_models.serve",
+    "generate": "runtime.generate",
+    "bench": "runtime.bench",
+    "demo": "runtime.demo",
+}
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="driffusion",
+        description="Parallel diffusion sampling (DRiffusion draft-and-refine) on ONNX Runtime, "
+        "TensorRT and Triton Inference Server.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in SUBCOMMANDS.items():
+        if selected is not None and name != selected:
+            subparsers.add_parser(name, help=f"(see `driffusion {name} --help`)")
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            subparsers.add_parser(name, help=f"unavailable: {error}")
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    selected = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    parser = build_parser(selected)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if not hasattr(args, "run"):
+        parser.error(f"`{args.command}` is unavailable here; install the project with `make setup`")
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

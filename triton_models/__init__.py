@@ -1,0 +1,1 @@
+"""Triton model repository generator, python-backend models and the embedded server."""
