@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib import metadata
 
 # subcommand -> module that defines `register(subparsers)`; imported lazily so that
 # `driffusion --help` stays fast and a missing optional dependency only breaks its command.
@@ -18,12 +19,20 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
+def _version() -> str:
+    try:
+        return metadata.version("driffusion-trt")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed; run `make setup`)"
+
+
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="driffusion",
         description="Parallel diffusion sampling (DRiffusion draft-and-refine) on ONNX Runtime, "
         "TensorRT and Triton Inference Server.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
         if selected is not None and name != selected:
@@ -32,7 +41,8 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:
-            subparsers.add_parser(name, help=f"unavailable: {error}")
+            reason = "not built yet" if error.name == module_name else f"unavailable: {error}"
+            subparsers.add_parser(name, help=f"({reason}; run `make setup`)")
             continue
         module.register(subparsers)
     return parser

@@ -8,6 +8,7 @@ is the scheduler's own `step`, called exactly once per timestep, in order.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -16,7 +17,8 @@ import torch
 Denoise = Callable[[torch.Tensor, torch.Tensor], Awaitable[torch.Tensor]]
 Progress = Callable[[int], None]
 
-MODES = ("sequential", "conservative", "aggressive")
+MODES = ("sequential", "conservative", "aggressive", "verified")
+DRAFT_ORDERS = (1, 2)
 VP_SCHEDULERS = (
     "DDIMScheduler",
     "DDPMScheduler",
@@ -32,6 +34,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 def round_pattern(mode: str, window: int, num_steps: int) -> list[int]:
     """Items evaluated in each parallel round for `num_steps` timesteps."""
     _check_mode_and_window(mode, window)
+    if mode == "verified":
+        raise ValueError("the rounds of mode 'verified' depend on the data; count them instead")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     pattern: list[int] = []
@@ -90,6 +94,11 @@ class Schedule:
             f"scheduler {type(scheduler).__name__} is not supported; supported: "
             f"{', '.join(VP_SCHEDULERS + SIGMA_SCHEDULERS + FLOW_SCHEDULERS)}"
         )
+
+    @property
+    def log_snr(self) -> torch.Tensor:
+        """lambda_i = log(alpha_i / sigma_i) (VP family)."""
+        return (self.alpha / self.sigma).log()
 
     def model_input(self, x: torch.Tensor, step: int) -> torch.Tensor:
         """What the network sees for latent x at `step` (sigma family: x / sqrt(sigma^2 + 1))."""
@@ -175,16 +184,22 @@ def _check_mode_and_window(mode: str, window: int) -> None:
 
 
 class _Sampler:
-    """State of one sampling run: the latent trajectory and the round loop."""
+    """State of one sampling run: the latent trajectory, recent data predictions, the rounds."""
 
-    def __init__(self, denoise, scheduler, latents, generator, progress) -> None:
+    def __init__(self, denoise, scheduler, latents, options: _Options) -> None:
         self.denoise = denoise
         self.schedule = Schedule.from_scheduler(scheduler)
-        self.refine = _Refiner(scheduler, generator)
+        self.refine = _Refiner(scheduler, options.generator)
+        self.options = options
+        if options.draft_order == 2 and self.schedule.family != "vp":
+            raise ValueError(
+                "draft_order=2 needs a VP scheduler (e.g. DPMSolverMultistepScheduler, "
+                f"UniPCMultistepScheduler); got {type(scheduler).__name__}"
+            )
         self.batch = latents.shape[0]
         self.num_steps = len(self.schedule.timesteps)
-        self.progress = progress
         self.x = latents
+        self.predictions: list[tuple[int, torch.Tensor]] = []  # last two accepted (step, x0)
 
     async def evaluate(self, drafts: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
         """One parallel round over (step, latent) items; returns one output per item."""
@@ -201,47 +216,112 @@ class _Sampler:
             )
         return list(outputs.to(self.x.dtype).split(self.batch))
 
-    def refine_from(self, anchor: int, outputs: list[torch.Tensor]) -> None:
-        """Refine steps anchor .. anchor+len(outputs)-1 with the scheduler's own step."""
-        for offset, output in enumerate(outputs):
-            step = anchor + offset
-            self.x = self.refine(output, self.schedule.timesteps[step], self.x)
-        if self.progress is not None:
-            self.progress(len(outputs))
+    def refine_from(
+        self, anchor: int, drafts: list[tuple[int, torch.Tensor]], outputs: list[torch.Tensor]
+    ) -> int:
+        """Refine from `anchor` with the round's outputs; returns how many steps were accepted.
 
-    def drafts(self, guide: torch.Tensor, anchor: int, first: int, count: int):
-        return [
-            (anchor + k, self.schedule.jump(self.x, guide, anchor, anchor + k))
-            for k in range(first, first + count)
-        ]
+        In verified mode a draft that lies further than the tolerance from the refined state
+        of its step ends the round there: its output (and every later one) is discarded before
+        the scheduler ever steps with it, so the scheduler's state needs no rollback.
+        """
+        accepted = 0
+        for (step, draft), output in zip(drafts, outputs):
+            if accepted and self.rejects(draft, step):
+                break
+            self.x = self.refine(output, self.schedule.timesteps[step], self.x)
+            self.remember(step, draft, output)
+            accepted += 1
+        if self.options.progress is not None:
+            self.options.progress(accepted)
+        return accepted
+
+    def rejects(self, draft: torch.Tensor, step: int) -> bool:
+        if self.options.tolerance is None:
+            return False
+        return draft_deviation(draft, self.x, self.schedule.sigma[step].item()) > (
+            self.options.tolerance
+        )
+
+    def remember(self, step: int, state: torch.Tensor, output: torch.Tensor) -> None:
+        if self.options.draft_order == 2:
+            self.predictions = self.with_prediction(step, state, output)
+
+    def with_prediction(self, step: int, state: torch.Tensor, output: torch.Tensor):
+        """The last accepted data prediction followed by the model's x0 for (state, step)."""
+        return [*self.predictions[-1:], (step, self.schedule.split(state, output, step)[0])]
+
+    def drafts(self, guide: torch.Tensor, anchor: int, first: int, count: int, predictions=None):
+        """Draft steps anchor+first .. anchor+first+count-1 from the anchor state."""
+        steps = range(anchor + first, anchor + first + count)
+        predictions = self.predictions if predictions is None else predictions
+        if self.options.draft_order == 2 and len(predictions) == 2:
+            return [(step, self.second_order_jump(anchor, step, predictions)) for step in steps]
+        return [(step, self.schedule.jump(self.x, guide, anchor, step)) for step in steps]
+
+    def second_order_jump(self, anchor: int, target: int, predictions) -> torch.Tensor:
+        """Exponential-integrator jump with x0 extrapolated linearly in log-SNR."""
+        if target == anchor:
+            return self.x
+        lam = self.schedule.log_snr
+        (older, x0_older), (newer, x0_newer) = predictions
+        slope = (x0_newer - x0_older) / (lam[newer] - lam[older]).item()
+        x0_anchor = x0_newer + (lam[anchor] - lam[newer]).item() * slope
+        h = (lam[target] - lam[anchor]).item()
+        alpha, sigma = self.schedule.alpha, self.schedule.sigma
+        decay = math.exp(-h)
+        return (
+            (sigma[target] / sigma[anchor]).item() * self.x
+            + alpha[target].item() * (1 - decay) * x0_anchor
+            + alpha[target].item() * (h - 1 + decay) * slope
+        )
 
     async def run_sequential(self) -> torch.Tensor:
         for step in range(self.num_steps):
-            (output,) = await self.evaluate([(step, self.x)])
-            self.refine_from(step, [output])
+            drafts = [(step, self.x)]
+            self.refine_from(step, drafts, await self.evaluate(drafts))
         return self.x
 
     async def run_aggressive(self, window: int) -> torch.Tensor:
-        (guide,) = await self.evaluate([(0, self.x)])
-        self.refine_from(0, [guide])
+        first = [(0, self.x)]
+        (guide,) = await self.evaluate(first)
+        self.refine_from(0, first, [guide])
         anchor = 1
         while anchor < self.num_steps:
-            count = min(window, self.num_steps - anchor)
-            outputs = await self.evaluate(self.drafts(guide, anchor, 0, count))
-            self.refine_from(anchor, outputs)
-            guide = outputs[-1]
-            anchor += count
+            drafts = self.drafts(guide, anchor, 0, min(window, self.num_steps - anchor))
+            outputs = await self.evaluate(drafts)
+            accepted = self.refine_from(anchor, drafts, outputs)
+            guide = outputs[accepted - 1]
+            anchor += accepted
         return self.x
 
     async def run_conservative(self, window: int) -> torch.Tensor:
         anchor = 0
         while anchor < self.num_steps:
-            (fresh,) = await self.evaluate([(anchor, self.x)])
+            anchor_item = [(anchor, self.x)]
+            (fresh,) = await self.evaluate(anchor_item)
+            predictions = (
+                self.with_prediction(anchor, self.x, fresh) if self.options.draft_order == 2 else []
+            )
             count = min(window, self.num_steps - anchor - 1)
-            outputs = await self.evaluate(self.drafts(fresh, anchor, 1, count)) if count else []
-            self.refine_from(anchor, [fresh, *outputs])
-            anchor += 1 + count
+            drafts = self.drafts(fresh, anchor, 1, count, predictions)
+            outputs = await self.evaluate(drafts) if drafts else []
+            anchor += self.refine_from(anchor, anchor_item + drafts, [fresh, *outputs])
         return self.x
+
+
+def draft_deviation(draft: torch.Tensor, refined: torch.Tensor, noise_level: float) -> float:
+    """Largest per-sample RMS distance between a draft and the refined state, over noise level."""
+    rms = (draft - refined).flatten(1).pow(2).mean(1).sqrt()
+    return (rms.max() / noise_level).item()
+
+
+@dataclass(frozen=True)
+class _Options:
+    generator: torch.Generator | None
+    progress: Progress | None
+    draft_order: int
+    tolerance: float | None
 
 
 async def sample(
@@ -252,6 +332,8 @@ async def sample(
     mode: str = "aggressive",
     window: int = 1,
     generator: torch.Generator | None = None,
+    draft_order: int = 1,
+    tolerance: float | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """Sample with DRiffusion draft-and-refine; returns the final latents.
@@ -260,15 +342,34 @@ async def sample(
         `window` items stacked item-major (item k holds rows k*B .. k*B+B-1).
     scheduler: a diffusers scheduler after `set_timesteps`.
     latents: starting latents [B,C,H,W], already scaled by `scheduler.init_noise_sigma`.
-    mode: "sequential", "conservative" or "aggressive"; window: evaluations per round (devices).
+    mode: "sequential", "conservative", "aggressive", or "verified" (aggressive rounds that
+        accept steps only while each draft stays within `tolerance` of its refined state,
+        measured as RMS distance over the step's noise level; 0 reproduces sequential sampling,
+        a large tolerance reproduces aggressive mode).
+    window: model evaluations per round (the number of devices).
+    draft_order: 1 (first-order skip transitions, the paper's) or 2 (multistep extrapolation
+        from the last two data predictions; VP schedulers, best with DPM-Solver++ / UniPC).
     progress: optional callback given the number of timesteps refined after each round.
     """
     _check_mode_and_window(mode, window)
+    _check_tolerance(mode, tolerance)
+    if draft_order not in DRAFT_ORDERS:
+        raise ValueError(f"draft_order must be 1 or 2, got {draft_order!r}")
     if latents.dim() != 4:
         raise ValueError(f"latents must be [B, C, H, W], got shape {tuple(latents.shape)}")
-    sampler = _Sampler(denoise, scheduler, latents, generator, progress)
+    options = _Options(generator, progress, draft_order, tolerance)
+    sampler = _Sampler(denoise, scheduler, latents, options)
     if mode == "sequential":
         return await sampler.run_sequential()
-    if mode == "aggressive":
-        return await sampler.run_aggressive(window)
-    return await sampler.run_conservative(window)
+    if mode == "conservative":
+        return await sampler.run_conservative(window)
+    return await sampler.run_aggressive(window)
+
+
+def _check_tolerance(mode: str, tolerance: float | None) -> None:
+    if mode != "verified":
+        if tolerance is not None:
+            raise ValueError(f"tolerance applies to mode 'verified' only, not {mode!r}")
+        return
+    if tolerance is None or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise ValueError(f"mode 'verified' needs a tolerance >= 0, got {tolerance!r}")
