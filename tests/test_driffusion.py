@@ -22,7 +22,7 @@ from runtime.closed_form import GaussianMixtureModel
 from runtime.driffusion import round_pattern, sample
 
 SHAPE = (2, 1, 4, 4)
-VP_CONFIG = dict(beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000)
+VP_CONFIG = {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000}
 
 
 def make_scheduler(kind: str, steps: int, prediction_type: str = "epsilon"):
