@@ -22,8 +22,29 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
+ENGINE_MODEL ?= tiny-sd
+export: $(STAMP)  ## validated ONNX of ENGINE_MODEL (tiny-sd, reference or a folder) in out/onnx/<model>
+	$(BIN)/driffusion export --model $(ENGINE_MODEL) $(EXPORT_ARGS)
+
+build-engines: $(STAMP)  ## TensorRT plans per GPU, or ONNX Runtime engines without TensorRT/GPU
+	$(BIN)/driffusion build-engines --model $(ENGINE_MODEL) $(ENGINE_ARGS)
+
 train-reference: $(STAMP)  ## retrain the bundled reference model (~12 min on 2 free cores)
 	$(BIN)/python scripts/train_reference.py
+
+GPU_CHECK_OUT ?= out/gpu_check
+gpu-check: $(STAMP)  ## measure the GPU path here (GPU_CHECK_ARGS=--dry-run rehearses it on the CPU)
+	$(BIN)/python scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+REFERENCE_CPU_ENGINES := engines/reference/cpu/manifest.json
+$(REFERENCE_CPU_ENGINES): | $(STAMP)
+	$(BIN)/driffusion build-engines --model reference --backend onnxruntime
+
+triton-repo: $(STAMP) $(REFERENCE_CPU_ENGINES)  ## model repository for the reference engines (TRITON_ARGS to change)
+	$(BIN)/driffusion triton-repo --model reference --devices 2 $(TRITON_ARGS)
+
+serve: $(STAMP) $(REFERENCE_CPU_ENGINES)  ## Triton on 127.0.0.1: gRPC 8001, HTTP 8000, metrics 8002; Ctrl-C stops
+	$(BIN)/driffusion serve --model reference --devices 2 $(TRITON_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

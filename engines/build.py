@@ -1,0 +1,323 @@
+"""`build-engines`: export if needed, then build TensorRT plans per GPU or ONNX Runtime engines.
+
+Each engine is keyed by its manifest entry (ONNX sha256, backend version, GPU, profile,
+precision, optimisation level); an engine whose entry matches is kept, anything else rebuilds.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from engines.gpu import GpuInfo, list_gpus
+from engines.manifest import (
+    CPU_KEY,
+    EngineSet,
+    load_engines,
+    manifest_mismatch,
+    network_entry,
+    new_manifest,
+    read_manifest,
+    rebuild_reason,
+    write_manifest,
+)
+from engines.ort_build import ORT_OPTIMIZATION_LEVEL, build_ort_engine, onnxruntime_version
+from engines.tensorrt_build import build_plan, tensorrt_status
+from export.onnx_export import (
+    ExportOptions,
+    export_model,
+    onnx_filename,
+    onnx_sha256,
+    read_export_index,
+    settings_change,
+)
+
+BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime")
+TIMING_CACHE_DIR = ".timing-cache"
+
+
+class EngineBuildError(RuntimeError):
+    """The requested backend cannot be built here, or a build step failed."""
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """Everything `build-engines` needs to know."""
+
+    source: str
+    name: str
+    engines_root: Path = Path("engines")
+    onnx_dir: Path | None = None
+    backend: str = "auto"
+    precision: str = "fp16"
+    optimization_level: int = 3
+    force: bool = False
+    networks: tuple[str, ...] = ()
+    export: ExportOptions = field(default_factory=ExportOptions)
+
+    @property
+    def export_dir(self) -> Path:
+        return self.onnx_dir or Path("out") / "onnx" / self.name
+
+
+@dataclass
+class BuildOutcome:
+    """What was built, what was kept, and the one-line summary printed for it."""
+
+    backend: str
+    directories: list[Path]
+    built: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    summary: str = ""
+
+    def engine_sets(self) -> list[EngineSet]:
+        return [
+            s for s in load_engines(self.directories[0].parent) if s.directory in self.directories
+        ]
+
+
+@dataclass(frozen=True)
+class ExportedOnnx:
+    """One exported network as recorded in export.json, with the file's current sha256."""
+
+    name: str
+    path: Path
+    sha256: str
+    precision: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    profile: dict[str, Any]
+
+
+def choose_backend(requested: str) -> tuple[str, list[GpuInfo], str | None, str | None]:
+    """(backend, GPUs, TensorRT version, why no TensorRT plan) for --backend `requested`."""
+    if requested not in BACKEND_CHOICES:
+        raise ValueError(f"backend {requested!r} is not one of {BACKEND_CHOICES}")
+    gpus, gpu_reason = list_gpus()
+    trt_version, trt_reason = tensorrt_status()
+    reasons = [r for r in (trt_reason, gpu_reason) if r]
+    if requested == "onnxruntime":
+        return "onnxruntime", gpus, trt_version, "--backend onnxruntime was requested"
+    if not reasons:
+        return "tensorrt", gpus, trt_version, None
+    if requested == "tensorrt":
+        raise EngineBuildError(f"cannot build TensorRT plans here: {' and '.join(reasons)}")
+    return "onnxruntime", gpus, trt_version, " and ".join(reasons)
+
+
+def build_engines(request: BuildRequest, log: Callable[[str], None] = print) -> BuildOutcome:
+    """Build (or keep) every engine of the model for every device; print one summary line."""
+    backend, gpus, trt_version, no_plan_reason = choose_backend(request.backend)
+    precision = request.precision if backend == "tensorrt" else "fp32"
+    exported = ensure_exported(request, precision, log)
+    if backend == "tensorrt":
+        outcome = _build_tensorrt(request, exported, gpus, trt_version, log)
+        outcome.summary = (
+            f"built TensorRT {trt_version} plans ({precision}) for {request.name} on "
+            f"{len(gpus)} GPU(s) in {', '.join(str(d) for d in outcome.directories)} "
+            f"({_counts(outcome)})"
+        )
+    else:
+        outcome = _build_onnxruntime(request, exported, log)
+        outcome.summary = (
+            f"built ONNX Runtime {onnxruntime_version()} CPU engines for {request.name} in "
+            f"{outcome.directories[0]} ({_counts(outcome)}); no TensorRT plan: {no_plan_reason}"
+        )
+    log(outcome.summary)
+    return outcome
+
+
+def _counts(outcome: BuildOutcome) -> str:
+    kept = f", {len(outcome.kept)} up to date" if outcome.kept else ""
+    return (
+        f"{len(outcome.built)} built{kept}: {', '.join(sorted(set(outcome.built + outcome.kept)))}"
+    )
+
+
+def ensure_exported(
+    request: BuildRequest, precision: str, log: Callable[[str], None]
+) -> list[ExportedOnnx]:
+    """The exported ONNX of every network at `precision`, exporting first when missing or stale."""
+    options = replace(request.export, precision=precision)
+    stale = export_staleness(request.export_dir, options, request.networks)
+    if stale:
+        log(f"exporting {request.name} ({precision}) to {request.export_dir}: {stale}")
+        from export.presets import load_bundle
+
+        bundle = load_bundle(request.source, list(request.networks) or None)
+        bundle.name = request.name
+        export_model(bundle, request.export_dir, options, log)
+    entry = read_export_index(request.export_dir)["exports"][precision]
+    wanted = request.networks or tuple(entry["networks"])
+    return [
+        _exported(request.export_dir, name, entry["networks"][name], precision) for name in wanted
+    ]
+
+
+def export_staleness(
+    directory: Path, options: ExportOptions, networks: tuple[str, ...]
+) -> str | None:
+    """Why the export in `directory` cannot serve `options`, or None when it can."""
+    index = read_export_index(directory)
+    if index is None:
+        return "no export yet"
+    entry = index.get("exports", {}).get(options.precision)
+    if entry is None:
+        return f"no {options.precision} export yet"
+    change = settings_change(entry, options)
+    if change:
+        return change
+    missing = [n for n in networks if n not in entry.get("networks", {})]
+    if missing:
+        return f"networks {', '.join(missing)} not exported yet"
+    if not networks and not entry.get("complete"):
+        return f"only {', '.join(entry.get('networks', {}))} exported so far"
+    for name in entry.get("networks", {}):
+        if not (directory / onnx_filename(name, options.precision)).is_file():
+            return f"{onnx_filename(name, options.precision)} is missing"
+    return None
+
+
+def _exported(directory: Path, name: str, entry: dict[str, Any], precision: str) -> ExportedOnnx:
+    path = directory / entry["file"]
+    return ExportedOnnx(
+        name=name,
+        path=path,
+        sha256=onnx_sha256(path),
+        precision=precision,
+        inputs=entry["inputs"],
+        outputs=entry["outputs"],
+        profile=entry["profile"],
+    )
+
+
+def _wanted_entry(
+    onnx: ExportedOnnx, file: str, seconds: float, level: int | str
+) -> dict[str, Any]:
+    return network_entry(
+        file=file,
+        onnx_sha256=onnx.sha256,
+        precision=onnx.precision,
+        inputs=onnx.inputs,
+        outputs=onnx.outputs,
+        profile=onnx.profile,
+        build_seconds=seconds,
+        optimization_level=level,
+    )
+
+
+def _current_manifest(directory: Path, model: str, backend: str, version: str, gpu: GpuInfo | None):
+    """The existing manifest if it is for this backend version and device, else a fresh one."""
+    manifest = read_manifest(directory)
+    if manifest is not None and not manifest_mismatch(
+        manifest, backend=backend, backend_version=version, gpu=gpu
+    ):
+        manifest["gpu"] = gpu.to_json() if gpu else None
+        return manifest
+    return new_manifest(model, backend, version, gpu)
+
+
+def _build_onnxruntime(request: BuildRequest, exported: list[ExportedOnnx], log) -> BuildOutcome:
+    directory = request.engines_root / request.name / CPU_KEY
+    version = onnxruntime_version()
+    manifest = _current_manifest(directory, request.name, "onnxruntime", version, None)
+    outcome = BuildOutcome("onnxruntime", [directory])
+    for onnx in exported:
+        file = f"{onnx.name}.onnx"
+        wanted = _wanted_entry(onnx, file, 0.0, ORT_OPTIMIZATION_LEVEL)
+        reason = (
+            "--force"
+            if request.force
+            else rebuild_reason(
+                manifest,
+                directory,
+                onnx.name,
+                wanted,
+                backend="onnxruntime",
+                backend_version=version,
+                gpu=None,
+            )
+        )
+        if reason is None:
+            outcome.kept.append(onnx.name)
+            log(f"{onnx.name}: ONNX Runtime engine is up to date")
+            continue
+        log(f"{onnx.name}: building ONNX Runtime engine ({reason})")
+        built = build_ort_engine(onnx.path, directory / file, onnx.profile, onnx.inputs)
+        log(
+            f"{onnx.name}: wrote {built.engine_path} in {built.seconds:.1f} s (max difference "
+            f"from the source ONNX {built.max_abs_difference:.2g})"
+        )
+        manifest["networks"][onnx.name] = _wanted_entry(
+            onnx, file, built.seconds, ORT_OPTIMIZATION_LEVEL
+        )
+        write_manifest(directory, manifest)
+        outcome.built.append(onnx.name)
+    write_manifest(directory, manifest)
+    return outcome
+
+
+def _build_tensorrt(
+    request: BuildRequest, exported: list[ExportedOnnx], gpus: list[GpuInfo], version: str, log
+) -> BuildOutcome:
+    cache_dir = request.engines_root / TIMING_CACHE_DIR
+    outcome = BuildOutcome("tensorrt", [])
+    # a plan runs on every GPU of the same model: build once per (name, arch), copy to the rest
+    built_for_model: dict[tuple[str, str, str], tuple[Path, dict[str, Any]]] = {}
+    for gpu in gpus:
+        directory = request.engines_root / request.name / gpu.key
+        outcome.directories.append(directory)
+        manifest = _current_manifest(directory, request.name, "tensorrt", version, gpu)
+        for onnx in exported:
+            file = f"{onnx.name}.plan"
+            wanted = _wanted_entry(onnx, file, 0.0, request.optimization_level)
+            reason = (
+                "--force"
+                if request.force
+                else rebuild_reason(
+                    manifest,
+                    directory,
+                    onnx.name,
+                    wanted,
+                    backend="tensorrt",
+                    backend_version=version,
+                    gpu=gpu,
+                )
+            )
+            if reason is None:
+                outcome.kept.append(onnx.name)
+                log(f"{onnx.name}: TensorRT plan for {gpu.key} is up to date")
+                continue
+            sibling = built_for_model.get((gpu.name, gpu.arch, onnx.name))
+            if sibling is not None:
+                log(f"{onnx.name}: copying the plan built for the same GPU model to {gpu.key}")
+                shutil.copyfile(sibling[0], directory / file)
+                manifest["networks"][onnx.name] = dict(sibling[1])
+            else:
+                log(f"{onnx.name}: building TensorRT plan for {gpu.describe()} ({reason})")
+                built = build_plan(
+                    onnx.path,
+                    directory / file,
+                    gpu=gpu,
+                    profile=onnx.profile,
+                    optimization_level=request.optimization_level,
+                    cache_dir=cache_dir,
+                )
+                log(
+                    f"{onnx.name}: wrote {built.plan_path} in {built.seconds:.1f} s "
+                    f"(timing cache {built.timing_cache_path})"
+                )
+                manifest["networks"][onnx.name] = _wanted_entry(
+                    onnx, file, built.seconds, request.optimization_level
+                )
+                built_for_model[(gpu.name, gpu.arch, onnx.name)] = (
+                    directory / file,
+                    manifest["networks"][onnx.name],
+                )
+            write_manifest(directory, manifest)
+            outcome.built.append(onnx.name)
+        write_manifest(directory, manifest)
+    return outcome

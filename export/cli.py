@@ -1,0 +1,162 @@
+"""`driffusion export`: a diffusers model (preset or folder) to validated ONNX files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from export.onnx_export import EXPORTERS, MIN_OPSET, ExportOptions
+from export.presets import PRESETS, ModelSourceError, model_name
+from export.specs import PRECISIONS, UnsupportedModelError
+from export.validate import ValidationError
+
+DEFAULT_BATCH_MAX = 8  # window 4 x 2 for classifier-free guidance pairs
+
+
+def parse_size(text: str) -> int | tuple[int, int, int]:
+    """`64` or `64,64,128` (min,opt,max) in image pixels."""
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or MIN,OPT,MAX (integers)") from None
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or MIN,OPT,MAX (three integers)")
+    return tuple(parts)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --name and --networks, shared by export and build-engines."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="SRC",
+        help=f"a preset ({', '.join(PRESETS)}) or a local diffusers pipeline/model folder",
+    )
+    parser.add_argument(
+        "--name", help="model name for output folders (default: the preset or folder name)"
+    )
+    parser.add_argument(
+        "--networks",
+        type=lambda s: [n for n in s.split(",") if n],
+        default=None,
+        metavar="A,B",
+        help="export only these networks, e.g. unet,text_encoder (default: all)",
+    )
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Exporter, opset, profile range and tolerance options, shared by export and build-engines."""
+    parser.add_argument(
+        "--opset", type=int, default=18, help=f"ONNX opset, >= {MIN_OPSET} (default 18)"
+    )
+    parser.add_argument(
+        "--exporter",
+        choices=EXPORTERS,
+        default="torchscript",
+        help="torch.onnx exporter: torchscript (fast) or dynamo (needs opset >= 18)",
+    )
+    parser.add_argument(
+        "--batch-max",
+        type=int,
+        default=DEFAULT_BATCH_MAX,
+        help="largest engine batch: window x 2 for classifier-free guidance (default 8)",
+    )
+    parser.add_argument(
+        "--batch-opt",
+        type=int,
+        default=None,
+        help="batch TensorRT tunes for (default 2, one CFG pair, or --batch-max if smaller)",
+    )
+    parser.add_argument(
+        "--batch-min", type=int, default=1, help="smallest engine batch (default 1)"
+    )
+    parser.add_argument(
+        "--height",
+        type=parse_size,
+        default=None,
+        metavar="H|MIN,OPT,MAX",
+        help="image height range in pixels (default: the model's native size)",
+    )
+    parser.add_argument(
+        "--width",
+        type=parse_size,
+        default=None,
+        metavar="W|MIN,OPT,MAX",
+        help="image width range in pixels (default: the model's native size)",
+    )
+    parser.add_argument("--atol", type=float, default=None, help="validation absolute tolerance")
+    parser.add_argument(
+        "--rtol", type=float, default=None, help="validation tolerance relative to max|output|"
+    )
+
+
+def export_options(
+    args: argparse.Namespace, precision: str, validate: bool = True
+) -> ExportOptions:
+    """ExportOptions from parsed arguments; raises ValueError naming a bad value."""
+    return ExportOptions(
+        precision=precision,
+        opset=args.opset,
+        exporter=args.exporter,
+        batch_range=(args.batch_min, args.batch_opt or min(2, args.batch_max), args.batch_max),
+        height=args.height,
+        width=args.width,
+        validate=validate,
+        atol=args.atol,
+        rtol=args.rtol,
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a diffusers model to validated ONNX",
+        description="Export every network of a diffusers model (text encoder, UNet/transformer, "
+        "VAE decoder) to ONNX, clean the graph, and validate it against PyTorch in ONNX Runtime.",
+    )
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="output folder (default: out/onnx/<model>); fp16 files are named <network>.fp16.onnx",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32, or fp16 for strongly typed fp16 TensorRT engines (default fp32)",
+    )
+    add_export_arguments(parser)
+    parser.add_argument(
+        "--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch comparison"
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from export.onnx_export import export_model
+    from export.presets import load_bundle
+
+    try:
+        options = export_options(args, args.precision, validate=not args.no_validate)
+        name = args.name or model_name(args.model)
+        bundle = load_bundle(args.model, args.networks)
+    except (ModelSourceError, UnsupportedModelError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    bundle.name = name
+    out_dir = args.out or Path("out") / "onnx" / name
+    try:
+        result = export_model(bundle, out_dir, options)
+    except ValidationError as error:
+        print(f"error: validation failed: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"exported {len(result.networks)} network(s) of {name} ({options.precision}) to {out_dir}"
+    )
+    return 0

@@ -1,0 +1,351 @@
+"""Export of torch networks to ONNX: trace, clean up, fold constants, check, save and validate."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from export.specs import (
+    IMAGE_HEIGHT,
+    IMAGE_WIDTH,
+    NetworkSpec,
+    Range,
+    as_range,
+    checked_precision,
+)
+from export.validate import ValidationReport, validate_onnx
+
+EXPORTERS = ("torchscript", "dynamo")
+MIN_OPSET = 17
+# protobuf cannot serialise one message above 2 GiB: bigger models keep weights in a side file
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
+# polygraphy constant folding leaves tensors above this unfolded (e.g. Expand of a weight)
+FOLD_SIZE_THRESHOLD = 64 * 1024**2
+EXPORT_INDEX = "export.json"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export: precision, opset, exporter, profile ranges and validation tolerances."""
+
+    precision: str = "fp32"
+    opset: int = 18
+    exporter: str = "torchscript"
+    batch_range: Range = (1, 2, 8)
+    height: int | Range | None = None
+    width: int | Range | None = None
+    validate: bool = True
+    atol: float | None = None
+    rtol: float | None = None
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+
+    def __post_init__(self) -> None:
+        checked_precision(self.precision)
+        as_range(self.batch_range, "batch_range")
+        if self.exporter not in EXPORTERS:
+            raise ValueError(f"exporter {self.exporter!r} is not supported; use one of {EXPORTERS}")
+        if self.opset < MIN_OPSET:
+            raise ValueError(f"opset {self.opset} is too old; use {MIN_OPSET} or newer")
+        if self.exporter == "dynamo" and self.opset < 18:
+            # the dynamo exporter down-converts from 18 and wrote an invalid Split node at 17
+            raise ValueError("the dynamo exporter needs opset >= 18 (opset 17 gives invalid Split)")
+
+    def profile_args(self) -> dict[str, Any]:
+        """The options that decide the engine profile, as stored in export.json."""
+        return {"batch_range": list(self.batch_range), "height": self.height, "width": self.width}
+
+
+@dataclass
+class ExportedNetwork:
+    """One exported ONNX file and what was learnt while exporting it."""
+
+    spec: NetworkSpec
+    path: Path
+    sha256: str
+    profile: dict[str, tuple]
+    seconds: float
+    validation: ValidationReport | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.spec.to_json(),
+            "file": self.path.name,
+            "sha256": self.sha256,
+            "profile": {k: [list(s) for s in v] for k, v in self.profile.items()},
+            "export_seconds": round(self.seconds, 3),
+            "validation": self.validation.to_json() if self.validation else None,
+        }
+
+
+@dataclass
+class ExportResult:
+    """All networks of one model exported at one precision into one directory."""
+
+    model: str
+    directory: Path
+    options: ExportOptions
+    networks: dict[str, ExportedNetwork] = field(default_factory=dict)
+
+
+def onnx_filename(network: str, precision: str) -> str:
+    """`unet.onnx` for fp32 and `unet.fp16.onnx` for fp16, so both live in one directory."""
+    return (
+        f"{network}.onnx"
+        if checked_precision(precision) == "fp32"
+        else f"{network}.{precision}.onnx"
+    )
+
+
+def onnx_sha256(path: Path) -> str:
+    """sha256 over the ONNX file and its external-data file, if it has one."""
+    digest = hashlib.sha256()
+    for part in (path, external_data_path(path)):
+        if part.is_file():
+            with part.open("rb") as stream:
+                for block in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def external_data_path(path: Path) -> Path:
+    return path.with_name(path.name + ".data")
+
+
+def export_network(
+    spec: NetworkSpec,
+    module: nn.Module,
+    path: Path,
+    options: ExportOptions,
+    log: Callable[[str], None] = print,
+) -> ExportedNetwork:
+    """Export one network to `path`, clean and check the graph, then validate it (by default)."""
+    started = time.perf_counter()
+    batch_low, batch_opt, batch_high = options.batch_range
+    profile = spec.profile(options.batch_range, options.height, options.width)
+    # trace and validate at the profile's optimal image size
+    dims = spec.dim_ranges(options.batch_range, options.height, options.width)
+    height, width = dims[IMAGE_HEIGHT][1], dims[IMAGE_WIDTH][1]
+    export_module = module if options.precision == "fp32" else half_precision_copy(module)
+    trace_inputs = spec.sample_inputs(batch_opt, height, width, seed=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="driffusion-export-") as scratch:
+        raw_path = Path(scratch) / "raw.onnx"
+        log(
+            f"{spec.name}: tracing with the {options.exporter} exporter (opset {options.opset}, "
+            f"{options.precision})"
+        )
+        trace_to_onnx(spec, export_module, trace_inputs, raw_path, options)
+        model = onnx.load(str(raw_path))
+    log(f"{spec.name}: folding constants and cleaning up the graph")
+    model = clean_graph(model)
+    name_dynamic_dims(model, spec)
+    save_onnx(model, path, options.external_data_threshold)
+    del model
+    onnx.shape_inference.infer_shapes_path(str(path), str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    exported = ExportedNetwork(spec, path, onnx_sha256(path), profile, 0.0)
+    if options.validate:
+        # validate at a batch other than the traced one, so baked-in shapes cannot pass;
+        # the smallest such batch keeps validating big models on a CPU affordable
+        batch = batch_low if batch_low != batch_opt else batch_high
+        exported.validation = validate_onnx(
+            path,
+            spec,
+            module,
+            batch=batch,
+            height=height,
+            width=width,
+            atol=options.atol,
+            rtol=options.rtol,
+        )
+        log(
+            f"{spec.name}: validated against PyTorch at batch {batch}: "
+            f"{exported.validation.describe()}"
+        )
+    exported.seconds = time.perf_counter() - started
+    return exported
+
+
+def half_precision_copy(module: nn.Module) -> nn.Module:
+    """An fp16 copy of `module` (the fp32 original stays the validation reference)."""
+    half = copy.deepcopy(module).half()
+    if hasattr(half, "set_attn_implementation"):
+        # transformers' SDPA path traced in fp16 on the CPU records fp32 casts that leave
+        # LayerNormalization with mixed input types (an invalid graph); eager attention does not
+        half.set_attn_implementation("eager")
+    return half
+
+
+def trace_to_onnx(
+    spec: NetworkSpec,
+    module: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    path: Path,
+    options: ExportOptions,
+) -> None:
+    """Run torch.onnx.export with the spec's names and dynamic axes."""
+    wrapped = spec.wrap(module).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapped,
+            tuple(inputs.values()),
+            str(path),
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes,
+            opset_version=options.opset,
+            dynamo=options.exporter == "dynamo",
+            do_constant_folding=True,
+            **({"verbose": False, "optimize": True} if options.exporter == "dynamo" else {}),
+        )
+
+
+def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold constants with polygraphy, then drop dead nodes and sort with onnx-graphsurgeon."""
+    import onnx_graphsurgeon as gs
+    import onnxruntime
+    from polygraphy.backend.onnx import fold_constants
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.WARNING
+    onnxruntime.set_default_logger_severity(3)  # folding warns for every unremovable Unsqueeze
+    folded = fold_constants(
+        model,
+        size_threshold=FOLD_SIZE_THRESHOLD,
+        error_ok=True,
+        # onnx's C++ shape inference: ORT's symbolic one is several times slower here
+        allow_onnxruntime_shape_inference=False,
+    )
+    graph = gs.import_onnx(folded)
+    graph.cleanup().toposort()
+    cleaned = gs.export_onnx(graph)
+    cleaned.ir_version = model.ir_version
+    return cleaned
+
+
+def name_dynamic_dims(model: onnx.ModelProto, spec: NetworkSpec) -> None:
+    """Name graph input/output dims as the spec does (the dynamo exporter invents its own)."""
+    by_name = {t.name: t for t in [*spec.inputs, *spec.outputs]}
+    for value in [*model.graph.input, *model.graph.output]:
+        tensor = by_name.get(value.name)
+        if tensor is None:
+            continue
+        for dim, wanted in zip(value.type.tensor_type.shape.dim, tensor.shape):
+            if isinstance(wanted, str):
+                dim.dim_param = wanted
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, external_data_threshold: int) -> None:
+    """Save, keeping weights in `<file>.data` when they exceed the threshold."""
+    data_path = external_data_path(path)
+    for stale in (path, data_path):
+        stale.unlink(missing_ok=True)
+    external = tensor_bytes(model) > external_data_threshold
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=data_path.name,
+        size_threshold=1024,
+    )
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held by initializers and Constant nodes of the main graph."""
+    tensors = list(model.graph.initializer) + [
+        attribute.t
+        for node in model.graph.node
+        if node.op_type == "Constant"
+        for attribute in node.attribute
+        if attribute.HasField("t")
+    ]
+    return sum(
+        len(t.raw_data) if t.raw_data else onnx.numpy_helper.to_array(t).nbytes for t in tensors
+    )
+
+
+def export_model(
+    bundle, out_dir: Path, options: ExportOptions, log: Callable[[str], None] = print
+) -> ExportResult:
+    """Export every network of a ModelBundle into `out_dir` and record them in export.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = ExportResult(bundle.name, out_dir, options)
+    specs = bundle.specs(options.precision)
+    for step, (name, spec) in enumerate(specs.items(), start=1):
+        path = out_dir / onnx_filename(name, options.precision)
+        prefix = f"[{step}/{len(specs)}] "
+        step_log = functools.partial(_prefixed, log, prefix)
+        exported = export_network(spec, bundle.modules[name], path, options, step_log)
+        result.networks[name] = exported
+        log(f"{prefix}{name}: wrote {path} ({exported.seconds:.1f} s)")
+    write_export_index(result, bundle.source, complete=not bundle.selected)
+    return result
+
+
+def _prefixed(log: Callable[[str], None], prefix: str, message: str) -> None:
+    log(prefix + message)
+
+
+def write_export_index(result: ExportResult, source: str, *, complete: bool) -> Path:
+    """Record this export in `<dir>/export.json`, one entry per precision.
+
+    Networks exported with the same settings as the existing entry are merged into it;
+    `complete` says whether every network of the model was exported (no --networks choice).
+    """
+    index_path = result.directory / EXPORT_INDEX
+    index = read_export_index(result.directory) or {"model": result.model, "exports": {}}
+    index.update(model=result.model, source=source)
+    networks = {name: network.to_json() for name, network in result.networks.items()}
+    previous = index["exports"].get(result.options.precision)
+    if previous is not None and settings_change(previous, result.options) is None:
+        networks = {**previous["networks"], **networks}
+        complete = complete or previous.get("complete", False)
+    index["exports"][result.options.precision] = {
+        "options": {**asdict(result.options), "batch_range": list(result.options.batch_range)},
+        "profile_args": result.options.profile_args(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "complete": complete,
+        "networks": networks,
+    }
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+    return index_path
+
+
+def settings_change(entry: dict[str, Any], options: ExportOptions) -> str | None:
+    """How `options` differ from a recorded export entry in what shapes the ONNX, if they do."""
+    recorded = entry.get("options", {})
+    for key in ("opset", "exporter"):
+        if recorded.get(key) != getattr(options, key):
+            return f"{key} changed ({recorded.get(key)} -> {getattr(options, key)})"
+    if entry.get("profile_args") != json.loads(json.dumps(options.profile_args())):
+        return "profile ranges changed"
+    return None
+
+
+def read_export_index(directory: Path) -> dict[str, Any] | None:
+    """The export.json of an export directory, or None when there is none."""
+    index_path = directory / EXPORT_INDEX
+    if not index_path.is_file():
+        return None
+    try:
+        return json.loads(index_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{index_path} is not valid JSON ({error}); delete it and export again"
+        ) from error

@@ -1,0 +1,59 @@
+"""Shared pytest fixtures."""
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports that were free on 127.0.0.1 a moment ago."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+@pytest.fixture(name="free_ports")
+def free_ports_fixture() -> Callable[[int], list[int]]:
+    """`free_ports(count)`: distinct TCP ports free on 127.0.0.1 a moment ago."""
+    return free_ports
+
+
+@pytest.fixture(scope="module")
+def triton_server() -> Iterator[Callable[[Path], object]]:
+    """Factory `start(repository_dir) -> EmbeddedServer`: a real tritonserver on free ports.
+
+    Every server started through it is stopped (with its stub processes) when the module ends.
+    """
+    pytest.importorskip("pytriton", reason="needs nvidia-pytriton (the embedded tritonserver)")
+    from triton_models.serve import EmbeddedServer
+
+    servers: list[EmbeddedServer] = []
+
+    def start(repository: Path) -> EmbeddedServer:
+        grpc_port, http_port, metrics_port = free_ports(3)
+        server = EmbeddedServer(repository, grpc_port=grpc_port, http_port=http_port,
+                                metrics_port=metrics_port)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread() -> Iterator[None]:
+    """Run torch on one thread for a module: on these shared 2-core machines, torch's own thread
+    pool made tiny export/validation runs 2-3x slower than one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
