@@ -37,7 +37,7 @@ gpu-check: $(STAMP)  ## measure the GPU path here (GPU_CHECK_ARGS=--dry-run rehe
 	$(BIN)/python scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 REFERENCE_CPU_ENGINES := engines/reference/cpu/manifest.json
-$(REFERENCE_CPU_ENGINES): | $(STAMP)
+$(REFERENCE_CPU_ENGINES): runtime/assets/reference/diffusion_ema.safetensors | $(STAMP)
 	$(BIN)/driffusion build-engines --model reference --backend onnxruntime
 
 triton-repo: $(STAMP) $(REFERENCE_CPU_ENGINES)  ## model repository for the reference engines (TRITON_ARGS to change)

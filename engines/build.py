@@ -34,6 +34,7 @@ from export.onnx_export import (
     read_export_index,
     settings_change,
 )
+from export.presets import source_fingerprint
 
 BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime")
 TIMING_CACHE_DIR = ".timing-cache"
@@ -142,7 +143,7 @@ def ensure_exported(
 ) -> list[ExportedOnnx]:
     """The exported ONNX of every network at `precision`, exporting first when missing or stale."""
     options = replace(request.export, precision=precision)
-    stale = export_staleness(request.export_dir, options, request.networks)
+    stale = export_staleness(request.export_dir, options, request.networks, request.source)
     if stale:
         log(f"exporting {request.name} ({precision}) to {request.export_dir}: {stale}")
         from export.presets import load_bundle
@@ -158,9 +159,9 @@ def ensure_exported(
 
 
 def export_staleness(
-    directory: Path, options: ExportOptions, networks: tuple[str, ...]
+    directory: Path, options: ExportOptions, networks: tuple[str, ...], source: str
 ) -> str | None:
-    """Why the export in `directory` cannot serve `options`, or None when it can."""
+    """Why the export in `directory` cannot serve `options` for `source`, or None when it can."""
     index = read_export_index(directory)
     if index is None:
         return "no export yet"
@@ -170,6 +171,8 @@ def export_staleness(
     change = settings_change(entry, options)
     if change:
         return change
+    if entry.get("source_fingerprint") != source_fingerprint(source):
+        return "the model's weights changed since the export"
     missing = [n for n in networks if n not in entry.get("networks", {})]
     if missing:
         return f"networks {', '.join(missing)} not exported yet"

@@ -27,6 +27,7 @@ from export.specs import (
     as_range,
     checked_precision,
 )
+from export.presets import source_fingerprint
 from export.validate import ValidationReport, validate_onnx
 
 EXPORTERS = ("torchscript", "dynamo")
@@ -321,6 +322,7 @@ def write_export_index(result: ExportResult, source: str, *, complete: bool) -> 
         "profile_args": result.options.profile_args(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "complete": complete,
+        "source_fingerprint": source_fingerprint(source),
         "networks": networks,
     }
     index_path.write_text(json.dumps(index, indent=2) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import re
@@ -102,6 +103,25 @@ def load_bundle(source: str, networks: list[str] | None = None) -> ModelBundle:
     if source == "reference":
         return select_networks(reference(), networks)
     return load_folder(Path(source).expanduser(), networks)
+
+
+def source_fingerprint(source: str) -> str:
+    """What identifies the weights behind `source`, so an export can tell it is stale."""
+    if source == "tiny-sd":
+        return "tiny-sd:seed0"
+    if source == "reference":
+        from runtime.reference import ASSET_DIR, DIFFUSION_CHECKPOINT
+
+        digest = hashlib.sha256((ASSET_DIR / DIFFUSION_CHECKPOINT).read_bytes()).hexdigest()
+        return f"reference:{digest[:16]}"
+    # a diffusers folder may hold gigabytes: its files' names, sizes and mtimes stand for them
+    folder = Path(source).expanduser()
+    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return f"folder:{digest.hexdigest()[:16]}"
 
 
 def select_networks(bundle: ModelBundle, networks: list[str] | None) -> ModelBundle:

@@ -32,7 +32,7 @@ from engines.manifest import (
 )
 from engines.tensorrt_build import tensorrt_status
 from export.onnx_export import ExportOptions, onnx_sha256
-from export.presets import tiny_sd
+from export.presets import source_fingerprint, tiny_sd
 from runtime.cli import main as driffusion
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -195,20 +195,38 @@ def test_deleted_engine_file_is_rebuilt(built, tmp_path):
 
 def test_export_staleness_decides_when_to_export_again(built):
     unchanged = ExportOptions(batch_range=(1, 2, 4))
-    assert export_staleness(built.onnx, unchanged, ()) is None
+    assert export_staleness(built.onnx, unchanged, (), "tiny-sd") is None
     assert (
-        export_staleness(built.onnx, ExportOptions(batch_range=(1, 2, 8)), ())
+        export_staleness(built.onnx, ExportOptions(batch_range=(1, 2, 8)), (), "tiny-sd")
         == "profile ranges changed"
     )
-    assert export_staleness(built.onnx, ExportOptions(batch_range=(1, 2, 4), opset=17), ()) == (
+    assert export_staleness(
+        built.onnx, ExportOptions(batch_range=(1, 2, 4), opset=17), (), "tiny-sd"
+    ) == (
         "opset changed (18 -> 17)"
     )
-    assert export_staleness(built.onnx, ExportOptions(precision="fp16"), ()) == "no fp16 export yet"
+    fp16 = ExportOptions(precision="fp16")
+    assert export_staleness(built.onnx, fp16, (), "tiny-sd") == "no fp16 export yet"
     assert (
-        export_staleness(built.onnx, unchanged, ("transformer",))
+        export_staleness(built.onnx, unchanged, ("transformer",), "tiny-sd")
         == "networks transformer not exported yet"
     )
-    assert export_staleness(built.onnx.parent / "nowhere", unchanged, ()) == "no export yet"
+    nowhere = built.onnx.parent / "nowhere"
+    assert export_staleness(nowhere, unchanged, (), "tiny-sd") == "no export yet"
+
+
+def test_an_export_of_other_weights_is_stale(tmp_path, built):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"one")
+    unchanged = ExportOptions(batch_range=(1, 2, 4))
+    assert export_staleness(built.onnx, unchanged, (), str(model)) == (
+        "the model's weights changed since the export"
+    )
+    first = source_fingerprint(str(model))
+    (model / "weights.bin").write_bytes(b"other weights")
+    assert source_fingerprint(str(model)) != first
+    assert source_fingerprint("tiny-sd") == source_fingerprint("tiny-sd")
 
 
 def test_partial_exports_merge_and_a_full_build_exports_the_rest(tmp_path):
@@ -223,8 +241,10 @@ def test_partial_exports_merge_and_a_full_build_exports_the_rest(tmp_path):
     )
     assert build_engines(request, **QUIET).built == ["text_encoder"]
     options = request.export
-    assert export_staleness(request.export_dir, options, ("text_encoder",)) is None
-    assert export_staleness(request.export_dir, options, ()) == "only text_encoder exported so far"
+    assert export_staleness(request.export_dir, options, ("text_encoder",), "tiny-sd") is None
+    assert export_staleness(request.export_dir, options, (), "tiny-sd") == (
+        "only text_encoder exported so far"
+    )
     vae_only = BuildRequest(**{**request.__dict__, "networks": ("vae_decoder",)})
     assert build_engines(vae_only, **QUIET).built == ["vae_decoder"]
     index = json.loads((request.export_dir / "export.json").read_text())
