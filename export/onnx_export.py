@@ -19,6 +19,7 @@ import onnx
 import torch
 from torch import nn
 
+from export.presets import source_fingerprint
 from export.specs import (
     IMAGE_HEIGHT,
     IMAGE_WIDTH,
@@ -27,7 +28,6 @@ from export.specs import (
     as_range,
     checked_precision,
 )
-from export.presets import source_fingerprint
 from export.validate import ValidationReport, validate_onnx
 
 EXPORTERS = ("torchscript", "dynamo")
