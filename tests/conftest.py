@@ -25,7 +25,7 @@ def free_ports_fixture() -> Callable[[int], list[int]]:
 
 
 @pytest.fixture(scope="module")
-def triton_server() -> Iterator[Callable[[Path], object]]:
+def triton_server(tmp_path_factory) -> Iterator[Callable[[Path], object]]:
     """Factory `start(repository_dir) -> EmbeddedServer`: a real tritonserver on free ports.
 
     Every server started through it is stopped (with its stub processes) when the module ends.
@@ -37,8 +37,9 @@ def triton_server() -> Iterator[Callable[[Path], object]]:
 
     def start(repository: Path) -> EmbeddedServer:
         grpc_port, http_port, metrics_port = free_ports(3)
+        log_path = tmp_path_factory.mktemp("tritonserver") / "server.log"
         server = EmbeddedServer(repository, grpc_port=grpc_port, http_port=http_port,
-                                metrics_port=metrics_port)
+                                metrics_port=metrics_port, log_path=log_path)
         servers.append(server)
         return server.start()
 

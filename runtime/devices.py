@@ -1,0 +1,538 @@
+"""Device layer: UNet evaluations on Triton models (gRPC aio), BLS or in-process, and the pool.
+
+A *model client* runs one network (`infer(inputs) -> outputs`): a Triton model over
+`tritonclient.grpc.aio`, a Triton model called by BLS from inside the server, an ONNX Runtime
+session or a Python callable in-process. A `Device` is a model client holding a UNet. The
+`DevicePool` is the sampler's `denoise`: it spreads one round's items over the devices
+concurrently and applies classifier-free guidance. Nothing here knows the sampling method.
+"""
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from typing_extensions import Self
+
+DEVICE_PATTERN = "unet_*"
+DEFAULT_DEADLINE_S = 60.0
+
+
+class DeviceError(RuntimeError):
+    """A model call failed (unreachable, timed out, or the model returned an error)."""
+
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(f"{model}: {message}")
+        self.model = model
+
+
+class DiscoveryError(RuntimeError):
+    """An endpoint is not a Triton server or serves no usable model."""
+
+
+class ModelClient(Protocol):
+    """One network behind some transport."""
+
+    name: str
+
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], timeout_s: float | None
+    ) -> dict[str, np.ndarray]: ...
+
+    async def is_ready(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class UNetIO:
+    """Tensor names and dtype of a UNet model (the export spec's names by default)."""
+
+    sample: str = "sample"
+    timestep: str = "timestep"
+    context: str = "encoder_hidden_states"
+    output: str = "out_sample"
+    dtype: str = "float32"
+
+
+class Device:
+    """A UNet on one model client: `await device(sample, timestep, context) -> output`."""
+
+    def __init__(
+        self,
+        model: ModelClient,
+        *,
+        instances: int = 1,
+        max_batch: int | None = None,
+        io: UNetIO = UNetIO(),
+        deadline_s: float | None = DEFAULT_DEADLINE_S,
+    ) -> None:
+        if instances < 1:
+            raise ValueError(f"instances must be >= 1, got {instances}")
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 or None, got {max_batch}")
+        self.model = model
+        self.instances = instances
+        self.max_batch = max_batch
+        self.io = io
+        self.deadline_s = deadline_s
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def __repr__(self) -> str:
+        return f"Device({self.name!r}, instances={self.instances})"
+
+    async def __call__(
+        self, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray
+    ) -> np.ndarray:
+        """Evaluate rows [N, ...]; calls larger than the engine's max batch run one after another."""
+        rows = sample.shape[0]
+        step = self.max_batch or rows
+        parts = [
+            await self._infer(sample[i : i + step], timestep[i : i + step], context[i : i + step])
+            for i in range(0, rows, step)
+        ]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    async def _infer(self, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray):
+        dtype = np.dtype(self.io.dtype)
+        inputs = {
+            self.io.sample: np.ascontiguousarray(sample, dtype=dtype),
+            self.io.timestep: np.ascontiguousarray(timestep, dtype=np.float32),
+            self.io.context: np.ascontiguousarray(context, dtype=dtype),
+        }
+        result = await self.model.infer(inputs, [self.io.output], self.deadline_s)
+        output = result[self.io.output]
+        if output.shape != sample.shape:
+            raise DeviceError(self.name, f"returned shape {output.shape}, expected {sample.shape}")
+        return output.astype(np.float32, copy=False)
+
+    async def healthy(self) -> bool:
+        """True if the model answers a readiness check (never raises)."""
+        return bool(await self.model.is_ready())
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process model clients
+
+
+class LocalModel:
+    """A Python callable `fn(**inputs) -> {output: array}` run in a worker thread."""
+
+    def __init__(self, name: str, fn: Callable[..., Mapping[str, np.ndarray]]) -> None:
+        self.name = name
+        self.fn = fn
+
+    async def infer(self, inputs, outputs, timeout_s=None) -> dict[str, np.ndarray]:
+        call = asyncio.to_thread(self.fn, **inputs)
+        try:
+            result = await asyncio.wait_for(call, timeout_s)
+        except asyncio.TimeoutError as error:
+            raise DeviceError(self.name, f"no answer within {timeout_s} s") from error
+        except DeviceError:
+            raise
+        except Exception as error:
+            raise DeviceError(self.name, f"{type(error).__name__}: {error}") from error
+        return {name: np.asarray(result[name]) for name in outputs}
+
+    async def is_ready(self) -> bool:
+        return True
+
+
+class LocalDevice(Device):
+    """A UNet evaluated in-process: an ONNX Runtime session, a torch module or a numpy function."""
+
+    @classmethod
+    def from_function(cls, name: str, fn: Callable[[np.ndarray, np.ndarray, np.ndarray], Any],
+                      io: UNetIO = UNetIO(), **kwargs) -> LocalDevice:
+        """`fn(sample, timestep, context) -> output` on numpy arrays (e.g. `SimDiffusion.denoise`)."""
+
+        def run(**inputs):
+            return {io.output: fn(inputs[io.sample], inputs[io.timestep], inputs[io.context])}
+
+        return cls(LocalModel(name, run), io=io, **kwargs)
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, *, threads: int = 1, name: str | None = None,
+                  **kwargs) -> LocalDevice:
+        """An ONNX Runtime CPU session on `path` with `threads` intra-op threads."""
+        session = ort_session(path, threads)
+        io = unet_io_of_session(session)
+
+        def run(**inputs):
+            return dict(zip(session_output_names(session), session.run(None, inputs)))
+
+        return cls(LocalModel(name or Path(path).stem, run), io=io, **kwargs)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.Module, *, name: str = "torch",
+                   **kwargs) -> LocalDevice:
+        """A diffusers-style UNet module: `module(sample, timestep, context)` (.sample if present)."""
+        import torch
+
+        io = UNetIO()
+
+        @torch.no_grad()
+        def fn(sample, timestep, context):
+            output = module(torch.from_numpy(sample), torch.from_numpy(timestep),
+                            torch.from_numpy(context))
+            return getattr(output, "sample", output).numpy()
+
+        return cls.from_function(name, fn, io=io, **kwargs)
+
+
+def ort_session(path: str | Path, threads: int = 1):
+    """An ONNX Runtime CPU session with a fixed number of intra-op threads."""
+    import onnxruntime as ort
+
+    if threads < 1:
+        raise ValueError(f"intra-op threads must be >= 1, got {threads}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def session_output_names(session) -> list[str]:
+    return [output.name for output in session.get_outputs()]
+
+
+_ORT_FLOAT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+
+
+def unet_io_of_session(session) -> UNetIO:
+    """UNet tensor names of an ONNX session (inputs sample, timestep, context in that order)."""
+    inputs = session.get_inputs()
+    if len(inputs) != 3:
+        raise ValueError(
+            f"a UNet needs 3 inputs (sample, timestep, encoder_hidden_states); "
+            f"this model has {[i.name for i in inputs]}"
+        )
+    dtype = _ORT_FLOAT_TYPES.get(inputs[0].type, "float32")
+    names = [i.name for i in inputs]
+    return UNetIO(names[0], names[1], names[2], session_output_names(session)[0], dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton over gRPC (asyncio)
+
+
+class TritonModel:
+    """One model on one Triton endpoint, called with `tritonclient.grpc.aio`."""
+
+    def __init__(self, client, endpoint: str, model_name: str) -> None:
+        self.client = client
+        self.endpoint = endpoint
+        self.model_name = model_name
+        self.name = f"{endpoint}/{model_name}"
+
+    async def infer(self, inputs, outputs, timeout_s=None) -> dict[str, np.ndarray]:
+        from tritonclient.grpc import InferInput, InferRequestedOutput
+        from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+        request = []
+        for key, value in inputs.items():
+            tensor = InferInput(key, list(value.shape), np_to_triton_dtype(value.dtype))
+            tensor.set_data_from_numpy(value)
+            request.append(tensor)
+        wanted = [InferRequestedOutput(name) for name in outputs]
+        try:
+            result = await self.client.infer(
+                self.model_name, request, outputs=wanted, client_timeout=timeout_s
+            )
+        except InferenceServerException as error:
+            raise DeviceError(self.name, error.message() or str(error)) from error
+        return {name: result.as_numpy(name) for name in outputs}
+
+    async def is_ready(self) -> bool:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return bool(await self.client.is_model_ready(self.model_name, client_timeout=5.0))
+        except InferenceServerException:
+            return False
+
+
+_TRITON_DTYPES = {"TYPE_FP32": "float32", "TYPE_FP16": "float16"}
+
+
+class TritonEndpoints:
+    """gRPC aio clients for a list of `host:port` endpoints; use as `async with`."""
+
+    def __init__(self, endpoints: Sequence[str], *, timeout_s: float = 10.0) -> None:
+        self.endpoints = [parse_endpoint(endpoint) for endpoint in endpoints]
+        if not self.endpoints:
+            raise ValueError("give at least one endpoint (HOST:PORT)")
+        self.timeout_s = timeout_s
+        self.clients: dict[str, Any] = {}
+
+    async def __aenter__(self) -> Self:
+        import tritonclient.grpc.aio as grpc_aio
+
+        for endpoint in self.endpoints:
+            self.clients[endpoint] = grpc_aio.InferenceServerClient(endpoint)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await asyncio.gather(*(client.close() for client in self.clients.values()))
+        self.clients.clear()
+
+    async def ready_models(self, endpoint: str) -> list[str]:
+        """Names of the ready models on `endpoint` (DiscoveryError if it is not Triton)."""
+        from tritonclient.utils import InferenceServerException
+
+        client = self.clients[endpoint]
+        try:
+            await client.is_server_live(client_timeout=self.timeout_s)
+            index = await client.get_model_repository_index(as_json=True,
+                                                            client_timeout=self.timeout_s)
+        except InferenceServerException as error:
+            raise DiscoveryError(
+                f"{endpoint} does not answer as a Triton gRPC server: {error.message()}"
+            ) from error
+        return sorted(m["name"] for m in index.get("models", []) if m.get("state") == "READY")
+
+    async def model_config(self, endpoint: str, model_name: str) -> dict:
+        response = await self.clients[endpoint].get_model_config(
+            model_name, as_json=True, client_timeout=self.timeout_s
+        )
+        return response.get("config", response)
+
+    def model(self, endpoint: str, model_name: str) -> TritonModel:
+        return TritonModel(self.clients[endpoint], endpoint, model_name)
+
+    async def find_model(self, model_name: str) -> TritonModel | None:
+        """The first endpoint's ready `model_name`, or None."""
+        for endpoint in self.endpoints:
+            if model_name in await self.ready_models(endpoint):
+                return self.model(endpoint, model_name)
+        return None
+
+    async def devices(self, pattern: str = DEVICE_PATTERN, *,
+                      deadline_s: float | None = DEFAULT_DEADLINE_S) -> list[Device]:
+        """A Device for every ready model matching `pattern` on every endpoint."""
+        found: list[Device] = []
+        for endpoint in self.endpoints:
+            models = await self.ready_models(endpoint)
+            names = [name for name in models if fnmatch.fnmatchcase(name, pattern)]
+            if not names:
+                raise DiscoveryError(
+                    f"{endpoint} serves no ready {pattern} model (ready models: "
+                    f"{', '.join(models) or 'none'}); start it with `driffusion serve`"
+                )
+            for name in names:
+                config = await self.model_config(endpoint, name)
+                found.append(device_from_config(self.model(endpoint, name), config, deadline_s))
+        return found
+
+
+def device_from_config(model: ModelClient, config: Mapping[str, Any],
+                       deadline_s: float | None = DEFAULT_DEADLINE_S) -> Device:
+    """A Device whose instances, tensor names, dtype and max batch come from a Triton config."""
+    instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
+    inputs = config.get("input", [])
+    names = [tensor["name"] for tensor in inputs]
+    outputs = [tensor["name"] for tensor in config.get("output", [])]
+    defaults = UNetIO()
+    io = UNetIO(
+        sample=defaults.sample if defaults.sample in names else names[0],
+        timestep=defaults.timestep if defaults.timestep in names else names[1],
+        context=defaults.context if defaults.context in names else names[2],
+        output=defaults.output if defaults.output in outputs else outputs[0],
+        dtype=_TRITON_DTYPES.get(inputs[0].get("data_type", "TYPE_FP32"), "float32"),
+    )
+    max_batch = config.get("parameters", {}).get("max_batch", {}).get("string_value")
+    return Device(model, instances=instances, io=io, deadline_s=deadline_s,
+                  max_batch=int(max_batch) if max_batch else None)
+
+
+def parse_endpoint(endpoint: str) -> str:
+    """Validate `HOST:PORT` (port 1..65535) and return it stripped."""
+    text = endpoint.strip()
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"endpoint {endpoint!r} must be HOST:PORT with a port in 1..65535")
+    return text
+
+
+@asynccontextmanager
+async def discover_devices(endpoints: Sequence[str], pattern: str = DEVICE_PATTERN, *,
+                           deadline_s: float | None = DEFAULT_DEADLINE_S):
+    """`async with discover_devices(["host:8001", ...]) as devices`: every ready `unet_*` model."""
+    async with TritonEndpoints(endpoints) as connection:
+        yield await connection.devices(pattern, deadline_s=deadline_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool
+
+
+@dataclass(frozen=True)
+class _Task:
+    """Rows of one item sent to one lane: the item's cond and/or uncond half."""
+
+    item: int
+    halves: tuple[str, ...]
+
+
+class PoolError(RuntimeError):
+    """No device is left to run a round."""
+
+
+class DevicePool:
+    """The sampler's `denoise`: one round's items spread over the devices concurrently.
+
+    Each device offers `instances` lanes. A round of k items is cut into at most one chunk
+    per lane, every chunk is one model call, and the calls run concurrently (asyncio.gather).
+    With guidance != 1 each item is a cond/uncond pair evaluated in the same call, or split
+    over two lanes with `cfg_parallel`. `batched` sends the whole round to the first device in
+    one call. A chunk whose device fails is re-issued on the remaining devices.
+    """
+
+    def __init__(self, devices: Sequence[Device], *, cfg_parallel: bool = False,
+                 batched: bool = False) -> None:
+        if not devices:
+            raise ValueError("a DevicePool needs at least one device")
+        self.devices = list(devices)
+        self.cfg_parallel = cfg_parallel
+        self.batched = batched
+        self.lost: set[str] = set()
+        self.calls = 0  # model calls made (re-issues included)
+        self.rounds = 0  # parallel rounds completed
+        self._cond: np.ndarray | None = None
+        self._uncond: np.ndarray | None = None
+        self.guidance = 1.0
+
+    @property
+    def lanes(self) -> list[Device]:
+        """One entry per concurrent call slot of the healthy devices."""
+        healthy = [device for device in self.devices if device.name not in self.lost]
+        if self.batched:
+            return healthy[:1]
+        return [device for device in healthy for _ in range(device.instances)]
+
+    @property
+    def width(self) -> int:
+        """Model evaluations one round can run at once (the natural window)."""
+        return len(self.lanes)
+
+    def condition(self, cond, uncond=None, guidance: float = 1.0) -> None:
+        """Set the embeddings [B, S, D] of the latent batch and the guidance scale."""
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {guidance}")
+        self._cond = _as_numpy(cond)
+        self._uncond = None if uncond is None else _as_numpy(uncond)
+        if self._uncond is not None and self._uncond.shape != self._cond.shape:
+            raise ValueError(
+                f"uncond embeddings {self._uncond.shape} must match cond {self._cond.shape}"
+            )
+        self.guidance = float(guidance)
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self._uncond is not None and self.guidance != 1.0
+
+    async def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One parallel round: x [items*B, C, H, W], t [items*B] -> outputs like x."""
+        import torch  # imported here so that model processes that only serve ORT skip it
+
+        if self._cond is None:
+            raise RuntimeError("call DevicePool.condition(...) before sampling")
+        batch = self._cond.shape[0]
+        items, remainder = divmod(x.shape[0], batch)
+        if remainder or t.shape != (x.shape[0],):
+            raise ValueError(
+                f"round of {x.shape[0]} rows (t {tuple(t.shape)}) is not whole items of "
+                f"latent batch {batch}"
+            )
+        sample = x.detach().cpu().numpy().astype(np.float32, copy=False)
+        timestep = t.detach().cpu().numpy().astype(np.float32, copy=False)
+        outputs = await self._run_round(self._tasks(items), sample, timestep, batch)
+        self.rounds += 1
+        return torch.from_numpy(self._combine(outputs, items)).to(x.dtype)
+
+    def _tasks(self, items: int) -> list[_Task]:
+        halves = ("uncond", "cond") if self.uses_cfg else ("cond",)
+        if self.cfg_parallel and len(halves) == 2:
+            return [_Task(item, (half,)) for item in range(items) for half in halves]
+        return [_Task(item, halves) for item in range(items)]
+
+    async def _run_round(self, tasks, sample, timestep, batch) -> dict[tuple[int, str], np.ndarray]:
+        lanes = self.lanes
+        if not lanes:
+            raise PoolError(f"no device left (lost: {', '.join(sorted(self.lost))})")
+        # rotate the first lane per round so that small rounds spread the load over devices
+        start = self.rounds % len(lanes)
+        lanes = lanes[start:] + lanes[:start]
+        chunks = split_evenly(tasks, len(lanes))
+        results = await asyncio.gather(*(
+            self._run_chunk(lane, chunk, sample, timestep, batch)
+            for lane, chunk in zip(lanes, chunks) if chunk
+        ))
+        return {key: value for result in results for key, value in result.items()}
+
+    async def _run_chunk(self, device: Device, chunk: list[_Task], sample, timestep, batch):
+        rows = [(task.item, half) for task in chunk for half in task.halves]
+        inputs = [self._rows(item, half, sample, timestep, batch) for item, half in rows]
+        stacked = [np.concatenate(parts) for parts in zip(*inputs)]
+        while True:
+            try:
+                self.calls += 1
+                output = await device(*stacked)
+                break
+            except DeviceError:
+                device = self._replacement(device)
+        return dict(zip(rows, np.split(output, len(rows))))
+
+    def _replacement(self, failed: Device) -> Device:
+        """Mark `failed` lost and pick a remaining device to re-issue its chunk on."""
+        self.lost.add(failed.name)
+        remaining = self.lanes
+        if not remaining:
+            raise PoolError(f"every device failed (lost: {', '.join(sorted(self.lost))})")
+        return remaining[self.calls % len(remaining)]
+
+    def _rows(self, item: int, half: str, sample, timestep, batch):
+        span = slice(item * batch, (item + 1) * batch)
+        context = self._cond if half == "cond" else self._uncond
+        return sample[span], timestep[span], context
+
+    def _combine(self, outputs: dict[tuple[int, str], np.ndarray], items: int) -> np.ndarray:
+        combined = []
+        for item in range(items):
+            cond = outputs[(item, "cond")]
+            if self.uses_cfg:
+                uncond = outputs[(item, "uncond")]
+                cond = uncond + self.guidance * (cond - uncond)
+            combined.append(cond)
+        return np.concatenate(combined)
+
+    async def health(self) -> dict[str, bool]:
+        """Readiness of every device, by name."""
+        answers = await asyncio.gather(*(device.healthy() for device in self.devices))
+        return {device.name: ok for device, ok in zip(self.devices, answers)}
+
+
+def split_evenly(tasks: Sequence, parts: int) -> list[list]:
+    """Cut `tasks` into `parts` contiguous chunks whose sizes differ by at most one."""
+    size, extra = divmod(len(tasks), parts)
+    chunks, start = [], 0
+    for index in range(parts):
+        end = start + size + (1 if index < extra else 0)
+        chunks.append(list(tasks[start:end]))
+        start = end
+    return chunks
+
+
+def _as_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, dtype=np.float32)

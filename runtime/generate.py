@@ -1,0 +1,212 @@
+"""`driffusion generate`: one image from Triton endpoints, sampled with DRiffusion by this client.
+
+The client discovers every ready `unet_*` model on the endpoints, runs the draft-and-refine
+sampler locally and sends each round's items to the devices concurrently over gRPC. The model
+facts (latent shape, schedule, labels) come from the `driffusion` model's config on the
+endpoints, or from `--spec FILE`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from runtime.devices import (
+    DEFAULT_DEADLINE_S,
+    DEVICE_PATTERN,
+    DeviceError,
+    DevicePool,
+    DiscoveryError,
+    PoolError,
+    TritonEndpoints,
+)
+from runtime.driffusion import DRAFT_ORDERS, MODES
+from runtime.pipeline import (
+    GenerationRequest,
+    Pipeline,
+    PipelineSpec,
+    RequestError,
+    ResolvedRequest,
+)
+
+PIPELINE_MODEL = "driffusion"
+
+
+@dataclass
+class Run:
+    """One timed generation."""
+
+    request: ResolvedRequest
+    image: np.ndarray
+    seconds: float
+    rounds: int
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate an image on Triton endpoints with DRiffusion (client-side sampler)",
+        description="Sample one image: this client runs the DRiffusion sampler and spreads each "
+        "round over every ready unet_* model of the endpoints. --compare also runs sequential "
+        "sampling and reports both latencies, the speedup and the pixel difference.",
+    )
+    parser.add_argument("--endpoints", default="127.0.0.1:8001",
+                        help="comma-separated Triton gRPC HOST:PORT list (default %(default)s)")
+    condition = parser.add_mutually_exclusive_group(required=True)
+    condition.add_argument("--label", type=int, help="class label (the reference model: digit)")
+    condition.add_argument("--prompt", help="a prompt naming a class, e.g. 'a handwritten seven'")
+    parser.add_argument("--negative-prompt", default=None,
+                        help="class to guide away from (default: the null label)")
+    parser.add_argument("--mode", choices=MODES, default="aggressive",
+                        help="sampling mode (default %(default)s)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="model evaluations per parallel round (default: the device count)")
+    parser.add_argument("--steps", type=int, default=None, help="timesteps (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the model's)")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="mode verified: accept drafts within this RMS distance over the "
+                        "noise level (0 = sequential result)")
+    parser.add_argument("--draft-order", type=int, choices=DRAFT_ORDERS, default=1,
+                        help="1: first-order skip drafts (the paper's); 2: multistep extrapolation")
+    parser.add_argument("--scheduler", default=None,
+                        help="ddim, euler, dpmpp2m, unipc or ddpm (default: the model's)")
+    parser.add_argument("--out", type=Path, default=Path("image.png"),
+                        help="where to write the PNG (default %(default)s)")
+    parser.add_argument("--compare", action="store_true",
+                        help="also sample sequentially; print latencies, speedup, pixel difference")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="with --compare: time each mode this many times, report the median "
+                        "(default %(default)s)")
+    parser.add_argument("--cfg-parallel", action="store_true",
+                        help="split the cond/uncond halves of each item over two devices")
+    parser.add_argument("--batched", action="store_true",
+                        help="send each round to one device as a single batched call")
+    parser.add_argument("--devices", default=DEVICE_PATTERN,
+                        help="which models are devices, a glob (default %(default)s)")
+    parser.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S,
+                        help="deadline of one device call in seconds (default %(default)s)")
+    parser.add_argument("--spec", type=Path, default=None,
+                        help="PipelineSpec JSON, if no endpoint serves the driffusion model")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(generate_command(args))
+    except (DiscoveryError, RequestError, DeviceError, PoolError, ValueError,
+            FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+async def generate_command(args: argparse.Namespace) -> int:
+    endpoints = [item for item in args.endpoints.split(",") if item.strip()]
+    request = GenerationRequest(
+        label=args.label, prompt=args.prompt, negative_prompt=args.negative_prompt,
+        seed=args.seed, steps=args.steps, mode=args.mode, window=args.window,
+        guidance=args.guidance, scheduler=args.scheduler, tolerance=args.tolerance,
+        draft_order=args.draft_order,
+    )
+    async with TritonEndpoints(endpoints) as connection:
+        pipeline = await connect_pipeline(connection, spec_file=args.spec, pattern=args.devices,
+                                          deadline_s=args.deadline_s, cfg_parallel=args.cfg_parallel,
+                                          batched=args.batched)
+        resolved = pipeline.resolve(request)
+        print(f"{pipeline.spec.model}: {len(pipeline.pool.devices)} device model(s), "
+              f"{pipeline.pool.width} lane(s): {', '.join(d.name for d in pipeline.pool.devices)}")
+        repeat = args.repeat if args.compare else 1
+        runs = await generate_runs(pipeline, resolved, compare=args.compare, quiet=args.quiet,
+                                   repeat=repeat)
+    save_image(runs[-1].image, args.out)
+    report(runs, args.out, repeat)
+    return 0
+
+
+async def connect_pipeline(connection: TritonEndpoints, *, spec_file: Path | None = None,
+                           pattern: str = DEVICE_PATTERN,
+                           deadline_s: float | None = DEFAULT_DEADLINE_S,
+                           cfg_parallel: bool = False, batched: bool = False) -> Pipeline:
+    """A client-side Pipeline over the devices, text encoder and decoder of the endpoints."""
+    spec = PipelineSpec.from_json(spec_file.read_text()) if spec_file else await read_spec(connection)
+    devices = await connection.devices(pattern, deadline_s=deadline_s)
+    encoder = await connection.find_model("text_encoder")
+    if encoder is None:
+        raise DiscoveryError("no endpoint serves a ready text_encoder model")
+    decoder = await connection.find_model("vae_decoder") if spec.decoder == "vae" else None
+    pool = DevicePool(devices, cfg_parallel=cfg_parallel, batched=batched)
+    return Pipeline(spec, pool, encoder, decoder)
+
+
+async def read_spec(connection: TritonEndpoints) -> PipelineSpec:
+    """The PipelineSpec in the `driffusion` model's config on the first endpoint serving it."""
+    for endpoint in connection.endpoints:
+        if PIPELINE_MODEL in await connection.ready_models(endpoint):
+            config = await connection.model_config(endpoint, PIPELINE_MODEL)
+            return PipelineSpec.from_json(config["parameters"]["pipeline"]["string_value"])
+    raise DiscoveryError(
+        f"no endpoint serves the {PIPELINE_MODEL} model, which describes the served model; "
+        "pass --spec FILE"
+    )
+
+
+async def generate_runs(pipeline: Pipeline, request: ResolvedRequest, *, compare: bool,
+                        quiet: bool = False, repeat: int = 1) -> list[Run]:
+    """The requested run, preceded by a sequential run (and a warm-up) with `compare`.
+
+    Each run is repeated `repeat` times; the one with the median latency is reported.
+    """
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1; got {repeat}")
+    requests = [request]
+    if compare:
+        warm_up = replace(request, steps=1, mode="sequential", tolerance=None)
+        await timed_run(pipeline, warm_up, quiet=True)
+        requests.insert(0, replace(request, mode="sequential", window=1, tolerance=None))
+    runs = []
+    for item in requests:
+        trials = [await timed_run(pipeline, item, quiet=quiet) for _ in range(repeat)]
+        runs.append(sorted(trials, key=lambda run: run.seconds)[len(trials) // 2])
+    return runs
+
+
+async def timed_run(pipeline: Pipeline, request: ResolvedRequest, *, quiet: bool) -> Run:
+    from tqdm import tqdm
+
+    label = f"{request.mode} w={request.window}"
+    rounds_before = pipeline.pool.rounds
+    with tqdm(total=request.steps, desc=label, unit="step", disable=quiet, leave=False) as bar:
+        start = time.perf_counter()
+        latents = await pipeline.latents(request, progress=bar.update)
+        image = await pipeline.decode(latents)
+        seconds = time.perf_counter() - start
+    return Run(request, image, seconds, pipeline.pool.rounds - rounds_before)
+
+
+def save_image(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+
+
+def report(runs: Sequence[Run], out: Path, repeat: int = 1) -> None:
+    if repeat > 1:
+        print(f"latency: median of {repeat} runs")
+    for run in runs:
+        print(f"{run.request.mode:>12} window {run.request.window}: {run.seconds * 1000:8.1f} ms "
+              f"({run.rounds} rounds, {run.request.steps} steps)")
+    if len(runs) == 2:
+        baseline, parallel = runs
+        difference = np.abs(baseline.image.astype(int) - parallel.image.astype(int)).max()
+        print(f"speedup {baseline.seconds / parallel.seconds:.2f}x; max pixel difference "
+              f"{difference} / 255")
+    print(f"wrote {out}")

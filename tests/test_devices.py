@@ -1,0 +1,228 @@
+"""The device pool on in-process devices: CFG pairing, spreading, concurrency, re-issue."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.devices import (
+    Device,
+    DeviceError,
+    DevicePool,
+    LocalDevice,
+    LocalModel,
+    PoolError,
+    parse_endpoint,
+    split_evenly,
+)
+from runtime.driffusion import sample
+from runtime.reference import SCHEDULER_CONFIG, make_scheduler
+from triton_models.sim import SimDiffusion
+
+SIM = SimDiffusion.from_scheduler_config(SCHEDULER_CONFIG)
+
+
+def sim_devices(count: int, delay_s: float = 0.0, calls: list | None = None) -> list[Device]:
+    def denoise(sample, timestep, context):
+        if calls is not None:
+            calls.append(sample.shape[0])
+        time.sleep(delay_s)
+        return SIM.denoise(sample, timestep, context)
+
+    return [LocalDevice.from_function(f"sim{i}", denoise) for i in range(count)]
+
+
+def conditioned(pool: DevicePool, guidance: float, label: int = 3) -> DevicePool:
+    cond, uncond = SIM.encode(np.array([label])), SIM.encode(np.array([10]))
+    pool.condition(cond, uncond, guidance)
+    return pool
+
+
+def round_inputs(items: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((items, 1, 8, 8), generator=generator)
+    t = torch.linspace(900, 100, items)
+    return x, t
+
+
+def expected_output(x: torch.Tensor, t: torch.Tensor, guidance: float, label: int = 3):
+    rows = x.shape[0]
+    cond = SIM.denoise(x.numpy(), t.numpy(), np.repeat(SIM.encode(np.array([label])), rows, 0))
+    uncond = SIM.denoise(x.numpy(), t.numpy(), np.repeat(SIM.encode(np.array([10])), rows, 0))
+    return torch.from_numpy(uncond + guidance * (cond - uncond))
+
+
+@pytest.mark.parametrize("cfg_parallel, batched", [(False, False), (True, False), (False, True)])
+def test_pool_applies_guidance_per_item_in_every_layout(cfg_parallel, batched):
+    calls: list[int] = []
+    pool = conditioned(DevicePool(sim_devices(2, calls=calls), cfg_parallel=cfg_parallel,
+                                  batched=batched), guidance=2.5)
+    x, t = round_inputs(3)
+    output = asyncio.run(pool(x, t))
+    torch.testing.assert_close(output, expected_output(x, t, 2.5), rtol=0, atol=1e-6)
+    # rows per call: batched = one call with every (item, half); otherwise halves spread over lanes
+    expected_calls = {(False, False): [4, 2], (True, False): [3, 3], (False, True): [6]}
+    assert sorted(calls, reverse=True) == expected_calls[(cfg_parallel, batched)]
+
+
+def test_guidance_one_evaluates_only_the_conditional_branch():
+    calls: list[int] = []
+    pool = conditioned(DevicePool(sim_devices(2, calls=calls)), guidance=1.0)
+    x, t = round_inputs(2)
+    output = asyncio.run(pool(x, t))
+    torch.testing.assert_close(output, expected_output(x, t, 1.0), rtol=0, atol=1e-6)
+    assert calls == [1, 1]
+
+
+def test_round_runs_concurrently_over_devices():
+    delay = 0.2
+    pool = conditioned(DevicePool(sim_devices(3, delay_s=delay)), guidance=1.0)
+    x, t = round_inputs(3)
+    start = time.perf_counter()
+    asyncio.run(pool(x, t))
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2 * delay, f"3 items on 3 devices took {elapsed:.2f} s, not about {delay} s"
+
+
+def test_single_item_rounds_alternate_between_devices():
+    used: list[str] = []
+
+    def device(name: str) -> Device:
+        def denoise(sample, timestep, context):
+            used.append(name)
+            return SIM.denoise(sample, timestep, context)
+
+        return LocalDevice.from_function(name, denoise)
+
+    pool = conditioned(DevicePool([device("a"), device("b")]), guidance=1.0)
+    for _ in range(4):
+        asyncio.run(pool(*round_inputs(1)))
+    assert used == ["a", "b", "a", "b"]
+
+
+def test_instances_count_as_lanes_and_max_batch_splits_calls():
+    calls: list[int] = []
+
+    def denoise(**inputs):
+        calls.append(inputs["sample"].shape[0])
+        return {"out_sample": SIM.denoise(inputs["sample"], inputs["timestep"],
+                                          inputs["encoder_hidden_states"])}
+
+    device = Device(LocalModel("sim", denoise), instances=2, max_batch=1)
+    pool = conditioned(DevicePool([device]), guidance=2.0)
+    assert pool.width == 2
+    x, t = round_inputs(2)
+    torch.testing.assert_close(asyncio.run(pool(x, t)), expected_output(x, t, 2.0),
+                               rtol=0, atol=1e-6)
+    assert calls == [1, 1, 1, 1]
+
+
+def test_failed_device_chunk_is_reissued_on_the_remaining_devices():
+    def broken(sample, timestep, context):
+        raise RuntimeError("device lost")
+
+    devices = [LocalDevice.from_function("broken", broken), *sim_devices(1)]
+    pool = conditioned(DevicePool(devices), guidance=2.0)
+    x, t = round_inputs(2)
+    output = asyncio.run(pool(x, t))
+    torch.testing.assert_close(output, expected_output(x, t, 2.0), rtol=0, atol=1e-6)
+    assert pool.lost == {"broken"} and pool.width == 1
+
+
+def test_pool_raises_when_every_device_failed():
+    def broken(sample, timestep, context):
+        raise RuntimeError("device lost")
+
+    pool = conditioned(DevicePool([LocalDevice.from_function("broken", broken)]), guidance=1.0)
+    with pytest.raises(PoolError, match="broken"):
+        asyncio.run(pool(*round_inputs(1)))
+
+
+def test_device_deadline_raises_device_error():
+    device = sim_devices(1, delay_s=0.5)[0]
+    device.deadline_s = 0.05
+    x, t = round_inputs(1)
+    context = SIM.encode(np.array([1]))
+    with pytest.raises(DeviceError, match="no answer within"):
+        asyncio.run(device(x.numpy(), t.numpy(), context))
+
+
+@pytest.mark.parametrize("mode", ["sequential", "conservative", "aggressive"])
+def test_sampling_through_the_pool_matches_a_plain_denoiser(mode):
+    guidance, label, steps = 2.0, 4, 12
+
+    async def plain(x, t):
+        return expected_output(x, t, guidance, label)
+
+    async def run(denoise):
+        scheduler = make_scheduler("ddim", steps)
+        latents = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(7))
+        return await sample(denoise, scheduler, latents, mode=mode, window=2)
+
+    pool = conditioned(DevicePool(sim_devices(2)), guidance, label)
+    torch.testing.assert_close(asyncio.run(run(pool)), asyncio.run(run(plain)), rtol=0, atol=1e-6)
+
+
+def test_pool_rejects_rounds_that_are_not_whole_items():
+    pool = DevicePool(sim_devices(1))
+    pool.condition(np.zeros((2, 1, 11), np.float32))
+    with pytest.raises(ValueError, match="not whole items of latent batch 2"):
+        asyncio.run(pool(*round_inputs(3)))
+
+
+def test_pool_needs_conditioning_and_devices():
+    with pytest.raises(ValueError, match="at least one device"):
+        DevicePool([])
+    with pytest.raises(RuntimeError, match="condition"):
+        asyncio.run(DevicePool(sim_devices(1))(*round_inputs(1)))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript exporter
+def test_local_onnx_and_torch_devices_match_the_module(tmp_path):
+    module = TinyUNet().eval()
+    path = tmp_path / "unet.onnx"
+    export_tiny_unet(module, path)
+    x, t = round_inputs(2)
+    context = torch.randn(2, 1, 11)
+    with torch.no_grad():
+        expected = module(x, t, context).numpy()
+    for device in (LocalDevice.from_onnx(path, threads=1), LocalDevice.from_torch(module)):
+        output = asyncio.run(device(x.numpy(), t.numpy(), context.numpy()))
+        np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_split_evenly_and_endpoint_parsing():
+    assert split_evenly(list(range(5)), 3) == [[0, 1], [2, 3], [4]]
+    assert split_evenly([1], 3) == [[1], [], []]
+    assert parse_endpoint(" localhost:8001 ") == "localhost:8001"
+    for bad in ("localhost", "host:0", ":8001", "host:http"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            parse_endpoint(bad)
+
+
+class TinyUNet(torch.nn.Module):
+    """A small UNet-shaped network: (sample, timestep, encoder_hidden_states) -> out_sample."""
+
+    def __init__(self, channels: int = 1, embed_dim: int = 11) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.context = torch.nn.Linear(embed_dim, channels)
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        scale = torch.cos(timestep / 1000.0).reshape(-1, 1, 1, 1)
+        shift = self.context(encoder_hidden_states.mean(1)).reshape(sample.shape[0], -1, 1, 1)
+        return torch.tanh(self.conv(sample)) * scale + shift
+
+
+def export_tiny_unet(module: torch.nn.Module, path, embed_dim: int = 11) -> None:
+    inputs = (torch.randn(2, 1, 8, 8), torch.tensor([10.0, 20.0]), torch.randn(2, 1, embed_dim))
+    torch.onnx.export(
+        module, inputs, str(path), dynamo=False, opset_version=17,
+        input_names=["sample", "timestep", "encoder_hidden_states"], output_names=["out_sample"],
+        dynamic_axes={"sample": {0: "batch"}, "timestep": {0: "batch"},
+                      "encoder_hidden_states": {0: "batch"}, "out_sample": {0: "batch"}},
+    )

@@ -1,0 +1,52 @@
+"""Inputs of the `driffusion` pipeline model and their parsing into a GenerationRequest."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from runtime.pipeline import GenerationRequest, RequestError
+
+# `driffusion` model inputs (each optional, shape [1]): name -> (Triton dtype, request field)
+DRIFFUSION_INPUTS: dict[str, tuple[str, str]] = {
+    "PROMPT": ("TYPE_STRING", "prompt"),
+    "LABEL": ("TYPE_INT32", "label"),
+    "NEGATIVE_PROMPT": ("TYPE_STRING", "negative_prompt"),
+    "SEED": ("TYPE_INT64", "seed"),
+    "STEPS": ("TYPE_INT32", "steps"),
+    "MODE": ("TYPE_STRING", "mode"),
+    "WINDOW": ("TYPE_INT32", "window"),
+    "GUIDANCE": ("TYPE_FP32", "guidance"),
+    "SCHEDULER": ("TYPE_STRING", "scheduler"),
+    "TOLERANCE": ("TYPE_FP32", "tolerance"),
+    "DRAFT_ORDER": ("TYPE_INT32", "draft_order"),
+}
+
+
+def request_from_tensors(tensors: Mapping[str, np.ndarray | None]) -> GenerationRequest:
+    """A GenerationRequest from the `driffusion` model's input tensors (absent ones are None).
+
+    Each present input must hold exactly one value; RequestError names the input otherwise.
+    """
+    values: dict[str, object] = {}
+    for name, (dtype, field_name) in DRIFFUSION_INPUTS.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            continue
+        if tensor.size != 1:
+            raise RequestError(field_name, f"{name} must hold exactly one value; got shape "
+                                           f"{list(tensor.shape)}")
+        values[field_name] = _scalar(tensor.reshape(-1)[0], dtype, field_name)
+    return GenerationRequest(**values)
+
+
+def _scalar(value: object, dtype: str, field_name: str) -> object:
+    if dtype == "TYPE_STRING":
+        raw = value if isinstance(value, bytes) else str(value).encode()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise RequestError(field_name, "must be UTF-8 text") from error
+    if dtype == "TYPE_FP32":
+        return float(value)
+    return int(value)

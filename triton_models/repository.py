@@ -1,0 +1,426 @@
+"""Write a Triton model repository from a model's engines (or for the closed-form sim).
+
+Models written (DESIGN.md section 5):
+- `unet_cpu<i>`: python backend running the UNet ONNX with ONNX Runtime (one per device), or
+  `unet_gpu<i>`: `platform: "tensorrt_plan"` on `gpus: [i]`, CUDA graphs where the profile allows;
+- `text_encoder` and `vae_decoder` where the model has them;
+- `unet_sim` (with `--model sim`): the closed-form model, one instance per simulated device;
+- `driffusion`: the python-backend pipeline model (label/prompt -> image) over the devices.
+The `driffusion` config carries the PipelineSpec (JSON) that gRPC clients read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runtime.pipeline import PipelineSpec, digit_names
+from triton_models.pipeline_io import DRIFFUSION_INPUTS
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = PACKAGE_DIR.parent
+TEMPLATES = PACKAGE_DIR / "templates"
+DEFAULT_REPOSITORY = PACKAGE_DIR / "repository"
+ENGINES_ROOT = PROJECT_ROOT / "engines"
+MARKER = ".driffusion-repository"
+BACKENDS = ("onnxruntime", "tensorrt")
+MAX_DEVICES = 64
+
+_DTYPES = {
+    "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16",
+    "int64": "TYPE_INT64", "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
+}
+
+
+@dataclass
+class RepositoryOptions:
+    """What to put in the repository (the `triton-repo` and `serve` flags)."""
+
+    model: str = "reference"  # "reference", "sim", or an engines model directory
+    devices: int = 2
+    backend: str = "onnxruntime"  # engines to serve: CPU ONNX Runtime or TensorRT plans
+    gpu_key: str | None = None  # engines/<model>/<gpu_key>; the only TensorRT set if None
+    cpu_threads: int = 1  # ONNX Runtime intra-op threads per CPU device
+    sim_latency_ms: float = 0.0
+    sim_latency_per_item_ms: float = 0.0
+    cuda_graph_batches: Sequence[int] = (1, 2)
+    deadline_s: float = 60.0  # per device call made by the driffusion model
+    cfg_parallel: bool = False
+    pipeline_model: bool = True  # False: devices and encoders only (e.g. extra per-GPU servers)
+    pipeline_instances: int = 1  # driffusion instances = requests it serves at once
+
+    def validate(self) -> None:
+        if not 1 <= self.devices <= MAX_DEVICES:
+            raise ValueError(f"devices must be in 1..{MAX_DEVICES}; got {self.devices}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.cpu_threads < 1:
+            raise ValueError(f"cpu threads must be >= 1; got {self.cpu_threads}")
+        if self.sim_latency_ms < 0 or self.sim_latency_per_item_ms < 0:
+            raise ValueError("sim latencies must be >= 0 ms")
+        if self.pipeline_instances < 1:
+            raise ValueError(f"pipeline instances must be >= 1; got {self.pipeline_instances}")
+        if self.deadline_s <= 0:
+            raise ValueError(f"deadline must be > 0 s; got {self.deadline_s}")
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """A device model of the repository: its name, instance count and largest batch."""
+
+    name: str
+    instances: int = 1
+    max_batch: int | None = None
+
+
+@dataclass
+class Repository:
+    """A written repository: its directory, the models in it and the pipeline spec."""
+
+    path: Path
+    models: list[str] = field(default_factory=list)
+    devices: list[DeviceModel] = field(default_factory=list)
+    spec: PipelineSpec | None = None
+
+
+def write_repository(target: str | Path = DEFAULT_REPOSITORY,
+                     options: RepositoryOptions | None = None) -> Repository:
+    """(Re)write the model repository at `target` and return what is in it."""
+    options = options or RepositoryOptions()
+    options.validate()
+    repository = Repository(_prepare_target(Path(target)))
+    if options.model == "sim":
+        _write_sim(repository, options)
+    else:
+        _write_engines(repository, options, engines_dir_of(options.model))
+    if options.pipeline_model:
+        _write_driffusion(repository, options)
+    return repository
+
+
+def _prepare_target(target: Path) -> Path:
+    """Empty `target` if it is a repository we wrote; refuse to clobber anything else."""
+    target = target.resolve()
+    if target.exists() and any(target.iterdir()) and not (target / MARKER).exists():
+        raise FileExistsError(
+            f"{target} is not empty and was not written by `driffusion triton-repo`; "
+            "choose an empty or new directory"
+        )
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    (target / MARKER).write_text("written by `driffusion triton-repo`; rewritten on each run\n")
+    return target
+
+
+def engines_dir_of(model: str) -> Path:
+    """`reference` -> engines/reference; any other value is an engines model directory."""
+    path = ENGINES_ROOT / model if model == "reference" else Path(model)
+    if not path.is_dir():
+        hint = "run `make build-engines`" if model == "reference" else "give an engines model dir"
+        raise FileNotFoundError(f"no engines for model {model!r} at {path}: {hint}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The sim
+
+
+def _write_sim(repository: Repository, options: RepositoryOptions) -> None:
+    from triton_models.sim import NUM_CLASSES, SAMPLE_SHAPE, alphas_cumprod_of
+
+    spec = sim_spec()
+    shape = list(SAMPLE_SHAPE)
+    embed = [-1, 1, NUM_CLASSES + 1]
+    unet = _model_dir(repository, "unet_sim", "unet_sim")
+    np.save(unet / "1" / "alphas_cumprod.npy", alphas_cumprod_of(spec.scheduler_config))
+    _write_config(unet, _python_config(
+        "unet_sim",
+        inputs=[("sample", "TYPE_FP32", [-1, *shape]), ("timestep", "TYPE_FP32", [-1]),
+                ("encoder_hidden_states", "TYPE_FP32", embed)],
+        outputs=[("out_sample", "TYPE_FP32", [-1, *shape])],
+        instances=options.devices,
+        parameters={
+            "num_classes": NUM_CLASSES,
+            "sample_shape": ",".join(map(str, shape)),
+            "latency_ms": options.sim_latency_ms,
+            "latency_per_item_ms": options.sim_latency_per_item_ms,
+        },
+    ))
+    encoder = _model_dir(repository, "text_encoder", "sim_text_encoder")
+    _write_config(encoder, _python_config(
+        "text_encoder", inputs=[("label", "TYPE_INT64", [-1])],
+        outputs=[("text_embeddings", "TYPE_FP32", embed)], parameters={"num_classes": NUM_CLASSES},
+    ))
+    repository.devices.append(DeviceModel("unet_sim", options.devices))
+    repository.spec = spec
+
+
+def sim_spec() -> PipelineSpec:
+    """The PipelineSpec of the closed-form sim (same schedule as the reference model)."""
+    from runtime.reference import SCHEDULER_CONFIG
+    from triton_models.sim import NULL_LABEL, NUM_CLASSES, SAMPLE_SHAPE
+
+    return PipelineSpec(
+        model="sim", latent_shape=SAMPLE_SHAPE, scheduler_config=dict(SCHEDULER_CONFIG),
+        num_labels=NUM_CLASSES, null_label=NULL_LABEL, label_names=digit_names(NUM_CLASSES),
+    )
+
+
+def reference_spec() -> PipelineSpec:
+    """The PipelineSpec of the bundled reference model (pixel space, digit labels)."""
+    from runtime.reference import (
+        IN_CHANNELS,
+        NULL_LABEL,
+        NUM_CLASSES,
+        SAMPLE_SIZE,
+        SCHEDULER_CONFIG,
+    )
+
+    return PipelineSpec(
+        model="reference", latent_shape=(IN_CHANNELS, SAMPLE_SIZE, SAMPLE_SIZE),
+        scheduler_config=dict(SCHEDULER_CONFIG), num_labels=NUM_CLASSES, null_label=NULL_LABEL,
+        label_names=digit_names(NUM_CLASSES),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines (ONNX Runtime on CPU, TensorRT plans on GPUs)
+
+
+def load_manifest(engines_dir: Path, backend: str, gpu_key: str | None = None) -> tuple[Path, dict]:
+    """(directory, manifest) of the engine set for `backend` under an engines model dir."""
+    from engines.manifest import load_engines
+
+    found = [engine_set for engine_set in load_engines(engines_dir)
+             if engine_set.backend == backend
+             and (gpu_key is None or engine_set.device_key == gpu_key)]
+    if not found:
+        keyed = f" for GPU key {gpu_key!r}" if gpu_key else ""
+        raise FileNotFoundError(
+            f"no {backend} engines{keyed} under {engines_dir}; run `make build-engines`"
+        )
+    if len(found) > 1:
+        keys = ", ".join(engine_set.device_key for engine_set in found)
+        raise ValueError(f"several {backend} engine sets under {engines_dir} ({keys}); pick one "
+                         "with --gpu-key")
+    return found[0].directory, found[0].manifest
+
+
+def _write_engines(repository: Repository, options: RepositoryOptions, engines_dir: Path) -> None:
+    directory, manifest = load_manifest(engines_dir, options.backend, options.gpu_key)
+    networks = manifest.get("networks", {})
+    if "unet" not in networks:
+        raise ValueError(f"{directory / 'manifest.json'} has no `unet` network "
+                         f"(networks: {', '.join(networks) or 'none'})")
+    for index in range(options.devices):
+        kind = "cpu" if options.backend == "onnxruntime" else "gpu"
+        name = f"unet_{kind}{index}"
+        _write_network(repository, name, directory, networks["unet"], options, gpu=index)
+        repository.devices.append(DeviceModel(name, 1, _max_batch(networks["unet"])))
+    for network in ("text_encoder", "vae_decoder"):
+        if network in networks:
+            _write_network(repository, network, directory, networks[network], options, gpu=0)
+    repository.spec = _engines_spec(engines_dir, manifest)
+
+
+def _engines_spec(engines_dir: Path, manifest: dict) -> PipelineSpec:
+    """The reference model's spec, or the pipeline.json written next to other models' engines."""
+    if manifest.get("model") == "reference":
+        return reference_spec()
+    spec_file = engines_dir / "pipeline.json"
+    if not spec_file.is_file():
+        raise FileNotFoundError(
+            f"{spec_file} is missing: a served model other than `reference` needs its "
+            "PipelineSpec (latent shape, scheduler config, labels) as JSON there"
+        )
+    return PipelineSpec.from_json(spec_file.read_text())
+
+
+def _write_network(repository: Repository, name: str, directory: Path, network: dict,
+                   options: RepositoryOptions, gpu: int) -> None:
+    source = directory / network["file"]
+    if not source.is_file():
+        raise FileNotFoundError(f"engine file {source} named in the manifest is missing")
+    inputs = [_io(tensor) for tensor in network["inputs"]]
+    outputs = [_io(tensor) for tensor in network["outputs"]]
+    max_batch = _max_batch(network)
+    if options.backend == "onnxruntime":
+        model_dir = _model_dir(repository, name, "ort_model")
+        onnx_name = _link_onnx(source, model_dir / "1")
+        parameters = {"onnx_file": onnx_name, "intra_op_threads": options.cpu_threads}
+        if max_batch:
+            parameters["max_batch"] = max_batch
+        _write_config(model_dir, _python_config(name, inputs, outputs, parameters=parameters))
+    else:
+        model_dir = repository.path / name
+        (model_dir / "1").mkdir(parents=True)
+        _link_or_copy(source, model_dir / "1" / "model.plan")
+        graphs = _cuda_graph_specs(network, options.cuda_graph_batches)
+        _write_config(model_dir, _tensorrt_config(name, inputs, outputs, gpu, graphs, max_batch))
+        repository.models.append(name)
+
+
+def _io(tensor: dict) -> tuple[str, str, list[int]]:
+    dtype = tensor["dtype"]
+    if dtype not in _DTYPES:
+        raise ValueError(f"tensor {tensor['name']}: dtype {dtype!r} is not one of "
+                         f"{', '.join(_DTYPES)}")
+    dims = [d if isinstance(d, int) and d > 0 else -1 for d in tensor["shape"]]
+    return tensor["name"], _DTYPES[dtype], dims
+
+
+def _max_batch(network: dict) -> int | None:
+    """The largest batch the engine's optimisation profile admits (None if unbounded)."""
+    profile = network.get("profile") or {}
+    batches = [shapes[2][0] for shapes in profile.values() if len(shapes) == 3 and shapes[2]]
+    return min(batches) if batches else None
+
+
+def _cuda_graph_specs(network: dict, batches: Sequence[int]) -> list[dict[str, list[int]]]:
+    """One input-shape set per batch for CUDA graphs, or none if non-batch dims are dynamic."""
+    profile = network.get("profile") or {}
+    if not profile:
+        static = [tensor["shape"] for tensor in network["inputs"]]
+        if all(isinstance(d, int) and d > 0 for shape in static for d in shape):
+            return [{tensor["name"]: list(tensor["shape"]) for tensor in network["inputs"]}]
+        return []
+    for low, _, high in profile.values():
+        if list(low[1:]) != list(high[1:]):
+            return []
+    specs = []
+    for batch in batches:
+        if all(low[0] <= batch <= high[0] for low, _, high in profile.values()):
+            specs.append({name: [batch, *shapes[0][1:]] for name, shapes in profile.items()})
+    return specs
+
+
+def _link_onnx(source: Path, destination: Path) -> str:
+    """Link (or copy) an ONNX file and its external-data files; returns the file name."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    _link_or_copy(source, destination / source.name)
+    model = onnx.load(str(source), load_external_data=False)
+    locations = {
+        ExternalDataInfo(tensor).location
+        for tensor in model.graph.initializer if uses_external_data(tensor)
+    }
+    for location in sorted(locations):
+        _link_or_copy(source.parent / location, destination / location)
+    return source.name
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline model
+
+
+def _write_driffusion(repository: Repository, options: RepositoryOptions) -> None:
+    model_dir = _model_dir(repository, "driffusion", "driffusion")
+    inputs = [(name, dtype, [1]) for name, (dtype, _) in DRIFFUSION_INPUTS.items()]
+    _write_config(model_dir, _python_config(
+        "driffusion", inputs, [("IMAGE", "TYPE_UINT8", [-1, -1, -1])], optional_inputs=True,
+        instances=options.pipeline_instances,
+        parameters={
+            "pipeline": repository.spec.to_json(),
+            "devices": json.dumps(
+                [[device.name, device.instances, device.max_batch] for device in repository.devices]
+            ),
+            "deadline_s": options.deadline_s,
+            "cfg_parallel": "true" if options.cfg_parallel else "false",
+        },
+    ))
+
+
+# ---------------------------------------------------------------------------------------------
+# config.pbtxt
+
+
+def _model_dir(repository: Repository, name: str, template: str) -> Path:
+    model_dir = repository.path / name
+    (model_dir / "1").mkdir(parents=True)
+    shutil.copy2(TEMPLATES / template / "1" / "model.py", model_dir / "1" / "model.py")
+    repository.models.append(name)
+    return model_dir
+
+
+def _write_config(model_dir: Path, text: str) -> None:
+    (model_dir / "config.pbtxt").write_text(text)
+
+
+Tensor = tuple[str, str, list[int]]
+
+
+def _python_config(name: str, inputs: Sequence[Tensor], outputs: Sequence[Tensor], *,
+                   instances: int = 1, parameters: dict | None = None,
+                   optional_inputs: bool = False) -> str:
+    return "\n".join([
+        f'name: "{name}"',
+        'backend: "python"',
+        "max_batch_size: 0",
+        _tensors("input", inputs, optional_inputs),
+        _tensors("output", outputs),
+        f"instance_group [{{ kind: KIND_CPU count: {instances} }}]",
+        _parameters(parameters or {}),
+    ]) + "\n"
+
+
+def _tensorrt_config(name: str, inputs: Sequence[Tensor], outputs: Sequence[Tensor], gpu: int,
+                     graphs: list[dict[str, list[int]]], max_batch: int | None) -> str:
+    lines = [
+        f'name: "{name}"',
+        'platform: "tensorrt_plan"',
+        "max_batch_size: 0",
+        _tensors("input", inputs),
+        _tensors("output", outputs),
+        f"instance_group [{{ kind: KIND_GPU count: 1 gpus: [ {gpu} ] }}]",
+    ]
+    if graphs:
+        lines.append("optimization { cuda { graphs: true graph_spec [\n"
+                     + ",\n".join(_graph_spec(spec) for spec in graphs) + "\n] } }")
+    if max_batch:
+        lines.append(_parameters({"max_batch": max_batch}))
+    return "\n".join(lines) + "\n"
+
+
+def _graph_spec(shapes: dict[str, list[int]]) -> str:
+    inputs = " ".join(
+        f'input {{ key: "{name}" value {{ dim: [ {", ".join(map(str, dims))} ] }} }}'
+        for name, dims in shapes.items()
+    )
+    return f"  {{ batch_size: 0 {inputs} }}"
+
+
+def _tensors(kind: str, tensors: Sequence[Tensor], optional: bool = False) -> str:
+    flag = " optional: true" if optional else ""
+    rows = ",\n".join(
+        f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ]{flag} }}'
+        for name, dtype, dims in tensors
+    )
+    return f"{kind} [\n{rows}\n]"
+
+
+def _parameters(parameters: dict) -> str:
+    return "\n".join(
+        f"parameters {{ key: {_quote(key)} value {{ string_value: {_quote(str(value))} }} }}"
+        for key, value in parameters.items()
+    )
+
+
+def _quote(text: str) -> str:
+    """A protobuf text-format string literal."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'

@@ -1,0 +1,451 @@
+"""Run Triton on a model repository: the embedded CPU server and `driffusion serve`.
+
+On a CPU machine the server is the `tritonserver` 2.51 binary of the nvidia-pytriton wheel with
+its python backend (DESIGN.md section 4): the backend is copied to a directory of our own with
+the stub for this interpreter, the server runs in its own process group bound to 127.0.0.1,
+and stopping it ends every stub process too. On GPU machines `--print-docker` prints the NGC
+container command (one server with all GPUs, or one server per GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from triton_models.repository import (
+    BACKENDS,
+    DEFAULT_REPOSITORY,
+    PROJECT_ROOT,
+    RepositoryOptions,
+    write_repository,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+NGC_IMAGE = "nvcr.io/nvidia/tritonserver"
+NGC_TAG = "24.10-py3"  # Triton 2.51, the version of the embedded server
+# In the container: install the project (read-only at /src) so the python-backend models can
+# import it, then start Triton on the repository mounted at /models.
+CONTAINER_COMMAND = (
+    "mkdir -p /tmp/src && cp -r /src/pyproject.toml /src/README.md /src/export /src/engines "
+    "/src/triton_models /src/runtime /tmp/src/ && pip install -q /tmp/src 'numpy<2' && "
+    "tritonserver --model-repository=/models"
+)
+STARTUP_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 30.0
+
+
+class ServerError(RuntimeError):
+    """The server could not start, or died."""
+
+
+def pytriton_dir() -> Path:
+    """The `pytriton` package directory that carries the tritonserver binary."""
+    try:
+        import pytriton
+    except ImportError as error:
+        raise ServerError(
+            "the embedded Triton server needs nvidia-pytriton: pip install 'driffusion-trt[serve]'"
+        ) from error
+    return Path(pytriton.__file__).resolve().parent
+
+
+def backend_dir(cache_root: Path | None = None) -> Path:
+    """A backends directory holding the wheel's python backend plus the stub for this Python.
+
+    Built once per (pytriton install, Python version) under the user's cache directory.
+    """
+    source = pytriton_dir() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"nvidia-pytriton has no python backend stub for Python {version}")
+    cache_root = cache_root or Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
+    ) / "driffusion-trt"
+    fingerprint = f"{source}:{stub.stat().st_mtime_ns}".encode()
+    key = f"{hashlib.sha256(fingerprint).hexdigest()[:16]}-py{version}"
+    target = cache_root / "triton-backends" / key
+    if not (target / "python" / "triton_python_backend_stub").is_file():
+        staging = Path(tempfile.mkdtemp(prefix="backends-", dir=_mkdir(cache_root)))
+        shutil.copytree(source / "backends" / "python", staging / "python")
+        shutil.copy2(stub, staging / "python" / "triton_python_backend_stub")
+        _mkdir(target.parent)
+        try:
+            staging.rename(target)
+        except OSError:  # another process built it first
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def server_environment() -> dict[str, str]:
+    """Environment for tritonserver: the wheel's libraries, and stubs that run this Python.
+
+    The stub's embedded interpreter ignores PYTHON* variables; it takes its prefix from the
+    first `python3` on PATH, so this interpreter's bin directory goes first (its venv's
+    site-packages, where the project is installed, come with it). Its libpython goes first on
+    LD_LIBRARY_PATH so that the stub's libpython is the same patch release as the stdlib.
+    """
+    env = dict(os.environ)
+    libs = [str(pytriton_dir().parent / "nvidia_pytriton.libs")]
+    libpython_dir = sysconfig.get_config_var("LIBDIR")
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libpython_dir:
+        libs.insert(0, libpython_dir)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [*libs, env.get("LD_LIBRARY_PATH")]))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _with_parent_death_signal(command: list[str]) -> list[str]:
+    """Prefix `setpriv --pdeathsig TERM` (util-linux) where available, so that the server
+    also stops if the Python process that started it is killed without cleaning up."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", *command] if setpriv else command
+
+
+class EmbeddedServer:
+    """The nvidia-pytriton `tritonserver` on a model repository, as a context manager.
+
+    `with EmbeddedServer(repo, grpc_port=p) as server:` starts it in its own process group,
+    waits until every model is ready, and on exit stops it and all its stub processes.
+    """
+
+    def __init__(self, repository: str | Path, *, host: str = DEFAULT_HOST,
+                 grpc_port: int = DEFAULT_PORTS["grpc"], http_port: int = DEFAULT_PORTS["http"],
+                 metrics_port: int = DEFAULT_PORTS["metrics"], log_path: Path | None = None,
+                 startup_timeout_s: float = STARTUP_TIMEOUT_S, verbose: bool = False) -> None:
+        self.repository = Path(repository).resolve()
+        if not self.repository.is_dir():
+            raise ServerError(f"model repository {self.repository} does not exist; write one "
+                              "with `driffusion triton-repo`")
+        self.host = host
+        self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+        self.startup_timeout_s = startup_timeout_s
+        self.verbose = verbose
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self.cancel = threading.Event()  # set it (e.g. from a signal handler) to abort start()
+        self._log_file = None
+
+    @property
+    def grpc_url(self) -> str:
+        """`host:port` of the gRPC endpoint (what `--endpoints` takes)."""
+        return f"{self._client_host}:{self.ports['grpc']}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self._client_host}:{self.ports['http']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.ports['metrics']}/metrics"
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    def command(self) -> list[str]:
+        binary = pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
+        return [
+            str(binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backend_dir()}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.ports['grpc']}",
+            f"--http-address={self.host}", f"--http-port={self.ports['http']}",
+            "--allow-metrics=true", f"--metrics-address={self.host}",
+            f"--metrics-port={self.ports['metrics']}",
+            "--allow-gpu-metrics=false", "--exit-timeout-secs=10",
+            "--disable-auto-complete-config",  # configs are complete; saves a stub launch
+            f"--log-verbose={1 if self.verbose else 0}",
+        ]
+
+    def start(self) -> Self:
+        if self.process is not None:
+            raise ServerError("server already started")
+        if self.log_path is None:
+            handle, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(handle)
+            self.log_path = Path(name)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            _with_parent_death_signal(self.command()), stdout=self._log_file,
+            stderr=subprocess.STDOUT, env=server_environment(), start_new_session=True,
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.cancel.is_set():
+                raise ServerError("start cancelled")
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} "
+                                  f"while starting:\n{self.startup_errors()}")
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver not ready after {self.startup_timeout_s:.0f} s:\n"
+                          f"{self.startup_errors()}")
+
+    def is_ready(self) -> bool:
+        """True once the server and all its models are ready (HTTP /v2/health/ready)."""
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as reply:
+                return reply.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def startup_errors(self, width: int = 800) -> str:
+        """The server's error lines (a model that failed to load names itself), else the tail."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        errors = [line[:width] for line in lines
+                  if line.startswith("E") and "CudaDriverHelper" not in line]
+        return "\n".join(errors) or self.log_tail()
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the server log (model load errors show up here)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM the server (it unloads models and stops stubs), then SIGKILL any leftover."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        _kill_group(process.pid)
+        process.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def _kill_group(group: int) -> None:
+    """SIGKILL what is left of a process group and wait until it is gone."""
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and group_members(group):
+        time.sleep(0.05)
+
+
+def group_members(group: int) -> list[int]:
+    """Live (non-zombie) process ids in a process group, from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+# ---------------------------------------------------------------------------------------------
+# NGC container command for GPU machines
+
+
+def docker_commands(repository: Path, *, gpus: int, per_gpu: bool, tag: str = NGC_TAG,
+                    host: str = DEFAULT_HOST) -> list[str]:
+    """`docker run` lines for the NGC Triton container: one server, or one per GPU.
+
+    One server per GPU needs a repository written with `--devices 1` (its GPU is device 0
+    inside its container); its gRPC ports are 8001, 8011, 8021, ...
+    """
+    lines = []
+    for index in range(gpus if per_gpu else 1):
+        base = 10 * index
+        gpu = f'"device={index}"' if per_gpu else "all"
+        ports = " ".join(f"-p {host}:{port + base}:{port}" for port in DEFAULT_PORTS.values())
+        name = f"driffusion-triton-gpu{index}" if per_gpu else "driffusion-triton"
+        lines.append(
+            f"docker run --rm -d --name {name} --gpus {gpu} --shm-size 1g {ports} "
+            f"-v {shlex.quote(str(repository))}:/models "
+            f"-v {shlex.quote(str(PROJECT_ROOT))}:/src:ro "
+            f"{NGC_IMAGE}:{tag} bash -c {shlex.quote(CONTAINER_COMMAND)}"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# `driffusion serve`
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model on Triton (embedded CPU server; prints the NGC command for GPUs)",
+        description="Write the model repository and run Triton on it in the foreground until "
+        "SIGINT/SIGTERM. On a CPU machine this is the tritonserver of the nvidia-pytriton "
+        "wheel with ONNX Runtime devices (or the closed-form sim).",
+    )
+    add_repository_arguments(parser)
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help="address to bind (default %(default)s; 0.0.0.0 exposes the server)")
+    for kind, port in DEFAULT_PORTS.items():
+        parser.add_argument(f"--{kind}-port", type=int, default=port,
+                            help=f"{kind} port (default %(default)s)")
+    parser.add_argument("--print-docker", action="store_true",
+                        help="print the NGC container command(s) for a GPU machine and exit")
+    parser.add_argument("--per-gpu", action="store_true",
+                        help="with --print-docker: one server per GPU instead of one for all")
+    parser.add_argument("--container-tag", default=NGC_TAG,
+                        help="NGC tritonserver tag; its TensorRT must match the plans' "
+                        "(default %(default)s)")
+    parser.add_argument("--log-file", type=Path, default=None,
+                        help="server log (default: a new file in the temp directory)")
+    parser.add_argument("--verbose", action="store_true", help="verbose server log")
+    parser.set_defaults(run=run_serve)
+
+
+def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by `serve` and `triton-repo`."""
+    parser.add_argument("--model", default="reference",
+                        help="reference (the bundled model's engines), sim (closed-form model, "
+                        "no engines needed) or an engines model directory (default %(default)s)")
+    parser.add_argument("--devices", type=int, default=2,
+                        help="device models to serve: unet_cpu<i>/unet_gpu<i>, or sim instances "
+                        "(default %(default)s)")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                        help="engines to serve: CPU ONNX Runtime or TensorRT plans "
+                        "(default %(default)s)")
+    parser.add_argument("--gpu-key", default=None,
+                        help="engines/<model>/<GPU KEY> to use when several TensorRT sets exist")
+    parser.add_argument("--cpu-threads", type=int, default=1,
+                        help="ONNX Runtime intra-op threads per CPU device (default %(default)s)")
+    parser.add_argument("--sim-latency-ms", type=float, default=20.0,
+                        help="wall time of one unet_sim call (default %(default)s)")
+    parser.add_argument("--sim-latency-per-item-ms", type=float, default=0.0,
+                        help="extra unet_sim time per row of a call (default %(default)s)")
+    parser.add_argument("--cfg-parallel", action="store_true",
+                        help="the driffusion model splits cond/uncond over two devices")
+    parser.add_argument("--no-pipeline-model", dest="pipeline_model", action="store_false",
+                        help="leave out the driffusion model (devices and encoders only, e.g. "
+                        "for the extra servers of a one-server-per-GPU layout)")
+    parser.add_argument("--pipeline-instances", type=int, default=1,
+                        help="driffusion model instances: how many requests it serves at once "
+                        "(default %(default)s)")
+    parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY,
+                        help="where to write the model repository (default %(default)s)")
+
+
+def options_from_args(args: argparse.Namespace) -> RepositoryOptions:
+    return RepositoryOptions(
+        model=args.model, devices=args.devices, backend=args.backend, gpu_key=args.gpu_key,
+        cpu_threads=args.cpu_threads, sim_latency_ms=args.sim_latency_ms,
+        sim_latency_per_item_ms=args.sim_latency_per_item_ms, cfg_parallel=args.cfg_parallel,
+        pipeline_model=args.pipeline_model, pipeline_instances=args.pipeline_instances,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    if args.print_docker and args.per_gpu:
+        options.devices = 1  # each container sees only its own GPU, as device 0
+    try:
+        repository = write_repository(args.repository, options)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.print_docker:
+        print_docker(repository.path, args)
+        return 0
+    server = EmbeddedServer(repository.path, host=args.host, grpc_port=args.grpc_port,
+                            http_port=args.http_port, metrics_port=args.metrics_port,
+                            log_path=args.log_file, verbose=args.verbose)
+    print(f"starting Triton on {repository.path} (models: {', '.join(repository.models)}) ...",
+          flush=True)
+    return serve_forever(server)
+
+
+def print_docker(repository: Path, args: argparse.Namespace) -> None:
+    """The NGC container command(s) for this repository, and how to reach the servers."""
+    if args.backend != "tensorrt":
+        print("note: GPU servers are meant to serve TensorRT plans: add --backend tensorrt",
+              file=sys.stderr)
+    commands = docker_commands(repository, gpus=args.devices, per_gpu=args.per_gpu,
+                               tag=args.container_tag, host=args.host)
+    for line in commands:
+        print(line)
+    endpoints = ",".join(f"{args.host}:{DEFAULT_PORTS['grpc'] + 10 * i}"
+                         for i in range(len(commands)))
+    print(f"# then: driffusion generate --endpoints {endpoints} --label 3 --compare")
+
+
+def serve_forever(server: EmbeddedServer) -> int:
+    """Start `server`, print its endpoints, block until SIGINT/SIGTERM or until it dies."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        print(f"\n{signal.Signals(signum).name}: stopping Triton ...", flush=True)
+        stop.set()
+        server.cancel.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start()
+        print(f"Triton ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics "
+              f"{server.metrics_url}\n"
+              f"try: driffusion generate --endpoints {server.grpc_url} --label 3 --compare\n"
+              f"server log: {server.log_path}  (Ctrl-C stops)", flush=True)
+        while not stop.wait(0.5):
+            if server.process is None or server.process.poll() is not None:
+                print(f"error: tritonserver died:\n{server.log_tail()}", file=sys.stderr)
+                return 1
+        return 0
+    except ServerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
