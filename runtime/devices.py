@@ -5,11 +5,18 @@ A *model client* runs one network (`infer(inputs) -> outputs`): a Triton model o
 session or a Python callable in-process. A `Device` is a model client holding a UNet. The
 `DevicePool` is the sampler's `denoise`: it spreads one round's items over the devices
 concurrently and applies classifier-free guidance. Nothing here knows the sampling method.
+
+Failures: a device call that fails for a reason other than a bad request (server gone,
+deadline passed, model unloaded or crashed) marks the device lost and its work is re-issued on
+the remaining devices; a lost device is health-checked again after a back-off and rejoins the
+pool when it answers ready. How a round is cut into calls never depends on which devices are
+healthy, so the result of a round is the same whichever devices compute it.
 """
 from __future__ import annotations
 
 import asyncio
 import fnmatch
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,14 +31,26 @@ if TYPE_CHECKING:
 
 DEVICE_PATTERN = "unet_*"
 DEFAULT_DEADLINE_S = 60.0
+DEFAULT_RECHECK_S = 2.0  # first health check of a lost device after this long
+MAX_RECHECK_S = 30.0  # back-off cap for a device that keeps failing after it answered ready
+HEALTH_TIMEOUT_S = 2.0
+# gRPC retries a dead connection with exponential back-off (default cap 120 s); a short cap lets
+# a restarted server be reached within seconds of coming back
+RECONNECT_BACKOFF_MS = {"initial": 250, "min": 250, "max": 2000}
+BAD_REQUEST_STATUS = "StatusCode.INVALID_ARGUMENT"
 
 
 class DeviceError(RuntimeError):
-    """A model call failed (unreachable, timed out, or the model returned an error)."""
+    """A model call failed: unreachable, timed out, crashed, or it rejected the request.
 
-    def __init__(self, model: str, message: str) -> None:
+    `lost` is True when the device failed (the work may be re-issued elsewhere) and False when
+    the model rejected the request itself (INVALID_ARGUMENT: every device would reject it).
+    """
+
+    def __init__(self, model: str, message: str, *, lost: bool = True) -> None:
         super().__init__(f"{model}: {message}")
         self.model = model
+        self.lost = lost
 
 
 class DiscoveryError(RuntimeError):
@@ -59,10 +78,18 @@ class UNetIO:
     context: str = "encoder_hidden_states"
     output: str = "out_sample"
     dtype: str = "float32"
+    # the model batches (Triton max_batch_size > 0): the per-item timestep travels as [N, 1]
+    batching: bool = False
 
 
 class Device:
-    """A UNet on one model client: `await device(sample, timestep, context) -> output`."""
+    """A UNet on one model client: `await device(sample, timestep, context) -> output`.
+
+    It also keeps the device's health as the pools that use it see it: `lost` after a failed
+    call, back in service after a health check finds it ready. Checks run every `recheck_s`,
+    doubling (up to MAX_RECHECK_S) each time the device fails again after rejoining. Pools
+    sharing a Device share this state.
+    """
 
     def __init__(
         self,
@@ -72,16 +99,26 @@ class Device:
         max_batch: int | None = None,
         io: UNetIO = UNetIO(),
         deadline_s: float | None = DEFAULT_DEADLINE_S,
+        recheck_s: float = DEFAULT_RECHECK_S,
     ) -> None:
         if instances < 1:
             raise ValueError(f"instances must be >= 1, got {instances}")
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 or None, got {max_batch}")
+        if deadline_s is not None and deadline_s <= 0:
+            raise ValueError(f"deadline must be > 0 s or None, got {deadline_s}")
         self.model = model
         self.instances = instances
         self.max_batch = max_batch
         self.io = io
         self.deadline_s = deadline_s
+        self.recheck_s = recheck_s
+        self.calls = 0  # successful model calls
+        self.failures = 0  # failed calls since the last success
+        self.rejoins = 0  # times a health check brought it back into service
+        self.lost_error: str | None = None
+        self._next_check = 0.0
+        self._background_check: asyncio.Future | None = None
 
     @property
     def name(self) -> str:
@@ -100,13 +137,17 @@ class Device:
             await self._infer(sample[i : i + step], timestep[i : i + step], context[i : i + step])
             for i in range(0, rows, step)
         ]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        output = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        self.calls += 1
+        self.failures = 0
+        return output
 
     async def _infer(self, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray):
         dtype = np.dtype(self.io.dtype)
+        timestep = np.ascontiguousarray(timestep, dtype=np.float32)
         inputs = {
             self.io.sample: np.ascontiguousarray(sample, dtype=dtype),
-            self.io.timestep: np.ascontiguousarray(timestep, dtype=np.float32),
+            self.io.timestep: timestep.reshape(-1, 1) if self.io.batching else timestep,
             self.io.context: np.ascontiguousarray(context, dtype=dtype),
         }
         result = await self.model.infer(inputs, [self.io.output], self.deadline_s)
@@ -116,8 +157,45 @@ class Device:
         return output.astype(np.float32, copy=False)
 
     async def healthy(self) -> bool:
-        """True if the model answers a readiness check (never raises)."""
-        return bool(await self.model.is_ready())
+        """True if the model answers a readiness check in time (never raises)."""
+        try:
+            return bool(await asyncio.wait_for(self.model.is_ready(), HEALTH_TIMEOUT_S))
+        except Exception:  # noqa: BLE001 - no answer means "not healthy"
+            return False
+
+    @property
+    def lost(self) -> bool:
+        return self.lost_error is not None
+
+    def mark_lost(self, error: Exception) -> None:
+        """Take the device out of service after a failed call; schedule its next health check."""
+        self.failures += 1
+        self.lost_error = str(error)
+        self._schedule_check()
+
+    def _schedule_check(self) -> None:
+        backoff = self.recheck_s * 2 ** max(0, self.failures - 1)
+        self._next_check = time.monotonic() + min(MAX_RECHECK_S, backoff)
+
+    @property
+    def check_due(self) -> bool:
+        """Lost, and its back-off has passed."""
+        return self.lost and time.monotonic() >= self._next_check
+
+    async def health_check(self) -> bool:
+        """Check the device now; a lost device that answers ready is back in service."""
+        if await self.healthy():
+            if self.lost:
+                self.rejoins += 1
+            self.lost_error = None
+            return True
+        self._schedule_check()
+        return False
+
+    def check_in_background(self) -> None:
+        """Start a health check if one is due, without waiting for it (rounds never wait)."""
+        if self.check_due and (self._background_check is None or self._background_check.done()):
+            self._background_check = asyncio.ensure_future(self.health_check())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +276,11 @@ def ort_session(path: str | Path, threads: int = 1):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # ORT raises its own untyped exceptions
+        raise ValueError(f"ONNX Runtime cannot load {path}: {error}; rebuild it with "
+                         "`driffusion build-engines --force`") from error
 
 
 def session_output_names(session) -> list[str]:
@@ -249,16 +331,46 @@ class TritonModel:
                 self.model_name, request, outputs=wanted, client_timeout=timeout_s
             )
         except InferenceServerException as error:
-            raise DeviceError(self.name, error.message() or str(error)) from error
+            lost = error.status() != BAD_REQUEST_STATUS
+            raise DeviceError(self.name, error.message() or str(error), lost=lost) from error
         return {name: result.as_numpy(name) for name in outputs}
 
     async def is_ready(self) -> bool:
         from tritonclient.utils import InferenceServerException
 
         try:
-            return bool(await self.client.is_model_ready(self.model_name, client_timeout=5.0))
+            return bool(await self.client.is_model_ready(self.model_name,
+                                                         client_timeout=HEALTH_TIMEOUT_S))
         except InferenceServerException:
             return False
+
+
+class ReplicatedModel:
+    """One network served by several replicas (e.g. `text_encoder` on every endpoint).
+
+    A call goes to the first replica that answers; a replica that fails is skipped for this call.
+    """
+
+    def __init__(self, replicas: Sequence[ModelClient]) -> None:
+        if not replicas:
+            raise ValueError("a ReplicatedModel needs at least one replica")
+        self.replicas = list(replicas)
+        self.name = replicas[0].name
+
+    async def infer(self, inputs, outputs, timeout_s=None) -> dict[str, np.ndarray]:
+        failures = []
+        for replica in self.replicas:
+            try:
+                return await replica.infer(inputs, outputs, timeout_s)
+            except DeviceError as error:
+                if not error.lost:
+                    raise
+                failures.append(str(error))
+        raise DeviceError(self.name, f"every replica failed: {'; '.join(failures)}")
+
+    async def is_ready(self) -> bool:
+        answers = await asyncio.gather(*(replica.is_ready() for replica in self.replicas))
+        return any(answers)
 
 
 _TRITON_DTYPES = {"TYPE_FP32": "float32", "TYPE_FP16": "float16"}
@@ -278,7 +390,9 @@ class TritonEndpoints:
         import tritonclient.grpc.aio as grpc_aio
 
         for endpoint in self.endpoints:
-            self.clients[endpoint] = grpc_aio.InferenceServerClient(endpoint)
+            self.clients[endpoint] = grpc_aio.InferenceServerClient(
+                endpoint, channel_args=channel_arguments()
+            )
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -316,6 +430,12 @@ class TritonEndpoints:
                 return self.model(endpoint, model_name)
         return None
 
+    async def find_replicas(self, model_name: str) -> ReplicatedModel | None:
+        """`model_name` on every endpoint that serves it ready, as one model, or None."""
+        replicas = [self.model(endpoint, model_name) for endpoint in self.endpoints
+                    if model_name in await self.ready_models(endpoint)]
+        return ReplicatedModel(replicas) if replicas else None
+
     async def devices(self, pattern: str = DEVICE_PATTERN, *,
                       deadline_s: float | None = DEFAULT_DEADLINE_S) -> list[Device]:
         """A Device for every ready model matching `pattern` on every endpoint."""
@@ -334,6 +454,18 @@ class TritonEndpoints:
         return found
 
 
+def channel_arguments() -> list[tuple[str, int]]:
+    """gRPC channel options: unlimited message sizes (as tritonclient's defaults) and a short
+    reconnect back-off, so that a server that comes back is reachable again within seconds."""
+    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
+
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        *((f"grpc.{kind}_reconnect_backoff_ms", ms) for kind, ms in RECONNECT_BACKOFF_MS.items()),
+    ]
+
+
 def device_from_config(model: ModelClient, config: Mapping[str, Any],
                        deadline_s: float | None = DEFAULT_DEADLINE_S) -> Device:
     """A Device whose instances, tensor names, dtype and max batch come from a Triton config."""
@@ -348,10 +480,13 @@ def device_from_config(model: ModelClient, config: Mapping[str, Any],
         context=defaults.context if defaults.context in names else names[2],
         output=defaults.output if defaults.output in outputs else outputs[0],
         dtype=_TRITON_DTYPES.get(inputs[0].get("data_type", "TYPE_FP32"), "float32"),
+        batching=int(config.get("max_batch_size", 0)) > 0,
     )
-    max_batch = config.get("parameters", {}).get("max_batch", {}).get("string_value")
-    return Device(model, instances=instances, io=io, deadline_s=deadline_s,
-                  max_batch=int(max_batch) if max_batch else None)
+    max_batch = int(config.get("max_batch_size", 0)) or None
+    if max_batch is None:
+        engine_limit = config.get("parameters", {}).get("max_batch", {}).get("string_value")
+        max_batch = int(engine_limit) if engine_limit else None
+    return Device(model, instances=instances, io=io, deadline_s=deadline_s, max_batch=max_batch)
 
 
 def parse_endpoint(endpoint: str) -> str:
@@ -383,6 +518,16 @@ class _Task:
     halves: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Failover:
+    """A call that failed on `device` and was re-issued on `replacement` after `seconds`."""
+
+    device: str
+    replacement: str
+    error: str
+    seconds: float
+
+
 class PoolError(RuntimeError):
     """No device is left to run a round."""
 
@@ -390,11 +535,16 @@ class PoolError(RuntimeError):
 class DevicePool:
     """The sampler's `denoise`: one round's items spread over the devices concurrently.
 
-    Each device offers `instances` lanes. A round of k items is cut into at most one chunk
-    per lane, every chunk is one model call, and the calls run concurrently (asyncio.gather).
-    With guidance != 1 each item is a cond/uncond pair evaluated in the same call, or split
-    over two lanes with `cfg_parallel`. `batched` sends the whole round to the first device in
-    one call. A chunk whose device fails is re-issued on the remaining devices.
+    Each device offers `instances` lanes. A round of k items is cut into at most `width`
+    chunks (one per lane of the pool as configured, healthy or not), every chunk is one model
+    call, and the calls run concurrently (asyncio.gather). With guidance != 1 each item is a
+    cond/uncond pair evaluated in the same call, or split over two lanes with `cfg_parallel`.
+    `batched` sends the whole round to one device in one call.
+
+    A chunk whose device fails is re-issued unchanged on a remaining device (`failovers` records
+    each re-issue); each round starts background health checks of lost devices that are due,
+    and a device that answers ready takes work again from the next round on.
+    Because chunks never change with the devices' health, neither does any output.
     """
 
     def __init__(self, devices: Sequence[Device], *, cfg_parallel: bool = False,
@@ -404,25 +554,34 @@ class DevicePool:
         self.devices = list(devices)
         self.cfg_parallel = cfg_parallel
         self.batched = batched
-        self.lost: set[str] = set()
         self.calls = 0  # model calls made (re-issues included)
         self.rounds = 0  # parallel rounds completed
+        self.failovers: list[Failover] = []
         self._cond: np.ndarray | None = None
         self._uncond: np.ndarray | None = None
         self.guidance = 1.0
 
     @property
+    def lost(self) -> set[str]:
+        """Names of the devices out of service."""
+        return {device.name for device in self.devices if device.lost}
+
+    @property
     def lanes(self) -> list[Device]:
         """One entry per concurrent call slot of the healthy devices."""
-        healthy = [device for device in self.devices if device.name not in self.lost]
+        healthy = [device for device in self.devices if not device.lost]
         if self.batched:
             return healthy[:1]
         return [device for device in healthy for _ in range(device.instances)]
 
     @property
     def width(self) -> int:
-        """Model evaluations one round can run at once (the natural window)."""
-        return len(self.lanes)
+        """Model evaluations one round runs at once with every device up (the natural window).
+
+        It does not shrink when a device is lost: the window, and so the result, must not
+        depend on which devices happen to be healthy.
+        """
+        return 1 if self.batched else sum(device.instances for device in self.devices)
 
     def condition(self, cond, uncond=None, guidance: float = 1.0) -> None:
         """Set the embeddings [B, S, D] of the latent batch and the guidance scale."""
@@ -466,39 +625,58 @@ class DevicePool:
         return [_Task(item, halves) for item in range(items)]
 
     async def _run_round(self, tasks, sample, timestep, batch) -> dict[tuple[int, str], np.ndarray]:
+        for device in self.devices:
+            device.check_in_background()
         lanes = self.lanes
         if not lanes:
-            raise PoolError(f"no device left (lost: {', '.join(sorted(self.lost))})")
+            raise PoolError(self._nothing_left())
+        chunks = [chunk for chunk in split_evenly(tasks, self.width) if chunk]
         # rotate the first lane per round so that small rounds spread the load over devices
         start = self.rounds % len(lanes)
-        lanes = lanes[start:] + lanes[:start]
-        chunks = split_evenly(tasks, len(lanes))
         results = await asyncio.gather(*(
-            self._run_chunk(lane, chunk, sample, timestep, batch)
-            for lane, chunk in zip(lanes, chunks) if chunk
+            self._run_chunk(lanes[(start + index) % len(lanes)], chunk, sample, timestep, batch)
+            for index, chunk in enumerate(chunks)
         ))
         return {key: value for result in results for key, value in result.items()}
+
+    async def recover(self) -> list[str]:
+        """Health-check now the lost devices that are due; names of those back in service.
+
+        Rounds start these checks in the background themselves; this waits for them.
+        """
+        due = [device for device in self.devices if device.check_due]
+        back = await asyncio.gather(*(device.health_check() for device in due))
+        return [device.name for device, ok in zip(due, back) if ok]
 
     async def _run_chunk(self, device: Device, chunk: list[_Task], sample, timestep, batch):
         rows = [(task.item, half) for task in chunk for half in task.halves]
         inputs = [self._rows(item, half, sample, timestep, batch) for item, half in rows]
         stacked = [np.concatenate(parts) for parts in zip(*inputs)]
         while True:
+            started = time.monotonic()
             try:
                 self.calls += 1
                 output = await device(*stacked)
                 break
-            except DeviceError:
-                device = self._replacement(device)
+            except DeviceError as error:
+                if not error.lost:
+                    raise
+                device.mark_lost(error)
+                failed, device = device, self._replacement()
+                self.failovers.append(Failover(failed.name, device.name, str(error),
+                                               time.monotonic() - started))
         return dict(zip(rows, np.split(output, len(rows))))
 
-    def _replacement(self, failed: Device) -> Device:
-        """Mark `failed` lost and pick a remaining device to re-issue its chunk on."""
-        self.lost.add(failed.name)
+    def _replacement(self) -> Device:
+        """A remaining device to re-issue a failed chunk on (PoolError if none is left)."""
         remaining = self.lanes
         if not remaining:
-            raise PoolError(f"every device failed (lost: {', '.join(sorted(self.lost))})")
+            raise PoolError(self._nothing_left())
         return remaining[self.calls % len(remaining)]
+
+    def _nothing_left(self) -> str:
+        reasons = "; ".join(f"{device.name}: {device.lost_error}" for device in self.devices)
+        return f"no device left to run the round (every device failed: {reasons})"
 
     def _rows(self, item: int, half: str, sample, timestep, batch):
         span = slice(item * batch, (item + 1) * batch)

@@ -1,7 +1,9 @@
 """`driffusion generate`: one image from Triton endpoints, sampled with DRiffusion by this client.
 
 The client discovers every ready `unet_*` model on the endpoints, runs the draft-and-refine
-sampler locally and sends each round's items to the devices concurrently over gRPC. The model
+sampler locally and sends each round's items to the devices concurrently over gRPC. A device
+that fails mid-image is replaced by the others (same image); the text encoder and decoder are
+used from whichever endpoint answers. The model
 facts (latent shape, schedule, labels) come from the `driffusion` model's config on the
 endpoints, or from `--spec FILE`.
 """
@@ -126,6 +128,10 @@ async def generate_command(args: argparse.Namespace) -> int:
         repeat = args.repeat if args.compare else 1
         runs = await generate_runs(pipeline, resolved, compare=args.compare, quiet=args.quiet,
                                    repeat=repeat)
+    for failover in pipeline.pool.failovers:
+        print(f"warning: device {failover.device} failed after {failover.seconds:.2f} s "
+              f"({failover.error}); its call was re-issued on {failover.replacement}",
+              file=sys.stderr)
     save_image(runs[-1].image, args.out)
     report(runs, args.out, repeat)
     return 0
@@ -138,12 +144,14 @@ async def connect_pipeline(connection: TritonEndpoints, *, spec_file: Path | Non
     """A client-side Pipeline over the devices, text encoder and decoder of the endpoints."""
     spec = PipelineSpec.from_json(spec_file.read_text()) if spec_file else await read_spec(connection)
     devices = await connection.devices(pattern, deadline_s=deadline_s)
-    encoder = await connection.find_model("text_encoder")
+    encoder = await connection.find_replicas("text_encoder")
     if encoder is None:
         raise DiscoveryError("no endpoint serves a ready text_encoder model")
-    decoder = await connection.find_model("vae_decoder") if spec.decoder == "vae" else None
+    decoder = await connection.find_replicas("vae_decoder") if spec.decoder == "vae" else None
+    if spec.decoder == "vae" and decoder is None:
+        raise DiscoveryError(f"{spec.model} decodes with a vae_decoder model; no endpoint serves it")
     pool = DevicePool(devices, cfg_parallel=cfg_parallel, batched=batched)
-    return Pipeline(spec, pool, encoder, decoder)
+    return Pipeline(spec, pool, encoder, decoder, deadline_s)
 
 
 async def read_spec(connection: TritonEndpoints) -> PipelineSpec:

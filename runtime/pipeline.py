@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.devices import DevicePool, ModelClient
+from runtime.devices import DEFAULT_DEADLINE_S, DevicePool, ModelClient
 from runtime.driffusion import DRAFT_ORDERS, MODES, sample
 from runtime.reference import SCHEDULERS, make_scheduler
 
@@ -53,7 +53,10 @@ class PipelineSpec:
     default_steps: int = 20
     default_guidance: float = 1.0
     default_scheduler: str = "ddim"
+    # serving limits (the repository writer sets them from `driffusion serve --max-...`)
     max_steps: int = field(default=1000)
+    max_window: int = MAX_WINDOW
+    max_prompt_length: int = 512
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
@@ -64,10 +67,15 @@ class PipelineSpec:
 
     @classmethod
     def from_json(cls, text: str) -> PipelineSpec:
-        data = json.loads(text)
-        data["latent_shape"] = tuple(data["latent_shape"])
-        data["label_names"] = tuple(tuple(names) for names in data.get("label_names", ()))
-        return cls(**data)
+        """Parse a spec (plain JSON data, never evaluated); ValueError says what is wrong."""
+        try:
+            data = json.loads(text)
+            data["latent_shape"] = tuple(data["latent_shape"])
+            data["label_names"] = tuple(tuple(names) for names in data.get("label_names", ()))
+            return cls(**data)
+        except (TypeError, KeyError, AttributeError, json.JSONDecodeError) as error:
+            raise ValueError(f"not a PipelineSpec JSON object: {type(error).__name__}: {error}") \
+                from error
 
     def with_defaults(self, **changes: Any) -> PipelineSpec:
         return replace(self, **changes)
@@ -111,6 +119,7 @@ class ResolvedRequest:
 
 def resolve(request: GenerationRequest, spec: PipelineSpec, default_window: int) -> ResolvedRequest:
     """Validate a request against the spec; RequestError names the first bad field."""
+    _check_prompt_lengths(request, spec.max_prompt_length)
     label = _resolve_label(request, spec)
     negative = spec.null_label
     if request.negative_prompt:
@@ -120,9 +129,9 @@ def resolve(request: GenerationRequest, spec: PipelineSpec, default_window: int)
         raise RequestError("steps", f"must be in 1..{spec.max_steps}; got {steps}")
     if request.mode not in MODES:
         raise RequestError("mode", f"must be one of {', '.join(MODES)}; got {request.mode!r}")
-    window = default_window if request.window is None else request.window
-    if not 1 <= window <= MAX_WINDOW:
-        raise RequestError("window", f"must be in 1..{MAX_WINDOW}; got {window}")
+    window = min(default_window, spec.max_window) if request.window is None else request.window
+    if not 1 <= window <= spec.max_window:
+        raise RequestError("window", f"must be in 1..{spec.max_window}; got {window}")
     guidance = spec.default_guidance if request.guidance is None else request.guidance
     if not (np.isfinite(guidance) and 0 <= guidance <= 50):
         raise RequestError("guidance", f"must be a number in 0..50; got {guidance}")
@@ -136,6 +145,13 @@ def resolve(request: GenerationRequest, spec: PipelineSpec, default_window: int)
         raise RequestError("draft_order", f"must be one of {DRAFT_ORDERS}; got {request.draft_order}")
     return ResolvedRequest(label, negative, request.seed, steps, request.mode, window,
                            float(guidance), scheduler, request.tolerance, request.draft_order)
+
+
+def _check_prompt_lengths(request: GenerationRequest, limit: int) -> None:
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(request, name)
+        if text is not None and len(text) > limit:
+            raise RequestError(name, f"must be at most {limit} characters; got {len(text)}")
 
 
 def _check_tolerance(mode: str, tolerance: float | None) -> None:
@@ -173,13 +189,15 @@ class Pipeline:
     """Encode the condition, sample with DRiffusion over the pool, decode to uint8 pixels."""
 
     def __init__(self, spec: PipelineSpec, pool: DevicePool, encoder: ModelClient,
-                 decoder: ModelClient | None = None) -> None:
+                 decoder: ModelClient | None = None,
+                 deadline_s: float | None = DEFAULT_DEADLINE_S) -> None:
         if spec.decoder == "vae" and decoder is None:
             raise ValueError(f"{spec.model} decodes with a vae_decoder model; none was given")
         self.spec = spec
         self.pool = pool
         self.encoder = encoder
         self.decoder = decoder
+        self.deadline_s = deadline_s  # of each encoder and decoder call
 
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
         return resolve(request, self.spec, self.pool.width)
@@ -188,7 +206,7 @@ class Pipeline:
         """Embeddings [1, S, D] of the label and of the negative (null) label."""
         labels = np.array([label, negative_label], dtype=np.int64)
         result = await self.encoder.infer(
-            {self.spec.encoder_input: labels}, [self.spec.encoder_output], None
+            {self.spec.encoder_input: labels}, [self.spec.encoder_output], self.deadline_s
         )
         embeddings = result[self.spec.encoder_output].astype(np.float32)
         return embeddings[:1], embeddings[1:]
@@ -213,7 +231,7 @@ class Pipeline:
         if self.spec.decoder == "vae":
             scaled = (latents / self.spec.vae_scaling_factor).numpy().astype(np.float32)
             result = await self.decoder.infer(
-                {self.spec.decoder_input: scaled}, [self.spec.decoder_output], None
+                {self.spec.decoder_input: scaled}, [self.spec.decoder_output], self.deadline_s
             )
             images = torch.from_numpy(result[self.spec.decoder_output])
         return to_uint8_image(images)

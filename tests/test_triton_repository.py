@@ -84,9 +84,12 @@ def test_sim_repository_has_devices_encoder_and_pipeline_model(tmp_path):
         model="sim", devices=3, sim_latency_ms=12.5, pipeline_instances=2))
     assert repository.models == ["unet_sim", "text_encoder", "driffusion"]
     sim = load_config(repository.path / "unet_sim")
-    assert sim.backend == "python" and sim.max_batch_size == 0
+    assert sim.backend == "python" and sim.max_batch_size == RepositoryOptions().max_batch
+    assert sim.HasField("dynamic_batching")
+    timestep = sim.input[1]
+    assert list(timestep.dims) == [1] and list(timestep.reshape.shape) == []
     assert sim.instance_group[0].count == 3
-    assert parameters(sim)["latency_ms"] == "12.5"
+    assert parameters(sim)["latency_ms"] == "12.5" and parameters(sim)["batching"] == "true"
     assert (repository.path / "unet_sim" / "1" / "alphas_cumprod.npy").is_file()
     assert [tensor.name for tensor in sim.input] == ["sample", "timestep", "encoder_hidden_states"]
 
@@ -103,7 +106,7 @@ def test_sim_repository_has_devices_encoder_and_pipeline_model(tmp_path):
     assert list(pipeline.output[0].dims) == [-1, -1, -1]
     spec = PipelineSpec.from_json(parameters(pipeline)["pipeline"])
     assert spec.model == "sim" and spec.latent_shape == (1, 8, 8) and spec.null_label == 10
-    assert json.loads(parameters(pipeline)["devices"]) == [["unet_sim", 3, None]]
+    assert json.loads(parameters(pipeline)["devices"]) == [["unet_sim", 3, 64, True]]
     for model in repository.models:
         assert (repository.path / model / "1" / "model.py").is_file()
 
@@ -119,8 +122,9 @@ def test_onnxruntime_engines_become_one_cpu_model_per_device(tmp_path, external_
         config = load_config(model_dir)
         assert config.backend == "python"
         assert config.instance_group[0].count == 1
-        assert parameters(config) == {"onnx_file": "unet.onnx", "intra_op_threads": "3"}
-        assert list(config.input[0].dims) == [-1, 1, 8, 8]
+        assert parameters(config) == {"onnx_file": "unet.onnx", "intra_op_threads": "3",
+                                      "batching": "true"}
+        assert config.max_batch_size == 64 and list(config.input[0].dims) == [1, 8, 8]
         session = ort_session(model_dir / "1" / "unet.onnx")  # loads with its external data
         ones = {i.name: np.ones([d if isinstance(d, int) else 1 for d in i.shape], np.float32)
                 for i in session.get_inputs()}
@@ -146,9 +150,11 @@ def test_tensorrt_plans_become_gpu_models_with_cuda_graphs(tmp_path):
         assert (model_dir / "1" / "model.plan").read_bytes() == b"not a real plan"
         cuda = config.optimization.cuda
         assert cuda.graphs
-        shapes = [list(spec.input["sample"].dim) for spec in cuda.graph_spec]
-        assert shapes == [[1, 1, 8, 8], [2, 1, 8, 8]]
-        assert parameters(config)["max_batch"] == "4"
+        # batched: max_batch_size is the profile's largest batch; graphs per batch size
+        assert config.max_batch_size == 4 and config.HasField("dynamic_batching")
+        assert [spec.batch_size for spec in cuda.graph_spec] == [1, 2]
+        assert [list(spec.input["sample"].dim) for spec in cuda.graph_spec] == [[1, 8, 8]] * 2
+        assert [list(spec.input["timestep"].dim) for spec in cuda.graph_spec] == [[], []]
 
 
 def test_cuda_graphs_are_skipped_when_spatial_dims_are_dynamic(tmp_path):

@@ -6,8 +6,10 @@ The model sources in `templates/` run inside `triton_python_backend_stub`; what 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 
 def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
@@ -19,3 +21,45 @@ def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
 def version_dir(args: Mapping[str, str]) -> Path:
     """The model version directory (where the repository generator put the model's files)."""
     return Path(args["model_repository"]) / str(args["model_version"])
+
+
+def file_in_version_dir(args: Mapping[str, str], name: str) -> Path:
+    """A file named by a config parameter; it must be a plain name inside the version dir."""
+    directory = version_dir(args).resolve()
+    path = (directory / name).resolve()
+    if Path(name).name != name or path.parent != directory:
+        raise ValueError(f"parameter file {name!r} is not a plain file name in {directory}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} named in the model config does not exist")
+    return path
+
+
+Batch = dict[str, np.ndarray]
+
+
+def run_batched(requests: Sequence[Batch], run: Callable[[Batch], Batch]) -> list[Batch | Exception]:
+    """Run a dynamically batched set of requests as few calls as possible.
+
+    Requests whose inputs have the same per-item shapes and dtypes are concatenated along the
+    batch axis into one `run` call, whose outputs are split back per request. A call that raises
+    answers each of its requests with the exception.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for index, inputs in enumerate(requests):
+        key = tuple((name, value.shape[1:], value.dtype.str) for name, value in sorted(inputs.items()))
+        groups.setdefault(key, []).append(index)
+    answers: list[Batch | Exception] = [ValueError("not run")] * len(requests)
+    for members in groups.values():
+        merged = {name: np.concatenate([requests[i][name] for i in members])
+                  for name in requests[members[0]]}
+        try:
+            outputs = run(merged)
+        except Exception as error:  # noqa: BLE001 - reported to each request of the call
+            for i in members:
+                answers[i] = error
+            continue
+        sizes = [len(next(iter(requests[i].values()))) for i in members]
+        parts = {name: np.split(value, np.cumsum(sizes)[:-1]) for name, value in outputs.items()}
+        for position, i in enumerate(members):
+            answers[i] = {name: split[position] for name, split in parts.items()}
+    return answers

@@ -6,12 +6,15 @@ Models written (DESIGN.md section 5):
 - `text_encoder` and `vae_decoder` where the model has them;
 - `unet_sim` (with `--model sim`): the closed-form model, one instance per simulated device;
 - `driffusion`: the python-backend pipeline model (label/prompt -> image) over the devices.
-The `driffusion` config carries the PipelineSpec (JSON) that gRPC clients read.
+The `driffusion` config carries the PipelineSpec (JSON) that gRPC clients read, with the serving
+limits (steps, window, prompt length) that the model enforces. Device models batch dynamically
+(`max_batch_size` = the batch limit) so that concurrent requests' drafts share calls.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +33,8 @@ ENGINES_ROOT = PROJECT_ROOT / "engines"
 MARKER = ".driffusion-repository"
 BACKENDS = ("onnxruntime", "tensorrt")
 MAX_DEVICES = 64
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+VAE_DOWNSCALE = 8  # image side / latent side of the latent-diffusion VAEs
 
 _DTYPES = {
     "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16",
@@ -53,6 +58,14 @@ class RepositoryOptions:
     cfg_parallel: bool = False
     pipeline_model: bool = True  # False: devices and encoders only (e.g. extra per-GPU servers)
     pipeline_instances: int = 1  # driffusion instances = requests it serves at once
+    # serving limits, enforced server-side (the driffusion model, Triton's shape checks)
+    max_steps: int = 1000
+    max_window: int = 64
+    max_batch: int = 64  # rows of one device call (the device models' max_batch_size)
+    max_prompt_length: int = 512  # characters of PROMPT / NEGATIVE_PROMPT
+    max_resolution: int = 2048  # image side in pixels the served model may produce
+    dynamic_batching: bool = True  # device models merge concurrent calls into one batch
+    batch_delay_us: int = 0  # how long a device call waits for others to batch with
 
     def validate(self) -> None:
         if not 1 <= self.devices <= MAX_DEVICES:
@@ -67,15 +80,37 @@ class RepositoryOptions:
             raise ValueError(f"pipeline instances must be >= 1; got {self.pipeline_instances}")
         if self.deadline_s <= 0:
             raise ValueError(f"deadline must be > 0 s; got {self.deadline_s}")
+        limits = {"max steps": (self.max_steps, 1, 10_000), "max window": (self.max_window, 1, 1024),
+                  "max batch": (self.max_batch, 1, 4096),
+                  "max prompt length": (self.max_prompt_length, 1, 1_000_000),
+                  "max resolution": (self.max_resolution, 8, 65_536),
+                  "batch delay us": (self.batch_delay_us, 0, 10_000_000)}
+        for name, (value, low, high) in limits.items():
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in {low}..{high}; got {value}")
 
 
 @dataclass(frozen=True)
 class DeviceModel:
-    """A device model of the repository: its name, instance count and largest batch."""
+    """A device model of the repository: its name, instance count, largest batch and whether
+    Triton batches it dynamically (then per-item scalars travel as [N, 1])."""
 
     name: str
     instances: int = 1
     max_batch: int | None = None
+    batching: bool = False
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic batching of a device model: Triton's max_batch_size and queue delay."""
+
+    max_batch_size: int
+    delay_us: int = 0
+
+
+def _batching(options: RepositoryOptions, max_batch: int) -> Batching | None:
+    return Batching(max_batch, options.batch_delay_us) if options.dynamic_batching else None
 
 
 @dataclass
@@ -93,14 +128,63 @@ def write_repository(target: str | Path = DEFAULT_REPOSITORY,
     """(Re)write the model repository at `target` and return what is in it."""
     options = options or RepositoryOptions()
     options.validate()
-    repository = Repository(_prepare_target(Path(target)))
     if options.model == "sim":
+        spec, engines_dir = sim_spec(), None
+    else:
+        engines_dir = engines_dir_of(options.model)
+        directory, manifest = load_manifest(engines_dir, options.backend, options.gpu_key)
+        spec = _engines_spec(engines_dir, manifest)
+    spec = with_limits(spec, options)
+    repository = Repository(_prepare_target(Path(target)), spec=spec)
+    if engines_dir is None:
         _write_sim(repository, options)
     else:
-        _write_engines(repository, options, engines_dir_of(options.model))
+        _write_engines(repository, options, directory, manifest)
     if options.pipeline_model:
         _write_driffusion(repository, options)
     return repository
+
+
+def with_limits(spec: PipelineSpec, options: RepositoryOptions) -> PipelineSpec:
+    """The spec carrying the serving limits; ValueError if the model's images exceed them."""
+    side = max(spec.latent_shape[1:]) * (VAE_DOWNSCALE if spec.decoder == "vae" else 1)
+    if side > options.max_resolution:
+        raise ValueError(f"{spec.model} makes {side}-pixel images, above the max resolution "
+                         f"{options.max_resolution}; raise --max-resolution to serve it")
+    return spec.with_defaults(max_steps=options.max_steps, max_window=options.max_window,
+                              max_prompt_length=options.max_prompt_length)
+
+
+def validate_repository(path: str | Path) -> Path:
+    """The resolved path of a Triton model repository with the expected layout, or ValueError.
+
+    Every entry must be a model directory with a plain name, a config.pbtxt and a numeric
+    version directory; at least one model must be there.
+    """
+    path = Path(path).resolve()
+    if not path.is_dir():
+        raise ValueError(f"model repository {path} does not exist or is not a directory; write "
+                         "one with `driffusion triton-repo`")
+    models = [entry for entry in sorted(path.iterdir()) if entry.name != MARKER]
+    if not models:
+        raise ValueError(f"model repository {path} holds no model")
+    for entry in models:
+        problem = _model_dir_problem(entry)
+        if problem:
+            raise ValueError(f"model repository {path}: {entry.name!r} {problem}")
+    return path
+
+
+def _model_dir_problem(entry: Path) -> str | None:
+    if not MODEL_NAME.fullmatch(entry.name):
+        return "is not a plain model name (letters, digits, _ . -)"
+    if not entry.is_dir():
+        return "is not a model directory"
+    if not (entry / "config.pbtxt").is_file():
+        return "has no config.pbtxt"
+    if not any(child.is_dir() and child.name.isdigit() for child in entry.iterdir()):
+        return "has no numeric version directory (e.g. 1/)"
+    return None
 
 
 def _prepare_target(target: Path) -> Path:
@@ -134,22 +218,23 @@ def engines_dir_of(model: str) -> Path:
 def _write_sim(repository: Repository, options: RepositoryOptions) -> None:
     from triton_models.sim import NUM_CLASSES, SAMPLE_SHAPE, alphas_cumprod_of
 
-    spec = sim_spec()
     shape = list(SAMPLE_SHAPE)
     embed = [-1, 1, NUM_CLASSES + 1]
     unet = _model_dir(repository, "unet_sim", "unet_sim")
-    np.save(unet / "1" / "alphas_cumprod.npy", alphas_cumprod_of(spec.scheduler_config))
+    np.save(unet / "1" / "alphas_cumprod.npy", alphas_cumprod_of(repository.spec.scheduler_config))
+    batching = _batching(options, options.max_batch)
     _write_config(unet, _python_config(
         "unet_sim",
         inputs=[("sample", "TYPE_FP32", [-1, *shape]), ("timestep", "TYPE_FP32", [-1]),
                 ("encoder_hidden_states", "TYPE_FP32", embed)],
         outputs=[("out_sample", "TYPE_FP32", [-1, *shape])],
-        instances=options.devices,
+        instances=options.devices, batching=batching,
         parameters={
             "num_classes": NUM_CLASSES,
             "sample_shape": ",".join(map(str, shape)),
             "latency_ms": options.sim_latency_ms,
             "latency_per_item_ms": options.sim_latency_per_item_ms,
+            **({} if batching else {"max_batch": options.max_batch}),
         },
     ))
     encoder = _model_dir(repository, "text_encoder", "sim_text_encoder")
@@ -157,8 +242,8 @@ def _write_sim(repository: Repository, options: RepositoryOptions) -> None:
         "text_encoder", inputs=[("label", "TYPE_INT64", [-1])],
         outputs=[("text_embeddings", "TYPE_FP32", embed)], parameters={"num_classes": NUM_CLASSES},
     ))
-    repository.devices.append(DeviceModel("unet_sim", options.devices))
-    repository.spec = spec
+    repository.devices.append(
+        DeviceModel("unet_sim", options.devices, options.max_batch, batching is not None))
 
 
 def sim_spec() -> PipelineSpec:
@@ -212,21 +297,47 @@ def load_manifest(engines_dir: Path, backend: str, gpu_key: str | None = None) -
     return found[0].directory, found[0].manifest
 
 
-def _write_engines(repository: Repository, options: RepositoryOptions, engines_dir: Path) -> None:
-    directory, manifest = load_manifest(engines_dir, options.backend, options.gpu_key)
+def _write_engines(repository: Repository, options: RepositoryOptions, directory: Path,
+                   manifest: dict) -> None:
     networks = manifest.get("networks", {})
     if "unet" not in networks:
         raise ValueError(f"{directory / 'manifest.json'} has no `unet` network "
                          f"(networks: {', '.join(networks) or 'none'})")
+    unet = _with_latent_shape(networks["unet"], repository.spec.latent_shape)
+    engine_batch = _max_batch(unet)
+    max_batch = min(options.max_batch, engine_batch or options.max_batch)
+    batching = _batching(options, max_batch) if _batch_is_dynamic(unet) else None
     for index in range(options.devices):
         kind = "cpu" if options.backend == "onnxruntime" else "gpu"
         name = f"unet_{kind}{index}"
-        _write_network(repository, name, directory, networks["unet"], options, gpu=index)
-        repository.devices.append(DeviceModel(name, 1, _max_batch(networks["unet"])))
+        _write_network(repository, name, directory, unet, options, gpu=index, batching=batching,
+                       max_batch=max_batch)
+        repository.devices.append(DeviceModel(name, 1, max_batch, batching is not None))
     for network in ("text_encoder", "vae_decoder"):
         if network in networks:
             _write_network(repository, network, directory, networks[network], options, gpu=0)
-    repository.spec = _engines_spec(engines_dir, manifest)
+
+
+def _batch_is_dynamic(network: dict) -> bool:
+    """True if every tensor's first dim is the (dynamic) batch, which Triton can batch over."""
+    tensors = [*network["inputs"], *network["outputs"]]
+    return all(t["shape"] and not (isinstance(t["shape"][0], int) and t["shape"][0] > 0)
+               for t in tensors)
+
+
+def _with_latent_shape(network: dict, latent_shape: tuple[int, ...]) -> dict:
+    """The UNet entry with dynamic latent dims fixed to the served latent shape, so that Triton
+    itself rejects any other resolution."""
+    def fixed(tensor: dict) -> dict:
+        shape = list(tensor["shape"])
+        if len(shape) != len(latent_shape) + 1:
+            return tensor
+        dims = [d if isinstance(d, int) and d > 0 else size
+                for d, size in zip(shape[1:], latent_shape)]
+        return {**tensor, "shape": [shape[0], *dims]}
+
+    return {**network, "inputs": [fixed(t) for t in network["inputs"]],
+            "outputs": [fixed(t) for t in network["outputs"]]}
 
 
 def _engines_spec(engines_dir: Path, manifest: dict) -> PipelineSpec:
@@ -243,27 +354,39 @@ def _engines_spec(engines_dir: Path, manifest: dict) -> PipelineSpec:
 
 
 def _write_network(repository: Repository, name: str, directory: Path, network: dict,
-                   options: RepositoryOptions, gpu: int) -> None:
-    source = directory / network["file"]
-    if not source.is_file():
-        raise FileNotFoundError(f"engine file {source} named in the manifest is missing")
+                   options: RepositoryOptions, gpu: int, batching: Batching | None = None,
+                   max_batch: int | None = None) -> None:
+    source = engine_file(directory, network["file"])
     inputs = [_io(tensor) for tensor in network["inputs"]]
     outputs = [_io(tensor) for tensor in network["outputs"]]
-    max_batch = _max_batch(network)
+    max_batch = max_batch or _max_batch(network)
     if options.backend == "onnxruntime":
         model_dir = _model_dir(repository, name, "ort_model")
         onnx_name = _link_onnx(source, model_dir / "1")
         parameters = {"onnx_file": onnx_name, "intra_op_threads": options.cpu_threads}
-        if max_batch:
+        if max_batch and not batching:
             parameters["max_batch"] = max_batch
-        _write_config(model_dir, _python_config(name, inputs, outputs, parameters=parameters))
+        _write_config(model_dir, _python_config(name, inputs, outputs, parameters=parameters,
+                                                batching=batching))
     else:
         model_dir = repository.path / name
         (model_dir / "1").mkdir(parents=True)
         _link_or_copy(source, model_dir / "1" / "model.plan")
         graphs = _cuda_graph_specs(network, options.cuda_graph_batches)
-        _write_config(model_dir, _tensorrt_config(name, inputs, outputs, gpu, graphs, max_batch))
+        _write_config(model_dir, _tensorrt_config(name, inputs, outputs, gpu, graphs, max_batch,
+                                                  batching))
         repository.models.append(name)
+
+
+def engine_file(directory: Path, name: str) -> Path:
+    """The engine file a manifest names: a plain name inside its own engines directory."""
+    path = (directory / name).resolve()
+    if Path(name).name != name or path.parent != directory.resolve():
+        raise ValueError(f"manifest in {directory} names engine file {name!r}, which is not a "
+                         "plain file name in that directory")
+    if not path.is_file():
+        raise FileNotFoundError(f"engine file {path} named in the manifest is missing")
+    return path
 
 
 def _io(tensor: dict) -> tuple[str, str, list[int]]:
@@ -303,16 +426,21 @@ def _cuda_graph_specs(network: dict, batches: Sequence[int]) -> list[dict[str, l
 def _link_onnx(source: Path, destination: Path) -> str:
     """Link (or copy) an ONNX file and its external-data files; returns the file name."""
     import onnx
+    from google.protobuf.message import DecodeError
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    _link_or_copy(source, destination / source.name)
-    model = onnx.load(str(source), load_external_data=False)
+    try:
+        model = onnx.load(str(source), load_external_data=False)
+    except (DecodeError, ValueError, OSError) as error:
+        raise ValueError(f"{source} is not a readable ONNX model ({error}); rebuild it with "
+                         "`driffusion build-engines --force`") from error
     locations = {
         ExternalDataInfo(tensor).location
         for tensor in model.graph.initializer if uses_external_data(tensor)
     }
+    _link_or_copy(source, destination / source.name)
     for location in sorted(locations):
-        _link_or_copy(source.parent / location, destination / location)
+        _link_or_copy(engine_file(source.parent, location), destination / location)
     return source.name
 
 
@@ -336,9 +464,8 @@ def _write_driffusion(repository: Repository, options: RepositoryOptions) -> Non
         instances=options.pipeline_instances,
         parameters={
             "pipeline": repository.spec.to_json(),
-            "devices": json.dumps(
-                [[device.name, device.instances, device.max_batch] for device in repository.devices]
-            ),
+            "devices": json.dumps([[device.name, device.instances, device.max_batch,
+                                    device.batching] for device in repository.devices]),
             "deadline_s": options.deadline_s,
             "cfg_parallel": "true" if options.cfg_parallel else "false",
         },
@@ -366,51 +493,69 @@ Tensor = tuple[str, str, list[int]]
 
 def _python_config(name: str, inputs: Sequence[Tensor], outputs: Sequence[Tensor], *,
                    instances: int = 1, parameters: dict | None = None,
-                   optional_inputs: bool = False) -> str:
+                   optional_inputs: bool = False, batching: Batching | None = None) -> str:
     return "\n".join([
         f'name: "{name}"',
         'backend: "python"',
-        "max_batch_size: 0",
-        _tensors("input", inputs, optional_inputs),
-        _tensors("output", outputs),
+        _batch_lines(batching),
+        _tensors("input", inputs, optional_inputs, batched=batching is not None),
+        _tensors("output", outputs, batched=batching is not None),
         f"instance_group [{{ kind: KIND_CPU count: {instances} }}]",
-        _parameters(parameters or {}),
+        _parameters({**(parameters or {}), **({"batching": "true"} if batching else {})}),
     ]) + "\n"
 
 
+def _batch_lines(batching: Batching | None) -> str:
+    if batching is None:
+        return "max_batch_size: 0"
+    return (f"max_batch_size: {batching.max_batch_size}\n"
+            f"dynamic_batching {{ max_queue_delay_microseconds: {batching.delay_us} }}")
+
+
 def _tensorrt_config(name: str, inputs: Sequence[Tensor], outputs: Sequence[Tensor], gpu: int,
-                     graphs: list[dict[str, list[int]]], max_batch: int | None) -> str:
+                     graphs: list[dict[str, list[int]]], max_batch: int | None,
+                     batching: Batching | None = None) -> str:
+    batched = batching is not None
     lines = [
         f'name: "{name}"',
         'platform: "tensorrt_plan"',
-        "max_batch_size: 0",
-        _tensors("input", inputs),
-        _tensors("output", outputs),
+        _batch_lines(batching),
+        _tensors("input", inputs, batched=batched),
+        _tensors("output", outputs, batched=batched),
         f"instance_group [{{ kind: KIND_GPU count: 1 gpus: [ {gpu} ] }}]",
     ]
     if graphs:
         lines.append("optimization { cuda { graphs: true graph_spec [\n"
-                     + ",\n".join(_graph_spec(spec) for spec in graphs) + "\n] } }")
-    if max_batch:
+                     + ",\n".join(_graph_spec(spec, batched) for spec in graphs) + "\n] } }")
+    if max_batch and not batched:
         lines.append(_parameters({"max_batch": max_batch}))
     return "\n".join(lines) + "\n"
 
 
-def _graph_spec(shapes: dict[str, list[int]]) -> str:
+def _graph_spec(shapes: dict[str, list[int]], batched: bool = False) -> str:
+    """One CUDA graph's input shapes; with batching the batch size is separate from the dims
+    (the engine's shapes, so a per-item scalar has no dims)."""
+    batch = next(iter(shapes.values()))[0] if batched else 0
     inputs = " ".join(
-        f'input {{ key: "{name}" value {{ dim: [ {", ".join(map(str, dims))} ] }} }}'
+        f'input {{ key: "{name}" value {{ dim: [ {", ".join(map(str, dims[batched:]))} ] }} }}'
         for name, dims in shapes.items()
     )
-    return f"  {{ batch_size: 0 {inputs} }}"
+    return f"  {{ batch_size: {batch} {inputs} }}"
 
 
-def _tensors(kind: str, tensors: Sequence[Tensor], optional: bool = False) -> str:
+def _tensors(kind: str, tensors: Sequence[Tensor], optional: bool = False,
+             batched: bool = False) -> str:
+    """A config's input/output list. `batched` (max_batch_size > 0): the leading batch dim is
+    implicit, and a per-item scalar ([batch] in the engine) is [1] on the wire, reshaped to []."""
     flag = " optional: true" if optional else ""
-    rows = ",\n".join(
-        f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ]{flag} }}'
-        for name, dtype, dims in tensors
-    )
-    return f"{kind} [\n{rows}\n]"
+    rows = []
+    for name, dtype, dims in tensors:
+        shape = dims[1:] if batched else dims
+        extra = " reshape: { shape: [ ] }" if batched and not shape else ""
+        shape = shape or ([1] if batched else shape)
+        rows.append(f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, shape))} ]'
+                    f"{extra}{flag} }}")
+    return f"{kind} [\n" + ",\n".join(rows) + "\n]"
 
 
 def _parameters(parameters: dict) -> str:

@@ -5,12 +5,18 @@ its python backend (DESIGN.md section 4): the backend is copied to a directory o
 the stub for this interpreter, the server runs in its own process group bound to 127.0.0.1,
 and stopping it ends every stub process too. On GPU machines `--print-docker` prints the NGC
 container command (one server with all GPUs, or one server per GPU).
+
+Safe defaults: the server binds 127.0.0.1 unless `--host` says otherwise; its shared-memory,
+trace and logging APIs (which let a client map server memory or choose files the server writes)
+are locked behind a random header token unless `--allow-shared-memory` opens shared memory; the
+model repository is validated before start; request limits are written into the repository.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -31,6 +37,7 @@ from triton_models.repository import (
     DEFAULT_REPOSITORY,
     PROJECT_ROOT,
     RepositoryOptions,
+    validate_repository,
     write_repository,
 )
 
@@ -50,6 +57,9 @@ CONTAINER_COMMAND = (
 )
 STARTUP_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
+# Triton APIs closed to clients by default (only a caller with the per-start token may use them)
+RESTRICTED_APIS = ("shared-memory", "trace", "logging")
+RESTRICTED_HEADER = "driffusion-admin"
 
 
 class ServerError(RuntimeError):
@@ -131,18 +141,24 @@ class EmbeddedServer:
 
     `with EmbeddedServer(repo, grpc_port=p) as server:` starts it in its own process group,
     waits until every model is ready, and on exit stops it and all its stub processes.
+    Start it from a thread that outlives it: the parent-death signal fires when the thread
+    that started the server ends, not only when the process does.
     """
 
     def __init__(self, repository: str | Path, *, host: str = DEFAULT_HOST,
                  grpc_port: int = DEFAULT_PORTS["grpc"], http_port: int = DEFAULT_PORTS["http"],
                  metrics_port: int = DEFAULT_PORTS["metrics"], log_path: Path | None = None,
-                 startup_timeout_s: float = STARTUP_TIMEOUT_S, verbose: bool = False) -> None:
-        self.repository = Path(repository).resolve()
-        if not self.repository.is_dir():
-            raise ServerError(f"model repository {self.repository} does not exist; write one "
-                              "with `driffusion triton-repo`")
+                 startup_timeout_s: float = STARTUP_TIMEOUT_S, verbose: bool = False,
+                 allow_shared_memory: bool = False) -> None:
+        try:
+            self.repository = validate_repository(repository)
+        except ValueError as error:
+            raise ServerError(str(error)) from error
         self.host = host
         self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+        _check_ports(self.ports)
+        self.allow_shared_memory = allow_shared_memory
+        self.admin_token = secrets.token_hex(16)  # never printed: it only keeps the APIs closed
         self.startup_timeout_s = startup_timeout_s
         self.verbose = verbose
         self.log_path = log_path
@@ -180,7 +196,14 @@ class EmbeddedServer:
             "--allow-gpu-metrics=false", "--exit-timeout-secs=10",
             "--disable-auto-complete-config",  # configs are complete; saves a stub launch
             f"--log-verbose={1 if self.verbose else 0}",
+            *self._restrictions(),
         ]
+
+    def _restrictions(self) -> list[str]:
+        apis = [api for api in RESTRICTED_APIS
+                if not (api == "shared-memory" and self.allow_shared_memory)]
+        rule = f"{','.join(apis)}:{RESTRICTED_HEADER}={self.admin_token}"
+        return [f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
 
     def start(self) -> Self:
         if self.process is not None:
@@ -264,6 +287,14 @@ class EmbeddedServer:
         self.stop()
 
 
+def _check_ports(ports: dict[str, int]) -> None:
+    for kind, port in ports.items():
+        if not 0 < port < 65536:
+            raise ServerError(f"--{kind}-port must be in 1..65535; got {port}")
+    if len(set(ports.values())) != len(ports):
+        raise ServerError(f"the gRPC, HTTP and metrics ports must differ; got {ports}")
+
+
 def _kill_group(group: int) -> None:
     """SIGKILL what is left of a process group and wait until it is gone."""
     try:
@@ -331,6 +362,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_repository_arguments(parser)
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to bind (default %(default)s; 0.0.0.0 exposes the server)")
+    parser.add_argument("--allow-shared-memory", action="store_true",
+                        help="let clients register system/CUDA shared memory (off by default: "
+                        "only local, trusted clients should map server memory)")
     for kind, port in DEFAULT_PORTS.items():
         parser.add_argument(f"--{kind}-port", type=int, default=port,
                             help=f"{kind} port (default %(default)s)")
@@ -376,6 +410,34 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default %(default)s)")
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY,
                         help="where to write the model repository (default %(default)s)")
+    add_limit_arguments(parser)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """Serving limits and batching, written into the repository and enforced by the server."""
+    defaults = RepositoryOptions()
+    limits = parser.add_argument_group("limits (enforced server-side)")
+    limits.add_argument("--max-steps", type=int, default=defaults.max_steps,
+                        help="largest STEPS a request may ask for (default %(default)s)")
+    limits.add_argument("--max-window", type=int, default=defaults.max_window,
+                        help="largest WINDOW a request may ask for (default %(default)s)")
+    limits.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                        help="most rows in one device call: the device models' max_batch_size "
+                        "(default %(default)s)")
+    limits.add_argument("--max-prompt-length", type=int, default=defaults.max_prompt_length,
+                        help="most characters in PROMPT/NEGATIVE_PROMPT (default %(default)s)")
+    limits.add_argument("--max-resolution", type=int, default=defaults.max_resolution,
+                        help="refuse to serve a model whose images are larger (pixels per side, "
+                        "default %(default)s)")
+    limits.add_argument("--deadline-s", type=float, default=defaults.deadline_s,
+                        help="deadline of each device call of the driffusion model; a device "
+                        "that misses it is replaced (default %(default)s)")
+    limits.add_argument("--no-dynamic-batching", dest="dynamic_batching", action="store_false",
+                        help="device models run each call alone instead of merging concurrent "
+                        "calls into one batch")
+    limits.add_argument("--batch-delay-us", type=int, default=defaults.batch_delay_us,
+                        help="how long a device call may wait for others to batch with "
+                        "(default %(default)s)")
 
 
 def options_from_args(args: argparse.Namespace) -> RepositoryOptions:
@@ -384,6 +446,10 @@ def options_from_args(args: argparse.Namespace) -> RepositoryOptions:
         cpu_threads=args.cpu_threads, sim_latency_ms=args.sim_latency_ms,
         sim_latency_per_item_ms=args.sim_latency_per_item_ms, cfg_parallel=args.cfg_parallel,
         pipeline_model=args.pipeline_model, pipeline_instances=args.pipeline_instances,
+        max_steps=args.max_steps, max_window=args.max_window, max_batch=args.max_batch,
+        max_prompt_length=args.max_prompt_length, max_resolution=args.max_resolution,
+        deadline_s=args.deadline_s, dynamic_batching=args.dynamic_batching,
+        batch_delay_us=args.batch_delay_us,
     )
 
 
@@ -399,9 +465,14 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.print_docker:
         print_docker(repository.path, args)
         return 0
-    server = EmbeddedServer(repository.path, host=args.host, grpc_port=args.grpc_port,
-                            http_port=args.http_port, metrics_port=args.metrics_port,
-                            log_path=args.log_file, verbose=args.verbose)
+    try:
+        server = EmbeddedServer(repository.path, host=args.host, grpc_port=args.grpc_port,
+                                http_port=args.http_port, metrics_port=args.metrics_port,
+                                log_path=args.log_file, verbose=args.verbose,
+                                allow_shared_memory=args.allow_shared_memory)
+    except ServerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"starting Triton on {repository.path} (models: {', '.join(repository.models)}) ...",
           flush=True)
     return serve_forever(server)

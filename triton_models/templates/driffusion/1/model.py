@@ -3,10 +3,13 @@
 It runs the project's own runtime server-side: `runtime.pipeline.Pipeline` with the DRiffusion
 sampler and a `DevicePool` whose devices call the `unet_*` models of this server through
 asynchronous BLS (`InferenceRequest.async_exec`), so each round of a request fans out over every
-device. The model is not decoupled (a plain gRPC infer gets the image), so Triton runs one
-`execute` at a time per instance: concurrent requests need more instances (--pipeline-instances).
-Parameters (config.pbtxt): `pipeline` (PipelineSpec JSON), `devices` (JSON [[name, instances]]),
-`deadline_s` (per device call) and `cfg_parallel`.
+device. A device model that fails (crashed stub, unloaded, past its deadline) is taken out of
+service for every request of this instance and its calls are re-issued on the others; it rejoins
+after a health check. The model is not decoupled (a plain gRPC infer gets the image), so Triton
+runs one `execute` at a time per instance: concurrent requests need more instances
+(--pipeline-instances).
+Parameters (config.pbtxt): `pipeline` (PipelineSpec JSON with the serving limits), `devices`
+(JSON [[name, instances, max_batch, batching]]), `deadline_s` (per model call), `cfg_parallel`.
 """
 import asyncio
 import json
@@ -15,7 +18,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from runtime.devices import Device, DeviceError, DevicePool, PoolError
+from runtime.devices import Device, DeviceError, DevicePool, PoolError, UNetIO
 from runtime.pipeline import Pipeline, PipelineSpec, RequestError
 from triton_models.backend import model_parameters
 from triton_models.pipeline_io import DRIFFUSION_INPUTS, request_from_tensors
@@ -34,9 +37,14 @@ class BlsModel:
             requested_output_names=list(outputs),
             timeout=int(timeout_s * 1_000_000) if timeout_s else 0,
         )
-        response = await request.async_exec()
+        try:  # the request timeout only bounds queueing; this bounds the whole call
+            response = await asyncio.wait_for(request.async_exec(), timeout_s)
+        except asyncio.TimeoutError as error:
+            raise DeviceError(self.name, f"no answer within {timeout_s} s") from error
         if response.has_error():
-            raise DeviceError(self.name, response.error().message())
+            error = response.error()
+            lost = error.code() != pb_utils.TritonError.INVALID_ARG
+            raise DeviceError(self.name, error.message(), lost=lost)
         return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
     async def is_ready(self):
@@ -48,15 +56,16 @@ class TritonPythonModel:
         torch.set_num_threads(1)  # scheduler arithmetic on tiny tensors; leave cores to devices
         parameters = model_parameters(args)
         self.spec = PipelineSpec.from_json(parameters["pipeline"])
-        deadline_s = float(parameters.get("deadline_s", "60"))
+        self.deadline_s = float(parameters.get("deadline_s", "60"))
         self.devices = [
-            Device(BlsModel(name), instances=int(instances), deadline_s=deadline_s,
-                   max_batch=int(max_batch) if max_batch else None)
-            for name, instances, max_batch in json.loads(parameters["devices"])
+            Device(BlsModel(name), instances=int(instances), deadline_s=self.deadline_s,
+                   max_batch=int(max_batch) if max_batch else None, io=UNetIO(batching=batching))
+            for name, instances, max_batch, batching in json.loads(parameters["devices"])
         ]
         self.cfg_parallel = parameters.get("cfg_parallel", "false") == "true"
         self.encoder = BlsModel("text_encoder")
         self.decoder = BlsModel("vae_decoder") if self.spec.decoder == "vae" else None
+        self.log = pb_utils.Logger
 
     async def execute(self, requests):
         return list(await asyncio.gather(*(self._respond(request) for request in requests)))
@@ -66,17 +75,32 @@ class TritonPythonModel:
         for name in DRIFFUSION_INPUTS:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             tensors[name] = None if tensor is None else tensor.as_numpy()
+        pool = DevicePool(self.devices, cfg_parallel=self.cfg_parallel)
+        rejoins_before = [device.rejoins for device in self.devices]
         try:
             generation = request_from_tensors(tensors)
-            pool = DevicePool(self.devices, cfg_parallel=self.cfg_parallel)
-            image = await Pipeline(self.spec, pool, self.encoder, self.decoder).generate(generation)
+            pipeline = Pipeline(self.spec, pool, self.encoder, self.decoder, self.deadline_s)
+            image = await pipeline.generate(generation)
         except RequestError as error:
             return _error(f"{error.field.upper()}: {error.detail}", pb_utils.TritonError.INVALID_ARG)
         except ValueError as error:  # a combination the sampler rejects (e.g. draft order 2)
             return _error(str(error), pb_utils.TritonError.INVALID_ARG)
         except (DeviceError, PoolError) as error:
             return _error(f"device failure: {error}", pb_utils.TritonError.UNAVAILABLE)
+        finally:
+            self._log_health(pool, rejoins_before)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGE", image)])
+
+    def _log_health(self, pool, rejoins_before):
+        for device, before in zip(self.devices, rejoins_before):
+            if device.rejoins > before:
+                self.log.log_warn(f"device {device.name} answered its health check: back in "
+                                  "service")
+        for failover in pool.failovers:
+            self.log.log_warn(
+                f"device {failover.device} lost after {failover.seconds:.2f} s "
+                f"({failover.error}); its call was re-issued on {failover.replacement}"
+            )
 
 
 def _error(message, code):

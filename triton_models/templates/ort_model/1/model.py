@@ -1,40 +1,71 @@
 """Triton python-backend model: one ONNX network run by ONNX Runtime on the CPU.
 
 Used for `unet_cpu<i>` (one per device), `text_encoder` and `vae_decoder` on CPU machines.
-Parameters (config.pbtxt): `onnx_file` (in the version directory) and `intra_op_threads`.
+Parameters (config.pbtxt): `onnx_file` (a plain name in the version directory),
+`intra_op_threads`, and `batching` ("true" for dynamically batched device models: the requests
+Triton hands over together run as one ONNX Runtime call).
 """
 import triton_python_backend_utils as pb_utils
 
 from runtime.devices import ort_session, session_output_names
-from triton_models.backend import model_parameters, version_dir
+from triton_models.backend import file_in_version_dir, model_parameters, run_batched
 
 
 class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(args)
-        path = version_dir(args) / parameters["onnx_file"]
+        path = file_in_version_dir(args, parameters["onnx_file"])
         self.session = ort_session(path, int(parameters.get("intra_op_threads", "1")))
         self.input_names = [tensor.name for tensor in self.session.get_inputs()]
         self.output_names = session_output_names(self.session)
+        self.batching = parameters.get("batching") == "true"
 
     def execute(self, requests):
-        return [self._run(request) for request in requests]
+        responses, runnable = [None] * len(requests), []
+        for index, request in enumerate(requests):
+            feeds = self._feeds(request)
+            if isinstance(feeds, str):
+                responses[index] = _error(feeds)
+            else:
+                runnable.append((index, feeds))
+        if self.batching:
+            answers = run_batched([feeds for _, feeds in runnable], self._run)
+        else:
+            answers = [_call(self._run, feeds) for _, feeds in runnable]
+        for (index, _), answer in zip(runnable, answers):
+            responses[index] = _response(answer)
+        return responses
 
-    def _run(self, request):
+    def _feeds(self, request):
+        """The request's inputs by name, or a message naming the missing one."""
         feeds = {}
         for name in self.input_names:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
-                message = f"missing input {name}; this model needs {', '.join(self.input_names)}"
-                return _error(message, pb_utils.TritonError.INVALID_ARG)
+                return f"missing input {name}; this model needs {', '.join(self.input_names)}"
             feeds[name] = tensor.as_numpy()
-        try:
-            outputs = self.session.run(None, feeds)
-        except Exception as error:  # noqa: BLE001 - ONNX Runtime reports bad shapes this way
-            return _error(f"ONNX Runtime: {error}", pb_utils.TritonError.INVALID_ARG)
-        tensors = [pb_utils.Tensor(name, value) for name, value in zip(self.output_names, outputs)]
-        return pb_utils.InferenceResponse(output_tensors=tensors)
+        return feeds
+
+    def _run(self, feeds):
+        return dict(zip(self.output_names, self.session.run(None, feeds)))
 
 
-def _error(message, code):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+def _call(run, feeds):
+    try:
+        return run(feeds)
+    except Exception as error:  # noqa: BLE001 - ONNX Runtime reports bad shapes this way
+        return error
+
+
+def _response(answer):
+    if isinstance(answer, Exception):
+        return _error(f"ONNX Runtime: {answer}")
+    return pb_utils.InferenceResponse(
+        output_tensors=[pb_utils.Tensor(name, value) for name, value in answer.items()]
+    )
+
+
+def _error(message):
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    )

@@ -3,13 +3,15 @@
 Each call takes `latency_ms` + `latency_per_item_ms` x rows of wall time in total (it sleeps
 for what the closed-form evaluation did not use), so a pool's orchestration can be measured
 without compute. One instance is one simulated device; the instance count is the device count.
+With dynamic batching (parameter `batching`), the requests Triton hands over together are one
+call: concurrent users' drafts share the latency, as they share a GPU's batched UNet call.
 """
 import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from triton_models.backend import model_parameters, version_dir
+from triton_models.backend import model_parameters, run_batched, version_dir
 from triton_models.sim import SimDiffusion
 
 INPUTS = ("sample", "timestep", "encoder_hidden_states")
@@ -25,23 +27,45 @@ class TritonPythonModel:
         )
         self.latency_s = float(parameters["latency_ms"]) / 1000
         self.per_row_s = float(parameters["latency_per_item_ms"]) / 1000
+        self.batching = parameters.get("batching") == "true"
 
     def execute(self, requests):
-        return [self._run(request) for request in requests]
-
-    def _run(self, request):
         start = time.perf_counter()
-        tensors = [pb_utils.get_input_tensor_by_name(request, name) for name in INPUTS]
-        if any(tensor is None for tensor in tensors):
-            return _error(f"unet_sim needs inputs {', '.join(INPUTS)}")
-        sample, timestep, context = (tensor.as_numpy() for tensor in tensors)
-        try:
-            output = self.model.denoise(sample, timestep, context)
-        except ValueError as error:
-            return _error(str(error))
-        budget = self.latency_s + self.per_row_s * sample.shape[0]
+        inputs, responses = [], [None] * len(requests)
+        for index, request in enumerate(requests):
+            tensors = [pb_utils.get_input_tensor_by_name(request, name) for name in INPUTS]
+            if any(tensor is None for tensor in tensors):
+                responses[index] = _error(f"unet_sim needs inputs {', '.join(INPUTS)}")
+            else:
+                inputs.append((index, {name: t.as_numpy() for name, t in zip(INPUTS, tensors)}))
+        if self.batching:
+            answers = run_batched([item for _, item in inputs], self._denoise)
+        else:
+            answers = [_call(self._denoise, item) for _, item in inputs]
+        rows = sum(item["sample"].shape[0] for _, item in inputs)
+        budget = self.latency_s * (1 if self.batching else len(inputs)) + self.per_row_s * rows
         time.sleep(max(0.0, budget - (time.perf_counter() - start)))
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("out_sample", output)])
+        for (index, _), answer in zip(inputs, answers):
+            responses[index] = _response(answer)
+        return responses
+
+    def _denoise(self, inputs):
+        return {"out_sample": self.model.denoise(*(inputs[name] for name in INPUTS))}
+
+
+def _call(run, inputs):
+    try:
+        return run(inputs)
+    except ValueError as error:
+        return error
+
+
+def _response(answer):
+    if isinstance(answer, Exception):
+        return _error(str(answer))
+    return pb_utils.InferenceResponse(
+        output_tensors=[pb_utils.Tensor("out_sample", answer["out_sample"])]
+    )
 
 
 def _error(message):

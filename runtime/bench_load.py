@@ -1,0 +1,352 @@
+"""`driffusion bench load`: many concurrent gRPC clients against the `driffusion` model.
+
+Each client sends one request after another (a label, a fresh seed) for the duration; the run
+reports throughput, latency percentiles and failures, and, from Triton's own statistics, how
+many device calls the devices' dynamic batcher merged (requests per model execution). Without
+`--endpoint` it serves the closed-form `unet_sim` devices on an embedded server of its own, so
+it measures orchestration and serving, not compute; `--compare-batching` runs the same load a
+second time with dynamic batching off and prints both side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runtime.devices import parse_endpoint
+from runtime.driffusion import MODES
+
+PIPELINE_MODEL = "driffusion"
+DEVICE_MODEL = "unet_sim"
+MAX_CLIENTS = 4096
+
+
+@dataclass(frozen=True)
+class LoadSetup:
+    """One load run: the clients, their requests and (for the embedded server) the serving."""
+
+    clients: int = 32
+    duration_s: float = 60.0
+    steps: int = 20
+    mode: str = "aggressive"
+    window: int | None = None
+    guidance: float = 2.0
+    timeout_s: float = 120.0
+    devices: int = 2
+    sim_latency_ms: float = 20.0
+    pipeline_instances: int = 8
+    dynamic_batching: bool = True
+
+    def validate(self) -> None:
+        if not 1 <= self.clients <= MAX_CLIENTS:
+            raise ValueError(f"clients must be in 1..{MAX_CLIENTS}; got {self.clients}")
+        if not self.duration_s > 0:
+            raise ValueError(f"duration must be > 0 s; got {self.duration_s}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1; got {self.steps}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be >= 1; got {self.window}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout must be > 0 s; got {self.timeout_s}")
+
+
+@dataclass
+class LoadResult:
+    """What one load run measured."""
+
+    batching: str  # "dynamic", "off" or "endpoint" (a server this benchmark did not start)
+    requests: int = 0
+    failures: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # first line of each error -> count
+    seconds: float = 0.0
+    throughput_rps: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p90, p99, mean, max
+    device_requests: int = 0  # device calls the devices received
+    device_executions: int = 0  # model executions that ran them (fewer: batched together)
+
+    @property
+    def calls_per_execution(self) -> float:
+        return self.device_requests / self.device_executions if self.device_executions else 0.0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "load",
+        help="concurrent clients against the driffusion model: throughput, p50/p99, failures",
+        description="Run --clients concurrent gRPC clients against the driffusion model for "
+        "--duration seconds and report throughput, latency percentiles and failures as JSON. "
+        "Without --endpoint, an embedded server with closed-form unet_sim devices is started.",
+    )
+    defaults = LoadSetup()
+    parser.add_argument("--endpoint", default=None,
+                        help="HOST:PORT of a running server with the driffusion model (default: "
+                        "start an embedded sim server)")
+    parser.add_argument("--clients", type=int, default=defaults.clients,
+                        help="concurrent clients (default %(default)s)")
+    parser.add_argument("--duration", type=float, default=defaults.duration_s,
+                        help="seconds to keep sending requests (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help="STEPS of each request (default %(default)s)")
+    parser.add_argument("--mode", choices=MODES, default=defaults.mode,
+                        help="MODE of each request (default %(default)s)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="WINDOW of each request (default: the server's device count)")
+    parser.add_argument("--guidance", type=float, default=defaults.guidance,
+                        help="GUIDANCE of each request (default %(default)s)")
+    parser.add_argument("--timeout-s", type=float, default=defaults.timeout_s,
+                        help="client deadline of one request (default %(default)s)")
+    parser.add_argument("--devices", type=int, default=defaults.devices,
+                        help="embedded server: unet_sim devices (default %(default)s)")
+    parser.add_argument("--sim-latency-ms", type=float, default=defaults.sim_latency_ms,
+                        help="embedded server: wall time of one device call (default %(default)s)")
+    parser.add_argument("--pipeline-instances", type=int, default=defaults.pipeline_instances,
+                        help="embedded server: driffusion instances, i.e. requests served at "
+                        "once (default %(default)s)")
+    parser.add_argument("--no-dynamic-batching", dest="dynamic_batching", action="store_false",
+                        help="embedded server: device models run each call alone")
+    parser.add_argument("--compare-batching", action="store_true",
+                        help="embedded server: run again with dynamic batching off and compare")
+    parser.add_argument("--out", type=Path, default=Path("bench_load.json"),
+                        help="JSON results (default %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run_load)
+
+
+def run_load(args: argparse.Namespace) -> int:
+    setup = LoadSetup(
+        clients=args.clients, duration_s=args.duration, steps=args.steps, mode=args.mode,
+        window=args.window, guidance=args.guidance, timeout_s=args.timeout_s,
+        devices=args.devices, sim_latency_ms=args.sim_latency_ms,
+        pipeline_instances=args.pipeline_instances, dynamic_batching=args.dynamic_batching,
+    )
+    try:
+        setup.validate()
+        if args.endpoint is not None:
+            if args.compare_batching:
+                raise ValueError("--compare-batching needs the embedded server (no --endpoint)")
+            results = [measure(parse_endpoint(args.endpoint), setup, "endpoint", args.quiet)]
+        else:
+            variants = [setup.dynamic_batching, False] if args.compare_batching else [
+                setup.dynamic_batching]
+            results = [measure_embedded(_with_batching(setup, on), args.quiet) for on in variants]
+    except (ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    report(setup, results, args.out)
+    return 0 if all(result.failures == 0 for result in results) else 1
+
+
+def _with_batching(setup: LoadSetup, on: bool) -> LoadSetup:
+    return LoadSetup(**{**asdict(setup), "dynamic_batching": on})
+
+
+def measure_embedded(setup: LoadSetup, quiet: bool = False) -> LoadResult:
+    """Serve unet_sim devices on an embedded server and run the load against it."""
+    with embedded_sim_server(setup) as endpoint:
+        return measure(endpoint, setup, "dynamic" if setup.dynamic_batching else "off", quiet)
+
+
+@contextmanager
+def embedded_sim_server(setup: LoadSetup) -> Iterator[str]:
+    """`with embedded_sim_server(setup) as endpoint`: a sim server on free local ports."""
+    from triton_models.repository import RepositoryOptions, write_repository
+    from triton_models.serve import EmbeddedServer, ServerError
+
+    with tempfile.TemporaryDirectory(prefix="driffusion-load-") as scratch:
+        repository = write_repository(Path(scratch) / "repository", RepositoryOptions(
+            model="sim", devices=setup.devices, sim_latency_ms=setup.sim_latency_ms,
+            pipeline_instances=setup.pipeline_instances, dynamic_batching=setup.dynamic_batching,
+        ))
+        grpc_port, http_port, metrics_port = _free_ports(3)
+        server = EmbeddedServer(repository.path, grpc_port=grpc_port, http_port=http_port,
+                                metrics_port=metrics_port, log_path=Path(scratch) / "server.log")
+        print(f"starting an embedded Triton server ({setup.devices} unet_sim devices, "
+              f"{setup.pipeline_instances} driffusion instances, dynamic batching "
+              f"{'on' if setup.dynamic_batching else 'off'}) ...", flush=True)
+        try:
+            with server:
+                yield server.grpc_url
+        except ServerError as error:
+            raise RuntimeError(str(error)) from error
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def measure(endpoint: str, setup: LoadSetup, batching: str, quiet: bool = False) -> LoadResult:
+    """Run the clients against `endpoint` for the setup's duration."""
+    return asyncio.run(_measure(endpoint, setup, batching, quiet))
+
+
+async def _measure(endpoint: str, setup: LoadSetup, batching: str, quiet: bool) -> LoadResult:
+    import tritonclient.grpc.aio as grpc_aio
+
+    clients = [grpc_aio.InferenceServerClient(endpoint) for _ in range(setup.clients)]
+    try:
+        await _check_endpoint(clients[0], endpoint)
+        await _request(clients[0], setup, label=0, seed=0)  # warm-up, not counted
+        before = await _device_counts(clients[0])
+        start = time.perf_counter()
+        end = start + setup.duration_s
+        progress = asyncio.create_task(_progress(end, setup.duration_s, quiet))
+        outcomes = await asyncio.gather(
+            *(_client_loop(client, index, setup, end) for index, client in enumerate(clients))
+        )
+        seconds = time.perf_counter() - start
+        await progress
+        after = await _device_counts(clients[0])
+    finally:
+        await asyncio.gather(*(client.close() for client in clients))
+    samples = [sample for client_samples in outcomes for sample in client_samples]
+    return summarise(samples, seconds, batching, before, after)
+
+
+async def _check_endpoint(client, endpoint: str) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        ready = await client.is_model_ready(PIPELINE_MODEL, client_timeout=10)
+    except InferenceServerException as error:
+        raise RuntimeError(f"{endpoint} does not answer as a Triton gRPC server: "
+                           f"{error.message()}") from error
+    if not ready:
+        raise RuntimeError(f"{endpoint} serves no ready {PIPELINE_MODEL} model; start one with "
+                           "`driffusion serve --model sim`")
+
+
+async def _request(client, setup: LoadSetup, label: int, seed: int) -> None:
+    from tritonclient.grpc import InferInput
+    from tritonclient.utils import np_to_triton_dtype
+
+    fields = {"LABEL": np.array([label], np.int32), "SEED": np.array([seed], np.int64),
+              "STEPS": np.array([setup.steps], np.int32),
+              "MODE": np.array([setup.mode.encode()], dtype=object),
+              "GUIDANCE": np.array([setup.guidance], np.float32)}
+    if setup.window is not None:
+        fields["WINDOW"] = np.array([setup.window], np.int32)
+    inputs = []
+    for name, value in fields.items():
+        tensor = InferInput(name, [1], np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    await client.infer(PIPELINE_MODEL, inputs, client_timeout=setup.timeout_s)
+
+
+async def _client_loop(client, index: int, setup: LoadSetup, end: float) -> list[tuple]:
+    """(latency s, error or None) of each request one client sent before `end`."""
+    from tritonclient.utils import InferenceServerException
+
+    samples, sent = [], 0
+    while time.perf_counter() < end:
+        started = time.perf_counter()
+        error = None
+        try:
+            await _request(client, setup, label=(index + sent) % 10,
+                           seed=index * 1_000_000 + sent)
+        except InferenceServerException as failure:
+            error = (failure.message() or str(failure)).splitlines()[0][:200]
+        samples.append((time.perf_counter() - started, error))
+        sent += 1
+    return samples
+
+
+async def _progress(end: float, duration_s: float, quiet: bool) -> None:
+    """A progress bar over the load's seconds."""
+    from tqdm import tqdm
+
+    total = max(1, round(duration_s))
+    with tqdm(total=total, desc="load", unit="s", disable=quiet) as bar:
+        while (left := end - time.perf_counter()) > 0:
+            await asyncio.sleep(min(1.0, left))
+            bar.update(round(total * (1 - max(0.0, end - time.perf_counter()) / duration_s))
+                       - bar.n)
+
+
+async def _device_counts(client) -> tuple[int, int]:
+    """(requests, executions) of the device model so far, from Triton's statistics."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        statistics = await client.get_inference_statistics(DEVICE_MODEL, as_json=True)
+    except InferenceServerException:  # not a sim server: no device statistics to report
+        return 0, 0
+    models = statistics.get("model_stats", [])
+    requests = sum(int(m.get("inference_stats", {}).get("success", {}).get("count", 0))
+                   for m in models)
+    executions = sum(int(m.get("execution_count", 0)) for m in models)
+    return requests, executions
+
+
+def summarise(samples: list[tuple], seconds: float, batching: str,
+              before: tuple[int, int] = (0, 0), after: tuple[int, int] = (0, 0)) -> LoadResult:
+    """Throughput over successful requests, latency percentiles, failures by message."""
+    result = LoadResult(batching=batching, requests=len(samples), seconds=round(seconds, 3))
+    latencies = np.array([latency for latency, error in samples if error is None])
+    for _, error in samples:
+        if error is not None:
+            result.failures += 1
+            result.errors[error] = result.errors.get(error, 0) + 1
+    result.throughput_rps = round(len(latencies) / seconds, 3) if seconds > 0 else 0.0
+    if latencies.size:
+        result.latency_ms = {
+            "p50": _ms(np.percentile(latencies, 50)), "p90": _ms(np.percentile(latencies, 90)),
+            "p99": _ms(np.percentile(latencies, 99)), "mean": _ms(latencies.mean()),
+            "max": _ms(latencies.max()),
+        }
+    result.device_requests = after[0] - before[0]
+    result.device_executions = after[1] - before[1]
+    return result
+
+
+def _ms(seconds: float) -> float:
+    return round(float(seconds) * 1000, 1)
+
+
+def report(setup: LoadSetup, results: list[LoadResult], out: Path) -> None:
+    """Print one line per run (and the batching ratio) and write the JSON file."""
+    for result in results:
+        latency = result.latency_ms
+        print(f"batching {result.batching:>8}: {result.requests} requests in {result.seconds:.1f} s"
+              f", {result.throughput_rps:.2f} req/s, p50 {latency.get('p50', 0):.0f} ms, "
+              f"p99 {latency.get('p99', 0):.0f} ms, {result.failures} failures, "
+              f"{result.calls_per_execution:.2f} device calls per execution")
+        for message, count in result.errors.items():
+            print(f"  {count} x {message}")
+    if len(results) == 2 and results[1].throughput_rps:
+        print(f"dynamic batching: {results[0].throughput_rps / results[1].throughput_rps:.2f}x "
+              "the throughput without")
+    document = {
+        "benchmark": "load",
+        "command": "driffusion " + " ".join(sys.argv[1:]) if sys.argv else "",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "python": platform.python_version()},
+        "setup": asdict(setup),
+        "results": [{**asdict(result), "calls_per_execution": round(result.calls_per_execution, 3)}
+                    for result in results],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {out}")
