@@ -22,6 +22,17 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
+demo: setup  ## main job: reference engines on 2 CPU devices behind Triton, every digit sequential vs DRiffusion (DEMO_ARGS=--quick)
+	$(BIN)/driffusion demo $(DEMO_ARGS)
+
+bench: bench-speed bench-quality  ## the benchmarks, results under out/bench/
+
+bench-speed: $(STAMP)  ## speed per mode and window: unet_sim and reference CPU devices (SPEED_ARGS to change)
+	$(BIN)/driffusion bench speed $(SPEED_ARGS)
+
+bench-quality: $(STAMP)  ## accuracy, digits-FD, distance to sequential per mode and window (QUALITY_ARGS)
+	$(BIN)/driffusion bench quality $(QUALITY_ARGS)
+
 ENGINE_MODEL ?= tiny-sd
 export: $(STAMP)  ## validated ONNX of ENGINE_MODEL (tiny-sd, reference or a folder) in out/onnx/<model>
 	$(BIN)/driffusion export --model $(ENGINE_MODEL) $(EXPORT_ARGS)

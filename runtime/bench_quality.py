@@ -1,0 +1,407 @@
+"""`driffusion bench quality`: sample quality of DRiffusion against sequential sampling.
+
+On the bundled reference model, for each guidance scale, step count, mode and window: the
+evaluation classifier's accuracy on the samples against their labels, the digits-FD (Frechet
+distance on the classifier's features) against the real digits, and the mean distance to the
+sequential sample of the same seed. Every run starts from the same noise, so the differences
+are the method's. Sampling runs in-process with a batched local denoise (all samples of a
+round in one call); no server is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from runtime.quality import (
+    class_accuracy,
+    classifier_features,
+    frechet_distance,
+    mean_sample_distance,
+)
+from runtime.reference import NUM_CLASSES, ReferenceModel
+
+QUALITY_MODES = ("conservative", "aggressive")
+DENOISE_BACKENDS = ("onnxruntime", "torch")
+DEFAULT_WINDOWS = (2, 4, 8)
+DEFAULT_STEPS = (50, 20)
+DEFAULT_GUIDANCE = (1.0, 1.5)
+DEFAULT_OUT = Path("out/bench/quality")
+TARGET = {"mode": "aggressive", "window": 4, "steps": 50, "accuracy_points": 1.0,
+          "fd_ratio": 1.10}
+GRID_SAMPLES = 6  # samples per digit shown in each panel of quality.png
+
+
+@dataclass(frozen=True)
+class QualitySetup:
+    """What every run of the benchmark shares."""
+
+    per_class: int = 20
+    steps: tuple[int, ...] = DEFAULT_STEPS
+    windows: tuple[int, ...] = DEFAULT_WINDOWS
+    modes: tuple[str, ...] = QUALITY_MODES  # sequential always runs as the baseline
+    guidance: tuple[float, ...] = DEFAULT_GUIDANCE
+    seed: int = 0
+    backend: str = "onnxruntime"
+    threads: int = 1
+    scheduler: str = "ddim"
+
+    @property
+    def samples(self) -> int:
+        return self.per_class * NUM_CLASSES
+
+    def runs(self) -> list[tuple[str, int]]:
+        """(mode, window) per guidance and step count, the sequential baseline first."""
+        return [("sequential", 1)] + [(mode, w) for mode in self.modes for w in self.windows]
+
+    def validate(self) -> None:
+        if self.per_class < 1 or self.threads < 1:
+            raise ValueError("per-class samples and threads must be >= 1")
+        if not self.steps or min(self.steps) < 1:
+            raise ValueError(f"steps must be integers >= 1; got {list(self.steps)}")
+        if not self.windows or min(self.windows) < 1:
+            raise ValueError(f"windows must be integers >= 1; got {list(self.windows)}")
+        if not self.guidance or not all(0 <= g <= 50 for g in self.guidance):
+            raise ValueError(f"guidance scales must be in 0..50; got {list(self.guidance)}")
+        unknown = set(self.modes) - set(QUALITY_MODES)
+        if unknown:
+            raise ValueError(f"modes {sorted(unknown)} are not measured; choose from "
+                             f"{QUALITY_MODES}")
+        if self.backend not in DENOISE_BACKENDS:
+            raise ValueError(f"backend must be one of {DENOISE_BACKENDS}; got {self.backend!r}")
+
+
+@dataclass(frozen=True)
+class QualityRecord:
+    """One (guidance, steps, mode, window) over all samples."""
+
+    guidance: float
+    steps: int
+    mode: str
+    window: int
+    rounds: int
+    accuracy: float  # classifier's label == requested label
+    accuracy_delta_points: float  # minus sequential's, in percentage points
+    fd: float  # digits-FD against all real digits
+    fd_ratio: float  # over sequential's
+    distance_to_sequential: float  # mean per-sample RMS pixel difference, range [-1, 1]
+    max_abs_diff_to_sequential: float
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched local denoise
+
+
+class CountingDenoise:
+    """Wraps an async denoise and counts its rounds."""
+
+    def __init__(self, denoise) -> None:
+        self.denoise = denoise
+        self.rounds = 0
+
+    async def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.rounds += 1
+        return await self.denoise(x, t)
+
+
+def onnx_denoiser(model: ReferenceModel, unet_path: Path, labels: torch.Tensor, guidance: float,
+                  threads: int = 1):
+    """An async `denoise(x, t)` running the UNet engine in ONNX Runtime for a batch of labels.
+
+    Items are stacked item-major, so the label embeddings repeat once per item; with guidance
+    != 1 every row also runs with the null label in the same call.
+    """
+    from runtime.devices import ort_session
+
+    session = ort_session(unet_path, threads)
+    with torch.no_grad():
+        cond = model.text_encoder(labels).numpy()
+        uncond = model.text_encoder(torch.full_like(labels, model.null_label)).numpy()
+
+    async def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        items = x.shape[0] // labels.shape[0]
+        sample, timestep = x.numpy().astype(np.float32), t.numpy().astype(np.float32)
+        context = np.tile(cond, (items, 1, 1))
+        if guidance == 1.0:
+            return torch.from_numpy(_run_unet(session, sample, timestep, context))
+        both = _run_unet(session, np.concatenate([sample, sample]),
+                         np.concatenate([timestep, timestep]),
+                         np.concatenate([context, np.tile(uncond, (items, 1, 1))]))
+        conditional, unconditional = np.split(both, 2)
+        return torch.from_numpy(unconditional + guidance * (conditional - unconditional))
+
+    return denoise
+
+
+def _run_unet(session, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray):
+    names = [tensor.name for tensor in session.get_inputs()]
+    return session.run(None, dict(zip(names, (sample, timestep, context))))[0]
+
+
+def make_denoiser(model: ReferenceModel, setup: QualitySetup, labels: torch.Tensor,
+                  guidance: float, unet_onnx: Path | None):
+    """The batched local denoise: PyTorch, or ONNX Runtime on `unet_onnx`."""
+    if setup.backend == "torch":
+        return model.denoiser(labels, guidance)
+    return onnx_denoiser(model, unet_onnx, labels, guidance, setup.threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+def sample_images(denoise, setup: QualitySetup, noise: torch.Tensor, steps: int, mode: str,
+                  window: int, progress: Callable[[int], None]) -> tuple[torch.Tensor, int]:
+    """Samples clipped to the image range [-1, 1], and the rounds it took."""
+    from runtime.driffusion import sample
+    from runtime.reference import make_scheduler
+
+    scheduler = make_scheduler(setup.scheduler, steps)
+    counting = CountingDenoise(denoise)
+    result = asyncio.run(sample(counting, scheduler, noise * scheduler.init_noise_sigma,
+                                mode=mode, window=window, progress=progress))
+    return result.clamp(-1, 1), counting.rounds
+
+
+def measure(model: ReferenceModel, setup: QualitySetup, real_features: torch.Tensor,
+            progress: Callable[[int], None],
+            unet_onnx: Path | None = None) -> tuple[list[QualityRecord], dict]:
+    """Every (guidance, steps, mode, window); also the samples of each run, by key."""
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(setup.per_class)
+    noise = model.initial_noise(setup.samples, torch.Generator().manual_seed(setup.seed))
+    records, samples = [], {}
+    for guidance in setup.guidance:
+        denoise = make_denoiser(model, setup, labels, guidance, unet_onnx)
+        for steps in setup.steps:
+            baseline = None
+            for mode, window in setup.runs():
+                start = time.perf_counter()
+                images, rounds = sample_images(denoise, setup, noise, steps, mode, window,
+                                               progress)
+                seconds = time.perf_counter() - start
+                accuracy = class_accuracy(model.classifier, images, labels)
+                fd = frechet_distance(classifier_features(model.classifier, images),
+                                      real_features)
+                if baseline is None:
+                    baseline = (images, accuracy, fd)
+                records.append(QualityRecord(
+                    guidance=guidance, steps=steps, mode=mode, window=window, rounds=rounds,
+                    accuracy=accuracy, accuracy_delta_points=(accuracy - baseline[1]) * 100,
+                    fd=fd, fd_ratio=fd / baseline[2] if baseline[2] > 0 else float("nan"),
+                    distance_to_sequential=mean_sample_distance(images, baseline[0]),
+                    max_abs_diff_to_sequential=(images - baseline[0]).abs().max().item(),
+                    seconds=seconds,
+                ))
+                samples[(guidance, steps, mode, window)] = images
+    return records, samples
+
+
+def real_floor(model: ReferenceModel, real: torch.Tensor, real_labels: torch.Tensor,
+               per_class: int, seed: int) -> float:
+    """digits-FD of `per_class` random real digits of each class against all real digits.
+
+    The FD that a perfect sampler would score with as many samples (the estimate's floor).
+    """
+    order = torch.randperm(real.shape[0], generator=torch.Generator().manual_seed(seed))
+    chosen = torch.cat([order[real_labels[order] == digit][:per_class]
+                        for digit in range(NUM_CLASSES)])
+    return frechet_distance(classifier_features(model.classifier, real[chosen]),
+                            classifier_features(model.classifier, real))
+
+
+def check_target(records: Sequence[QualityRecord]) -> dict[str, Any] | None:
+    """Aggressive window 4, 50 steps: accuracy within 1 point of sequential, FD within 10%.
+
+    Checked at guidance 1 (the quality setting of REFERENCE_MODEL.md), else the lowest measured.
+    """
+    candidates = [r for r in records if (r.mode, r.window, r.steps) ==
+                  (TARGET["mode"], TARGET["window"], TARGET["steps"])]
+    if not candidates:
+        return None
+    record = min(candidates, key=lambda r: (r.guidance != 1.0, r.guidance))
+    accuracy_met = abs(record.accuracy_delta_points) <= TARGET["accuracy_points"]
+    fd_met = record.fd_ratio <= TARGET["fd_ratio"]
+    return {
+        "name": f"{TARGET['mode']} window {TARGET['window']}, {TARGET['steps']} steps, guidance "
+                f"{record.guidance:g}: accuracy within {TARGET['accuracy_points']:g} point of "
+                f"sequential, FD within {(TARGET['fd_ratio'] - 1) * 100:.0f}%",
+        "accuracy_delta_points": record.accuracy_delta_points, "fd_ratio": record.fd_ratio,
+        "accuracy_met": accuracy_met, "fd_met": fd_met, "met": accuracy_met and fd_met,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def format_table(records: Sequence[QualityRecord], samples: int, floor: float) -> str:
+    header = (f"{'mode':<13}{'window':>6}{'rounds':>7}{'accuracy':>10}{'Δ acc pt':>9}"
+              f"{'FD':>8}{'FD/seq':>8}{'dist to seq':>12}{'max |Δ|':>9}{'seconds':>9}")
+    intro = (f"{samples} samples per run (same noise in every run); digits-FD of as many real "
+             f"digits (same classes) vs all: {floor:.2f}")
+    lines = [intro]
+    for guidance, steps in dict.fromkeys((r.guidance, r.steps) for r in records):
+        lines += ["", f"guidance {guidance:g}, {steps} steps", header]
+        for r in (r for r in records if (r.guidance, r.steps) == (guidance, steps)):
+            lines.append(
+                f"{r.mode:<13}{r.window:>6}{r.rounds:>7}{r.accuracy:>10.3f}"
+                f"{r.accuracy_delta_points:>+9.1f}{r.fd:>8.2f}{r.fd_ratio:>8.2f}"
+                f"{r.distance_to_sequential:>12.4f}{r.max_abs_diff_to_sequential:>9.3f}"
+                f"{r.seconds:>9.1f}"
+            )
+    return "\n".join(lines)
+
+
+def format_target(target: dict[str, Any] | None) -> str:
+    if target is None:
+        return "target: not measured (needs aggressive, window 4, 50 steps)"
+    verdict = "met" if target["met"] else "MISSED"
+    return (f"target: {target['name']}: Δ accuracy {target['accuracy_delta_points']:+.1f} pt, "
+            f"FD ratio {target['fd_ratio']:.3f} -> {verdict}")
+
+
+def plot_grids(records: Sequence[QualityRecord], samples: dict, setup: QualitySetup,
+               path: Path) -> None:
+    """Sample grids side by side (rows: digits) for the first guidance and step count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from runtime.demo import grid_array
+    from runtime.reference import to_images
+
+    guidance, steps = setup.guidance[0], setup.steps[0]
+    shown = min(GRID_SAMPLES, setup.per_class)
+    panels = [r for r in records if (r.guidance, r.steps) == (guidance, steps)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(0.4 + 0.36 * shown * len(panels), 4.6),
+                                squeeze=False)
+    for axis, record in zip(axes[0], panels):
+        pixels = to_images(samples[(guidance, steps, record.mode, record.window)]).numpy()
+        rows = [[pixels[digit * setup.per_class + k] for k in range(shown)]
+                for digit in range(NUM_CLASSES)]
+        axis.imshow(grid_array(rows, scale=4, gap=2), cmap="gray", vmin=0, vmax=255,
+                    interpolation="nearest")
+        name = record.mode if record.mode == "sequential" else f"{record.mode} w{record.window}"
+        axis.set_title(f"{name}\n{record.rounds} rounds, acc {record.accuracy:.3f}\n"
+                       f"FD {record.fd:.2f}, dist {record.distance_to_sequential:.3f}",
+                       fontsize=8)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.suptitle(f"reference model, {steps} steps, guidance {guidance:g}, same noise in "
+                    "every panel (rows: digits 0-9)", fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def run_benchmark(setup: QualitySetup, out: Path,
+                  plot: bool = True) -> tuple[dict[str, Any], list[QualityRecord]]:
+    """Measure, write quality.json (and quality.png); returns the report and the records."""
+    from tqdm import tqdm
+
+    from runtime.demo import ensure_reference_engines, machine_info
+    from runtime.reference import load_reference, real_digits
+
+    setup.validate()
+    unet_onnx = None
+    if setup.backend == "torch":
+        torch.set_num_threads(setup.threads)
+    else:
+        unet_onnx = ensure_reference_engines(lambda line: print(line, flush=True)).path("unet")
+    model = load_reference()
+    real, real_labels = real_digits()
+    real_features = classifier_features(model.classifier, real)
+    total = len(setup.guidance) * sum(setup.steps) * len(setup.runs())
+    started = time.perf_counter()
+    with tqdm(total=total, desc="bench quality", unit="step") as bar:
+        records, samples = measure(model, setup, real_features, bar.update, unet_onnx)
+    report = {
+        "setup": asdict(setup),
+        "machine": machine_info(),
+        "seconds": time.perf_counter() - started,
+        "real_vs_real_fd": real_floor(model, real, real_labels, setup.per_class, setup.seed),
+        "records": [asdict(record) for record in records],
+        "target": check_target(records),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(report, indent=1))
+    if plot:
+        plot_grids(records, samples, setup, out / "quality.png")
+    return report, records
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quality",
+        help="class accuracy, digits-FD and distance to sequential per mode and window",
+        description="Samples the reference model in-process (batched local denoise) with "
+        "sequential, conservative and aggressive DRiffusion for each window, step count and "
+        "guidance, from the same noise; reports the classifier's accuracy, the Frechet distance "
+        "on its features against the real digits and the distance to the sequential sample of "
+        "the same seed. Writes quality.json and quality.png under --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--per-class", type=_positive_int, default=20,
+                        help="samples per digit (10 digits)")
+    parser.add_argument("--steps", nargs="+", type=_positive_int, default=list(DEFAULT_STEPS),
+                        help="DDIM step counts")
+    parser.add_argument("--windows", nargs="+", type=_positive_int,
+                        default=list(DEFAULT_WINDOWS), help="DRiffusion windows")
+    parser.add_argument("--modes", nargs="+", choices=QUALITY_MODES, default=list(QUALITY_MODES),
+                        help="modes compared with sequential")
+    parser.add_argument("--guidance", nargs="+", type=float, default=list(DEFAULT_GUIDANCE),
+                        help="classifier-free guidance scales")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed")
+    parser.add_argument("--backend", choices=DENOISE_BACKENDS, default="onnxruntime",
+                        help="run the UNet with the ONNX Runtime engine (built if missing) or "
+                        "with PyTorch")
+    parser.add_argument("--threads", type=_positive_int, default=1,
+                        help="intra-op threads of the UNet")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    parser.add_argument("--no-plot", action="store_true", help="skip quality.png")
+    parser.set_defaults(run=run)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from engines.build import EngineBuildError
+
+    setup = QualitySetup(
+        per_class=args.per_class, steps=tuple(args.steps), windows=tuple(args.windows),
+        modes=tuple(args.modes), guidance=tuple(args.guidance), seed=args.seed,
+        backend=args.backend, threads=args.threads,
+    )
+    try:
+        report, records = run_benchmark(setup, args.out, plot=not args.no_plot)
+    except (ValueError, FileNotFoundError, EngineBuildError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(format_table(records, setup.samples, report["real_vs_real_fd"]))
+    print()
+    print(format_target(report["target"]))
+    written = [args.out / "quality.json"] + ([] if args.no_plot else [args.out / "quality.png"])
+    print(f"wrote {' and '.join(map(str, written))} ({report['seconds']:.0f} s)")
+    return 0

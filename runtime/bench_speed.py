@@ -1,0 +1,629 @@
+"""`driffusion bench speed`: DRiffusion latency against sequential sampling on the same devices.
+
+Backends, each measured side by side with sequential sampling in the same run:
+- `sim`: `unet_sim` devices behind the embedded Triton. The closed-form model sleeps to a set
+  latency per call, so what is left is orchestration: gRPC, the python backend, the sampler.
+- `cpu`: the reference model's ONNX Runtime engines as `unet_cpu<i>` models behind Triton.
+- `cpu-local`: the same engines as in-process ONNX Runtime sessions (no server, no gRPC): what
+  the serving overhead is measured against.
+Per mode and window: rounds, measured speedup, ideal speedup (sequential rounds / rounds),
+efficiency (measured / ideal) and per-round overhead (wall time per round minus the model time
+of the round's largest device call, measured in-process on this machine).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.driffusion import round_pattern
+
+BACKENDS = ("sim", "cpu", "cpu-local")
+TIMED_MODES = ("conservative", "aggressive")
+DEFAULT_WINDOWS = (1, 2, 4, 8)
+DEFAULT_OUT = Path("out/bench/speed")
+NULL_LABEL = 10  # the null label of both the reference model and the sim
+SIM_TARGET = {"latency_ms": 20.0, "steps": 50, "window": 4, "efficiency": 0.95}
+CPU_TARGET = {"devices": 2, "speedup": 1.7}
+MODEL_TIME_CALLS = 30
+WARM_UP_STEPS = 8
+PROBE_SECONDS = 2.0
+_SPIN = ("import time\ncpu, start = time.process_time(), time.perf_counter()\n"
+         "while time.perf_counter() - start < {s}: pass\nprint(time.process_time() - cpu)")
+
+
+@dataclass(frozen=True)
+class SpeedSetup:
+    """What every run of the benchmark shares."""
+
+    steps: int = 50
+    windows: tuple[int, ...] = DEFAULT_WINDOWS
+    modes: tuple[str, ...] = TIMED_MODES  # sequential always runs as the baseline
+    repeat: int = 5
+    guidance: float = 1.0
+    scheduler: str = "ddim"
+    label: int = 3
+    seed: int = 0
+    sim_latency_ms: float = 20.0
+    cpu_devices: int = 2
+    cpu_threads: int = 1
+    pin_devices: bool = False
+
+    def runs(self) -> list[tuple[str, int]]:
+        """(mode, window) of every timed run, the sequential baseline first."""
+        return [("sequential", 1)] + [(mode, w) for w in self.windows for mode in self.modes]
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.repeat < 1 or self.cpu_devices < 1 or self.cpu_threads < 1:
+            raise ValueError("steps, repeat, devices and cpu threads must all be >= 1")
+        if not self.windows or min(self.windows) < 1:
+            raise ValueError(f"windows must be integers >= 1; got {list(self.windows)}")
+        unknown = set(self.modes) - set(TIMED_MODES)
+        if unknown:
+            raise ValueError(f"modes {sorted(unknown)} are not timed; choose from {TIMED_MODES}")
+        if self.sim_latency_ms < 0:
+            raise ValueError(f"sim latency must be >= 0 ms; got {self.sim_latency_ms}")
+        if not 0 <= self.guidance <= 50:
+            raise ValueError(f"guidance must be in 0..50; got {self.guidance}")
+
+
+@dataclass(frozen=True)
+class SpeedRecord:
+    """One (backend, mode, window), timed `repeat` times."""
+
+    backend: str
+    mode: str
+    window: int
+    lanes: int  # concurrent device calls a round can make
+    rounds: int
+    items_per_call: int  # items in the largest device call (> 1: the window exceeds the lanes)
+    seconds: float  # median
+    seconds_runs: list[float]
+    ms_per_round: float
+    model_ms_per_round: float  # model time of each round's largest call, averaged over rounds
+    overhead_ms_per_round: float
+    speedup: float  # sequential seconds / seconds
+    ideal_speedup: float  # sequential rounds / rounds
+    efficiency: float  # speedup / ideal speedup
+    cpu_ms_per_step: float  # CPU time of client, server and devices per timestep
+    client_cpu_ms_per_step: float  # the part of it spent in this process (sampler, pool, gRPC)
+    cores_busy: float  # that CPU time over wall time: how many cores the run kept busy
+
+
+@dataclass
+class BackendResult:
+    """Timings of one backend and what they were measured on."""
+
+    backend: str
+    description: str
+    lanes: int
+    model_call_ms: dict[int, float]  # rows per call -> model time, measured in-process
+    records: list[SpeedRecord] = field(default_factory=list)
+    pinned: dict[str, int] = field(default_factory=dict)  # device model -> CPU
+    cores_obtained: float | None = None  # by as many busy processes as usable CPUs, just before
+    load_before: list[float] = field(default_factory=list)
+    load_after: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing (any pool)
+
+
+@dataclass
+class Timings:
+    """Raw measurements per (mode, window): wall seconds of each run, rounds, CPU seconds."""
+
+    seconds: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    rounds: dict[tuple[str, int], int] = field(default_factory=dict)
+    cpu_seconds: dict[tuple[str, int], float] = field(default_factory=dict)  # all runs together
+    client_cpu_seconds: dict[tuple[str, int], float] = field(default_factory=dict)
+
+
+def process_cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds of processes (all their threads), from /proc/<pid>/stat."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_clock(server_group: int | None = None) -> Callable[[], tuple[float, float]]:
+    """(this process, a server's process group if given): CPU seconds used so far."""
+    from triton_models.serve import group_members
+
+    def clock() -> tuple[float, float]:
+        server = process_cpu_seconds(group_members(server_group)) if server_group else 0.0
+        return time.process_time(), server
+
+    return clock
+
+
+async def time_runs(pool, setup: SpeedSetup, progress: Callable[[], None] = lambda: None,
+                    clock: Callable[[], tuple[float, float]] | None = None) -> Timings:
+    """Every run `repeat` times, interleaved, after a warm-up: wall time, rounds, CPU time.
+
+    `clock` reads the CPU seconds used so far by (this process, what serves the pool);
+    by default this process alone.
+    """
+    import torch
+
+    from runtime.driffusion import sample
+    from runtime.reference import make_scheduler
+
+    async def one(mode: str, window: int, steps: int) -> tuple[float, int]:
+        scheduler = make_scheduler(setup.scheduler, steps)
+        noise = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(setup.seed))
+        before = pool.rounds
+        start = time.perf_counter()
+        await sample(pool, scheduler, noise * scheduler.init_noise_sigma, mode=mode, window=window)
+        return time.perf_counter() - start, pool.rounds - before
+
+    for mode, window in setup.runs():
+        await one(mode, window, min(setup.steps, WARM_UP_STEPS))
+    clock = clock or cpu_clock()
+    timings = Timings({run: [] for run in setup.runs()}, {}, dict.fromkeys(setup.runs(), 0.0),
+                      dict.fromkeys(setup.runs(), 0.0))
+    for _ in range(setup.repeat):
+        for run in setup.runs():
+            client_before, server_before = clock()
+            elapsed, timings.rounds[run] = await one(*run, setup.steps)
+            client_after, server_after = clock()
+            timings.client_cpu_seconds[run] += client_after - client_before
+            timings.cpu_seconds[run] += client_after - client_before + server_after - server_before
+            timings.seconds[run].append(elapsed)
+            progress()
+    return timings
+
+
+def build_records(backend: str, setup: SpeedSetup, lanes: int, timings: Timings,
+                  call_ms: Callable[[int], float]) -> list[SpeedRecord]:
+    """Speedups, ideal speedups, efficiency and per-round overhead from raw timings.
+
+    `call_ms(rows)` is the model time of one device call with `rows` rows.
+    """
+    rows_per_item = 2 if setup.guidance != 1.0 else 1  # each item is a cond/uncond pair
+    base = statistics.median(timings.seconds[("sequential", 1)])
+    base_rounds = timings.rounds[("sequential", 1)]
+    records = []
+    for (mode, window), runs in timings.seconds.items():
+        pattern = round_pattern(mode, window, setup.steps)
+        counted = timings.rounds[(mode, window)]
+        if len(pattern) != counted:
+            raise RuntimeError(f"{backend} {mode} window {window}: the pool counted {counted} "
+                               f"rounds, the method has {len(pattern)}")
+        cpu_seconds = timings.cpu_seconds[(mode, window)]
+        median = statistics.median(runs)
+        per_call = [math.ceil(items / lanes) for items in pattern]
+        model_ms = statistics.fmean(call_ms(items * rows_per_item) for items in per_call)
+        ms_per_round = median * 1000 / len(pattern)
+        speedup, ideal = base / median, base_rounds / len(pattern)
+        records.append(SpeedRecord(
+            backend=backend, mode=mode, window=window, lanes=lanes, rounds=len(pattern),
+            items_per_call=max(per_call), seconds=median, seconds_runs=runs,
+            ms_per_round=ms_per_round, model_ms_per_round=model_ms,
+            overhead_ms_per_round=ms_per_round - model_ms, speedup=speedup,
+            ideal_speedup=ideal, efficiency=speedup / ideal,
+            cpu_ms_per_step=cpu_seconds * 1000 / (len(runs) * setup.steps),
+            client_cpu_ms_per_step=timings.client_cpu_seconds[(mode, window)] * 1000
+            / (len(runs) * setup.steps),
+            cores_busy=cpu_seconds / sum(runs),
+        ))
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+
+
+def cores_obtained(workers: int, seconds: float = PROBE_SECONDS) -> float:
+    """How many cores `workers` busy processes get here right now (CPU seconds / wall seconds).
+
+    On a shared machine this is what parallel devices can get at most: with two CPU devices
+    and 1.1 cores obtained, a parallel round cannot be much faster than a sequential one.
+    """
+    import subprocess
+    import sys
+
+    code = _SPIN.format(s=seconds)
+    processes = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+                 for _ in range(workers)]
+    return sum(float(process.communicate()[0]) for process in processes) / seconds
+
+
+def onnx_call_ms(path: Path, threads: int) -> Callable[[int], float]:
+    """Median in-process time of one ONNX Runtime UNet call, by rows (measured once per size)."""
+    from runtime.devices import ort_session
+
+    session = ort_session(path, threads)
+
+    @cache
+    def call_ms(rows: int) -> float:
+        feeds = {
+            "sample": np.zeros((rows, 1, 8, 8), np.float32),
+            "timestep": np.full((rows,), 500.0, np.float32),
+            "encoder_hidden_states": np.zeros((rows, 1, 64), np.float32),
+        }
+        session.run(None, feeds)
+        times = []
+        for _ in range(MODEL_TIME_CALLS):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1000
+
+    return call_ms
+
+
+async def encode(encoder, label: int) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of `label` and of the null label from a text_encoder model client."""
+    result = await encoder.infer({"label": np.array([label, NULL_LABEL], np.int64)},
+                                 ["text_embeddings"], None)
+    embeddings = result["text_embeddings"].astype(np.float32)
+    return embeddings[:1], embeddings[1:]
+
+
+async def _measure_served(endpoint: str, setup: SpeedSetup, progress,
+                          clock: Callable[[], tuple[float, float]]) -> tuple[int, Timings]:
+    from runtime.devices import DevicePool, DiscoveryError, TritonEndpoints
+
+    async with TritonEndpoints([endpoint]) as connection:
+        pool = DevicePool(await connection.devices())
+        encoder = await connection.find_model("text_encoder")
+        if encoder is None:
+            raise DiscoveryError(f"{endpoint} serves no text_encoder model")
+        pool.condition(*await encode(encoder, setup.label), setup.guidance)
+        return pool.width, await time_runs(pool, setup, progress, clock)
+
+
+def measure_sim(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
+    """`unet_sim` behind Triton with one instance (lane) per window item of the largest window."""
+    from runtime.demo import serving
+    from triton_models.repository import RepositoryOptions
+
+    lanes = max(setup.windows)
+    options = RepositoryOptions(model="sim", devices=lanes, sim_latency_ms=setup.sim_latency_ms,
+                                pipeline_model=False)
+    load_before = list(os.getloadavg())
+    with serving(options, workdir / "sim-repository", workdir / "sim-tritonserver.log") as (
+            server, _):
+        width, timings = asyncio.run(_measure_served(server.grpc_url, setup, progress,
+                                                     cpu_clock(server.process.pid)))
+    return BackendResult(
+        "sim", f"unet_sim behind Triton ({lanes} instances), {setup.sim_latency_ms:g} ms per call",
+        width, {1: setup.sim_latency_ms},
+        build_records("sim", setup, width, timings, lambda rows: setup.sim_latency_ms),
+        load_before=load_before, load_after=list(os.getloadavg()))
+
+
+def measure_cpu(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
+    """The reference engines as `unet_cpu<i>` models behind Triton (optionally pinned to CPUs)."""
+    from runtime.demo import ensure_reference_engines, serving
+    from triton_models.repository import RepositoryOptions
+
+    engines = ensure_reference_engines(lambda line: None)
+    options = RepositoryOptions(model="reference", devices=setup.cpu_devices,
+                                cpu_threads=setup.cpu_threads, pipeline_model=False)
+    load_before = list(os.getloadavg())
+    with serving(options, workdir / "cpu-repository", workdir / "cpu-tritonserver.log") as (
+            server, repository):
+        pinned = pin_device_stubs(server, [d.name for d in repository.devices]) \
+            if setup.pin_devices else {}
+        width, timings = asyncio.run(_measure_served(server.grpc_url, setup, progress,
+                                                     cpu_clock(server.process.pid)))
+    load_after = list(os.getloadavg())
+    call_ms = onnx_call_ms(engines.path("unet"), setup.cpu_threads)
+    return BackendResult(
+        "cpu", f"reference ONNX Runtime engines behind Triton, {setup.cpu_devices} unet_cpu "
+        f"devices, {setup.cpu_threads} intra-op thread(s) each", width, _call_table(call_ms),
+        build_records("cpu", setup, width, timings, call_ms), pinned=pinned,
+        load_before=load_before, load_after=load_after)
+
+
+def measure_cpu_local(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
+    """The same engines as in-process ONNX Runtime sessions, each in its own worker thread."""
+    from runtime.demo import ensure_reference_engines
+    from runtime.devices import DevicePool, LocalDevice, LocalModel, ort_session
+
+    engines = ensure_reference_engines(lambda line: None)
+    devices = [LocalDevice.from_onnx(engines.path("unet"), threads=setup.cpu_threads,
+                                     name=f"cpu{i}") for i in range(setup.cpu_devices)]
+    session = ort_session(engines.path("text_encoder"), 1)
+    encoder = LocalModel("text_encoder",
+                         lambda label: {"text_embeddings": session.run(None, {"label": label})[0]})
+    pool = DevicePool(devices)
+    load_before = list(os.getloadavg())
+
+    async def measure():
+        pool.condition(*await encode(encoder, setup.label), setup.guidance)
+        return await time_runs(pool, setup, progress)
+
+    timings = asyncio.run(measure())
+    load_after = list(os.getloadavg())
+    call_ms = onnx_call_ms(engines.path("unet"), setup.cpu_threads)
+    return BackendResult(
+        "cpu-local", f"the same engines in-process: {setup.cpu_devices} ONNX Runtime sessions "
+        "in worker threads, no server", pool.width, _call_table(call_ms),
+        build_records("cpu-local", setup, pool.width, timings, call_ms),
+        load_before=load_before, load_after=load_after)
+
+
+def _call_table(call_ms: Callable[[int], float]) -> dict[int, float]:
+    return {rows: call_ms(rows) for rows in (1, 2, 4, 8)}
+
+
+MEASURES: dict[str, Callable[[SpeedSetup, Path, Callable[[], None]], BackendResult]] = {
+    "sim": measure_sim,
+    "cpu": measure_cpu,
+    "cpu-local": measure_cpu_local,
+}
+
+
+def pin_device_stubs(server, device_names: Sequence[str]) -> dict[str, int]:
+    """Pin the python-backend stub process of device i to usable CPU i (round robin).
+
+    Each device then has a core of its own instead of migrating between cores with the
+    server and the client; every thread of the stub is pinned.
+    """
+    from triton_models.serve import group_members
+
+    cpus = sorted(os.sched_getaffinity(0))
+    stubs = {_stub_model(pid): pid for pid in group_members(server.process.pid)}
+    pinned = {}
+    for index, name in enumerate(device_names):
+        if name not in stubs:
+            raise RuntimeError(f"no stub process found for device model {name}")
+        cpu = cpus[index % len(cpus)]
+        for task in Path(f"/proc/{stubs[name]}/task").iterdir():
+            os.sched_setaffinity(int(task.name), {cpu})
+        pinned[name] = cpu
+    return pinned
+
+
+def _stub_model(pid: int) -> str | None:
+    """The model a python-backend stub process runs (its first argument is the model.py path)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if len(argv) < 2 or not argv[0].endswith(b"triton_python_backend_stub"):
+        return None
+    return Path(argv[1].decode()).parent.parent.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def find(records: Sequence[SpeedRecord], backend: str, mode: str, window: int) -> SpeedRecord | None:
+    return next((r for r in records if (r.backend, r.mode, r.window) == (backend, mode, window)),
+                None)
+
+
+def check_targets(results: Sequence[BackendResult], setup: SpeedSetup) -> list[dict[str, Any]]:
+    """The issue's speed targets, where this run measured their setting."""
+    records = [record for result in results for record in result.records]
+    cores = {result.backend: result.cores_obtained for result in results}
+    targets = []
+    sim = find(records, "sim", "aggressive", SIM_TARGET["window"])
+    if sim is not None:
+        matches = (setup.sim_latency_ms == SIM_TARGET["latency_ms"]
+                   and setup.steps == SIM_TARGET["steps"])
+        targets.append({
+            "name": f"unet_sim {SIM_TARGET['latency_ms']:g} ms, {SIM_TARGET['steps']} steps, "
+                    f"window {SIM_TARGET['window']}, aggressive: efficiency >= "
+                    f"{SIM_TARGET['efficiency']}",
+            "value": sim.efficiency, "unit": "", "met": sim.efficiency >= SIM_TARGET["efficiency"],
+            "setting_matches": matches, "cores_obtained": cores["sim"],
+        })
+    cpu = find(records, "cpu", "aggressive", setup.cpu_devices)
+    if cpu is not None:
+        targets.append({
+            "name": f"real CPU, {CPU_TARGET['devices']} devices, aggressive (window = devices): "
+                    f">= {CPU_TARGET['speedup']}x sequential",
+            "value": cpu.speedup, "unit": "x", "met": cpu.speedup >= CPU_TARGET["speedup"],
+            "setting_matches": setup.cpu_devices == CPU_TARGET["devices"],
+            "cores_obtained": cores["cpu"],
+        })
+    return targets
+
+
+def format_backend(result: BackendResult, setup: SpeedSetup) -> str:
+    header = (f"{'mode':<13}{'window':>6}{'rounds':>7}{'items/call':>11}{'ms/round':>10}"
+              f"{'model ms':>9}{'overhead':>9}{'seconds':>9}{'speedup':>9}{'ideal':>7}"
+              f"{'efficiency':>11}{'CPU ms/step':>12}{'client':>7}{'cores':>6}")
+    lines = [f"{result.backend}: {result.description}; {result.lanes} lane(s); "
+             f"{setup.steps} {setup.scheduler.upper()} steps, guidance {setup.guidance:g}, "
+             f"median of {setup.repeat}; load {result.load_before[0]:.1f} -> "
+             f"{result.load_after[0]:.1f}, {result.cores_obtained:.2f} cores obtainable"
+             + (f"; pinned {result.pinned}" if result.pinned else ""),
+             header]
+    for r in result.records:
+        lines.append(
+            f"{r.mode:<13}{r.window:>6}{r.rounds:>7}{r.items_per_call:>11}{r.ms_per_round:>10.2f}"
+            f"{r.model_ms_per_round:>9.2f}{r.overhead_ms_per_round:>9.2f}{r.seconds:>9.3f}"
+            f"{r.speedup:>8.2f}x{r.ideal_speedup:>6.2f}x{r.efficiency:>11.2f}"
+            f"{r.cpu_ms_per_step:>12.2f}{r.client_cpu_ms_per_step:>7.2f}{r.cores_busy:>6.2f}"
+        )
+    if any(r.items_per_call > 1 for r in result.records):
+        lines.append(f"  windows above {result.lanes} lanes put several items in one device call "
+                     "(items/call): those rounds cost a batched call, not one item's")
+    return "\n".join(lines)
+
+
+def format_targets(targets: Sequence[dict[str, Any]]) -> str:
+    lines = ["targets:"]
+    for target in targets:
+        verdict = "met" if target["met"] else "MISSED"
+        note = "" if target["setting_matches"] else " (this run's setting differs from the target's)"
+        if target["cores_obtained"] is not None:
+            note += (f" [busy processes got {target['cores_obtained']:.2f} of "
+                     f"{len(os.sched_getaffinity(0))} cores just before]")
+        lines.append(f"  {target['name']}: {target['value']:.2f}{target['unit']} {verdict}{note}")
+    return "\n".join(lines)
+
+
+def plot(results: Sequence[BackendResult], setup: SpeedSetup, path: Path) -> None:
+    """Speedup against window: one line per mode, its ideal (from rounds) dashed; one panel
+    per backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    colours = {"conservative": "tab:blue", "aggressive": "tab:red"}
+    for axis, result in zip(axes[0], results):
+        for mode in setup.modes:
+            mine = sorted((r for r in result.records if r.mode == mode), key=lambda r: r.window)
+            windows = [r.window for r in mine]
+            axis.plot(windows, [r.speedup for r in mine], "o-", color=colours[mode],
+                      label=f"{mode} measured")
+            axis.plot(windows, [r.ideal_speedup for r in mine], "--", color=colours[mode],
+                      alpha=0.6, label=f"{mode} ideal (rounds)")
+        axis.axhline(1.0, color="gray", linewidth=1, label="sequential")
+        axis.axvline(result.lanes, color="gray", linestyle=":", linewidth=1, label="lanes")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(list(setup.windows), [str(w) for w in setup.windows])
+        axis.set_xlabel("window (items per round)")
+        axis.set_ylabel("speedup over sequential")
+        axis.set_title(f"{result.backend}: {result.lanes} lanes", fontsize=10)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.suptitle(f"DRiffusion speed, {setup.steps} steps, guidance {setup.guidance:g}",
+                    fontsize=11)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def run_benchmark(setup: SpeedSetup, backends: Sequence[str], out: Path) -> dict[str, Any]:
+    """Measure every backend; returns the JSON-ready results (also written to speed.json)."""
+    from tqdm import tqdm
+
+    from runtime.demo import machine_info
+
+    setup.validate()
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    machine = machine_info()
+    with tqdm(total=len(backends) * setup.repeat * len(setup.runs()), unit="run") as bar:
+        for backend in backends:
+            bar.set_description(f"bench speed {backend}: CPU probe")
+            cores = cores_obtained(machine["usable_cpus"])
+            bar.set_description(f"bench speed {backend}")
+            result = MEASURES[backend](setup, out, lambda: bar.update())
+            result.cores_obtained = cores
+            results.append(result)
+    report = {
+        "setup": asdict(setup),
+        "machine": machine,
+        "backends": [asdict(result) for result in results],
+        "targets": check_targets(results, setup),
+    }
+    (out / "speed.json").write_text(json.dumps(report, indent=1))
+    return {"report": report, "results": results}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "speed",
+        help="latency of sequential, conservative and aggressive sampling per window",
+        description="Times sequential, conservative and aggressive sampling for each window on "
+        "unet_sim devices behind Triton (set latency), on the reference model's ONNX Runtime "
+        "devices behind Triton and on the same engines in-process; reports rounds, speedup, "
+        "ideal speedup from rounds, efficiency and per-round overhead. Writes speed.json and "
+        "speed.png under --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                        help="what to time")
+    parser.add_argument("--windows", nargs="+", type=_positive_int, default=list(DEFAULT_WINDOWS),
+                        help="DRiffusion windows (items per round)")
+    parser.add_argument("--modes", nargs="+", choices=TIMED_MODES, default=list(TIMED_MODES),
+                        help="modes timed against sequential")
+    parser.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps")
+    parser.add_argument("--repeat", type=_positive_int, default=5,
+                        help="timed runs of each setting (interleaved); the median is reported")
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="classifier-free guidance (1: no uncond half, one row per item)")
+    parser.add_argument("--sim-latency-ms", type=float, default=20.0,
+                        help="wall time of one unet_sim call")
+    parser.add_argument("--devices", type=_positive_int, default=2,
+                        help="unet_cpu devices (cpu and cpu-local backends)")
+    parser.add_argument("--cpu-threads", type=_positive_int, default=1,
+                        help="ONNX Runtime intra-op threads per CPU device")
+    parser.add_argument("--pin-devices", action="store_true",
+                        help="pin each unet_cpu stub process to a CPU of its own")
+    parser.add_argument("--label", type=int, default=3, help="digit to sample")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    parser.add_argument("--no-plot", action="store_true", help="skip speed.png")
+    parser.set_defaults(run=run)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def setup_from_args(args: argparse.Namespace) -> SpeedSetup:
+    return SpeedSetup(
+        steps=args.steps, windows=tuple(sorted(set(args.windows))), modes=tuple(args.modes),
+        repeat=args.repeat, guidance=args.guidance, label=args.label, seed=args.seed,
+        sim_latency_ms=args.sim_latency_ms, cpu_devices=args.devices,
+        cpu_threads=args.cpu_threads, pin_devices=args.pin_devices,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from engines.build import EngineBuildError
+    from runtime.demo import sigterm_as_interrupt
+    from runtime.devices import DeviceError, DiscoveryError, PoolError
+    from triton_models.serve import ServerError
+
+    setup = setup_from_args(args)
+    try:
+        with sigterm_as_interrupt():
+            outcome = run_benchmark(setup, args.backends, args.out)
+    except KeyboardInterrupt:
+        print("\ninterrupted: servers stopped", file=sys.stderr)
+        return 130
+    except (ValueError, ServerError, EngineBuildError, DiscoveryError, DeviceError, PoolError,
+            FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for result in outcome["results"]:
+        print()
+        print(format_backend(result, setup))
+    print()
+    print(format_targets(outcome["report"]["targets"]))
+    written = [args.out / "speed.json"]
+    if not args.no_plot:
+        plot(outcome["results"], setup, args.out / "speed.png")
+        written.append(args.out / "speed.png")
+    print(f"wrote {' and '.join(map(str, written))}")
+    return 0

@@ -1,0 +1,245 @@
+"""The speed and quality benchmarks on tiny settings: timings, derived ratios, targets, outputs."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.bench_quality import QualitySetup, check_target, onnx_denoiser
+from runtime.bench_quality import run_benchmark as run_quality
+from runtime.bench_speed import (
+    BackendResult,
+    SpeedSetup,
+    Timings,
+    build_records,
+    check_targets,
+    cores_obtained,
+    format_backend,
+    format_targets,
+    plot,
+    time_runs,
+)
+from runtime.bench_speed import run_benchmark as run_speed
+from runtime.devices import DevicePool, LocalDevice
+from runtime.driffusion import round_pattern
+from runtime.reference import SCHEDULER_CONFIG, load_reference
+from triton_models.sim import SimDiffusion
+
+SIM = SimDiffusion.from_scheduler_config(SCHEDULER_CONFIG)
+
+
+def sleeping_sim(latency_s: float):
+    def denoise(sample, timestep, context):
+        time.sleep(latency_s)
+        return SIM.denoise(sample, timestep, context)
+
+    return denoise
+
+
+def sim_pool(lanes: int, latency_s: float) -> DevicePool:
+    pool = DevicePool([LocalDevice.from_function(f"sim{i}", sleeping_sim(latency_s))
+                       for i in range(lanes)])
+    pool.condition(SIM.encode(np.array([3])), SIM.encode(np.array([10])), 1.0)
+    return pool
+
+
+# ---------------------------------------------------------------------------------------------
+# speed
+
+
+def test_time_runs_counts_the_method_rounds_and_parallel_rounds_pay_off():
+    setup = SpeedSetup(steps=8, windows=(1, 2), repeat=1, sim_latency_ms=10.0)
+    timings = asyncio.run(time_runs(sim_pool(2, 0.01), setup))
+    assert set(timings.seconds) == set(setup.runs())
+    for mode, window in setup.runs():
+        assert timings.rounds[(mode, window)] == len(round_pattern(mode, window, 8))
+    records = build_records("sim-local", setup, 2, timings, lambda rows: 10.0)
+    aggressive = next(r for r in records if (r.mode, r.window) == ("aggressive", 2))
+    assert aggressive.ideal_speedup == pytest.approx(8 / 5)
+    assert aggressive.speedup > 1.2 and 0.75 < aggressive.efficiency <= 1.15
+    assert aggressive.overhead_ms_per_round == pytest.approx(aggressive.ms_per_round - 10.0)
+    assert aggressive.cpu_ms_per_step > 0
+
+
+def synthetic_timings(seconds: dict, steps: int) -> Timings:
+    timings = Timings(seconds={key: [value] for key, value in seconds.items()})
+    for (mode, window), value in seconds.items():
+        timings.rounds[(mode, window)] = len(round_pattern(mode, window, steps))
+        timings.cpu_seconds[(mode, window)] = value
+        timings.client_cpu_seconds[(mode, window)] = 0.0
+    return timings
+
+
+def test_build_records_derives_speedup_ideal_efficiency_and_batched_calls():
+    setup = SpeedSetup(steps=20, windows=(4,), modes=("aggressive",), guidance=1.5)
+    timings = synthetic_timings({("sequential", 1): 2.0, ("aggressive", 4): 1.0}, 20)
+    records = build_records("cpu", setup, 2, timings, lambda rows: float(rows))
+    sequential, aggressive = records
+    assert (sequential.speedup, sequential.efficiency) == (1.0, 1.0)
+    assert aggressive.rounds == 6 and aggressive.ideal_speedup == pytest.approx(20 / 6)
+    assert aggressive.speedup == pytest.approx(2.0)
+    assert aggressive.efficiency == pytest.approx(2.0 / (20 / 6))
+    # window 4 on 2 lanes: two items per call, each a cond/uncond pair (guidance 1.5)
+    assert aggressive.items_per_call == 2
+    # rounds [1, 4, 4, 4, 4, 3]: the largest call holds 1, then 2 items of 2 rows
+    assert aggressive.model_ms_per_round == pytest.approx((2 + 4 * 5) / 6)
+    assert aggressive.cores_busy == pytest.approx(1.0)
+
+
+def test_build_records_refuses_rounds_that_differ_from_the_method():
+    setup = SpeedSetup(steps=10, windows=(2,), modes=("aggressive",))
+    timings = synthetic_timings({("sequential", 1): 1.0, ("aggressive", 2): 0.6}, 10)
+    timings.rounds[("aggressive", 2)] = 10
+    with pytest.raises(RuntimeError, match="counted 10 rounds, the method has 6"):
+        build_records("sim", setup, 2, timings, lambda rows: 1.0)
+
+
+def backend_result(backend: str, seconds: dict, lanes: int = 4) -> BackendResult:
+    setup = SpeedSetup(steps=50, windows=(2, 4), modes=("aggressive",))
+    records = build_records(backend, setup, lanes, synthetic_timings(seconds, 50),
+                            lambda rows: 20.0)
+    return BackendResult(backend, "test", lanes, {1: 20.0}, records, load_before=[1.0] * 3,
+                         load_after=[1.0] * 3, cores_obtained=1.1)
+
+
+def test_targets_are_checked_where_measured():
+    setup = SpeedSetup(steps=50, windows=(2, 4), modes=("aggressive",))
+    sim = backend_result("sim", {("sequential", 1): 1.0, ("aggressive", 2): 0.53,
+                                 ("aggressive", 4): 0.29})
+    cpu = backend_result("cpu", {("sequential", 1): 1.0, ("aggressive", 2): 0.8,
+                                 ("aggressive", 4): 0.5}, lanes=2)
+    sim_target, cpu_target = check_targets([sim, cpu], setup)
+    assert sim_target["value"] == pytest.approx((1 / 0.29) / (50 / 14)) and sim_target["met"]
+    assert cpu_target["value"] == pytest.approx(1.25) and not cpu_target["met"]
+    text = format_targets([sim_target, cpu_target])
+    assert "0.97 met" in text and "1.25x MISSED" in text and "got 1.10 of" in text
+    assert check_targets([cpu], SpeedSetup(windows=(1,))) == [cpu_target]
+    assert "items/call" in format_backend(cpu, setup)
+
+
+def test_plot_writes_a_png(tmp_path):
+    setup = SpeedSetup(steps=50, windows=(2, 4), modes=("aggressive",))
+    result = backend_result("sim", {("sequential", 1): 1.0, ("aggressive", 2): 0.53,
+                                    ("aggressive", 4): 0.29})
+    plot([result], setup, tmp_path / "speed.png")
+    assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cores_obtained_is_at_most_the_workers():
+    cores = cores_obtained(1, seconds=0.2)
+    assert 0.0 < cores <= 1.1
+
+
+@pytest.mark.triton
+def test_speed_bench_on_unet_sim_behind_triton_writes_json(tmp_path):
+    pytest.importorskip("pytriton", reason="needs nvidia-pytriton (the embedded tritonserver)")
+    setup = SpeedSetup(steps=6, windows=(1, 2), repeat=1, sim_latency_ms=10.0)
+    run_speed(setup, ["sim"], tmp_path)
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert set(report) == {"setup", "machine", "backends", "targets"}
+    (sim,) = report["backends"]
+    assert sim["backend"] == "sim" and sim["lanes"] == 2 and 0 < sim["cores_obtained"]
+    assert {(r["mode"], r["window"]) for r in sim["records"]} == set(setup.runs())
+    aggressive = next(r for r in sim["records"] if (r["mode"], r["window"]) == ("aggressive", 2))
+    assert aggressive["rounds"] == 4 and aggressive["ideal_speedup"] == pytest.approx(1.5)
+    assert 0.5 < aggressive["efficiency"] <= 1.2
+    assert aggressive["overhead_ms_per_round"] > 0
+    assert report["targets"] == []  # window 4 and the cpu backend were not measured
+    assert not [pid for pid in _process_ids() if str(tmp_path) in _cmdline(pid)]
+
+
+def _process_ids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# quality
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_reference()
+
+
+def test_quality_bench_on_a_handful_of_samples(tmp_path, reference, torch_single_thread):
+    setup = QualitySetup(per_class=1, steps=(4,), windows=(1, 2), guidance=(1.0,),
+                         backend="torch")
+    report, records = run_quality(setup, tmp_path)
+    written = json.loads((tmp_path / "quality.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    assert set(written) >= {"setup", "machine", "records", "real_vs_real_fd", "target"}
+    assert len(written["records"]) == len(setup.runs())
+    assert (tmp_path / "quality.png").is_file()
+    records = {(r.mode, r.window): r for r in records}
+    assert list(records) == setup.runs()
+    sequential = records[("sequential", 1)]
+    assert sequential.distance_to_sequential == 0.0 and sequential.fd_ratio == 1.0
+    # window 1 aggressive is sequential sampling, bit for bit
+    assert records[("aggressive", 1)].distance_to_sequential == 0.0
+    assert records[("aggressive", 2)].rounds == len(round_pattern("aggressive", 2, 4))
+    assert records[("aggressive", 2)].distance_to_sequential > 0
+    for record in records.values():
+        assert 0.0 <= record.accuracy <= 1.0 and record.fd > 0
+    assert written["target"] is None
+
+
+def test_quality_target_uses_guidance_one_at_fifty_steps(reference):
+    from runtime.bench_quality import QualityRecord
+
+    def record(guidance, accuracy_delta, fd_ratio):
+        return QualityRecord(guidance, 50, "aggressive", 4, 14, 0.97, accuracy_delta, 3.5,
+                             fd_ratio, 0.05, 0.5, 1.0)
+
+    target = check_target([record(1.5, -3.0, 1.5), record(1.0, -0.5, 1.04)])
+    assert target["met"] and target["accuracy_delta_points"] == -0.5
+    assert not check_target([record(1.0, -1.5, 1.04)])["met"]
+    assert not check_target([record(1.0, 0.0, 1.2)])["met"]
+
+
+@pytest.fixture(scope="module")
+def reference_unet_onnx(reference, tmp_path_factory, torch_single_thread):
+    """The reference UNet exported to ONNX (TorchScript exporter, batch dynamic)."""
+
+    class UNetOnly(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, context):
+            return self.unet(sample, timestep, context).sample
+
+    path = tmp_path_factory.mktemp("onnx") / "unet.onnx"
+    names = ["sample", "timestep", "encoder_hidden_states"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            UNetOnly(reference.unet), (torch.randn(2, 1, 8, 8), torch.ones(2), torch.randn(2, 1, 64)),
+            str(path), dynamo=False, opset_version=17, input_names=names,
+            output_names=["out_sample"],
+            dynamic_axes={name: {0: "batch"} for name in [*names, "out_sample"]},
+        )
+    return path
+
+
+@pytest.mark.parametrize("guidance", [1.0, 1.5])
+def test_onnx_denoiser_matches_the_torch_model(reference, reference_unet_onnx, guidance):
+    labels = torch.tensor([1, 7, 4])
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))  # 2 items
+    t = torch.tensor([900.0] * 3 + [500.0] * 3)
+    onnx = asyncio.run(onnx_denoiser(reference, reference_unet_onnx, labels, guidance)(x, t))
+    expected = asyncio.run(reference.denoiser(labels, guidance)(x, t))
+    torch.testing.assert_close(onnx, expected, atol=2e-4, rtol=1e-3)
