@@ -27,7 +27,7 @@ from runtime.quality import (
     frechet_distance,
     mean_sample_distance,
 )
-from runtime.reference import NUM_CLASSES, ReferenceModel
+from runtime.reference import NUM_CLASSES, SCHEDULERS, ReferenceModel
 
 QUALITY_MODES = ("conservative", "aggressive")
 DENOISE_BACKENDS = ("onnxruntime", "torch")
@@ -53,6 +53,7 @@ class QualitySetup:
     backend: str = "onnxruntime"
     threads: int = 1
     scheduler: str = "ddim"
+    draft_order: int = 1
 
     @property
     def samples(self) -> int:
@@ -168,7 +169,8 @@ def sample_images(denoise, setup: QualitySetup, noise: torch.Tensor, steps: int,
     scheduler = make_scheduler(setup.scheduler, steps)
     counting = CountingDenoise(denoise)
     result = asyncio.run(sample(counting, scheduler, noise * scheduler.init_noise_sigma,
-                                mode=mode, window=window, progress=progress))
+                                mode=mode, window=window, progress=progress,
+                                draft_order=1 if mode == "sequential" else setup.draft_order))
     return result.clamp(-1, 1), counting.rounds
 
 
@@ -372,6 +374,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "with PyTorch")
     parser.add_argument("--threads", type=_positive_int, default=1,
                         help="intra-op threads of the UNet")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim",
+                        help="the sampler's scheduler (default: %(default)s)")
+    parser.add_argument("--draft-order", type=int, choices=(1, 2), default=1,
+                        help="DRiffusion drafts: 1 first-order skips (the paper's), 2 multistep "
+                        "extrapolation (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--no-plot", action="store_true", help="skip quality.png")
     parser.set_defaults(run=run)
@@ -392,7 +399,8 @@ def run(args: argparse.Namespace) -> int:
     setup = QualitySetup(
         per_class=args.per_class, steps=tuple(args.steps), windows=tuple(args.windows),
         modes=tuple(args.modes), guidance=tuple(args.guidance), seed=args.seed,
-        backend=args.backend, threads=args.threads,
+        backend=args.backend, threads=args.threads, scheduler=args.scheduler,
+        draft_order=args.draft_order,
     )
     try:
         report, records = run_benchmark(setup, args.out, plot=not args.no_plot)
