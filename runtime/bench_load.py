@@ -26,6 +26,7 @@ import numpy as np
 
 from runtime.devices import parse_endpoint
 from runtime.driffusion import MODES
+from triton_models.serve import free_ports
 
 PIPELINE_MODEL = "driffusion"
 DEVICE_MODEL = "unet_sim"
@@ -170,7 +171,7 @@ def embedded_sim_server(setup: LoadSetup) -> Iterator[str]:
             model="sim", devices=setup.devices, sim_latency_ms=setup.sim_latency_ms,
             pipeline_instances=setup.pipeline_instances, dynamic_batching=setup.dynamic_batching,
         ))
-        grpc_port, http_port, metrics_port = _free_ports(3)
+        grpc_port, http_port, metrics_port = free_ports(3)
         server = EmbeddedServer(repository.path, grpc_port=grpc_port, http_port=http_port,
                                 metrics_port=metrics_port, log_path=Path(scratch) / "server.log")
         print(f"starting an embedded Triton server ({setup.devices} unet_sim devices, "
@@ -181,19 +182,6 @@ def embedded_sim_server(setup: LoadSetup) -> Iterator[str]:
                 yield server.grpc_url
         except ServerError as error:
             raise RuntimeError(str(error)) from error
-
-
-def _free_ports(count: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def measure(endpoint: str, setup: LoadSetup, batching: str, quiet: bool = False) -> LoadResult:

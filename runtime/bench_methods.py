@@ -23,6 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
+from runtime.cli import positive_int
 from runtime.closed_form import GaussianMixtureModel
 from runtime.driffusion import Schedule, _Options, _Refiner, _Sampler, sample
 
@@ -555,13 +556,6 @@ def _tolerance(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "methods",
@@ -575,18 +569,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--schedulers", nargs="+", choices=SCHEDULER_KINDS,
                         default=list(SCHEDULER_KINDS), help="DRiffusion schedulers to run")
-    parser.add_argument("--steps", nargs="+", type=_positive_int, default=[20, 50],
+    parser.add_argument("--steps", nargs="+", type=positive_int, default=[20, 50],
                         help="numbers of sampling steps")
-    parser.add_argument("--window", type=_positive_int, default=4,
+    parser.add_argument("--window", type=positive_int, default=4,
                         help="model evaluations per round (devices), also ParaDiGMS' `parallel`")
-    parser.add_argument("--batch", type=_positive_int, default=16, help="samples per run")
+    parser.add_argument("--batch", type=positive_int, default=16, help="samples per run")
     parser.add_argument("--seed", type=int, default=1, help="seed of the starting latents")
     parser.add_argument("--tolerances", nargs="+", type=_tolerance, default=list(TOLERANCES),
                         help="tolerances of verified mode (RMS draft error over noise level)")
     parser.add_argument("--paradigms-tolerances", nargs="+", type=_tolerance,
                         default=list(PARADIGMS_TOLERANCES), help="ParaDiGMS tolerances")
     parser.add_argument("--no-paradigms", action="store_true", help="skip ParaDiGMS")
-    parser.add_argument("--reference-steps", type=_positive_int, default=1000,
+    parser.add_argument("--reference-steps", type=positive_int, default=1000,
                         help="steps of the reference ODE solve")
     parser.add_argument("--out", default="out/bench/methods", help="output folder")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")

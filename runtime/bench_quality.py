@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtime.cli import positive_int
 from runtime.quality import (
     class_accuracy,
     classifier_features,
@@ -358,11 +359,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the same seed. Writes quality.json and quality.png under --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--per-class", type=_positive_int, default=20,
+    parser.add_argument("--per-class", type=positive_int, default=20,
                         help="samples per digit (10 digits)")
-    parser.add_argument("--steps", nargs="+", type=_positive_int, default=list(DEFAULT_STEPS),
+    parser.add_argument("--steps", nargs="+", type=positive_int, default=list(DEFAULT_STEPS),
                         help="DDIM step counts")
-    parser.add_argument("--windows", nargs="+", type=_positive_int,
+    parser.add_argument("--windows", nargs="+", type=positive_int,
                         default=list(DEFAULT_WINDOWS), help="DRiffusion windows")
     parser.add_argument("--modes", nargs="+", choices=QUALITY_MODES, default=list(QUALITY_MODES),
                         help="modes compared with sequential")
@@ -372,7 +373,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", choices=DENOISE_BACKENDS, default="onnxruntime",
                         help="run the UNet with the ONNX Runtime engine (built if missing) or "
                         "with PyTorch")
-    parser.add_argument("--threads", type=_positive_int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="intra-op threads of the UNet")
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim",
                         help="the sampler's scheduler (default: %(default)s)")
@@ -382,13 +383,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--no-plot", action="store_true", help="skip quality.png")
     parser.set_defaults(run=run)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.cli import positive_int
 from runtime.driffusion import round_pattern
 
 BACKENDS = ("sim", "cpu", "cpu-local")
@@ -557,20 +558,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
                         help="what to time")
-    parser.add_argument("--windows", nargs="+", type=_positive_int, default=list(DEFAULT_WINDOWS),
+    parser.add_argument("--windows", nargs="+", type=positive_int, default=list(DEFAULT_WINDOWS),
                         help="DRiffusion windows (items per round)")
     parser.add_argument("--modes", nargs="+", choices=TIMED_MODES, default=list(TIMED_MODES),
                         help="modes timed against sequential")
-    parser.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps")
-    parser.add_argument("--repeat", type=_positive_int, default=5,
+    parser.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
+    parser.add_argument("--repeat", type=positive_int, default=5,
                         help="timed runs of each setting (interleaved); the median is reported")
     parser.add_argument("--guidance", type=float, default=1.0,
                         help="classifier-free guidance (1: no uncond half, one row per item)")
     parser.add_argument("--sim-latency-ms", type=float, default=20.0,
                         help="wall time of one unet_sim call")
-    parser.add_argument("--devices", type=_positive_int, default=2,
+    parser.add_argument("--devices", type=positive_int, default=2,
                         help="unet_cpu devices (cpu and cpu-local backends)")
-    parser.add_argument("--cpu-threads", type=_positive_int, default=1,
+    parser.add_argument("--cpu-threads", type=positive_int, default=1,
                         help="ONNX Runtime intra-op threads per CPU device")
     parser.add_argument("--pin-devices", action="store_true",
                         help="pin each unet_cpu stub process to a CPU of its own")
@@ -579,13 +580,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--no-plot", action="store_true", help="skip speed.png")
     parser.set_defaults(run=run)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
 
 
 def setup_from_args(args: argparse.Namespace) -> SpeedSetup:

@@ -19,6 +19,14 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def _version() -> str:
     try:
         return metadata.version("driffusion-trt")

@@ -18,18 +18,20 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from runtime.cli import positive_int
+from triton_models.serve import free_ports
 
 if TYPE_CHECKING:
     from engines.manifest import EngineSet
@@ -61,15 +63,6 @@ def ensure_reference_engines(log: Log = print) -> EngineSet:
                            backend="onnxruntime")
     (engine_set,) = build_engines(request, log).engine_sets()
     return engine_set
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports that were free on 127.0.0.1 a moment ago."""
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 @contextmanager
@@ -343,30 +336,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(rows: modes, columns: digits) and demo.json under --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--steps", type=_positive_int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help=f"DDIM steps (default 50; {QUICK_STEPS} with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_STEPS} steps instead of 50 (a smoke run)")
-    parser.add_argument("--devices", type=_positive_int, default=2,
+    parser.add_argument("--devices", type=positive_int, default=2,
                         help="unet_cpu device models to serve")
-    parser.add_argument("--window", type=_positive_int, default=None,
+    parser.add_argument("--window", type=positive_int, default=None,
                         help="DRiffusion window (default: the device count)")
     parser.add_argument("--guidance", type=float, default=1.0,
                         help="classifier-free guidance scale (1 = conditional model only)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of digit 0 (digit d: +d)")
-    parser.add_argument("--cpu-threads", type=_positive_int, default=1,
+    parser.add_argument("--cpu-threads", type=positive_int, default=1,
                         help="ONNX Runtime intra-op threads per device")
-    parser.add_argument("--repeat", type=_positive_int, default=3,
+    parser.add_argument("--repeat", type=positive_int, default=3,
                         help="time each image this many times and keep the median")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.set_defaults(run=run)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
 
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import SD3Transformer2DModel, UNet2DModel
+from tiny_models import small_sdxl_unet, small_unet
 
 from export.onnx_export import (
     ExportOptions,
@@ -26,24 +27,6 @@ from runtime.cli import main as driffusion
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 QUIET = {"log": lambda message: None}
-
-
-def small_unet(**overrides) -> UNet2DConditionModel:
-    config = {
-        "sample_size": 8,
-        "in_channels": 4,
-        "out_channels": 4,
-        "layers_per_block": 1,
-        "block_out_channels": (8, 16),
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-        "cross_attention_dim": 32,
-        "attention_head_dim": 4,
-        "norm_num_groups": 8,
-    }
-    config.update(overrides)
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**config).eval()
 
 
 def graph_io(path: Path) -> dict[str, tuple[int, list]]:
@@ -165,11 +148,7 @@ def test_fp16_text_encoder_export_is_a_valid_graph(tmp_path):
 
 
 def test_sdxl_unet_export_with_added_conditioning(tmp_path):
-    unet = small_unet(
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=24 + 6 * 8,
-    )
+    unet = small_sdxl_unet()
     spec = UNetSpec.from_model(unet, sequence_length=7, vae_scale_factor=8)
     exported = export_network(spec, unet, tmp_path / "unet.onnx", ExportOptions(), **QUIET)
     assert list(graph_io(exported.path)) == [

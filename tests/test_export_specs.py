@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import UNet2DModel
+from tiny_models import small_sdxl_unet
 from torch import nn
 
 from export.presets import tiny_sd
@@ -25,26 +26,6 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 @pytest.fixture(scope="module")
 def bundle():
     return tiny_sd()
-
-
-def small_sdxl_unet(**overrides) -> UNet2DConditionModel:
-    config = {
-        "sample_size": 8,
-        "in_channels": 4,
-        "out_channels": 4,
-        "layers_per_block": 1,
-        "block_out_channels": (8, 16),
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-        "cross_attention_dim": 32,
-        "attention_head_dim": 4,
-        "norm_num_groups": 8,
-        "addition_embed_type": "text_time",
-        "addition_time_embed_dim": 8,
-        "projection_class_embeddings_input_dim": 24 + 6 * 8,
-    }
-    config.update(overrides)
-    return UNet2DConditionModel(**config).eval()
 
 
 def test_cfg_batch_range_doubles_the_window_for_guidance():

@@ -14,12 +14,14 @@ model repository is validated before start; request limits are written into the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -285,6 +287,15 @@ class EmbeddedServer:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports that were free on 127.0.0.1 a moment ago."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 def _check_ports(ports: dict[str, int]) -> None:
