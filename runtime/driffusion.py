@@ -238,7 +238,6 @@ class _Sampler:
         self.x = latents
         self.predictions: list[tuple[int, torch.Tensor]] = []  # last two accepted (step, x0)
         self.anchor_predictions: list[tuple[int, torch.Tensor]] = []  # last two fresh anchors
-        self.stepped_from = latents  # refined state of the step `remember` is told about next
 
     async def evaluate(self, drafts: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
         """One parallel round over (step, latent) items; returns one output per item."""
@@ -268,8 +267,9 @@ class _Sampler:
         for (step, draft), output in zip(drafts, outputs):
             if accepted and self.rejects(draft, step):
                 break
-            self.x = self.refine(output, self.schedule.timesteps[step], self.x)
-            self.remember(step, draft, output)
+            refined = self.x
+            self.x = self.refine(output, self.schedule.timesteps[step], refined)
+            self.remember(step, draft, refined, output)
             accepted += 1
         if self.options.progress is not None:
             self.options.progress(accepted)
@@ -282,12 +282,13 @@ class _Sampler:
             self.options.tolerance
         )
 
-    def remember(self, step: int, state: torch.Tensor, output: torch.Tensor) -> None:
+    def remember(
+        self, step: int, draft: torch.Tensor, refined: torch.Tensor, output: torch.Tensor
+    ) -> None:
         """Keep the data prediction of an accepted step for second-order drafts."""
         if self.options.draft_order != 2:
             return
-        refined, self.stepped_from = self.stepped_from, self.x
-        x0 = self.refined_prediction(step, state, refined, output)
+        x0 = self.refined_prediction(step, draft, refined, output)
         self.predictions = [*self.predictions[-1:], (step, x0)]
 
     def refined_prediction(
