@@ -18,6 +18,7 @@ from PIL import Image
 
 from runtime.cli import main as cli_main
 from runtime.devices import (
+    DeviceError,
     DevicePool,
     DiscoveryError,
     LocalDevice,
@@ -163,6 +164,28 @@ def test_health_checks_answer_per_device(server):
 
     answers, missing_ready = asyncio.run(health())
     assert answers == {f"{server.grpc_url}/unet_sim": True} and missing_ready is False
+
+
+def test_a_bad_request_is_not_a_lost_device_but_a_missing_model_is(server):
+    context = SIM.encode(np.array([3]))
+
+    async def call(model_name: str, side: int):
+        async with TritonEndpoints([server.grpc_url]) as endpoints:
+            (device,) = await endpoints.devices()
+            model = endpoints.model(server.grpc_url, model_name)
+            inputs = {
+                device.io.sample: np.zeros((1, 1, side, side), np.float32),
+                device.io.timestep: np.full((1, 1), 500.0, np.float32),
+                device.io.context: context.astype(np.float32),
+            }
+            with pytest.raises(DeviceError) as caught:
+                await model.infer(inputs, [device.io.output], 10.0)
+            return caught.value
+
+    bad_shape = asyncio.run(call("unet_sim", 3))
+    assert bad_shape.lost is False and "unet_sim" in str(bad_shape)
+    missing = asyncio.run(call("unet_gpu7", 8))
+    assert missing.lost is True
 
 
 def test_generate_command_compares_parallel_with_sequential(server, tmp_path, capsys):
