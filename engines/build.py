@@ -231,19 +231,7 @@ def _build_onnxruntime(request: BuildRequest, exported: list[ExportedOnnx], log)
     for onnx in exported:
         file = f"{onnx.name}.onnx"
         wanted = _wanted_entry(onnx, file, 0.0, ORT_OPTIMIZATION_LEVEL)
-        reason = (
-            "--force"
-            if request.force
-            else rebuild_reason(
-                manifest,
-                directory,
-                onnx.name,
-                wanted,
-                backend="onnxruntime",
-                backend_version=version,
-                gpu=None,
-            )
-        )
+        reason = _build_reason(request, manifest, directory, onnx.name, wanted, version, None)
         if reason is None:
             outcome.kept.append(onnx.name)
             log(f"{onnx.name}: ONNX Runtime engine is up to date")
@@ -263,6 +251,29 @@ def _build_onnxruntime(request: BuildRequest, exported: list[ExportedOnnx], log)
     return outcome
 
 
+def _build_reason(
+    request: BuildRequest,
+    manifest: dict[str, Any],
+    directory: Path,
+    network: str,
+    wanted: dict[str, Any],
+    version: str,
+    gpu: GpuInfo | None,
+) -> str | None:
+    """Why this engine must be (re)built, or None when the one on disk matches."""
+    if request.force:
+        return "--force"
+    return rebuild_reason(
+        manifest,
+        directory,
+        network,
+        wanted,
+        backend=manifest["backend"],
+        backend_version=version,
+        gpu=gpu,
+    )
+
+
 def _build_tensorrt(
     request: BuildRequest, exported: list[ExportedOnnx], gpus: list[GpuInfo], version: str, log
 ) -> BuildOutcome:
@@ -277,19 +288,7 @@ def _build_tensorrt(
         for onnx in exported:
             file = f"{onnx.name}.plan"
             wanted = _wanted_entry(onnx, file, 0.0, request.optimization_level)
-            reason = (
-                "--force"
-                if request.force
-                else rebuild_reason(
-                    manifest,
-                    directory,
-                    onnx.name,
-                    wanted,
-                    backend="tensorrt",
-                    backend_version=version,
-                    gpu=gpu,
-                )
-            )
+            reason = _build_reason(request, manifest, directory, onnx.name, wanted, version, gpu)
             if reason is None:
                 outcome.kept.append(onnx.name)
                 log(f"{onnx.name}: TensorRT plan for {gpu.key} is up to date")
