@@ -225,8 +225,26 @@ def _downsampling_factor(config: Any) -> int:
     return 2 ** (len(config.block_out_channels) - 1)
 
 
+class _LatentDenoiser:
+    """What every denoising network shares: `sample` and `timestep` in, `out_sample` out."""
+
+    def latent_inputs(self) -> list[TensorSpec]:
+        act = float_dtype(self.precision)
+        return [
+            TensorSpec("sample", act, (BATCH, self.in_channels, LATENT_HEIGHT, LATENT_WIDTH)),
+            TensorSpec("timestep", "float32", (BATCH,)),
+        ]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        act = float_dtype(self.precision)
+        return [
+            TensorSpec("out_sample", act, (BATCH, self.out_channels, LATENT_HEIGHT, LATENT_WIDTH))
+        ]
+
+
 @dataclass
-class UNetSpec(NetworkSpec):
+class UNetSpec(_LatentDenoiser, NetworkSpec):
     """diffusers UNet2DConditionModel (SD 1.x/2.x; SDXL with `text_embeds`/`time_ids`)."""
 
     in_channels: int = 4
@@ -282,8 +300,7 @@ class UNetSpec(NetworkSpec):
     def inputs(self) -> list[TensorSpec]:
         act = float_dtype(self.precision)
         tensors = [
-            TensorSpec("sample", act, (BATCH, self.in_channels, LATENT_HEIGHT, LATENT_WIDTH)),
-            TensorSpec("timestep", "float32", (BATCH,)),
+            *self.latent_inputs(),
             TensorSpec(
                 "encoder_hidden_states",
                 act,
@@ -296,13 +313,6 @@ class UNetSpec(NetworkSpec):
                 TensorSpec("time_ids", "float32", (BATCH, self.time_ids_count)),
             ]
         return tensors
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        act = float_dtype(self.precision)
-        return [
-            TensorSpec("out_sample", act, (BATCH, self.out_channels, LATENT_HEIGHT, LATENT_WIDTH))
-        ]
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return _UNetForward(module)
@@ -347,7 +357,7 @@ def _image_size(sample_size: Any, vae_scale_factor: int) -> tuple[int, int]:
 
 
 @dataclass
-class UNet2DSpec(NetworkSpec):
+class UNet2DSpec(_LatentDenoiser, NetworkSpec):
     """diffusers UNet2DModel (unconditional or class-conditional with integer `class_labels`)."""
 
     in_channels: int = 3
@@ -382,21 +392,10 @@ class UNet2DSpec(NetworkSpec):
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        act = float_dtype(self.precision)
-        tensors = [
-            TensorSpec("sample", act, (BATCH, self.in_channels, LATENT_HEIGHT, LATENT_WIDTH)),
-            TensorSpec("timestep", "float32", (BATCH,)),
-        ]
+        tensors = self.latent_inputs()
         if self.num_class_embeds is not None:
             tensors.append(TensorSpec("class_labels", "int64", (BATCH,)))
         return tensors
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        act = float_dtype(self.precision)
-        return [
-            TensorSpec("out_sample", act, (BATCH, self.out_channels, LATENT_HEIGHT, LATENT_WIDTH))
-        ]
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return _UNet2DForward(module)
@@ -563,7 +562,7 @@ class _VAEDecoderForward(_Wrapper):
 
 
 @dataclass
-class SD3TransformerSpec(NetworkSpec):
+class SD3TransformerSpec(_LatentDenoiser, NetworkSpec):
     """SD3Transformer2DModel (MMDiT): sample, timestep, text states and pooled projections."""
 
     in_channels: int = 16
@@ -600,21 +599,13 @@ class SD3TransformerSpec(NetworkSpec):
     def inputs(self) -> list[TensorSpec]:
         act = float_dtype(self.precision)
         return [
-            TensorSpec("sample", act, (BATCH, self.in_channels, LATENT_HEIGHT, LATENT_WIDTH)),
-            TensorSpec("timestep", "float32", (BATCH,)),
+            *self.latent_inputs(),
             TensorSpec(
                 "encoder_hidden_states",
                 act,
                 (BATCH, self.sequence_length, self.joint_attention_dim),
             ),
             TensorSpec("pooled_projections", act, (BATCH, self.pooled_projection_dim)),
-        ]
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        act = float_dtype(self.precision)
-        return [
-            TensorSpec("out_sample", act, (BATCH, self.out_channels, LATENT_HEIGHT, LATENT_WIDTH))
         ]
 
     def wrap(self, module: nn.Module) -> nn.Module:
