@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/pip install -q "numpy<2" cuda-python -e ".[cpu,serve,bench,dev]"
+	$(BIN)/pip install -q --no-deps open_clip_torch==3.3.0  # CLIP's BPE merges, for the tokenizer
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -41,14 +42,14 @@ build-engines: $(STAMP)  ## TensorRT plans per GPU, or ONNX Runtime engines with
 	$(BIN)/driffusion build-engines --model $(ENGINE_MODEL) $(ENGINE_ARGS)
 
 train-reference: $(STAMP)  ## retrain the bundled reference model (~12 min on 2 free cores)
-	$(BIN)/python scripts/train_reference.py
+	$(BIN)/python -m models.train_reference
 
 GPU_CHECK_OUT ?= out/gpu_check
 gpu-check: $(STAMP)  ## measure the GPU path here (GPU_CHECK_ARGS=--dry-run rehearses it on the CPU)
 	$(BIN)/python scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 REFERENCE_CPU_ENGINES := engines/reference/cpu/manifest.json
-$(REFERENCE_CPU_ENGINES): runtime/assets/reference/diffusion_ema.safetensors | $(STAMP)
+$(REFERENCE_CPU_ENGINES): models/assets/reference/diffusion_ema.safetensors | $(STAMP)
 	$(BIN)/driffusion build-engines --model reference --backend onnxruntime
 
 triton-repo: $(STAMP) $(REFERENCE_CPU_ENGINES)  ## model repository for the reference engines (TRITON_ARGS to change)

@@ -35,6 +35,7 @@ from export.onnx_export import (
     settings_change,
 )
 from export.presets import source_fingerprint
+from models import paths
 
 BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime")
 TIMING_CACHE_DIR = ".timing-cache"
@@ -50,7 +51,7 @@ class BuildRequest:
 
     source: str
     name: str
-    engines_root: Path = Path("engines")
+    engines_root: Path = field(default_factory=paths.engines_root)
     onnx_dir: Path | None = None
     backend: str = "auto"
     precision: str = "fp16"
@@ -61,7 +62,7 @@ class BuildRequest:
 
     @property
     def export_dir(self) -> Path:
-        return self.onnx_dir or Path("out") / "onnx" / self.name
+        return self.onnx_dir or paths.onnx_dir(self.name)
 
 
 @dataclass

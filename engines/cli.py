@@ -12,6 +12,7 @@ from export.cli import add_export_arguments, add_model_arguments, export_options
 from export.presets import ModelSourceError, model_name
 from export.specs import PRECISIONS, UnsupportedModelError
 from export.validate import ValidationError
+from models import paths
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path("engines"),
+        default=paths.engines_root(),
         metavar="DIR",
         help="engine root; engines go to DIR/<model>/<device-key>/ (default: engines)",
     )

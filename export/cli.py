@@ -10,6 +10,7 @@ from export.onnx_export import EXPORTERS, MIN_OPSET, ExportOptions
 from export.presets import PRESETS, ModelSourceError, model_name
 from export.specs import PRECISIONS, UnsupportedModelError
 from export.validate import ValidationError
+from models import paths
 
 DEFAULT_BATCH_MAX = 8  # window 4 x 2 for classifier-free guidance pairs
 
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     bundle.name = name
-    out_dir = args.out or Path("out") / "onnx" / name
+    out_dir = args.out or paths.onnx_dir(name)
     try:
         result = export_model(bundle, out_dir, options)
     except ValidationError as error:

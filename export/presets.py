@@ -110,7 +110,7 @@ def source_fingerprint(source: str) -> str:
     if source == "tiny-sd":
         return "tiny-sd:seed0"
     if source == "reference":
-        from runtime.reference import ASSET_DIR, DIFFUSION_CHECKPOINT
+        from models.reference import ASSET_DIR, DIFFUSION_CHECKPOINT
 
         digest = hashlib.sha256((ASSET_DIR / DIFFUSION_CHECKPOINT).read_bytes()).hexdigest()
         return f"reference:{digest[:16]}"
@@ -204,14 +204,14 @@ def tiny_sd(seed: int = 0) -> ModelBundle:
 
 
 def reference() -> ModelBundle:
-    """The bundled reference model (digits UNet + label encoder) from runtime.reference."""
+    """The bundled reference model (digits UNet + label encoder) from models.reference."""
     try:
-        module = importlib.import_module("runtime.reference")
+        module = importlib.import_module("models.reference")
     except ModuleNotFoundError as error:
-        if error.name != "runtime.reference":
+        if error.name != "models.reference":
             raise
         raise ModelSourceError(
-            "the `reference` preset needs runtime/reference.py (load_reference()), which is not "
+            "the `reference` preset needs models/reference.py (load_reference()), which is not "
             "in this checkout yet; use --model tiny-sd or a diffusers folder"
         ) from error
     loaded = module.load_reference()

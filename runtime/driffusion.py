@@ -1,6 +1,6 @@
 """DRiffusion draft-and-refine sampling over a diffusers scheduler (pure: tensors in, tensors out).
 
-The normative specification is DESIGN.md section 2. One call of `denoise` is one parallel round:
+The normative definition is docs/METHOD.md. One call of `denoise` is one parallel round:
 the items of a round are independent model evaluations that a device pool may spread over
 devices. Drafts are first-order skip transitions computed from the schedule arrays; refinement
 is the scheduler's own `step`, called exactly once per timestep, in order.

@@ -18,7 +18,7 @@ import torch
 
 from runtime.devices import DEFAULT_DEADLINE_S, DevicePool, ModelClient
 from runtime.driffusion import DRAFT_ORDERS, MODES, sample
-from runtime.reference import SCHEDULERS, make_scheduler
+from runtime.schedulers import SCHEDULERS, make_scheduler
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DECODERS = ("pixels", "vae")

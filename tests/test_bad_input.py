@@ -22,10 +22,10 @@ import tritonclient.grpc as grpc_client
 from test_triton_repository import write_engines
 from tritonclient.utils import InferenceServerException
 
+from cli import main as cli_main
 from engines.gpu import GpuInfo
 from engines.manifest import EngineMismatchError, check_plan_compatible, read_manifest
 from engines.ort_build import OrtBuildError, build_ort_engine
-from runtime.cli import main as cli_main
 from runtime.devices import LocalDevice
 from triton_models.backend import file_in_version_dir
 from triton_models.repository import RepositoryOptions, validate_repository, write_repository
@@ -453,7 +453,7 @@ def test_no_code_unpickles_or_evaluates_data():
     forbidden = re.compile(r"\bpickle\b|\bmarshal\b|\bshelve\b|(?<![.\w])eval\(|\bexec\(|"
                            r"allow_pickle\s*=\s*True|torch\.load\(|yaml\.load\(|literal_eval")
     offenders = []
-    for package in ("export", "engines", "triton_models", "runtime"):
+    for package in ("models", "export", "engines", "triton_models", "runtime", "bench", "cli"):
         for path in (PROJECT_ROOT / package).rglob("*.py"):
             for number, line in enumerate(path.read_text().splitlines(), 1):
                 if forbidden.search(line):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.bench_quality import QualitySetup, check_target, onnx_denoiser
-from runtime.bench_quality import run_benchmark as run_quality
-from runtime.bench_speed import (
+from bench.quality import QualitySetup, check_target, onnx_denoiser
+from bench.quality import run_benchmark as run_quality
+from bench.speed import (
     BackendResult,
     SpeedSetup,
     Timings,
@@ -25,11 +25,11 @@ from runtime.bench_speed import (
     plot,
     time_runs,
 )
-from runtime.bench_speed import run_benchmark as run_speed
+from bench.speed import run_benchmark as run_speed
+from models.reference import SCHEDULER_CONFIG, load_reference
+from models.sim import SimDiffusion
 from runtime.devices import DevicePool, LocalDevice
 from runtime.driffusion import round_pattern
-from runtime.reference import SCHEDULER_CONFIG, load_reference
-from triton_models.sim import SimDiffusion
 
 SIM = SimDiffusion.from_scheduler_config(SCHEDULER_CONFIG)
 
@@ -198,7 +198,7 @@ def test_quality_bench_on_a_handful_of_samples(tmp_path, reference, torch_single
 
 
 def test_quality_target_uses_guidance_one_at_fifty_steps(reference):
-    from runtime.bench_quality import QualityRecord
+    from bench.quality import QualityRecord
 
     def record(guidance, accuracy_delta, fd_ratio):
         return QualityRecord(guidance, 50, "aggressive", 4, 14, 0.97, accuracy_delta, 3.5,

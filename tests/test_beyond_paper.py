@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from runtime.bench_methods import (
+from bench.methods import (
     Setup,
     make_scheduler,
     mixture_model,
@@ -273,7 +273,7 @@ def test_paradigms_runs_from_diffusers_on_the_closed_form_model():
 
 
 def test_methods_benchmark_writes_json_and_plot(tmp_path):
-    from runtime.cli import main
+    from cli import main
 
     code = main([
         "bench", "methods", "--schedulers", "dpmpp2m", "--steps", "6", "--batch", "2",

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.cli import build_parser
-from runtime.cli import main as cli_main
-from runtime.demo import (
+from bench.demo import (
     DemoImage,
     format_table,
     grid_array,
@@ -21,6 +19,8 @@ from runtime.demo import (
     sigterm_as_interrupt,
     summarise,
 )
+from cli import build_parser
+from cli import main as cli_main
 from runtime.driffusion import round_pattern
 
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from models.reference import SCHEDULER_CONFIG
+from models.sim import SimDiffusion
 from runtime.devices import (
     Device,
     DeviceError,
@@ -19,8 +21,7 @@ from runtime.devices import (
     split_evenly,
 )
 from runtime.driffusion import sample
-from runtime.reference import SCHEDULER_CONFIG, make_scheduler
-from triton_models.sim import SimDiffusion
+from runtime.schedulers import make_scheduler
 
 SIM = SimDiffusion.from_scheduler_config(SCHEDULER_CONFIG)
 
@@ -159,7 +160,7 @@ def test_sampling_through_the_pool_matches_a_plain_denoiser(mode):
         return expected_output(x, t, guidance, label)
 
     async def run(denoise):
-        scheduler = make_scheduler("ddim", steps)
+        scheduler = make_scheduler("ddim", steps, SCHEDULER_CONFIG)
         latents = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(7))
         return await sample(denoise, scheduler, latents, mode=mode, window=2)
 

@@ -1,4 +1,4 @@
-"""The draft-and-refine sampler against every exactness property of DESIGN.md section 2."""
+"""The draft-and-refine sampler against every exactness property of docs/METHOD.md."""
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +18,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from runtime.closed_form import GaussianMixtureModel
+from models.closed_form import GaussianMixtureModel
 from runtime.driffusion import round_pattern, sample
 
 SHAPE = (2, 1, 4, 4)

@@ -13,6 +13,7 @@ import onnxruntime
 import pytest
 import torch
 
+from cli import main as driffusion
 from engines.build import (
     BuildRequest,
     EngineBuildError,
@@ -33,7 +34,6 @@ from engines.manifest import (
 from engines.tensorrt_build import tensorrt_status
 from export.onnx_export import ExportOptions, onnx_sha256
 from export.presets import source_fingerprint, tiny_sd
-from runtime.cli import main as driffusion
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 QUIET = {"log": lambda message: None}

@@ -12,6 +12,7 @@ import torch
 from diffusers import SD3Transformer2DModel, UNet2DModel
 from tiny_models import small_sdxl_unet, small_unet
 
+from cli import main as driffusion
 from export.onnx_export import (
     ExportOptions,
     export_model,
@@ -23,7 +24,6 @@ from export.onnx_export import (
 from export.presets import ModelSourceError, load_bundle, tiny_sd
 from export.specs import LabelEncoderSpec, SD3TransformerSpec, UNet2DSpec, UNetSpec
 from export.validate import ValidationError, run_onnxruntime, validate_onnx
-from runtime.cli import main as driffusion
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 QUIET = {"log": lambda message: None}
@@ -223,7 +223,7 @@ def test_label_encoder_export_matches_the_embedding(tmp_path):
 
 
 def test_reference_preset_exports_label_encoder_and_unet(tmp_path):
-    pytest.importorskip("runtime.reference", reason="runtime/reference.py not in this checkout")
+    pytest.importorskip("models.reference", reason="models/reference.py not in this checkout")
     try:
         bundle = load_bundle("reference")
     except FileNotFoundError as error:

@@ -6,10 +6,10 @@ import asyncio
 import numpy as np
 import pytest
 
+from models.sim import SimDiffusion
 from runtime.devices import DevicePool, LocalDevice, LocalModel
 from runtime.pipeline import GenerationRequest, Pipeline, PipelineSpec, RequestError
 from triton_models.repository import sim_spec
-from triton_models.sim import SimDiffusion
 
 SPEC = sim_spec()
 SIM = SimDiffusion.from_scheduler_config(SPEC.scheduler_config)

@@ -7,8 +7,8 @@ import json
 import pytest
 from test_triton_repository import load_config, parameters
 
-from runtime.bench_load import summarise
-from runtime.cli import main as cli_main
+from bench.load import summarise
+from cli import main as cli_main
 from triton_models.repository import RepositoryOptions, write_repository
 
 

@@ -23,6 +23,8 @@ from conftest import free_ports
 from test_triton_engines import engines  # noqa: F401 - the tiny ONNX engines fixture
 from tritonclient.utils import np_to_triton_dtype
 
+from models.reference import SCHEDULER_CONFIG
+from models.sim import SimDiffusion
 from runtime.devices import (
     DEFAULT_RECHECK_S,
     HEALTH_TIMEOUT_S,
@@ -37,10 +39,9 @@ from runtime.devices import (
 from runtime.driffusion import sample
 from runtime.generate import connect_pipeline
 from runtime.pipeline import GenerationRequest
-from runtime.reference import SCHEDULER_CONFIG, make_scheduler
+from runtime.schedulers import make_scheduler
 from triton_models.repository import RepositoryOptions, write_repository
 from triton_models.serve import EmbeddedServer, group_members
-from triton_models.sim import SimDiffusion
 
 LATENCY_S = 0.15
 SIM = SimDiffusion.from_scheduler_config(SCHEDULER_CONFIG)
@@ -94,7 +95,7 @@ def sim_pool(models: list[FlakyModel], recheck_s: float = 0.05) -> DevicePool:
 
 
 async def sample_latents(pool, steps: int = 12, window: int = 3, progress=None) -> torch.Tensor:
-    scheduler = make_scheduler("ddim", steps)
+    scheduler = make_scheduler("ddim", steps, SCHEDULER_CONFIG)
     latents = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(9))
     return await sample(pool, scheduler, latents, mode="aggressive", window=window,
                         progress=progress)

@@ -13,11 +13,12 @@ from test_devices import TinyUNet, export_tiny_unet
 from tritonclient.utils import np_to_triton_dtype
 
 from engines.manifest import network_entry, new_manifest, write_manifest
+from models.reference import SCHEDULER_CONFIG
 from runtime.devices import DevicePool, LocalDevice, TritonEndpoints
 from runtime.driffusion import sample
 from runtime.generate import connect_pipeline
 from runtime.pipeline import GenerationRequest
-from runtime.reference import make_scheduler
+from runtime.schedulers import make_scheduler
 from triton_models.repository import RepositoryOptions, reference_spec, write_repository
 
 pytestmark = pytest.mark.triton
@@ -84,7 +85,7 @@ def conditioned(pool: DevicePool, guidance: float) -> DevicePool:
 
 
 async def sample_with(pool: DevicePool, mode: str) -> torch.Tensor:
-    scheduler = make_scheduler("ddim", 8)
+    scheduler = make_scheduler("ddim", 8, SCHEDULER_CONFIG)
     latents = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(5))
     return await sample(pool, scheduler, latents, mode=mode, window=2)
 

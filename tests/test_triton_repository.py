@@ -12,15 +12,14 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import model_config_pb2
 
+from cli import main as cli_main
 from engines.gpu import GpuInfo
 from engines.manifest import network_entry, new_manifest, write_manifest
-from runtime.cli import main as cli_main
 from runtime.devices import ort_session
 from runtime.pipeline import PipelineSpec, RequestError
 from triton_models.pipeline_io import request_from_tensors
 from triton_models.repository import (
     MARKER,
-    PACKAGE_DIR,
     RepositoryOptions,
     reference_spec,
     write_repository,
@@ -211,7 +210,7 @@ def test_docker_commands_for_one_server_or_one_per_gpu(tmp_path):
 
 
 def test_compose_file_runs_the_same_container_command_as_print_docker():
-    compose = yaml.safe_load((PACKAGE_DIR / "docker-compose.yml").read_text())
+    compose = yaml.safe_load((Path(__file__).resolve().parent.parent / "triton_models" / "docker-compose.yml").read_text())
     triton = compose["services"]["triton"]
     assert triton["command"] == ["bash", "-c", CONTAINER_COMMAND]
     assert triton["image"].startswith("nvcr.io/nvidia/tritonserver:")

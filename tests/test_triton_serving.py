@@ -16,7 +16,9 @@ import torch
 import tritonclient.grpc as grpc_client
 from PIL import Image
 
-from runtime.cli import main as cli_main
+from cli import main as cli_main
+from models.reference import SCHEDULER_CONFIG
+from models.sim import SimDiffusion
 from runtime.devices import (
     DeviceError,
     DevicePool,
@@ -28,10 +30,9 @@ from runtime.devices import (
 from runtime.driffusion import sample
 from runtime.generate import connect_pipeline
 from runtime.pipeline import GenerationRequest
-from runtime.reference import SCHEDULER_CONFIG, make_scheduler
+from runtime.schedulers import make_scheduler
 from triton_models.repository import RepositoryOptions, write_repository
 from triton_models.serve import EmbeddedServer, ServerError, group_members
-from triton_models.sim import SimDiffusion
 
 pytestmark = pytest.mark.triton
 
@@ -52,7 +53,7 @@ def conditioned(pool: DevicePool, label: int, guidance: float) -> DevicePool:
 
 
 async def sample_with(pool: DevicePool, mode: str, steps: int = 8) -> torch.Tensor:
-    scheduler = make_scheduler("ddim", steps)
+    scheduler = make_scheduler("ddim", steps, SCHEDULER_CONFIG)
     latents = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(3))
     return await sample(pool, scheduler, latents, mode=mode, window=2)
 
@@ -219,7 +220,7 @@ def test_a_model_that_fails_to_load_is_named_in_the_start_error(tmp_path, free_p
 
 def test_serve_command_stops_on_sigterm_without_orphans(tmp_path, free_ports):
     grpc_port, http_port, metrics_port = free_ports(3)
-    command = [sys.executable, "-m", "runtime.cli", "serve", "--model", "sim", "--devices", "2",
+    command = [sys.executable, "-m", "cli", "serve", "--model", "sim", "--devices", "2",
                "--no-pipeline-model", "--repository", str(tmp_path / "repo"),
                "--log-file", str(tmp_path / "server.log"),
                "--grpc-port", str(grpc_port), "--http-port", str(http_port),

@@ -1,6 +1,6 @@
 """Write a Triton model repository from a model's engines (or for the closed-form sim).
 
-Models written (DESIGN.md section 5):
+Models written (docs/ARCHITECTURE.md names them):
 - `unet_cpu<i>`: python backend running the UNet ONNX with ONNX Runtime (one per device), or
   `unet_gpu<i>`: `platform: "tensorrt_plan"` on `gpus: [i]`, CUDA graphs where the profile allows;
 - `text_encoder` and `vae_decoder` where the model has them;
@@ -22,14 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from models import paths
 from runtime.pipeline import PipelineSpec, digit_names
 from triton_models.pipeline_io import DRIFFUSION_INPUTS
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-PROJECT_ROOT = PACKAGE_DIR.parent
-TEMPLATES = PACKAGE_DIR / "templates"
-DEFAULT_REPOSITORY = PACKAGE_DIR / "repository"
-ENGINES_ROOT = PROJECT_ROOT / "engines"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 MARKER = ".driffusion-repository"
 BACKENDS = ("onnxruntime", "tensorrt")
 MAX_DEVICES = 64
@@ -123,11 +120,12 @@ class Repository:
     spec: PipelineSpec | None = None
 
 
-def write_repository(target: str | Path = DEFAULT_REPOSITORY,
+def write_repository(target: str | Path | None = None,
                      options: RepositoryOptions | None = None) -> Repository:
     """(Re)write the model repository at `target` and return what is in it."""
     options = options or RepositoryOptions()
     options.validate()
+    target = paths.repository_dir() if target is None else target
     if options.model == "sim":
         spec, engines_dir = sim_spec(), None
     else:
@@ -204,7 +202,7 @@ def _prepare_target(target: Path) -> Path:
 
 def engines_dir_of(model: str) -> Path:
     """`reference` -> engines/reference; any other value is an engines model directory."""
-    path = ENGINES_ROOT / model if model == "reference" else Path(model)
+    path = paths.engines_dir(model) if model == "reference" else Path(model)
     if not path.is_dir():
         hint = "run `make build-engines`" if model == "reference" else "give an engines model dir"
         raise FileNotFoundError(f"no engines for model {model!r} at {path}: {hint}")
@@ -216,7 +214,7 @@ def engines_dir_of(model: str) -> Path:
 
 
 def _write_sim(repository: Repository, options: RepositoryOptions) -> None:
-    from triton_models.sim import NUM_CLASSES, SAMPLE_SHAPE, alphas_cumprod_of
+    from models.sim import NUM_CLASSES, SAMPLE_SHAPE, alphas_cumprod_of
 
     shape = list(SAMPLE_SHAPE)
     embed = [-1, 1, NUM_CLASSES + 1]
@@ -248,8 +246,8 @@ def _write_sim(repository: Repository, options: RepositoryOptions) -> None:
 
 def sim_spec() -> PipelineSpec:
     """The PipelineSpec of the closed-form sim (same schedule as the reference model)."""
-    from runtime.reference import SCHEDULER_CONFIG
-    from triton_models.sim import NULL_LABEL, NUM_CLASSES, SAMPLE_SHAPE
+    from models.reference import SCHEDULER_CONFIG
+    from models.sim import NULL_LABEL, NUM_CLASSES, SAMPLE_SHAPE
 
     return PipelineSpec(
         model="sim", latent_shape=SAMPLE_SHAPE, scheduler_config=dict(SCHEDULER_CONFIG),
@@ -259,7 +257,7 @@ def sim_spec() -> PipelineSpec:
 
 def reference_spec() -> PipelineSpec:
     """The PipelineSpec of the bundled reference model (pixel space, digit labels)."""
-    from runtime.reference import (
+    from models.reference import (
         IN_CHANNELS,
         NULL_LABEL,
         NUM_CLASSES,

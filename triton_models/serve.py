@@ -1,7 +1,7 @@
 """Run Triton on a model repository: the embedded CPU server and `driffusion serve`.
 
 On a CPU machine the server is the `tritonserver` 2.51 binary of the nvidia-pytriton wheel with
-its python backend (DESIGN.md section 4): the backend is copied to a directory of our own with
+its python backend: the backend is copied to a directory of our own with
 the stub for this interpreter, the server runs in its own process group bound to 127.0.0.1,
 and stopping it ends every stub process too. On GPU machines `--print-docker` prints the NGC
 container command (one server with all GPUs, or one server per GPU).
@@ -30,14 +30,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from models import paths
 from triton_models.repository import (
     BACKENDS,
-    DEFAULT_REPOSITORY,
-    PROJECT_ROOT,
+    Repository,
     RepositoryOptions,
     validate_repository,
     write_repository,
@@ -332,6 +333,22 @@ def group_members(group: int) -> list[int]:
     return members
 
 
+@contextlib.contextmanager
+def serving(options: RepositoryOptions, repository_dir: Path, log_path: Path | None = None,
+            **server_options) -> Iterator[tuple[EmbeddedServer, Repository]]:
+    """Write a model repository and run the embedded tritonserver on it, on free local ports.
+
+    The one launcher of the apps and tests: the server (and every stub process) is stopped when
+    the block ends, however it ends.
+    """
+    repository = write_repository(repository_dir, options)
+    grpc_port, http_port, metrics_port = free_ports(3)
+    server = EmbeddedServer(repository.path, grpc_port=grpc_port, http_port=http_port,
+                            metrics_port=metrics_port, log_path=log_path, **server_options)
+    with server:
+        yield server, repository
+
+
 # ---------------------------------------------------------------------------------------------
 # NGC container command for GPU machines
 
@@ -343,6 +360,10 @@ def docker_commands(repository: Path, *, gpus: int, per_gpu: bool, tag: str = NG
     One server per GPU needs a repository written with `--devices 1` (its GPU is device 0
     inside its container); its gRPC ports are 8001, 8011, 8021, ...
     """
+    source = paths.source_checkout()
+    if source is None:
+        raise ValueError("--print-docker mounts the project's source checkout into the container; "
+                         "run it from a checkout (git clone), not from an installed package")
     lines = []
     for index in range(gpus if per_gpu else 1):
         base = 10 * index
@@ -352,7 +373,7 @@ def docker_commands(repository: Path, *, gpus: int, per_gpu: bool, tag: str = NG
         lines.append(
             f"docker run --rm -d --name {name} --gpus {gpu} --shm-size 1g {ports} "
             f"-v {shlex.quote(str(repository))}:/models "
-            f"-v {shlex.quote(str(PROJECT_ROOT))}:/src:ro "
+            f"-v {shlex.quote(str(source))}:/src:ro "
             f"{NGC_IMAGE}:{tag} bash -c {shlex.quote(CONTAINER_COMMAND)}"
         )
     return lines
@@ -419,8 +440,9 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-instances", type=int, default=1,
                         help="driffusion model instances: how many requests it serves at once "
                         "(default %(default)s)")
-    parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY,
-                        help="where to write the model repository (default %(default)s)")
+    parser.add_argument("--repository", type=Path, default=paths.repository_dir(),
+                        help="where to write the model repository (default %(default)s, "
+                        f"under ${paths.HOME_VARIABLE} if set)")
     add_limit_arguments(parser)
 
 

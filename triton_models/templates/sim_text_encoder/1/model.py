@@ -1,8 +1,8 @@
 """Triton python-backend model `text_encoder` of the sim: label int64 [B] -> one-hot [B, 1, D]."""
 import triton_python_backend_utils as pb_utils
 
+from models.sim import SimDiffusion
 from triton_models.backend import model_parameters
-from triton_models.sim import SimDiffusion
 
 
 class TritonPythonModel:

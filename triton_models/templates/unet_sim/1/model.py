@@ -11,8 +11,8 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from models.sim import SimDiffusion
 from triton_models.backend import model_parameters, run_batched, version_dir
-from triton_models.sim import SimDiffusion
 
 INPUTS = ("sample", "timestep", "encoder_hidden_states")
 

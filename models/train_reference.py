@@ -1,7 +1,7 @@
 """Train the bundled reference model and its evaluation classifier (`make train-reference`).
 
 Writes EMA weights of the UNet and label encoder, the classifier, and a JSON of training
-stats into runtime/assets/reference/ (the committed checkpoint). Seeded; on 2 CPU cores the
+stats into models/assets/reference/ (the committed checkpoint). Seeded; on 2 CPU cores the
 default run takes about 12 minutes when the cores are free.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from runtime.reference import (
+from models.reference import (
     ASSET_DIR,
     CLASSIFIER_CHECKPOINT,
     DIFFUSION_CHECKPOINT,

@@ -7,111 +7,38 @@ on free ports, sample each digit with each mode (this client runs the sampler an
 round's items to the devices concurrently over gRPC), stop the server (also on Ctrl-C, SIGTERM
 or an error), then print latency, speedup, rounds and quality deltas and write PNGs and JSON.
 
-The serving helpers here (engines, free ports, a server on a fresh repository, machine facts)
-are shared with the speed benchmark.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import os
-import platform
-import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from runtime.cli import positive_int
-from triton_models.serve import free_ports
+from bench.common import (
+    Log,
+    ensure_reference_engines,
+    machine_info,
+    positive_int,
+    sigterm_as_interrupt,
+)
+from models import paths
 
-if TYPE_CHECKING:
-    from engines.manifest import EngineSet
-    from triton_models.repository import Repository, RepositoryOptions
-    from triton_models.serve import EmbeddedServer
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = Path("out/demo")
+DEFAULT_OUT = paths.output_dir("demo")
 DEMO_MODES = ("sequential", "conservative", "aggressive")
 DIGITS = tuple(range(10))
 QUICK_STEPS = 10
 GRID_SCALE = 16  # each 8x8 digit is drawn as 128x128 pixels
 GRID_GAP = 4
 GRID_BACKGROUND = 64
-Log = Callable[[str], None]
-
-
-# ---------------------------------------------------------------------------------------------
-# Serving helpers (shared with `driffusion bench speed`)
-
-
-def ensure_reference_engines(log: Log = print) -> EngineSet:
-    """The reference model's ONNX Runtime CPU engines, exported and built first if missing or stale."""
-    from engines.build import BuildRequest, build_engines
-    from triton_models.repository import ENGINES_ROOT
-
-    request = BuildRequest(source="reference", name="reference", engines_root=ENGINES_ROOT,
-                           onnx_dir=PROJECT_ROOT / "out" / "onnx" / "reference",
-                           backend="onnxruntime")
-    (engine_set,) = build_engines(request, log).engine_sets()
-    return engine_set
-
-
-@contextmanager
-def serving(options: RepositoryOptions, repository_dir: Path,
-            log_path: Path | None = None) -> Iterator[tuple[EmbeddedServer, Repository]]:
-    """Write a model repository and run the embedded tritonserver on it, on free local ports.
-
-    The server (and every stub process) is stopped when the block ends, however it ends.
-    """
-    from triton_models.repository import write_repository
-    from triton_models.serve import EmbeddedServer
-
-    repository = write_repository(repository_dir, options)
-    grpc_port, http_port, metrics_port = free_ports(3)
-    server = EmbeddedServer(repository.path, grpc_port=grpc_port, http_port=http_port,
-                            metrics_port=metrics_port, log_path=log_path)
-    with server:
-        yield server, repository
-
-
-def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt (like Ctrl-C) so that `finally` blocks stop servers."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def machine_info() -> dict[str, Any]:
-    """Facts about this machine that timings depend on, the current load included."""
-    import onnxruntime
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "load_average_1_5_15_min": [round(value, 2) for value in os.getloadavg()],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +237,7 @@ def classify(images: Sequence[DemoImage]) -> None:
     """Fill in each image's `predicted` digit with the reference model's evaluation classifier."""
     import torch
 
-    from runtime.reference import load_reference
+    from models.reference import load_reference
 
     classifier = load_reference().classifier
     pixels = torch.from_numpy(np.stack([image.pixels for image in images])).float()
@@ -386,6 +313,7 @@ def run_demo(settings: DemoSettings, out: Path) -> int:
     from tqdm import tqdm
 
     from triton_models.repository import RepositoryOptions
+    from triton_models.serve import serving
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

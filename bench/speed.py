@@ -27,13 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from runtime.cli import positive_int
+from bench.common import positive_int
+from models import paths
 from runtime.driffusion import round_pattern
 
 BACKENDS = ("sim", "cpu", "cpu-local")
 TIMED_MODES = ("conservative", "aggressive")
 DEFAULT_WINDOWS = (1, 2, 4, 8)
-DEFAULT_OUT = Path("out/bench/speed")
+DEFAULT_OUT = paths.output_dir("bench", "speed")
 NULL_LABEL = 10  # the null label of both the reference model and the sim
 SIM_TARGET = {"latency_ms": 20.0, "steps": 50, "window": 4, "efficiency": 0.95}
 CPU_TARGET = {"devices": 2, "speedup": 1.7}
@@ -163,11 +164,12 @@ async def time_runs(pool, setup: SpeedSetup, progress: Callable[[], None] = lamb
     """
     import torch
 
+    from models.reference import SCHEDULER_CONFIG
     from runtime.driffusion import sample
-    from runtime.reference import make_scheduler
+    from runtime.schedulers import make_scheduler
 
     async def one(mode: str, window: int, steps: int) -> tuple[float, int]:
-        scheduler = make_scheduler(setup.scheduler, steps)
+        scheduler = make_scheduler(setup.scheduler, steps, SCHEDULER_CONFIG)
         noise = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(setup.seed))
         before = pool.rounds
         start = time.perf_counter()
@@ -293,8 +295,8 @@ async def _measure_served(endpoint: str, setup: SpeedSetup, progress,
 
 def measure_sim(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
     """`unet_sim` behind Triton with one instance (lane) per window item of the largest window."""
-    from runtime.demo import serving
     from triton_models.repository import RepositoryOptions
+    from triton_models.serve import serving
 
     lanes = max(setup.windows)
     options = RepositoryOptions(model="sim", devices=lanes, sim_latency_ms=setup.sim_latency_ms,
@@ -313,8 +315,9 @@ def measure_sim(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
 
 def measure_cpu(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
     """The reference engines as `unet_cpu<i>` models behind Triton (optionally pinned to CPUs)."""
-    from runtime.demo import ensure_reference_engines, serving
+    from bench.common import ensure_reference_engines
     from triton_models.repository import RepositoryOptions
+    from triton_models.serve import serving
 
     engines = ensure_reference_engines(lambda line: None)
     options = RepositoryOptions(model="reference", devices=setup.cpu_devices,
@@ -337,7 +340,7 @@ def measure_cpu(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
 
 def measure_cpu_local(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
     """The same engines as in-process ONNX Runtime sessions, each in its own worker thread."""
-    from runtime.demo import ensure_reference_engines
+    from bench.common import ensure_reference_engines
     from runtime.devices import DevicePool, LocalDevice, LocalModel, ort_session
 
     engines = ensure_reference_engines(lambda line: None)
@@ -521,7 +524,7 @@ def run_benchmark(setup: SpeedSetup, backends: Sequence[str], out: Path) -> dict
     """Measure every backend; returns the JSON-ready results (also written to speed.json)."""
     from tqdm import tqdm
 
-    from runtime.demo import machine_info
+    from bench.common import machine_info
 
     setup.validate()
     out.mkdir(parents=True, exist_ok=True)
@@ -594,8 +597,8 @@ def setup_from_args(args: argparse.Namespace) -> SpeedSetup:
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from bench.common import sigterm_as_interrupt
     from engines.build import EngineBuildError
-    from runtime.demo import sigterm_as_interrupt
     from runtime.devices import DeviceError, DiscoveryError, PoolError
     from triton_models.serve import ServerError
 

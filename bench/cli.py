@@ -6,10 +6,10 @@ import importlib
 
 # benchmark -> module defining `register(subparsers)`
 BENCHMARKS: dict[str, str] = {
-    "speed": "runtime.bench_speed",
-    "quality": "runtime.bench_quality",
-    "load": "runtime.bench_load",
-    "methods": "runtime.bench_methods",
+    "speed": "bench.speed",
+    "quality": "bench.quality",
+    "load": "bench.load",
+    "methods": "bench.methods",
 }
 
 

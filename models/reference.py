@@ -13,15 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    UNet2DConditionModel,
-    UniPCMultistepScheduler,
-)
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 from torch import nn
 
@@ -62,16 +54,6 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "timestep_spacing": "leading",
 }
 
-SCHEDULERS: dict[str, type[SchedulerMixin]] = {
-    "ddim": DDIMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "dpmpp2m": DPMSolverMultistepScheduler,
-    "unipc": UniPCMultistepScheduler,
-    "ddpm": DDPMScheduler,
-}
-_SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
-    "dpmpp2m": {"algorithm_type": "dpmsolver++", "solver_order": 2},
-}
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], Awaitable[torch.Tensor]]
 
@@ -218,20 +200,6 @@ def load_reference(
 
 def _with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-
-
-def make_scheduler(
-    name: str = "ddim", num_steps: int = 50, config: dict[str, Any] | None = None
-) -> SchedulerMixin:
-    """A diffusers scheduler for the reference schedule, with `set_timesteps(num_steps)` done."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    base = dict(SCHEDULER_CONFIG if config is None else config)
-    if not 1 <= num_steps <= base["num_train_timesteps"]:
-        raise ValueError(f"num_steps must be in 1..{base['num_train_timesteps']}; got {num_steps}")
-    scheduler = SCHEDULERS[name].from_config({**base, **_SCHEDULER_OPTIONS.get(name, {})})
-    scheduler.set_timesteps(num_steps)
-    return scheduler
 
 
 def to_images(x: torch.Tensor) -> torch.Tensor:

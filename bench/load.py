@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -24,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import machine_info
 from runtime.devices import parse_endpoint
 from runtime.driffusion import MODES
-from triton_models.serve import free_ports
 
 PIPELINE_MODEL = "driffusion"
 DEVICE_MODEL = "unet_sim"
@@ -163,22 +161,20 @@ def measure_embedded(setup: LoadSetup, quiet: bool = False) -> LoadResult:
 @contextmanager
 def embedded_sim_server(setup: LoadSetup) -> Iterator[str]:
     """`with embedded_sim_server(setup) as endpoint`: a sim server on free local ports."""
-    from triton_models.repository import RepositoryOptions, write_repository
-    from triton_models.serve import EmbeddedServer, ServerError
+    from triton_models.repository import RepositoryOptions
+    from triton_models.serve import ServerError, serving
 
+    options = RepositoryOptions(
+        model="sim", devices=setup.devices, sim_latency_ms=setup.sim_latency_ms,
+        pipeline_instances=setup.pipeline_instances, dynamic_batching=setup.dynamic_batching,
+    )
     with tempfile.TemporaryDirectory(prefix="driffusion-load-") as scratch:
-        repository = write_repository(Path(scratch) / "repository", RepositoryOptions(
-            model="sim", devices=setup.devices, sim_latency_ms=setup.sim_latency_ms,
-            pipeline_instances=setup.pipeline_instances, dynamic_batching=setup.dynamic_batching,
-        ))
-        grpc_port, http_port, metrics_port = free_ports(3)
-        server = EmbeddedServer(repository.path, grpc_port=grpc_port, http_port=http_port,
-                                metrics_port=metrics_port, log_path=Path(scratch) / "server.log")
         print(f"starting an embedded Triton server ({setup.devices} unet_sim devices, "
               f"{setup.pipeline_instances} driffusion instances, dynamic batching "
               f"{'on' if setup.dynamic_batching else 'off'}) ...", flush=True)
         try:
-            with server:
+            with serving(options, Path(scratch) / "repository",
+                         Path(scratch) / "server.log") as (server, _):
                 yield server.grpc_url
         except ServerError as error:
             raise RuntimeError(str(error)) from error
@@ -329,8 +325,7 @@ def report(setup: LoadSetup, results: list[LoadResult], out: Path) -> None:
     document = {
         "benchmark": "load",
         "command": "driffusion " + " ".join(sys.argv[1:]) if sys.argv else "",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version()},
+        "machine": machine_info(),
         "setup": asdict(setup),
         "results": [{**asdict(result), "calls_per_execution": round(result.calls_per_execution, 3)}
                     for result in results],

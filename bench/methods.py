@@ -14,8 +14,6 @@ import asyncio
 import copy
 import json
 import math
-import os
-import platform
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +21,8 @@ from types import SimpleNamespace
 
 import torch
 
-from runtime.cli import positive_int
-from runtime.closed_form import GaussianMixtureModel
+from bench.common import machine_info, positive_int
+from models.closed_form import GaussianMixtureModel
 from runtime.driffusion import Schedule, _Options, _Refiner, _Sampler, sample
 
 SCHEDULER_KINDS = ("ddim", "dpmpp2m", "unipc")
@@ -400,19 +398,6 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else math.inf
 
 
-def machine() -> dict:
-    import diffusers
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-    }
-
-
 def format_table(records) -> str:
     header = (
         f"{'run':44} {'rounds':>6} {'evals':>6} {'deviation':>10} {'median':>10} "
@@ -507,7 +492,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                     model, setup, kind, steps, args.paradigms_tolerances, lambda: bar.update(1)
                 )
     return {
-        "machine": machine(),
+        "machine": machine_info(),
         "setup": asdict(setup),
         "model": "closed-form Gaussian mixture (runtime/closed_form.py), "
         f"noise schedule {NOISE_SCHEDULE}",

@@ -44,7 +44,7 @@ class SimDiffusion:
     ) -> None:
         import torch
 
-        from runtime.closed_form import GaussianMixtureModel
+        from models.closed_form import GaussianMixtureModel
 
         self.num_classes = num_classes
         self.sample_shape = tuple(sample_shape)

@@ -21,21 +21,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.cli import positive_int
-from runtime.quality import (
+from bench.common import positive_int
+from bench.metrics import (
     class_accuracy,
     classifier_features,
     frechet_distance,
     mean_sample_distance,
 )
-from runtime.reference import NUM_CLASSES, SCHEDULERS, ReferenceModel
+from models import paths
+from models.reference import NUM_CLASSES, SCHEDULER_CONFIG, ReferenceModel
+from runtime.schedulers import SCHEDULERS
 
 QUALITY_MODES = ("conservative", "aggressive")
 DENOISE_BACKENDS = ("onnxruntime", "torch")
 DEFAULT_WINDOWS = (2, 4, 8)
 DEFAULT_STEPS = (50, 20)
 DEFAULT_GUIDANCE = (1.0, 1.5)
-DEFAULT_OUT = Path("out/bench/quality")
+DEFAULT_OUT = paths.output_dir("bench", "quality")
 TARGET = {"mode": "aggressive", "window": 4, "steps": 50, "accuracy_points": 1.0,
           "fd_ratio": 1.10}
 GRID_SAMPLES = 6  # samples per digit shown in each panel of quality.png
@@ -165,9 +167,9 @@ def sample_images(denoise, setup: QualitySetup, noise: torch.Tensor, steps: int,
                   window: int, progress: Callable[[int], None]) -> tuple[torch.Tensor, int]:
     """Samples clipped to the image range [-1, 1], and the rounds it took."""
     from runtime.driffusion import sample
-    from runtime.reference import make_scheduler
+    from runtime.schedulers import make_scheduler
 
-    scheduler = make_scheduler(setup.scheduler, steps)
+    scheduler = make_scheduler(setup.scheduler, steps, SCHEDULER_CONFIG)
     counting = CountingDenoise(denoise)
     result = asyncio.run(sample(counting, scheduler, noise * scheduler.init_noise_sigma,
                                 mode=mode, window=window, progress=progress,
@@ -224,7 +226,7 @@ def real_floor(model: ReferenceModel, real: torch.Tensor, real_labels: torch.Ten
 def check_target(records: Sequence[QualityRecord]) -> dict[str, Any] | None:
     """Aggressive window 4, 50 steps: accuracy within 1 point of sequential, FD within 10%.
 
-    Checked at guidance 1 (the quality setting of REFERENCE_MODEL.md), else the lowest measured.
+    Checked at guidance 1 (where guidance does not dominate the FD), else the lowest measured.
     """
     candidates = [r for r in records if (r.mode, r.window, r.steps) ==
                   (TARGET["mode"], TARGET["window"], TARGET["steps"])]
@@ -280,8 +282,8 @@ def plot_grids(records: Sequence[QualityRecord], samples: dict, setup: QualitySe
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from runtime.demo import grid_array
-    from runtime.reference import to_images
+    from bench.demo import grid_array
+    from models.reference import to_images
 
     guidance, steps = setup.guidance[0], setup.steps[0]
     shown = min(GRID_SAMPLES, setup.per_class)
@@ -317,8 +319,8 @@ def run_benchmark(setup: QualitySetup, out: Path,
     """Measure, write quality.json (and quality.png); returns the report and the records."""
     from tqdm import tqdm
 
-    from runtime.demo import ensure_reference_engines, machine_info
-    from runtime.reference import load_reference, real_digits
+    from bench.common import ensure_reference_engines, machine_info
+    from models.reference import load_reference, real_digits
 
     setup.validate()
     unet_onnx = None

@@ -1,0 +1,1 @@
+"""Apps on top of the product: the demo, the benchmarks. Nothing imports them."""

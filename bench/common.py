@@ -1,0 +1,69 @@
+"""What the apps share: argument types, machine facts, the reference engines, stopping on SIGTERM."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from models import paths
+
+if TYPE_CHECKING:
+    from engines.manifest import EngineSet
+
+Log = Callable[[str], None]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def ensure_reference_engines(log: Log = print) -> EngineSet:
+    """The reference model's ONNX Runtime CPU engines, exported and built first if missing or stale."""
+    from engines.build import BuildRequest, build_engines
+
+    request = BuildRequest(source="reference", name="reference", engines_root=paths.engines_root(),
+                           onnx_dir=paths.onnx_dir("reference"), backend="onnxruntime")
+    (engine_set,) = build_engines(request, log).engine_sets()
+    return engine_set
+
+
+def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt (like Ctrl-C) so that `finally` blocks stop servers."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def machine_info() -> dict[str, Any]:
+    """Facts about this machine that timings depend on, the current load included."""
+    import diffusers
+    import onnxruntime
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "load_average_1_5_15_min": [round(value, 2) for value in os.getloadavg()],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "diffusers": diffusers.__version__,
+    }

@@ -1,0 +1,123 @@
+"""The pipeline spec: what serving a model needs to know beyond its networks.
+
+Export derives it from the model source (a diffusers folder's model_index.json and component
+configs, or a preset), writes it as `pipeline.json` beside the ONNX files, the engine build
+copies it beside the engines, the repository generator puts it in the `driffusion` model's
+config with the serving limits, and gRPC clients read it from there. Plain JSON data, never
+evaluated.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+SPEC_FILE = "pipeline.json"
+# model families: how prompts become the denoiser's conditioning
+CLASS_CONDITIONAL = "class"  # LABEL -> label encoder -> encoder_hidden_states
+STABLE_DIFFUSION = "sd"  # one CLIP encoder, last hidden state
+STABLE_DIFFUSION_XL = "sdxl"  # two CLIP encoders, penultimate states, pooled text_embeds, time_ids
+STABLE_DIFFUSION_3 = "sd3"  # two CLIP encoders (+ absent T5 as zeros), pooled projections
+FAMILIES = (CLASS_CONDITIONAL, STABLE_DIFFUSION, STABLE_DIFFUSION_XL, STABLE_DIFFUSION_3)
+DECODERS = ("pixels", "vae")
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder network and the tokenizer model that feeds it."""
+
+    network: str  # Triton model name, e.g. "text_encoder_2"
+    tokenizer: str  # Triton model name of its tokenizer, e.g. "tokenizer_2"
+    kind: str  # CLIPTextModel or CLIPTextModelWithProjection
+    max_length: int = 77
+    hidden_size: int = 768
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What a client and the `driffusion` model need to know about a served model."""
+
+    model: str
+    family: str
+    latent_channels: int
+    latent_size: tuple[int, int]  # default latent height, width
+    scheduler_config: dict[str, Any]
+    vae_scale_factor: int = 1  # image pixels per latent pixel
+    decoder: str = "pixels"  # "pixels": latents are images in [-1, 1]; "vae": vae_decoder model
+    scaling_factor: float = 1.0
+    shift_factor: float | None = None
+    text_encoders: tuple[TextEncoder, ...] = ()
+    # SDXL: negative conditioning is zeros when no negative prompt is given
+    force_zeros_for_empty_prompt: bool = False
+    # SD3: tokens of the T5 encoder (absent: zeros) and the joint attention width
+    t5_tokens: int = 256
+    joint_attention_dim: int = 0
+    # class-conditional models
+    num_labels: int = 0
+    null_label: int = 0  # the "empty prompt" of classifier-free guidance
+    label_names: tuple[tuple[str, ...], ...] = ()
+    # image sizes the engines accept, in pixels: (min, max) and the grid they must lie on
+    height_range: tuple[int, int] | None = None
+    width_range: tuple[int, int] | None = None
+    size_multiple: int = 1
+    default_steps: int = 20
+    default_guidance: float = 1.0
+    default_scheduler: str = "default"
+    # serving limits (the repository writer sets them from `driffusion serve --max-...`)
+    max_steps: int = 1000
+    max_window: int = 64
+    max_prompt_bytes: int = 2048
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder {self.decoder!r} is not one of {', '.join(DECODERS)}")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """[C, H, W] of one latent at the default size."""
+        return (self.latent_channels, *self.latent_size)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """Default image height, width in pixels."""
+        return (self.latent_size[0] * self.vae_scale_factor,
+                self.latent_size[1] * self.vae_scale_factor)
+
+    @property
+    def uses_prompts(self) -> bool:
+        return self.family != CLASS_CONDITIONAL
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PipelineSpec:
+        """Parse a spec (plain JSON data, never evaluated); ValueError says what is wrong."""
+        try:
+            data = json.loads(text)
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(data) - known)
+            if unknown:
+                raise TypeError(f"unknown fields {', '.join(unknown)}")
+            data["latent_size"] = tuple(data["latent_size"])
+            data["text_encoders"] = tuple(TextEncoder(**e) for e in data.get("text_encoders", ()))
+            data["label_names"] = tuple(tuple(names) for names in data.get("label_names", ()))
+            for key in ("height_range", "width_range"):
+                if data.get(key) is not None:
+                    data[key] = tuple(data[key])
+            return cls(**data)
+        except (TypeError, KeyError, AttributeError, json.JSONDecodeError) as error:
+            raise ValueError(f"not a PipelineSpec JSON object: {type(error).__name__}: {error}") \
+                from error
+
+    def with_defaults(self, **changes: Any) -> PipelineSpec:
+        return replace(self, **changes)
+
+
+def digit_names(count: int = 10) -> tuple[tuple[str, ...], ...]:
+    """Prompt words for digit labels: ("0", "zero"), ("1", "one"), ..."""
+    words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    return tuple((str(k), words[k]) for k in range(count))
