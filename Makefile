@@ -34,12 +34,14 @@ bench-speed: $(STAMP)  ## speed per mode and window: unet_sim and reference CPU 
 bench-quality: $(STAMP)  ## accuracy, digits-FD, distance to sequential per mode and window (QUALITY_ARGS)
 	$(BIN)/driffusion bench quality $(QUALITY_ARGS)
 
-ENGINE_MODEL ?= tiny-sd
-export: $(STAMP)  ## validated ONNX of ENGINE_MODEL (tiny-sd, reference or a folder) in out/onnx/<model>
-	$(BIN)/driffusion export --model $(ENGINE_MODEL) $(EXPORT_ARGS)
+# the model that export, build-engines, triton-repo and serve work on: a preset (reference,
+# tiny-sd; serve also takes sim) or a diffusers pipeline folder
+MODEL ?= reference
+export: $(STAMP)  ## validated ONNX of MODEL in out/onnx/<model>
+	$(BIN)/driffusion export --model $(MODEL) $(EXPORT_ARGS)
 
-build-engines: $(STAMP)  ## TensorRT plans per GPU, or ONNX Runtime engines without TensorRT/GPU
-	$(BIN)/driffusion build-engines --model $(ENGINE_MODEL) $(ENGINE_ARGS)
+build-engines: $(STAMP)  ## TensorRT plans per GPU, or ONNX Runtime engines without TensorRT/GPU (MODEL)
+	$(BIN)/driffusion build-engines --model $(MODEL) $(ENGINE_ARGS)
 
 train-reference: $(STAMP)  ## retrain the bundled reference model (~12 min on 2 free cores)
 	$(BIN)/python -m models.train_reference
@@ -48,15 +50,11 @@ GPU_CHECK_OUT ?= out/gpu_check
 gpu-check: $(STAMP)  ## measure the GPU path here (GPU_CHECK_ARGS=--dry-run rehearses it on the CPU)
 	$(BIN)/python scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
-REFERENCE_CPU_ENGINES := engines/reference/cpu/manifest.json
-$(REFERENCE_CPU_ENGINES): models/assets/reference/diffusion_ema.safetensors | $(STAMP)
-	$(BIN)/driffusion build-engines --model reference --backend onnxruntime
+triton-repo: $(STAMP)  ## model repository for MODEL, building what is missing (TRITON_ARGS to change)
+	$(BIN)/driffusion triton-repo --model $(MODEL) --devices 2 $(TRITON_ARGS)
 
-triton-repo: $(STAMP) $(REFERENCE_CPU_ENGINES)  ## model repository for the reference engines (TRITON_ARGS to change)
-	$(BIN)/driffusion triton-repo --model reference --devices 2 $(TRITON_ARGS)
-
-serve: $(STAMP) $(REFERENCE_CPU_ENGINES)  ## Triton on 127.0.0.1: gRPC 8001, HTTP 8000, metrics 8002; Ctrl-C stops
-	$(BIN)/driffusion serve --model reference --devices 2 $(TRITON_ARGS)
+serve: $(STAMP)  ## Triton for MODEL on 127.0.0.1: gRPC 8001, HTTP 8000, metrics 8002; Ctrl-C stops
+	$(BIN)/driffusion serve --model $(MODEL) --devices 2 $(TRITON_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -202,17 +202,13 @@ async def sample_digits(endpoint: str, settings: DemoSettings,
                         progress: Callable[[], None] = lambda: None) -> list[DemoImage]:
     """Every digit in every mode through the devices at `endpoint` (the runs of one digit
     back to back, so that a change in the machine's load hits every mode alike)."""
-    from runtime.devices import DevicePool, DiscoveryError, TritonEndpoints
-    from runtime.generate import timed_run
-    from runtime.pipeline import GenerationRequest, Pipeline
-    from triton_models.repository import reference_spec
+    from models.reference import reference_spec
+    from runtime.devices import TritonEndpoints
+    from runtime.generate import connect_pipeline, timed_run
+    from runtime.pipeline import GenerationRequest
 
     async with TritonEndpoints([endpoint]) as connection:
-        devices = await connection.devices()
-        encoder = await connection.find_model("text_encoder")
-        if encoder is None:
-            raise DiscoveryError(f"{endpoint} serves no text_encoder model")
-        pipeline = Pipeline(reference_spec(), DevicePool(devices), encoder)
+        pipeline = await connect_pipeline(connection, spec=reference_spec())
 
         def request(digit: int, mode: str, window: int, steps: int):
             return pipeline.resolve(GenerationRequest(

@@ -23,7 +23,7 @@ import torch
 
 from bench.common import machine_info, positive_int
 from models.closed_form import GaussianMixtureModel
-from runtime.driffusion import Schedule, _Options, _Refiner, _Sampler, sample
+from runtime.driffusion import DraftHook, Refiner, Schedule, sample
 
 SCHEDULER_KINDS = ("ddim", "dpmpp2m", "unipc")
 PARADIGMS_KINDS = ("ddim", "ddpm")
@@ -94,7 +94,9 @@ def make_scheduler(kind: str, steps: int):
         "paradigms-ddpm": lambda: DDPMParallelScheduler(**NOISE_SCHEDULE, clip_sample=False),
     }
     if kind not in factories:
-        raise ValueError(f"scheduler {kind!r} is not benchmarked; choose one of {', '.join(factories)}")
+        raise ValueError(
+            f"scheduler {kind!r} is not benchmarked; choose one of {', '.join(factories)}"
+        )
     scheduler = factories[kind]()
     scheduler.set_timesteps(steps)
     return scheduler
@@ -148,40 +150,46 @@ def run_driffusion(
     return result, denoise
 
 
-class _ExactLaterDrafts(_Sampler):
-    """Oracle: the first drafting round drafts as the method does, every later draft is exact.
+def exact_later_drafts(model: GaussianMixtureModel, scheduler) -> DraftHook:
+    """Oracle `draft` hook: the method's drafts in the first drafting round, exact ones after.
 
-    Exact drafts are the refined states themselves, computed ahead on a replica of the
-    scheduler with the true model outputs; the deviation left is the first round's alone.
+    Exact drafts are the refined states themselves, computed ahead on a replica of `scheduler`
+    (the run's own, in its current state) with the true model outputs; the deviation left is
+    the first drafting round's alone.
     """
 
-    def __init__(self, model, *args) -> None:
-        super().__init__(*args)
-        self.model = model
-        self.drafted = False
-
-    def drafts(self, guide, anchor, first, count, predictions=None):
-        if not self.drafted:
-            self.drafted = True
-            return super().drafts(guide, anchor, first, count, predictions)
-        replica = _Refiner(copy.deepcopy(self.refine.scheduler), None)
-        timesteps = self.schedule.timesteps
-        x, drafts = self.x, []
-        for step in range(anchor, anchor + count):
-            drafts.append((step, x))
-            output = self.model(x, timesteps[step].reshape(1).repeat(self.batch).float())
-            x = replica(output, timesteps[step], x)
+    def draft(info: dict) -> list[torch.Tensor]:
+        if info["round"] <= 1:  # round 0 evaluates step 0 alone; round 1 drafts first
+            return info["drafts"]
+        replica = Refiner(copy.deepcopy(scheduler))
+        x, drafts = info["x"], []
+        for step in info["steps"]:
+            drafts.append(x)
+            timestep = scheduler.timesteps[step]
+            output = model(x, timestep.reshape(1).repeat(x.shape[0]).float())
+            x = replica(output, timestep, x)
         return drafts
 
+    return draft
 
-def run_first_round_floor(model, setup: Setup, kind: str, steps: int) -> tuple[torch.Tensor, int]:
+
+def run_first_round_floor(
+    model, setup: Setup, kind: str, steps: int
+) -> tuple[torch.Tensor, CountingDenoise]:
     """Aggressive mode with exact drafts after the first drafting round (an oracle)."""
     denoise = CountingDenoise(model, setup.batch)
-    options = _Options(generator=None, progress=None, draft_order=1, tolerance=None)
-    sampler = _ExactLaterDrafts(
-        model, denoise, make_scheduler(kind, steps), starting_latents(setup), options
+    scheduler = make_scheduler(kind, steps)
+    result = asyncio.run(
+        sample(
+            denoise,
+            scheduler,
+            starting_latents(setup),
+            mode="aggressive",
+            window=setup.window,
+            draft=exact_later_drafts(model, scheduler),
+        )
     )
-    return asyncio.run(sampler.run_aggressive(setup.window)), denoise
+    return result, denoise
 
 
 class _ClosedFormUNet(torch.nn.Module):
@@ -437,7 +445,9 @@ def plot(records, path: Path, schedulers, step_counts) -> None:
             axis.set_yscale("log")
             axis.grid(True, which="both", alpha=0.3)
             axis.legend(fontsize=7)
-    figure.suptitle(f"Method variants on a closed-form Gaussian mixture (zero drawn at {PLOT_FLOOR:g})")
+    figure.suptitle(
+        f"Method variants on a closed-form Gaussian mixture (zero drawn at {PLOT_FLOOR:g})"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -494,7 +504,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     return {
         "machine": machine_info(),
         "setup": asdict(setup),
-        "model": "closed-form Gaussian mixture (runtime/closed_form.py), "
+        "model": "closed-form Gaussian mixture (models/closed_form.py), "
         f"noise schedule {NOISE_SCHEDULE}",
         "records": records,
         "order_ratios": order_ratios(records, args.schedulers, args.steps),
@@ -519,7 +529,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if not args.no_plot:
         plot(records, out / "methods.png", args.schedulers, args.steps)
-    print(f"\nwrote {out / 'methods.json'}" + ("" if args.no_plot else f" and {out / 'methods.png'}"))
+    plot_note = "" if args.no_plot else f" and {out / 'methods.png'}"
+    print(f"\nwrote {out / 'methods.json'}{plot_note}")
     return 0
 
 

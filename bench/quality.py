@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bench.common import positive_int
@@ -28,8 +27,9 @@ from bench.metrics import (
     frechet_distance,
     mean_sample_distance,
 )
-from models import paths
+from models import paths, tensors
 from models.reference import NUM_CLASSES, SCHEDULER_CONFIG, ReferenceModel
+from runtime.pipeline import CountingDenoise
 from runtime.schedulers import SCHEDULERS
 
 QUALITY_MODES = ("conservative", "aggressive")
@@ -105,58 +105,22 @@ class QualityRecord:
 # Batched local denoise
 
 
-class CountingDenoise:
-    """Wraps an async denoise and counts its rounds."""
+def make_denoiser(model: ReferenceModel, setup: QualitySetup, labels: torch.Tensor,
+                  guidance: float, unet_onnx: Path | None = None):
+    """The batched local denoise for a batch of labels: the UNet in PyTorch, or its engine in
+    ONNX Runtime (`unet_onnx`), as one in-process device that takes each round in one call."""
+    from runtime.devices import Conditioning, DevicePool, LocalDevice
 
-    def __init__(self, denoise) -> None:
-        self.denoise = denoise
-        self.rounds = 0
-
-    async def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.rounds += 1
-        return await self.denoise(x, t)
-
-
-def onnx_denoiser(model: ReferenceModel, unet_path: Path, labels: torch.Tensor, guidance: float,
-                  threads: int = 1):
-    """An async `denoise(x, t)` running the UNet engine in ONNX Runtime for a batch of labels.
-
-    Items are stacked item-major, so the label embeddings repeat once per item; with guidance
-    != 1 every row also runs with the null label in the same call.
-    """
-    from runtime.devices import ort_session
-
-    session = ort_session(unet_path, threads)
+    if setup.backend == "torch":
+        device = LocalDevice.from_torch(model.unet)
+    else:
+        device = LocalDevice.from_onnx(unet_onnx, threads=setup.threads)
     with torch.no_grad():
         cond = model.text_encoder(labels).numpy()
         uncond = model.text_encoder(torch.full_like(labels, model.null_label)).numpy()
-
-    async def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        items = x.shape[0] // labels.shape[0]
-        sample, timestep = x.numpy().astype(np.float32), t.numpy().astype(np.float32)
-        context = np.tile(cond, (items, 1, 1))
-        if guidance == 1.0:
-            return torch.from_numpy(_run_unet(session, sample, timestep, context))
-        both = _run_unet(session, np.concatenate([sample, sample]),
-                         np.concatenate([timestep, timestep]),
-                         np.concatenate([context, np.tile(uncond, (items, 1, 1))]))
-        conditional, unconditional = np.split(both, 2)
-        return torch.from_numpy(unconditional + guidance * (conditional - unconditional))
-
-    return denoise
-
-
-def _run_unet(session, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray):
-    names = [tensor.name for tensor in session.get_inputs()]
-    return session.run(None, dict(zip(names, (sample, timestep, context))))[0]
-
-
-def make_denoiser(model: ReferenceModel, setup: QualitySetup, labels: torch.Tensor,
-                  guidance: float, unet_onnx: Path | None):
-    """The batched local denoise: PyTorch, or ONNX Runtime on `unet_onnx`."""
-    if setup.backend == "torch":
-        return model.denoiser(labels, guidance)
-    return onnx_denoiser(model, unet_onnx, labels, guidance, setup.threads)
+    conditioning = Conditioning({tensors.ENCODER_HIDDEN_STATES: cond},
+                                {tensors.ENCODER_HIDDEN_STATES: uncond}, guidance)
+    return DevicePool([device], batched=True).denoiser(conditioning)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import positive_int
-from models import paths
+from models import paths, tensors
 from runtime.driffusion import round_pattern
 
 BACKENDS = ("sim", "cpu", "cpu-local")
@@ -155,7 +155,8 @@ def cpu_clock(server_group: int | None = None) -> Callable[[], tuple[float, floa
     return clock
 
 
-async def time_runs(pool, setup: SpeedSetup, progress: Callable[[], None] = lambda: None,
+async def time_runs(pool, conditioning, setup: SpeedSetup,
+                    progress: Callable[[], None] = lambda: None,
                     clock: Callable[[], tuple[float, float]] | None = None) -> Timings:
     """Every run `repeat` times, interleaved, after a warm-up: wall time, rounds, CPU time.
 
@@ -173,7 +174,8 @@ async def time_runs(pool, setup: SpeedSetup, progress: Callable[[], None] = lamb
         noise = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(setup.seed))
         before = pool.rounds
         start = time.perf_counter()
-        await sample(pool, scheduler, noise * scheduler.init_noise_sigma, mode=mode, window=window)
+        await sample(pool.denoiser(conditioning), scheduler, noise * scheduler.init_noise_sigma,
+                     mode=mode, window=window)
         return time.perf_counter() - start, pool.rounds - before
 
     for mode, window in setup.runs():
@@ -272,12 +274,15 @@ def onnx_call_ms(path: Path, threads: int) -> Callable[[int], float]:
     return call_ms
 
 
-async def encode(encoder, label: int) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings of `label` and of the null label from a text_encoder model client."""
-    result = await encoder.infer({"label": np.array([label, NULL_LABEL], np.int64)},
-                                 ["text_embeddings"], None)
-    embeddings = result["text_embeddings"].astype(np.float32)
-    return embeddings[:1], embeddings[1:]
+async def encode(encoder, label: int, guidance: float):
+    """The Conditioning of `label` (the null label as the negative) from a label encoder."""
+    from runtime.devices import Conditioning
+
+    result = await encoder.infer({tensors.LABEL: np.array([label, NULL_LABEL], np.int64)},
+                                 [tensors.TEXT_EMBEDDINGS], None)
+    embeddings = result[tensors.TEXT_EMBEDDINGS].astype(np.float32)
+    return Conditioning({tensors.ENCODER_HIDDEN_STATES: embeddings[:1]},
+                        {tensors.ENCODER_HIDDEN_STATES: embeddings[1:]}, guidance)
 
 
 async def _measure_served(endpoint: str, setup: SpeedSetup, progress,
@@ -289,8 +294,8 @@ async def _measure_served(endpoint: str, setup: SpeedSetup, progress,
         encoder = await connection.find_model("text_encoder")
         if encoder is None:
             raise DiscoveryError(f"{endpoint} serves no text_encoder model")
-        pool.condition(*await encode(encoder, setup.label), setup.guidance)
-        return pool.width, await time_runs(pool, setup, progress, clock)
+        conditioning = await encode(encoder, setup.label, setup.guidance)
+        return pool.width, await time_runs(pool, conditioning, setup, progress, clock)
 
 
 def measure_sim(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
@@ -347,14 +352,14 @@ def measure_cpu_local(setup: SpeedSetup, workdir: Path, progress) -> BackendResu
     devices = [LocalDevice.from_onnx(engines.path("unet"), threads=setup.cpu_threads,
                                      name=f"cpu{i}") for i in range(setup.cpu_devices)]
     session = ort_session(engines.path("text_encoder"), 1)
-    encoder = LocalModel("text_encoder",
-                         lambda label: {"text_embeddings": session.run(None, {"label": label})[0]})
+    encoder = LocalModel("text_encoder", lambda label: {
+        tensors.TEXT_EMBEDDINGS: session.run(None, {tensors.LABEL: label})[0]})
     pool = DevicePool(devices)
     load_before = list(os.getloadavg())
 
     async def measure():
-        pool.condition(*await encode(encoder, setup.label), setup.guidance)
-        return await time_runs(pool, setup, progress)
+        return await time_runs(pool, await encode(encoder, setup.label, setup.guidance), setup,
+                               progress)
 
     timings = asyncio.run(measure())
     load_after = list(os.getloadavg())

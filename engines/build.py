@@ -36,6 +36,7 @@ from export.onnx_export import (
 )
 from export.presets import source_fingerprint
 from models import paths
+from models.pipeline_spec import SPEC_FILE, PipelineSpec
 
 BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime")
 TIMING_CACHE_DIR = ".timing-cache"
@@ -128,8 +129,25 @@ def build_engines(request: BuildRequest, log: Callable[[str], None] = print) -> 
             f"built ONNX Runtime {onnxruntime_version()} CPU engines for {request.name} in "
             f"{outcome.directories[0]} ({_counts(outcome)}); no TensorRT plan: {no_plan_reason}"
         )
+    for directory in outcome.directories:
+        copy_pipeline_files(request.export_dir, directory)
     log(outcome.summary)
     return outcome
+
+
+def copy_pipeline_files(export_dir: Path, directory: Path) -> None:
+    """Put the export's pipeline spec and the tokenizers it names beside the engines."""
+    spec_file = export_dir / SPEC_FILE
+    if not spec_file.is_file():
+        return
+    spec = PipelineSpec.from_json(spec_file.read_text())
+    directory.mkdir(parents=True, exist_ok=True)
+    for encoder in spec.text_encoders:
+        target = directory / encoder.tokenizer
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(export_dir / encoder.tokenizer, target)
+    shutil.copyfile(spec_file, directory / SPEC_FILE)
 
 
 def _counts(outcome: BuildOutcome) -> str:
@@ -166,6 +184,8 @@ def export_staleness(
     index = read_export_index(directory)
     if index is None:
         return "no export yet"
+    if "servable" not in index:
+        return "no pipeline spec yet (an export from an older version)"
     entry = index.get("exports", {}).get(options.precision)
     if entry is None:
         return f"no {options.precision} export yet"

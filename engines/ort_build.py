@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from models import tensors
+
 # "extended" adds CPU fusions (attention, GELU, layer norm) and stays hardware independent;
 # "all" adds layout changes that tie the saved model to the CPU it was optimised on
 ORT_OPTIMIZATION_LEVEL = "extended"
-ORT_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
 class OrtBuildError(RuntimeError):
@@ -89,7 +90,7 @@ def _random_feeds(profile: dict[str, Any], inputs: list[dict]) -> dict[str, np.n
     feeds = {}
     for tensor in inputs:
         shape = tuple(profile[tensor["name"]][0])
-        dtype = ORT_DTYPES[tensor["dtype"]]
+        dtype = np.dtype(tensors.dtype_named(tensor["dtype"]).name)
         if np.issubdtype(dtype, np.integer):
             # ids and labels: 0 is valid for every embedding table
             feeds[tensor["name"]] = np.zeros(shape, dtype=dtype)

@@ -19,7 +19,7 @@ import onnx
 import torch
 from torch import nn
 
-from export.presets import source_fingerprint
+from export.presets import source_fingerprint, write_pipeline_files
 from export.specs import (
     IMAGE_HEIGHT,
     IMAGE_WIDTH,
@@ -295,7 +295,8 @@ def export_model(
         exported = export_network(spec, bundle.modules[name], path, options, step_log)
         result.networks[name] = exported
         log(f"{prefix}{name}: wrote {path} ({exported.seconds:.1f} s)")
-    write_export_index(result, bundle.source, complete=not bundle.selected)
+    servable = write_pipeline_files(bundle, out_dir, options.height, options.width)
+    write_export_index(result, bundle.source, complete=not bundle.selected, servable=servable)
     return result
 
 
@@ -303,15 +304,18 @@ def _prefixed(log: Callable[[str], None], prefix: str, message: str) -> None:
     log(prefix + message)
 
 
-def write_export_index(result: ExportResult, source: str, *, complete: bool) -> Path:
+def write_export_index(result: ExportResult, source: str, *, complete: bool,
+                       servable: bool = False) -> Path:
     """Record this export in `<dir>/export.json`, one entry per precision.
 
     Networks exported with the same settings as the existing entry are merged into it;
-    `complete` says whether every network of the model was exported (no --networks choice).
+    `complete` says whether every network of the model was exported (no --networks choice);
+    `servable` whether pipeline.json and the tokenizers were written beside them.
     """
     index_path = result.directory / EXPORT_INDEX
     index = read_export_index(result.directory) or {"model": result.model, "exports": {}}
     index.update(model=result.model, source=source)
+    index["servable"] = servable or index.get("servable", False)
     networks = {name: network.to_json() for name, network in result.networks.items()}
     previous = index["exports"].get(result.options.precision)
     if previous is not None and settings_change(previous, result.options) is None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
 import re
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,11 @@ import torch
 from torch import nn
 
 from export.specs import (
+    IMAGE_HEIGHT,
+    IMAGE_WIDTH,
+    LATENT_HEIGHT,
+    LATENT_WIDTH,
+    SD3_T5_TOKENS,
     LabelEncoderSpec,
     NetworkSpec,
     SD3TransformerSpec,
@@ -26,6 +34,7 @@ from export.specs import (
     spec_class_named,
     spec_for,
 )
+from models.pipeline_spec import SPEC_FILE, PipelineSpec, TextEncoder
 
 PRESETS = ("tiny-sd", "reference")
 # the network name a single-model folder gets, by the spec its model class uses
@@ -44,6 +53,8 @@ EXPORTED_COMPONENTS = {
     "transformer": "transformer",
     "vae": "vae_decoder",
 }
+# the tokenizer that feeds each text encoder
+TOKENIZER_OF_ENCODER = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 # components a pipeline folder may hold that are not networks to export
 IGNORED_COMPONENTS = {
     "tokenizer",
@@ -71,6 +82,9 @@ class ModelBundle:
     scheduler_config: dict[str, Any] = field(default_factory=dict)
     label_encoders: frozenset[str] = frozenset()
     selected: bool = False  # True when only some of the model's networks were chosen
+    # tokenizer name -> writer of its files into a directory
+    tokenizers: dict[str, Callable[[Path], None]] = field(default_factory=dict)
+    pipeline_config: dict[str, Any] = field(default_factory=dict)  # model_index.json
 
     def specs(self, precision: str) -> dict[str, NetworkSpec]:
         """{network name: spec} at `precision`, in export order."""
@@ -108,7 +122,7 @@ def load_bundle(source: str, networks: list[str] | None = None) -> ModelBundle:
 def source_fingerprint(source: str) -> str:
     """What identifies the weights behind `source`, so an export can tell it is stale."""
     if source == "tiny-sd":
-        return "tiny-sd:seed0"
+        return "tiny-sd:seed0:clip-tokenizer"
     if source == "reference":
         from models.reference import ASSET_DIR, DIFFUSION_CHECKPOINT
 
@@ -147,19 +161,21 @@ def tiny_sd(seed: int = 0) -> ModelBundle:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from models.clip_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, write_clip_tokenizer
+
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=1000,
+            vocab_size=VOCAB_SIZE,
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=77,
             projection_dim=32,
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=1,
+            bos_token_id=BOS_TOKEN_ID,
+            eos_token_id=EOS_TOKEN_ID,
+            pad_token_id=EOS_TOKEN_ID,
         )
     )
     unet = UNet2DConditionModel(
@@ -199,7 +215,8 @@ def tiny_sd(seed: int = 0) -> ModelBundle:
         source="tiny-sd",
         modules={k: m.eval() for k, m in modules.items()},
         context=SpecContext(vae_scale_factor=8, sequence_length=77),
-        scheduler_config=dict(scheduler.config),
+        scheduler_config={**scheduler.config, "_class_name": type(scheduler).__name__},
+        tokenizers={"tokenizer": write_clip_tokenizer},
     )
 
 
@@ -292,6 +309,8 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
     if not components:
         raise ModelSourceError(f"{path}/model_index.json names no exportable component")
     scheduler_file = path / "scheduler" / "scheduler_config.json"
+    tokenizers = {name: functools.partial(_copy_tree, path / name)
+                  for name in TOKENIZER_OF_ENCODER.values() if (path / name).is_dir()}
     return ModelBundle(
         name=model_name(str(path)),
         source=str(path),
@@ -299,7 +318,13 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
         context=_pipeline_context(components),
         scheduler_config=_read_json(scheduler_file) if scheduler_file.is_file() else {},
         selected=bool(networks),
+        tokenizers=tokenizers,
+        pipeline_config=index,
     )
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    shutil.copytree(source, target, dirs_exist_ok=True)
 
 
 def _pipeline_context(components: dict[str, nn.Module]) -> SpecContext:
@@ -336,3 +361,101 @@ def _load_model_folder(path: Path) -> ModelBundle:
         modules={network: module.eval()},
         context=_pipeline_context({network: module}),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline spec of a model
+
+
+# diffusers' own defaults per family: steps and guidance of their pipelines' __call__
+FAMILY_DEFAULTS = {"sd": (50, 7.5), "sdxl": (50, 5.0), "sd3": (28, 7.0)}
+
+
+def pipeline_spec(bundle: ModelBundle, height=None, width=None) -> PipelineSpec | None:
+    """The spec that serving `bundle` needs, derived from its networks' configs; None when the
+    bundle is not a servable pipeline (a single network, or some networks only).
+
+    `height` / `width` are the export's image-size ranges (pixels), which the engines accept.
+    """
+    if bundle.selected:
+        return None
+    if bundle.label_encoders:
+        from models.reference import reference_spec
+
+        return reference_spec()
+    denoiser_name = next((n for n in ("unet", "transformer") if n in bundle.modules), None)
+    if denoiser_name is None:
+        return None
+    denoiser = bundle.modules[denoiser_name]
+    encoders = _text_encoders(bundle)
+    family = _family(denoiser_name, encoders, bundle.name)
+    vae = bundle.modules.get("vae_decoder")
+    network = bundle.specs("fp32")[denoiser_name]
+    ranges = network.dim_ranges(1, height, width)
+    steps, guidance = FAMILY_DEFAULTS[family]
+    forced = bundle.pipeline_config.get("force_zeros_for_empty_prompt", family == "sdxl")
+    return PipelineSpec(
+        model=bundle.name,
+        family=family,
+        latent_channels=denoiser.config.in_channels,
+        latent_size=(ranges[LATENT_HEIGHT][1], ranges[LATENT_WIDTH][1]),
+        scheduler_config=dict(bundle.scheduler_config),
+        vae_scale_factor=network.vae_scale_factor,
+        decoder="vae" if vae is not None else "pixels",
+        scaling_factor=float(getattr(vae.config, "scaling_factor", 1.0)) if vae else 1.0,
+        shift_factor=getattr(vae.config, "shift_factor", None) if vae else None,
+        text_encoders=tuple(encoders),
+        force_zeros_for_empty_prompt=bool(forced) and family == "sdxl",
+        joint_attention_dim=getattr(denoiser.config, "joint_attention_dim", 0) or 0,
+        t5_tokens=SD3_T5_TOKENS,
+        height_range=_range(ranges[IMAGE_HEIGHT]),
+        width_range=_range(ranges[IMAGE_WIDTH]),
+        size_multiple=network.vae_scale_factor * network.latent_multiple,
+        default_steps=steps,
+        default_guidance=guidance,
+    )
+
+
+def _range(triple: tuple[int, int, int]) -> tuple[int, int] | None:
+    """(min, max) of a profile dim, or None when it is fixed."""
+    return None if triple[0] == triple[2] else (triple[0], triple[2])
+
+
+def _text_encoders(bundle: ModelBundle) -> list[TextEncoder]:
+    encoders = []
+    for network, tokenizer in TOKENIZER_OF_ENCODER.items():
+        module = bundle.modules.get(network)
+        if module is None:
+            continue
+        if tokenizer not in bundle.tokenizers:
+            raise ModelSourceError(f"{bundle.name}: {network} has no {tokenizer} to feed it")
+        encoders.append(TextEncoder(
+            network=network, tokenizer=tokenizer, kind=type(module).__name__,
+            max_length=module.config.max_position_embeddings,
+            hidden_size=module.config.hidden_size,
+        ))
+    return encoders
+
+
+def _family(denoiser: str, encoders: list[TextEncoder], model: str) -> str:
+    if not encoders:
+        raise UnsupportedModelError(f"{model}: a pipeline without a text encoder cannot be "
+                                    "served; supported: SD 1.x/2.x, SDXL, SD3-style pipelines")
+    if denoiser == "transformer":
+        return "sd3"
+    return "sdxl" if len(encoders) == 2 else "sd"
+
+
+def write_pipeline_files(bundle: ModelBundle, directory: Path, height=None, width=None) -> bool:
+    """`pipeline.json` and the tokenizers of a servable bundle into `directory`; False when the
+    bundle is not a servable pipeline."""
+    spec = pipeline_spec(bundle, height, width)
+    if spec is None:
+        return False
+    for name, write in bundle.tokenizers.items():
+        target = directory / name
+        if target.exists():
+            shutil.rmtree(target)
+        write(target)
+    (directory / SPEC_FILE).write_text(spec.to_json() + "\n")
+    return True

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from models import tensors
+
 BATCH = "batch"
 LATENT_HEIGHT = "latent_height"
 LATENT_WIDTH = "latent_width"
@@ -24,12 +26,6 @@ IMAGE_HEIGHT = "image_height"
 IMAGE_WIDTH = "image_width"
 
 PRECISIONS = ("fp32", "fp16")
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-}
 
 Range = tuple[int, int, int]
 Shape = tuple[int | str, ...]
@@ -191,8 +187,8 @@ class NetworkSpec:
         self, tensor: TensorSpec, shape: tuple[int, ...], generator: torch.Generator
     ) -> torch.Tensor:
         """A random tensor for one input; subclasses override for ids, labels and timesteps."""
-        dtype = TORCH_DTYPES[tensor.dtype]
-        if tensor.name == "timestep":
+        dtype = getattr(torch, tensors.dtype_named(tensor.dtype).name)
+        if tensor.name == tensors.TIMESTEP:
             return torch.rand(shape, generator=generator).mul(999.0).to(dtype)
         return torch.randn(shape, generator=generator).to(dtype)
 
@@ -231,15 +227,15 @@ class _LatentDenoiser:
     def latent_inputs(self) -> list[TensorSpec]:
         act = float_dtype(self.precision)
         return [
-            TensorSpec("sample", act, (BATCH, self.in_channels, LATENT_HEIGHT, LATENT_WIDTH)),
-            TensorSpec("timestep", "float32", (BATCH,)),
+            TensorSpec(tensors.SAMPLE, act, (BATCH, self.in_channels, LATENT_HEIGHT, LATENT_WIDTH)),
+            TensorSpec(tensors.TIMESTEP, "float32", (BATCH,)),
         ]
 
     @property
     def outputs(self) -> list[TensorSpec]:
         act = float_dtype(self.precision)
         return [
-            TensorSpec("out_sample", act, (BATCH, self.out_channels, LATENT_HEIGHT, LATENT_WIDTH))
+            TensorSpec(tensors.OUT_SAMPLE, act, (BATCH, self.out_channels, LATENT_HEIGHT, LATENT_WIDTH))
         ]
 
 
@@ -299,26 +295,26 @@ class UNetSpec(_LatentDenoiser, NetworkSpec):
     @property
     def inputs(self) -> list[TensorSpec]:
         act = float_dtype(self.precision)
-        tensors = [
+        specs = [
             *self.latent_inputs(),
             TensorSpec(
-                "encoder_hidden_states",
+                tensors.ENCODER_HIDDEN_STATES,
                 act,
                 (BATCH, self.sequence_length, self.cross_attention_dim),
             ),
         ]
         if self.time_ids_count is not None:
-            tensors += [
-                TensorSpec("text_embeds", act, (BATCH, self.text_embeds_dim)),
-                TensorSpec("time_ids", "float32", (BATCH, self.time_ids_count)),
+            specs += [
+                TensorSpec(tensors.TEXT_EMBEDS, act, (BATCH, self.text_embeds_dim)),
+                TensorSpec(tensors.TIME_IDS, "float32", (BATCH, self.time_ids_count)),
             ]
-        return tensors
+        return specs
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return _UNetForward(module)
 
     def sample_value(self, tensor, shape, generator):
-        if tensor.name == "time_ids":
+        if tensor.name == tensors.TIME_IDS:
             height, width = self.image_size
             row = [height, width, 0, 0, height, width][: shape[1]]
             return torch.tensor([row] * shape[0], dtype=torch.float32)
@@ -328,7 +324,7 @@ class UNetSpec(_LatentDenoiser, NetworkSpec):
 class _UNetForward(_Wrapper):
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
         added_cond = (
-            None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+            None if text_embeds is None else {tensors.TEXT_EMBEDS: text_embeds, tensors.TIME_IDS: time_ids}
         )
         output = self.module(
             sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond, return_dict=False
@@ -392,16 +388,16 @@ class UNet2DSpec(_LatentDenoiser, NetworkSpec):
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        tensors = self.latent_inputs()
+        specs = self.latent_inputs()
         if self.num_class_embeds is not None:
-            tensors.append(TensorSpec("class_labels", "int64", (BATCH,)))
-        return tensors
+            specs.append(TensorSpec(tensors.CLASS_LABELS, "int64", (BATCH,)))
+        return specs
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return _UNet2DForward(module)
 
     def sample_value(self, tensor, shape, generator):
-        if tensor.name == "class_labels":
+        if tensor.name == tensors.CLASS_LABELS:
             return torch.randint(0, self.num_class_embeds, shape, generator=generator)
         return super().sample_value(tensor, shape, generator)
 
@@ -413,17 +409,21 @@ class _UNet2DForward(_Wrapper):
 
 @dataclass
 class TextEncoderSpec(NetworkSpec):
-    """CLIP text encoder: `input_ids` [B, S] int64 -> `text_embeddings` (last hidden state)."""
+    """CLIP text encoder: `input_ids` [B, S] int64 -> last and penultimate hidden states and the
+    pooled embedding (CLIPTextModel's pooler output, CLIPTextModelWithProjection's text_embeds),
+    so that every pipeline family finds what its diffusers pipeline reads."""
 
     sequence_length: int = 77
     hidden_size: int = 768
     vocab_size: int = 49408
+    pooled_size: int = 768
 
     @classmethod
     def from_model(
         cls, encoder: nn.Module, *, precision: str = "fp32", name: str = "text_encoder"
     ) -> TextEncoderSpec:
         config = encoder.config
+        projected = hasattr(encoder, "text_projection")
         return cls(
             name=name,
             precision=checked_precision(precision),
@@ -433,16 +433,22 @@ class TextEncoderSpec(NetworkSpec):
             sequence_length=config.max_position_embeddings,
             hidden_size=config.hidden_size,
             vocab_size=config.vocab_size,
+            pooled_size=config.projection_dim if projected else config.hidden_size,
         )
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        return [TensorSpec("input_ids", "int64", (BATCH, self.sequence_length))]
+        return [TensorSpec(tensors.INPUT_IDS, "int64", (BATCH, self.sequence_length))]
 
     @property
     def outputs(self) -> list[TensorSpec]:
         act = float_dtype(self.precision)
-        return [TensorSpec("text_embeddings", act, (BATCH, self.sequence_length, self.hidden_size))]
+        states = (BATCH, self.sequence_length, self.hidden_size)
+        return [
+            TensorSpec(tensors.TEXT_EMBEDDINGS, act, states),
+            TensorSpec(tensors.PENULTIMATE_HIDDEN_STATES, act, states),
+            TensorSpec(tensors.POOLED, act, (BATCH, self.pooled_size)),
+        ]
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return _TextEncoderForward(module)
@@ -453,7 +459,11 @@ class TextEncoderSpec(NetworkSpec):
 
 class _TextEncoderForward(_Wrapper):
     def forward(self, input_ids):
-        return self.module(input_ids=input_ids).last_hidden_state
+        output = self.module(input_ids=input_ids, output_hidden_states=True)
+        pooled = getattr(output, "text_embeds", None)
+        if pooled is None:
+            pooled = output.pooler_output
+        return output.last_hidden_state, output.hidden_states[-2], pooled
 
 
 @dataclass
@@ -485,12 +495,12 @@ class LabelEncoderSpec(NetworkSpec):
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        return [TensorSpec("label", "int64", (BATCH,))]
+        return [TensorSpec(tensors.LABEL, "int64", (BATCH,))]
 
     @property
     def outputs(self) -> list[TensorSpec]:
         act = float_dtype(self.precision)
-        return [TensorSpec("text_embeddings", act, (BATCH, 1, self.embedding_dim))]
+        return [TensorSpec(tensors.TEXT_EMBEDDINGS, act, (BATCH, 1, self.embedding_dim))]
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return _LabelEncoderForward(module)
@@ -544,13 +554,13 @@ class VAEDecoderSpec(NetworkSpec):
     def inputs(self) -> list[TensorSpec]:
         act = float_dtype(self.precision)
         return [
-            TensorSpec("latent", act, (BATCH, self.latent_channels, LATENT_HEIGHT, LATENT_WIDTH))
+            TensorSpec(tensors.LATENT, act, (BATCH, self.latent_channels, LATENT_HEIGHT, LATENT_WIDTH))
         ]
 
     @property
     def outputs(self) -> list[TensorSpec]:
         act = float_dtype(self.precision)
-        return [TensorSpec("images", act, (BATCH, self.out_channels, IMAGE_HEIGHT, IMAGE_WIDTH))]
+        return [TensorSpec(tensors.IMAGES, act, (BATCH, self.out_channels, IMAGE_HEIGHT, IMAGE_WIDTH))]
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return _VAEDecoderForward(module)
@@ -601,11 +611,11 @@ class SD3TransformerSpec(_LatentDenoiser, NetworkSpec):
         return [
             *self.latent_inputs(),
             TensorSpec(
-                "encoder_hidden_states",
+                tensors.ENCODER_HIDDEN_STATES,
                 act,
                 (BATCH, self.sequence_length, self.joint_attention_dim),
             ),
-            TensorSpec("pooled_projections", act, (BATCH, self.pooled_projection_dim)),
+            TensorSpec(tensors.POOLED_PROJECTIONS, act, (BATCH, self.pooled_projection_dim)),
         ]
 
     def wrap(self, module: nn.Module) -> nn.Module:

@@ -7,7 +7,6 @@ runs on CPU. Sampling works directly in pixel space: there is no VAE.
 """
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 from torch import nn
+
+from models.pipeline_spec import CLASS_CONDITIONAL, PipelineSpec, digit_names
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "reference"
 DIFFUSION_CHECKPOINT = "diffusion_ema.safetensors"
@@ -47,6 +48,7 @@ UNET_CONFIG: dict[str, Any] = {
 # alphas_cumprod[999] near 2e-9, so schedulers that start at t=999 (the "linspace" default of
 # Euler, DPM++ and UniPC) amplify the model's error there ~2e4-fold and some samples blow up.
 SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "DDIMScheduler",
     "num_train_timesteps": 1000,
     "beta_schedule": "squaredcos_cap_v2",
     "prediction_type": "epsilon",
@@ -55,7 +57,6 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-Denoise = Callable[[torch.Tensor, torch.Tensor], Awaitable[torch.Tensor]]
 
 
 def check_labels(labels: torch.Tensor, *, allow_null: bool = True) -> None:
@@ -132,46 +133,6 @@ class ReferenceModel:
     sample_size: int = SAMPLE_SIZE
     in_channels: int = IN_CHANNELS
 
-    @torch.no_grad()
-    def predict_noise(
-        self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float
-    ) -> torch.Tensor:
-        """Epsilon for x [N,C,H,W] at timesteps t [N] (or scalar), with classifier-free guidance.
-
-        `labels` has one entry per row of x. Guidance 1 evaluates only the conditional branch.
-        """
-        if labels.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"need one label per sample: {labels.shape[0]} labels, {x.shape[0]} samples"
-            )
-        t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        if guidance == 1.0:
-            return self.unet(x, t, self.text_encoder(labels)).sample
-        null = torch.full_like(labels, self.null_label)
-        context = self.text_encoder(torch.cat([labels, null]))
-        cond, uncond = self.unet(torch.cat([x, x]), torch.cat([t, t]), context).sample.chunk(2)
-        return uncond + guidance * (cond - uncond)
-
-    def denoiser(self, labels: torch.Tensor, guidance: float = 1.0) -> Denoise:
-        """An async `denoise(x, t)` for `runtime.driffusion.sample`, for a latent batch of `labels`.
-
-        The sampler stacks k items item-major (rows k*B..k*B+B-1 are item k), so the labels
-        repeat once per item.
-        """
-        check_labels(labels, allow_null=True)
-        if guidance < 0:
-            raise ValueError(f"guidance must be >= 0; got {guidance}")
-
-        async def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            items, remainder = divmod(x.shape[0], labels.shape[0])
-            if remainder:
-                raise ValueError(
-                    f"{x.shape[0]} rows are not whole items of {labels.shape[0]} samples"
-                )
-            return self.predict_noise(x, t, labels.repeat(items), guidance)
-
-        return denoise
-
     def initial_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Standard normal latents [batch, 1, 8, 8]; scale by the scheduler's init_noise_sigma."""
         shape = (batch, self.in_channels, self.sample_size, self.sample_size)
@@ -222,3 +183,13 @@ def real_digits() -> tuple[torch.Tensor, torch.Tensor]:
     digits = load_digits()
     images = torch.from_numpy(digits.images).float().div(8.0).sub(1.0).unsqueeze(1)
     return images, torch.from_numpy(digits.target).long()
+
+
+def reference_spec() -> PipelineSpec:
+    """The pipeline spec of the bundled reference model (pixel space, digit labels)."""
+    return PipelineSpec(
+        model="reference", family=CLASS_CONDITIONAL, latent_channels=IN_CHANNELS,
+        latent_size=(SAMPLE_SIZE, SAMPLE_SIZE), scheduler_config=dict(SCHEDULER_CONFIG),
+        num_labels=NUM_CLASSES, null_label=NULL_LABEL, label_names=digit_names(NUM_CLASSES),
+        default_scheduler="ddim",
+    )

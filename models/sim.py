@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from models.pipeline_spec import CLASS_CONDITIONAL, PipelineSpec, digit_names
+
 if TYPE_CHECKING:
     import torch
 
@@ -116,3 +118,15 @@ def alphas_cumprod_of(scheduler_config: dict) -> np.ndarray:
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(scheduler_config).alphas_cumprod.numpy().astype(np.float64)
+
+
+def sim_spec() -> PipelineSpec:
+    """The pipeline spec of the closed-form sim (the reference model's schedule and labels)."""
+    from models.reference import SCHEDULER_CONFIG
+
+    return PipelineSpec(
+        model="sim", family=CLASS_CONDITIONAL, latent_channels=SAMPLE_SHAPE[0],
+        latent_size=SAMPLE_SHAPE[1:], scheduler_config=dict(SCHEDULER_CONFIG),
+        num_labels=NUM_CLASSES, null_label=NULL_LABEL, label_names=digit_names(NUM_CLASSES),
+        default_scheduler="ddim",
+    )

@@ -17,20 +17,23 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from models import tensors
+
 if TYPE_CHECKING:
     import torch
     from typing_extensions import Self
 
 DEVICE_PATTERN = "unet_*"
+Denoise = Callable[["torch.Tensor", "torch.Tensor"], Awaitable["torch.Tensor"]]
 DEFAULT_DEADLINE_S = 60.0
 DEFAULT_RECHECK_S = 2.0  # first health check of a lost device after this long
 MAX_RECHECK_S = 30.0  # back-off cap for a device that keeps failing after it answered ready
@@ -70,20 +73,41 @@ class ModelClient(Protocol):
 
 
 @dataclass(frozen=True)
-class UNetIO:
-    """Tensor names and dtype of a UNet model (the export spec's names by default)."""
+class DenoiserIO:
+    """How to call a denoiser model: dtypes by input name (the shared tensor names), batching.
 
-    sample: str = "sample"
-    timestep: str = "timestep"
-    context: str = "encoder_hidden_states"
-    output: str = "out_sample"
-    dtype: str = "float32"
+    `sample` and `timestep` go in, `out_sample` comes out; every other input is conditioning
+    that the pipeline supplies by the same name.
+    """
+
+    dtypes: Mapping[str, str] = field(default_factory=lambda: {
+        tensors.SAMPLE: "float32", tensors.TIMESTEP: "float32",
+        tensors.ENCODER_HIDDEN_STATES: "float32"})
     # the model batches (Triton max_batch_size > 0): the per-item timestep travels as [N, 1]
     batching: bool = False
 
+    @classmethod
+    def from_inputs(cls, model: str, dtypes: Mapping[str, str], outputs: Sequence[str],
+                    batching: bool = False) -> DenoiserIO:
+        """The IO of a model with these input dtypes and output names; ValueError if it is not
+        a denoiser (sample, timestep in; out_sample out)."""
+        missing = [name for name in (tensors.SAMPLE, tensors.TIMESTEP) if name not in dtypes]
+        if missing or tensors.OUT_SAMPLE not in outputs:
+            raise ValueError(
+                f"{model} is not a denoiser: it needs inputs {tensors.SAMPLE}, {tensors.TIMESTEP} "
+                f"and output {tensors.OUT_SAMPLE}; it has inputs {', '.join(dtypes) or 'none'} "
+                f"and outputs {', '.join(outputs) or 'none'}"
+            )
+        return cls(dict(dtypes), batching)
+
+    @property
+    def conditioning(self) -> tuple[str, ...]:
+        """Names of the conditioning inputs."""
+        return tuple(name for name in self.dtypes if name not in (tensors.SAMPLE, tensors.TIMESTEP))
+
 
 class Device:
-    """A UNet on one model client: `await device(sample, timestep, context) -> output`.
+    """A denoiser on one model client: `await device(sample, timestep, conditioning)`.
 
     It also keeps the device's health as the pools that use it see it: `lost` after a failed
     call, back in service after a health check finds it ready. Checks run every `recheck_s`,
@@ -97,7 +121,7 @@ class Device:
         *,
         instances: int = 1,
         max_batch: int | None = None,
-        io: UNetIO = UNetIO(),
+        io: DenoiserIO | None = None,
         deadline_s: float | None = DEFAULT_DEADLINE_S,
         recheck_s: float = DEFAULT_RECHECK_S,
     ) -> None:
@@ -110,7 +134,7 @@ class Device:
         self.model = model
         self.instances = instances
         self.max_batch = max_batch
-        self.io = io
+        self.io = io or DenoiserIO()
         self.deadline_s = deadline_s
         self.recheck_s = recheck_s
         self.calls = 0  # successful model calls
@@ -127,14 +151,15 @@ class Device:
     def __repr__(self) -> str:
         return f"Device({self.name!r}, instances={self.instances})"
 
-    async def __call__(
-        self, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray
-    ) -> np.ndarray:
-        """Evaluate rows [N, ...]; calls larger than the engine's max batch run one after another."""
+    async def __call__(self, sample: np.ndarray, timestep: np.ndarray,
+                       conditioning: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Evaluate rows [N, ...] (conditioning by input name, N rows each); calls larger than the
+        engine's max batch run one after another."""
         rows = sample.shape[0]
         step = self.max_batch or rows
         parts = [
-            await self._infer(sample[i : i + step], timestep[i : i + step], context[i : i + step])
+            await self._infer(sample[i : i + step], timestep[i : i + step],
+                              {name: value[i : i + step] for name, value in conditioning.items()})
             for i in range(0, rows, step)
         ]
         output = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -142,19 +167,23 @@ class Device:
         self.failures = 0
         return output
 
-    async def _infer(self, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray):
-        dtype = np.dtype(self.io.dtype)
-        timestep = np.ascontiguousarray(timestep, dtype=np.float32)
+    async def _infer(self, sample: np.ndarray, timestep: np.ndarray,
+                     conditioning: Mapping[str, np.ndarray]) -> np.ndarray:
+        timestep = np.ascontiguousarray(timestep, dtype=self._dtype(tensors.TIMESTEP))
         inputs = {
-            self.io.sample: np.ascontiguousarray(sample, dtype=dtype),
-            self.io.timestep: timestep.reshape(-1, 1) if self.io.batching else timestep,
-            self.io.context: np.ascontiguousarray(context, dtype=dtype),
+            tensors.SAMPLE: np.ascontiguousarray(sample, dtype=self._dtype(tensors.SAMPLE)),
+            tensors.TIMESTEP: timestep.reshape(-1, 1) if self.io.batching else timestep,
         }
-        result = await self.model.infer(inputs, [self.io.output], self.deadline_s)
-        output = result[self.io.output]
+        for name, value in conditioning.items():
+            inputs[name] = np.ascontiguousarray(value, dtype=self._dtype(name))
+        result = await self.model.infer(inputs, [tensors.OUT_SAMPLE], self.deadline_s)
+        output = result[tensors.OUT_SAMPLE]
         if output.shape != sample.shape:
             raise DeviceError(self.name, f"returned shape {output.shape}, expected {sample.shape}")
         return output.astype(np.float32, copy=False)
+
+    def _dtype(self, name: str) -> np.dtype:
+        return np.dtype(self.io.dtypes.get(name, "float32"))
 
     async def healthy(self) -> bool:
         """True if the model answers a readiness check in time (never raises)."""
@@ -226,45 +255,50 @@ class LocalModel:
 
 
 class LocalDevice(Device):
-    """A UNet evaluated in-process: an ONNX Runtime session, a torch module or a numpy function."""
+    """A denoiser evaluated in-process: an ONNX Runtime session, a torch module or a function."""
 
     @classmethod
-    def from_function(cls, name: str, fn: Callable[[np.ndarray, np.ndarray, np.ndarray], Any],
-                      io: UNetIO = UNetIO(), **kwargs) -> LocalDevice:
-        """`fn(sample, timestep, context) -> output` on numpy arrays (e.g. `SimDiffusion.denoise`)."""
+    def from_function(cls, name: str, fn: Callable[..., Any], **kwargs) -> LocalDevice:
+        """`fn(sample, timestep, *conditioning)` on numpy arrays (e.g. `SimDiffusion.denoise`),
+        conditioning in the order the pipeline gives it."""
 
         def run(**inputs):
-            return {io.output: fn(inputs[io.sample], inputs[io.timestep], inputs[io.context])}
+            sample, timestep = inputs.pop(tensors.SAMPLE), inputs.pop(tensors.TIMESTEP)
+            return {tensors.OUT_SAMPLE: fn(sample, timestep, *inputs.values())}
 
-        return cls(LocalModel(name, run), io=io, **kwargs)
+        return cls(LocalModel(name, run), **kwargs)
 
     @classmethod
     def from_onnx(cls, path: str | Path, *, threads: int = 1, name: str | None = None,
                   **kwargs) -> LocalDevice:
         """An ONNX Runtime CPU session on `path` with `threads` intra-op threads."""
         session = ort_session(path, threads)
-        io = unet_io_of_session(session)
+        name = name or Path(path).stem
+        dtypes = {i.name: tensors.dtype_of_onnx(i.type).name for i in session.get_inputs()}
+        io = DenoiserIO.from_inputs(name, dtypes, session_output_names(session))
 
         def run(**inputs):
             return dict(zip(session_output_names(session), session.run(None, inputs)))
 
-        return cls(LocalModel(name or Path(path).stem, run), io=io, **kwargs)
+        return cls(LocalModel(name, run), io=io, **kwargs)
 
     @classmethod
     def from_torch(cls, module: torch.nn.Module, *, name: str = "torch",
                    **kwargs) -> LocalDevice:
-        """A diffusers-style UNet module: `module(sample, timestep, context)` (.sample if present)."""
+        """A diffusers UNet module: `module(sample, timestep, encoder_hidden_states,
+        added_cond_kwargs=...)` (SDXL's text_embeds / time_ids go in added_cond_kwargs)."""
         import torch
 
-        io = UNetIO()
-
         @torch.no_grad()
-        def fn(sample, timestep, context):
-            output = module(torch.from_numpy(sample), torch.from_numpy(timestep),
-                            torch.from_numpy(context))
-            return getattr(output, "sample", output).numpy()
+        def run(**inputs):
+            given = {key: torch.from_numpy(np.asarray(value)) for key, value in inputs.items()}
+            sample, timestep = given.pop(tensors.SAMPLE), given.pop(tensors.TIMESTEP)
+            context = given.pop(tensors.ENCODER_HIDDEN_STATES)
+            extra = {"added_cond_kwargs": given} if given else {}
+            output = module(sample, timestep, context, **extra)
+            return {tensors.OUT_SAMPLE: getattr(output, "sample", output).numpy()}
 
-        return cls.from_function(name, fn, io=io, **kwargs)
+        return cls(LocalModel(name, run), **kwargs)
 
 
 def ort_session(path: str | Path, threads: int = 1):
@@ -285,22 +319,6 @@ def ort_session(path: str | Path, threads: int = 1):
 
 def session_output_names(session) -> list[str]:
     return [output.name for output in session.get_outputs()]
-
-
-_ORT_FLOAT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
-
-
-def unet_io_of_session(session) -> UNetIO:
-    """UNet tensor names of an ONNX session (inputs sample, timestep, context in that order)."""
-    inputs = session.get_inputs()
-    if len(inputs) != 3:
-        raise ValueError(
-            f"a UNet needs 3 inputs (sample, timestep, encoder_hidden_states); "
-            f"this model has {[i.name for i in inputs]}"
-        )
-    dtype = _ORT_FLOAT_TYPES.get(inputs[0].type, "float32")
-    names = [i.name for i in inputs]
-    return UNetIO(names[0], names[1], names[2], session_output_names(session)[0], dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +350,7 @@ class TritonModel:
             model_name=self.model_name,
             inputs=[_input_tensor(name, value) for name, value in inputs.items()],
             outputs=self._requested(tuple(outputs)),
-            raw_input_contents=[value.tobytes() for value in inputs.values()],
+            raw_input_contents=[_raw(value) for value in inputs.values()],
         )
         try:
             response = await self.stub.ModelInfer(request, timeout=timeout_s)
@@ -370,14 +388,22 @@ def _input_tensor(name: str, value: np.ndarray):
     )
 
 
+def _raw(value: np.ndarray) -> bytes:
+    """The wire bytes of one input: the array's memory, or length-prefixed strings for BYTES."""
+    if value.dtype == np.object_:
+        from tritonclient.utils import serialize_byte_tensor
+
+        return serialize_byte_tensor(value).tobytes()
+    return value.tobytes()
+
+
 @cache
 def _triton_datatype(dtype: np.dtype) -> str:
     from tritonclient.utils import np_to_triton_dtype
 
     datatype = np_to_triton_dtype(dtype)
-    if datatype in (None, "BYTES"):
-        raise ValueError(f"input dtype {dtype} is not supported: send numeric arrays "
-                         "(bool, int, uint, float)")
+    if datatype is None:
+        raise ValueError(f"input dtype {dtype} is not supported: send numeric arrays or bytes")
     return datatype
 
 
@@ -432,9 +458,6 @@ class ReplicatedModel:
     async def is_ready(self) -> bool:
         answers = await asyncio.gather(*(replica.is_ready() for replica in self.replicas))
         return any(answers)
-
-
-_TRITON_DTYPES = {"TYPE_FP32": "float32", "TYPE_FP16": "float16"}
 
 
 class TritonEndpoints:
@@ -543,20 +566,16 @@ def channel_arguments() -> list[tuple[str, int]]:
 
 def device_from_config(model: ModelClient, config: Mapping[str, Any],
                        deadline_s: float | None = DEFAULT_DEADLINE_S) -> Device:
-    """A Device whose instances, tensor names, dtype and max batch come from a Triton config."""
+    """A Device whose instances, input dtypes and max batch come from its Triton config."""
     instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
-    inputs = config.get("input", [])
-    names = [tensor["name"] for tensor in inputs]
+    dtypes = {tensor["name"]: tensors.dtype_of_triton_config(tensor.get("data_type", "TYPE_FP32"))
+              .name for tensor in config.get("input", [])}
     outputs = [tensor["name"] for tensor in config.get("output", [])]
-    defaults = UNetIO()
-    io = UNetIO(
-        sample=defaults.sample if defaults.sample in names else names[0],
-        timestep=defaults.timestep if defaults.timestep in names else names[1],
-        context=defaults.context if defaults.context in names else names[2],
-        output=defaults.output if defaults.output in outputs else outputs[0],
-        dtype=_TRITON_DTYPES.get(inputs[0].get("data_type", "TYPE_FP32"), "float32"),
-        batching=int(config.get("max_batch_size", 0)) > 0,
-    )
+    batching = int(config.get("max_batch_size", 0)) > 0
+    try:
+        io = DenoiserIO.from_inputs(model.name, dtypes, outputs, batching)
+    except ValueError as error:
+        raise DiscoveryError(str(error)) from error
     max_batch = int(config.get("max_batch_size", 0)) or None
     if max_batch is None:
         engine_limit = config.get("parameters", {}).get("max_batch", {}).get("string_value")
@@ -607,14 +626,58 @@ class PoolError(RuntimeError):
     """No device is left to run a round."""
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """One request's conditioning: the denoiser's inputs by name for the latent batch [B, ...],
+    for the prompt (`cond`) and the negative prompt (`uncond`), and the guidance scale.
+
+    It travels with the request (`DevicePool.denoiser(conditioning)`): nothing of a request is
+    stored on the pool, so concurrent requests share a pool safely.
+    """
+
+    cond: Mapping[str, np.ndarray]
+    uncond: Mapping[str, np.ndarray] | None = None
+    guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.guidance >= 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+        cond = {name: as_float32(value) for name, value in self.cond.items()}
+        object.__setattr__(self, "cond", cond)
+        if self.uncond is not None:
+            uncond = {name: as_float32(value) for name, value in self.uncond.items()}
+            shapes = {name: value.shape for name, value in cond.items()}
+            if {name: value.shape for name, value in uncond.items()} != shapes:
+                raise ValueError(f"uncond conditioning must match cond {shapes}")
+            object.__setattr__(self, "uncond", uncond)
+        batches = {value.shape[0] for value in cond.values()}
+        if len(batches) != 1:
+            raise ValueError(f"conditioning inputs disagree on the batch: {sorted(batches)}")
+
+    @property
+    def batch(self) -> int:
+        return next(iter(self.cond.values())).shape[0]
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Classifier-free guidance runs when there is a negative and guidance > 1 (diffusers)."""
+        return self.uncond is not None and self.guidance > 1.0
+
+
+def classifier_free_guidance(uncond, cond, guidance: float):
+    """The guided model output: uncond + guidance (cond - uncond), on numpy or torch tensors."""
+    return uncond + guidance * (cond - uncond)
+
+
 class DevicePool:
-    """The sampler's `denoise`: one round's items spread over the devices concurrently.
+    """One round's items spread over the devices concurrently: `pool.denoiser(conditioning)` is
+    the sampler's `denoise` for one request.
 
     Each device offers `instances` lanes. A round of k items is cut into at most `width`
     chunks (one per lane of the pool as configured, healthy or not), every chunk is one model
-    call, and the calls run concurrently (asyncio.gather). With guidance != 1 each item is a
-    cond/uncond pair evaluated in the same call, or split over two lanes with `cfg_parallel`.
-    `batched` sends the whole round to one device in one call.
+    call, and the calls run concurrently (asyncio.gather). With classifier-free guidance each
+    item is a cond/uncond pair evaluated in the same call, or split over two lanes with
+    `cfg_parallel`. `batched` sends the whole round to one device in one call.
 
     A chunk whose device fails is re-issued unchanged on a remaining device (`failovers` records
     each re-issue); each round starts background health checks of lost devices that are due,
@@ -632,9 +695,6 @@ class DevicePool:
         self.calls = 0  # model calls made (re-issues included)
         self.rounds = 0  # parallel rounds completed
         self.failovers: list[Failover] = []
-        self._cond: np.ndarray | None = None
-        self._uncond: np.ndarray | None = None
-        self.guidance = 1.0
 
     @property
     def lost(self) -> set[str]:
@@ -658,29 +718,20 @@ class DevicePool:
         """
         return 1 if self.batched else sum(device.instances for device in self.devices)
 
-    def condition(self, cond, uncond=None, guidance: float = 1.0) -> None:
-        """Set the embeddings [B, S, D] of the latent batch and the guidance scale."""
-        if guidance < 0:
-            raise ValueError(f"guidance must be >= 0, got {guidance}")
-        self._cond = _as_numpy(cond)
-        self._uncond = None if uncond is None else _as_numpy(uncond)
-        if self._uncond is not None and self._uncond.shape != self._cond.shape:
-            raise ValueError(
-                f"uncond embeddings {self._uncond.shape} must match cond {self._cond.shape}"
-            )
-        self.guidance = float(guidance)
+    def denoiser(self, conditioning: Conditioning) -> Denoise:
+        """The sampler's `denoise(x, t)` for one request with this conditioning."""
 
-    @property
-    def uses_cfg(self) -> bool:
-        return self._uncond is not None and self.guidance != 1.0
+        async def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return await self.run_round(x, t, conditioning)
 
-    async def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return denoise
+
+    async def run_round(self, x: torch.Tensor, t: torch.Tensor,
+                        conditioning: Conditioning) -> torch.Tensor:
         """One parallel round: x [items*B, C, H, W], t [items*B] -> outputs like x."""
         import torch  # imported here so that model processes that only serve ORT skip it
 
-        if self._cond is None:
-            raise RuntimeError("call DevicePool.condition(...) before sampling")
-        batch = self._cond.shape[0]
+        batch = conditioning.batch
         items, remainder = divmod(x.shape[0], batch)
         if remainder or t.shape != (x.shape[0],):
             raise ValueError(
@@ -689,17 +740,19 @@ class DevicePool:
             )
         sample = x.detach().cpu().numpy().astype(np.float32, copy=False)
         timestep = t.detach().cpu().numpy().astype(np.float32, copy=False)
-        outputs = await self._run_round(self._tasks(items), sample, timestep, batch)
+        tasks = self._tasks(items, conditioning.uses_cfg)
+        outputs = await self._run_round(tasks, sample, timestep, conditioning)
         self.rounds += 1
-        return torch.from_numpy(self._combine(outputs, items)).to(x.dtype)
+        return torch.from_numpy(self._combine(outputs, items, conditioning)).to(x.dtype)
 
-    def _tasks(self, items: int) -> list[_Task]:
-        halves = ("uncond", "cond") if self.uses_cfg else ("cond",)
+    def _tasks(self, items: int, cfg: bool) -> list[_Task]:
+        halves = ("uncond", "cond") if cfg else ("cond",)
         if self.cfg_parallel and len(halves) == 2:
             return [_Task(item, (half,)) for item in range(items) for half in halves]
         return [_Task(item, halves) for item in range(items)]
 
-    async def _run_round(self, tasks, sample, timestep, batch) -> dict[tuple[int, str], np.ndarray]:
+    async def _run_round(self, tasks, sample, timestep,
+                         conditioning: Conditioning) -> dict[tuple[int, str], np.ndarray]:
         for device in self.devices:
             device.check_in_background()
         lanes = self.lanes
@@ -709,7 +762,8 @@ class DevicePool:
         # rotate the first lane per round so that small rounds spread the load over devices
         start = self.rounds % len(lanes)
         results = await asyncio.gather(*(
-            self._run_chunk(lanes[(start + index) % len(lanes)], chunk, sample, timestep, batch)
+            self._run_chunk(lanes[(start + index) % len(lanes)], chunk, sample, timestep,
+                            conditioning)
             for index, chunk in enumerate(chunks)
         ))
         return {key: value for result in results for key, value in result.items()}
@@ -723,15 +777,20 @@ class DevicePool:
         back = await asyncio.gather(*(device.health_check() for device in due))
         return [device.name for device, ok in zip(due, back) if ok]
 
-    async def _run_chunk(self, device: Device, chunk: list[_Task], sample, timestep, batch):
+    async def _run_chunk(self, device: Device, chunk: list[_Task], sample, timestep,
+                         conditioning: Conditioning):
+        batch = conditioning.batch
         rows = [(task.item, half) for task in chunk for half in task.halves]
-        inputs = [self._rows(item, half, sample, timestep, batch) for item, half in rows]
-        stacked = inputs[0] if len(inputs) == 1 else [np.concatenate(parts) for parts in zip(*inputs)]
+        parts = [_rows(item, half, sample, timestep, conditioning) for item, half in rows]
+        stacked_sample = np.concatenate([part[0] for part in parts])
+        stacked_timestep = np.concatenate([part[1] for part in parts])
+        stacked_conditioning = {name: np.concatenate([part[2][name] for part in parts])
+                                for name in parts[0][2]}
         while True:
             started = time.monotonic()
             try:
                 self.calls += 1
-                output = await device(*stacked)
+                output = await device(stacked_sample, stacked_timestep, stacked_conditioning)
                 break
             except DeviceError as error:
                 if not error.lost:
@@ -753,18 +812,15 @@ class DevicePool:
         reasons = "; ".join(f"{device.name}: {device.lost_error}" for device in self.devices)
         return f"no device left to run the round (every device failed: {reasons})"
 
-    def _rows(self, item: int, half: str, sample, timestep, batch):
-        span = slice(item * batch, (item + 1) * batch)
-        context = self._cond if half == "cond" else self._uncond
-        return sample[span], timestep[span], context
-
-    def _combine(self, outputs: dict[tuple[int, str], np.ndarray], items: int) -> np.ndarray:
+    @staticmethod
+    def _combine(outputs: dict[tuple[int, str], np.ndarray], items: int,
+                 conditioning: Conditioning) -> np.ndarray:
         combined = []
         for item in range(items):
             cond = outputs[(item, "cond")]
-            if self.uses_cfg:
-                uncond = outputs[(item, "uncond")]
-                cond = uncond + self.guidance * (cond - uncond)
+            if conditioning.uses_cfg:
+                cond = classifier_free_guidance(outputs[(item, "uncond")], cond,
+                                                conditioning.guidance)
             combined.append(cond)
         return np.concatenate(combined)
 
@@ -772,6 +828,15 @@ class DevicePool:
         """Readiness of every device, by name."""
         answers = await asyncio.gather(*(device.healthy() for device in self.devices))
         return {device.name: ok for device, ok in zip(self.devices, answers)}
+
+
+def _rows(item: int, half: str, sample: np.ndarray, timestep: np.ndarray,
+          conditioning: Conditioning):
+    """Sample, timestep and conditioning rows of one item's cond or uncond half."""
+    batch = conditioning.batch
+    span = slice(item * batch, (item + 1) * batch)
+    inputs = conditioning.cond if half == "cond" else conditioning.uncond
+    return sample[span], timestep[span], inputs
 
 
 def split_evenly(tasks: Sequence, parts: int) -> list[list]:
@@ -785,7 +850,8 @@ def split_evenly(tasks: Sequence, parts: int) -> list[list]:
     return chunks
 
 
-def _as_numpy(value) -> np.ndarray:
+def as_float32(value) -> np.ndarray:
+    """A numpy float32 array of a numpy array or torch tensor."""
     if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu().numpy()
     return np.asarray(value, dtype=np.float32)

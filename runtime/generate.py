@@ -36,6 +36,7 @@ from runtime.pipeline import (
     RequestError,
     ResolvedRequest,
 )
+from runtime.schedulers import scheduler_names
 
 PIPELINE_MODEL = "driffusion"
 
@@ -61,10 +62,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--endpoints", default="127.0.0.1:8001",
                         help="comma-separated Triton gRPC HOST:PORT list (default %(default)s)")
     condition = parser.add_mutually_exclusive_group(required=True)
-    condition.add_argument("--label", type=int, help="class label (the reference model: digit)")
-    condition.add_argument("--prompt", help="a prompt naming a class, e.g. 'a handwritten seven'")
+    condition.add_argument("--prompt", help="what to draw, e.g. 'a photo of a red car' (for a "
+                           "class-conditional model: a prompt naming a class)")
+    condition.add_argument("--label", type=int, help="class label of a class-conditional model")
     parser.add_argument("--negative-prompt", default=None,
-                        help="class to guide away from (default: the null label)")
+                        help="what to guide away from (default: the empty prompt)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="image height in pixels (default: the model's)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="image width in pixels (default: the model's)")
     parser.add_argument("--mode", choices=MODES, default="aggressive",
                         help="sampling mode (default %(default)s)")
     parser.add_argument("--window", type=int, default=None,
@@ -79,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--draft-order", type=int, choices=DRAFT_ORDERS, default=1,
                         help="1: first-order skip drafts (the paper's); 2: multistep extrapolation")
     parser.add_argument("--scheduler", default=None,
-                        help="ddim, euler, dpmpp2m, unipc or ddpm (default: the model's)")
+                        help=f"{', '.join(scheduler_names())} (default: the model's own)")
     parser.add_argument("--out", type=Path, default=Path("image.png"),
                         help="where to write the PNG (default %(default)s)")
     parser.add_argument("--compare", action="store_true",
@@ -116,7 +122,7 @@ async def generate_command(args: argparse.Namespace) -> int:
         label=args.label, prompt=args.prompt, negative_prompt=args.negative_prompt,
         seed=args.seed, steps=args.steps, mode=args.mode, window=args.window,
         guidance=args.guidance, scheduler=args.scheduler, tolerance=args.tolerance,
-        draft_order=args.draft_order,
+        draft_order=args.draft_order, height=args.height, width=args.width,
     )
     async with TritonEndpoints(endpoints) as connection:
         pipeline = await connect_pipeline(connection, spec_file=args.spec, pattern=args.devices,
@@ -137,21 +143,23 @@ async def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-async def connect_pipeline(connection: TritonEndpoints, *, spec_file: Path | None = None,
+async def connect_pipeline(connection: TritonEndpoints, *, spec: PipelineSpec | None = None,
+                           spec_file: Path | None = None,
                            pattern: str = DEVICE_PATTERN,
                            deadline_s: float | None = DEFAULT_DEADLINE_S,
                            cfg_parallel: bool = False, batched: bool = False) -> Pipeline:
     """A client-side Pipeline over the devices, text encoder and decoder of the endpoints."""
-    spec = PipelineSpec.from_json(spec_file.read_text()) if spec_file else await read_spec(connection)
+    if spec is None:
+        spec = (PipelineSpec.from_json(spec_file.read_text()) if spec_file
+                else await read_spec(connection))
     devices = await connection.devices(pattern, deadline_s=deadline_s)
-    encoder = await connection.find_replicas("text_encoder")
-    if encoder is None:
-        raise DiscoveryError("no endpoint serves a ready text_encoder model")
-    decoder = await connection.find_replicas("vae_decoder") if spec.decoder == "vae" else None
-    if spec.decoder == "vae" and decoder is None:
-        raise DiscoveryError(f"{spec.model} decodes with a vae_decoder model; no endpoint serves it")
+    models = {}
+    for name in Pipeline.needed_models(spec):
+        models[name] = await connection.find_replicas(name)
+        if models[name] is None:
+            raise DiscoveryError(f"{spec.model} needs a {name} model; no endpoint serves it ready")
     pool = DevicePool(devices, cfg_parallel=cfg_parallel, batched=batched)
-    return Pipeline(spec, pool, encoder, decoder, deadline_s)
+    return Pipeline(spec, pool, models, deadline_s)
 
 
 async def read_spec(connection: TritonEndpoints) -> PipelineSpec:
@@ -190,13 +198,11 @@ async def timed_run(pipeline: Pipeline, request: ResolvedRequest, *, quiet: bool
     from tqdm import tqdm
 
     label = f"{request.mode} w={request.window}"
-    rounds_before = pipeline.pool.rounds
     with tqdm(total=request.steps, desc=label, unit="step", disable=quiet, leave=False) as bar:
         start = time.perf_counter()
-        latents = await pipeline.latents(request, progress=bar.update)
-        image = await pipeline.decode(latents)
+        result = await pipeline.run(request, progress=bar.update)
         seconds = time.perf_counter() - start
-    return Run(request, image, seconds, pipeline.pool.rounds - rounds_before)
+    return Run(request, result.image, seconds, result.rounds)
 
 
 def save_image(image: np.ndarray, path: Path) -> None:

@@ -1,28 +1,50 @@
-"""Label or prompt -> image: text encoder, DRiffusion sampling over a device pool, decoder.
+"""Prompt or label -> image: tokenize, encode, sample with DRiffusion over a device pool, decode.
 
 The same `Pipeline` runs in the `generate` client (model clients over gRPC) and inside the
-Triton `driffusion` model (model clients over BLS). A `PipelineSpec` carries what a client must
-know about the served model (latent shape, noise schedule, labels); the repository generator
-writes it into the `driffusion` model's config so that any client can read it over gRPC.
+Triton `driffusion` model (model clients over BLS). Its `PipelineSpec` says how the served
+model turns a request into the denoiser's conditioning, by family, the way diffusers' own
+pipelines do it (so sequential mode gives diffusers' image):
+- class-conditional: LABEL -> label encoder -> encoder_hidden_states (null label = negative);
+- SD 1.x/2.x: CLIP last hidden state;
+- SDXL: both encoders' penultimate states concatenated, pooled `text_embeds` of the second,
+  `time_ids` = (height, width, 0, 0, height, width); zeros as the negative when none is given
+  and the model asks for it (force_zeros_for_empty_prompt);
+- SD3: both encoders' penultimate states concatenated and padded to the joint attention width,
+  the absent T5 encoder's tokens as zeros, pooled projections of both.
 """
 from __future__ import annotations
 
-import json
+import logging
 import re
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from runtime.devices import DEFAULT_DEADLINE_S, DevicePool, ModelClient
+from models import tensors
+from models.pipeline_spec import (
+    CLASS_CONDITIONAL,
+    STABLE_DIFFUSION,
+    STABLE_DIFFUSION_3,
+    STABLE_DIFFUSION_XL,
+    PipelineSpec,
+    TextEncoder,
+    digit_names,
+)
+from runtime.devices import DEFAULT_DEADLINE_S, Conditioning, DevicePool, ModelClient
 from runtime.driffusion import DRAFT_ORDERS, MODES, sample
-from runtime.schedulers import SCHEDULERS, make_scheduler
+from runtime.schedulers import compatible, make_scheduler, scheduler_names
 
-DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-DECODERS = ("pixels", "vae")
-MAX_WINDOW = 256
+__all__ = ["CountingDenoise", "GenerationRequest", "GenerationResult", "Pipeline", "PipelineSpec",
+           "RequestError", "ResolvedRequest", "digit_names", "resolve", "to_uint8_image"]
+
+# tokenizer models: TEXT (BYTES [N]) in; input_ids (INT64 [N, max_length]) and the number of
+# tokens truncation dropped per text (INT32 [N]) out
+TOKENIZER_TEXT = "TEXT"
+TOKENIZER_DROPPED = "DROPPED"
+MAX_GUIDANCE = 50.0
+log = logging.getLogger("driffusion")
 
 
 class RequestError(ValueError):
@@ -32,58 +54,6 @@ class RequestError(ValueError):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
         self.detail = message
-
-
-@dataclass(frozen=True)
-class PipelineSpec:
-    """What a client needs to know about a served class-conditional diffusion model."""
-
-    model: str
-    latent_shape: tuple[int, ...]  # [C, H, W] of one latent
-    scheduler_config: dict[str, Any]
-    num_labels: int
-    null_label: int  # the "empty prompt" of classifier-free guidance
-    label_names: tuple[tuple[str, ...], ...] = ()  # words a PROMPT may use for each label
-    encoder_input: str = "label"
-    encoder_output: str = "text_embeddings"
-    decoder: str = "pixels"  # "pixels": latents are images in [-1, 1]; "vae": vae_decoder model
-    vae_scaling_factor: float = 1.0
-    decoder_input: str = "latent"
-    decoder_output: str = "images"
-    default_steps: int = 20
-    default_guidance: float = 1.0
-    default_scheduler: str = "ddim"
-    # serving limits (the repository writer sets them from `driffusion serve --max-...`)
-    max_steps: int = field(default=1000)
-    max_window: int = MAX_WINDOW
-    max_prompt_length: int = 512
-
-    def __post_init__(self) -> None:
-        if self.decoder not in DECODERS:
-            raise ValueError(f"decoder {self.decoder!r} is not one of {', '.join(DECODERS)}")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> PipelineSpec:
-        """Parse a spec (plain JSON data, never evaluated); ValueError says what is wrong."""
-        try:
-            data = json.loads(text)
-            data["latent_shape"] = tuple(data["latent_shape"])
-            data["label_names"] = tuple(tuple(names) for names in data.get("label_names", ()))
-            return cls(**data)
-        except (TypeError, KeyError, AttributeError, json.JSONDecodeError) as error:
-            raise ValueError(f"not a PipelineSpec JSON object: {type(error).__name__}: {error}") \
-                from error
-
-    def with_defaults(self, **changes: Any) -> PipelineSpec:
-        return replace(self, **changes)
-
-
-def digit_names(count: int = 10) -> tuple[tuple[str, ...], ...]:
-    """Prompt words for the digit labels: ("0", "zero"), ("1", "one"), ..."""
-    return tuple((str(k), DIGIT_NAMES[k]) for k in range(count))
 
 
 @dataclass
@@ -101,12 +71,18 @@ class GenerationRequest:
     scheduler: str | None = None
     tolerance: float | None = None  # mode "verified" only
     draft_order: int = 1
+    height: int | None = None
+    width: int | None = None
 
 
 @dataclass(frozen=True)
 class ResolvedRequest:
-    label: int
-    negative_label: int
+    """A validated request with every default filled in."""
+
+    prompt: str | None
+    negative_prompt: str | None
+    label: int | None
+    negative_label: int | None
     seed: int
     steps: int
     mode: str
@@ -115,43 +91,87 @@ class ResolvedRequest:
     scheduler: str
     tolerance: float | None = None
     draft_order: int = 1
+    height: int = 0
+    width: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """An image and what DRiffusion did to make it."""
+
+    image: np.ndarray  # uint8 [H, W, 3]
+    rounds: int  # parallel rounds (sequential: one per step)
+    evaluations: int  # model evaluations (CFG pairs count once)
 
 
 def resolve(request: GenerationRequest, spec: PipelineSpec, default_window: int) -> ResolvedRequest:
     """Validate a request against the spec; RequestError names the first bad field."""
-    _check_prompt_lengths(request, spec.max_prompt_length)
-    label = _resolve_label(request, spec)
-    negative = spec.null_label
-    if request.negative_prompt:
-        negative = label_of_prompt(request.negative_prompt, spec, "negative_prompt")
+    _check_prompt_sizes(request, spec.max_prompt_bytes)
+    label, negative_label = _resolve_condition(request, spec)
     steps = spec.default_steps if request.steps is None else request.steps
     if not 1 <= steps <= spec.max_steps:
         raise RequestError("steps", f"must be in 1..{spec.max_steps}; got {steps}")
     if request.mode not in MODES:
-        raise RequestError("mode", f"must be one of {', '.join(MODES)}; got {request.mode!r}")
+        raise RequestError("mode", f"must be one of {', '.join(MODES)}; got {_shown(request.mode)}")
     window = min(default_window, spec.max_window) if request.window is None else request.window
     if not 1 <= window <= spec.max_window:
         raise RequestError("window", f"must be in 1..{spec.max_window}; got {window}")
     guidance = spec.default_guidance if request.guidance is None else request.guidance
-    if not (np.isfinite(guidance) and 0 <= guidance <= 50):
-        raise RequestError("guidance", f"must be a number in 0..50; got {guidance}")
-    scheduler = request.scheduler or spec.default_scheduler
-    if scheduler not in SCHEDULERS:
-        raise RequestError("scheduler", f"must be one of {', '.join(SCHEDULERS)}; got {scheduler!r}")
+    if not (np.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        raise RequestError("guidance", f"must be a number in 0..{MAX_GUIDANCE:g}; got {guidance}")
+    scheduler = _resolve_scheduler(request.scheduler, spec)
     if not 0 <= request.seed < 2**63:
         raise RequestError("seed", f"must be in 0..2^63-1; got {request.seed}")
     _check_tolerance(request.mode, request.tolerance)
     if request.draft_order not in DRAFT_ORDERS:
         raise RequestError("draft_order", f"must be one of {DRAFT_ORDERS}; got {request.draft_order}")
-    return ResolvedRequest(label, negative, request.seed, steps, request.mode, window,
-                           float(guidance), scheduler, request.tolerance, request.draft_order)
+    height = _resolve_size("height", request.height, spec.image_size[0], spec.height_range, spec)
+    width = _resolve_size("width", request.width, spec.image_size[1], spec.width_range, spec)
+    prompt = request.prompt if spec.uses_prompts else None
+    negative = request.negative_prompt if spec.uses_prompts else None
+    return ResolvedRequest(prompt, negative, label, negative_label, request.seed, steps,
+                           request.mode, window, float(guidance), scheduler, request.tolerance,
+                           request.draft_order, height, width)
 
 
-def _check_prompt_lengths(request: GenerationRequest, limit: int) -> None:
+def _shown(value: object, limit: int = 64) -> str:
+    """A client value for an error message, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _check_prompt_sizes(request: GenerationRequest, limit: int) -> None:
     for name in ("prompt", "negative_prompt"):
         text = getattr(request, name)
-        if text is not None and len(text) > limit:
-            raise RequestError(name, f"must be at most {limit} characters; got {len(text)}")
+        if text is not None and len(text.encode("utf-8", "surrogatepass")) > limit:
+            raise RequestError(name, f"must be at most {limit} bytes of UTF-8")
+        if text is not None and "\x00" in text:
+            raise RequestError(name, "must not contain NUL characters")
+
+
+def _resolve_scheduler(name: str | None, spec: PipelineSpec) -> str:
+    scheduler = name or spec.default_scheduler
+    if scheduler not in scheduler_names():
+        raise RequestError("scheduler", f"must be one of {', '.join(scheduler_names())}; "
+                                        f"got {_shown(scheduler)}")
+    if not compatible(scheduler, spec.scheduler_config):
+        usable = [n for n in scheduler_names() if compatible(n, spec.scheduler_config)]
+        raise RequestError("scheduler", f"{scheduler} does not fit {spec.model} (a "
+                                        f"{'flow-matching' if 'flow_euler' in usable else 'noise-prediction'}"
+                                        f" model); use one of {', '.join(usable)}")
+    return scheduler
+
+
+def _resolve_size(name: str, value: int | None, default: int, allowed: tuple[int, int] | None,
+                  spec: PipelineSpec) -> int:
+    if value is None:
+        return default
+    low, high = allowed or (default, default)
+    if not low <= value <= high or value % spec.size_multiple:
+        grid = f", a multiple of {spec.size_multiple}" if spec.size_multiple > 1 else ""
+        span = f"{low}" if low == high else f"{low}..{high}"
+        raise RequestError(name, f"must be {span} pixels{grid} (the engines' profile); got {value}")
+    return value
 
 
 def _check_tolerance(mode: str, tolerance: float | None) -> None:
@@ -161,14 +181,27 @@ def _check_tolerance(mode: str, tolerance: float | None) -> None:
         raise RequestError("tolerance", f"applies to mode verified only, not {mode}")
 
 
-def _resolve_label(request: GenerationRequest, spec: PipelineSpec) -> int:
+def _resolve_condition(request: GenerationRequest,
+                       spec: PipelineSpec) -> tuple[int | None, int | None]:
+    """(label, negative label) of a class-conditional request; prompts are checked for others."""
+    if spec.uses_prompts:
+        if request.label is not None:
+            raise RequestError("label", f"{spec.model} takes a PROMPT, not a LABEL")
+        if request.prompt is None:
+            raise RequestError("prompt", f"{spec.model} needs a PROMPT (an empty one is allowed)")
+        return None, None
     if (request.label is None) == (request.prompt is None):
         raise RequestError("label", "give exactly one of LABEL or PROMPT")
     if request.prompt is not None:
-        return label_of_prompt(request.prompt, spec, "prompt")
-    if not 0 <= request.label < spec.num_labels:
+        label = label_of_prompt(request.prompt, spec, "prompt")
+    elif not 0 <= request.label < spec.num_labels:
         raise RequestError("label", f"must be in 0..{spec.num_labels - 1}; got {request.label}")
-    return int(request.label)
+    else:
+        label = int(request.label)
+    negative = spec.null_label
+    if request.negative_prompt:
+        negative = label_of_prompt(request.negative_prompt, spec, "negative_prompt")
+    return label, negative
 
 
 def label_of_prompt(prompt: str, spec: PipelineSpec, field_name: str) -> int:
@@ -180,69 +213,201 @@ def label_of_prompt(prompt: str, spec: PipelineSpec, field_name: str) -> int:
         raise RequestError(
             field_name,
             f"{spec.model} is class-conditional: the prompt must name exactly one class "
-            f"({known}); got {prompt!r}",
+            f"({known}); got {_shown(prompt)}",
         )
     return matches.pop()
 
 
 class Pipeline:
-    """Encode the condition, sample with DRiffusion over the pool, decode to uint8 pixels."""
+    """Encode the request, sample with DRiffusion over the pool, decode to uint8 pixels.
 
-    def __init__(self, spec: PipelineSpec, pool: DevicePool, encoder: ModelClient,
-                 decoder: ModelClient | None = None,
+    `models` holds the model clients by their Triton names: the tokenizers and text encoders
+    the spec names (or the label encoder `text_encoder`), and `vae_decoder` for latent models.
+    Nothing of a request is kept on the pipeline: one Pipeline serves concurrent requests.
+    """
+
+    def __init__(self, spec: PipelineSpec, pool: DevicePool, models: Mapping[str, ModelClient],
                  deadline_s: float | None = DEFAULT_DEADLINE_S) -> None:
-        if spec.decoder == "vae" and decoder is None:
-            raise ValueError(f"{spec.model} decodes with a vae_decoder model; none was given")
+        needed = self.needed_models(spec)
+        missing = [name for name in needed if name not in models]
+        if missing:
+            raise ValueError(f"{spec.model} needs the models {', '.join(needed)}; "
+                             f"missing: {', '.join(missing)}")
         self.spec = spec
         self.pool = pool
-        self.encoder = encoder
-        self.decoder = decoder
-        self.deadline_s = deadline_s  # of each encoder and decoder call
+        self.models = dict(models)
+        self.deadline_s = deadline_s  # of each tokenizer, encoder and decoder call
+
+    @staticmethod
+    def needed_models(spec: PipelineSpec) -> list[str]:
+        """Names of the non-device models the pipeline of `spec` calls."""
+        if spec.uses_prompts:
+            names = [name for e in spec.text_encoders for name in (e.tokenizer, e.network)]
+        else:
+            names = ["text_encoder"]
+        return names + (["vae_decoder"] if spec.decoder == "vae" else [])
 
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
         return resolve(request, self.spec, self.pool.width)
 
-    async def encode(self, label: int, negative_label: int) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings [1, S, D] of the label and of the negative (null) label."""
-        labels = np.array([label, negative_label], dtype=np.int64)
-        result = await self.encoder.infer(
-            {self.spec.encoder_input: labels}, [self.spec.encoder_output], self.deadline_s
-        )
-        embeddings = result[self.spec.encoder_output].astype(np.float32)
-        return embeddings[:1], embeddings[1:]
+    async def _infer(self, name: str, inputs: dict[str, np.ndarray],
+                     outputs: list[str]) -> dict[str, np.ndarray]:
+        return await self.models[name].infer(inputs, outputs, self.deadline_s)
+
+    # -- conditioning ----------------------------------------------------------------------
+
+    async def encode(self, request: ResolvedRequest) -> Conditioning:
+        """The denoiser's conditioning for the request (and its negative, for guidance > 1)."""
+        cfg = request.guidance > 1.0
+        if self.spec.family == CLASS_CONDITIONAL:
+            return await self._encode_labels(request, cfg)
+        prompts = [request.prompt or ""]
+        zero_negative = (request.negative_prompt is None
+                         and self.spec.force_zeros_for_empty_prompt)
+        if cfg and not zero_negative:
+            prompts.append(request.negative_prompt or "")
+        encoded = [await self._encode_texts(encoder, prompts)
+                   for encoder in self.spec.text_encoders]
+        cond, uncond = self._conditioning(encoded, request)
+        if cfg and zero_negative:
+            uncond = {name: np.zeros_like(value) if name != tensors.TIME_IDS else value
+                      for name, value in cond.items()}
+        return Conditioning(cond, uncond if cfg else None, request.guidance)
+
+    async def _encode_labels(self, request: ResolvedRequest, cfg: bool) -> Conditioning:
+        labels = [request.label, request.negative_label] if cfg else [request.label]
+        result = await self._infer("text_encoder", {tensors.LABEL: np.array(labels, np.int64)},
+                                   [tensors.TEXT_EMBEDDINGS])
+        embeddings = result[tensors.TEXT_EMBEDDINGS].astype(np.float32)
+        cond = {tensors.ENCODER_HIDDEN_STATES: embeddings[:1]}
+        uncond = {tensors.ENCODER_HIDDEN_STATES: embeddings[1:]} if cfg else None
+        return Conditioning(cond, uncond, request.guidance)
+
+    async def _encode_texts(self, encoder: TextEncoder, texts: list[str]) -> dict[str, np.ndarray]:
+        """Every output of one text encoder for `texts` ([N, ...] each)."""
+        tokens = await self._infer(encoder.tokenizer,
+                                   {TOKENIZER_TEXT: np.array([t.encode() for t in texts],
+                                                             dtype=np.object_)},
+                                   [tensors.INPUT_IDS, TOKENIZER_DROPPED])
+        for text, dropped in zip(texts, tokens[TOKENIZER_DROPPED].reshape(-1)):
+            if dropped > 0:
+                log.warning("%s: the prompt was truncated to %d tokens, %d token(s) dropped: %s",
+                            encoder.tokenizer, encoder.max_length, int(dropped), _shown(text))
+        names = [tensors.TEXT_EMBEDDINGS, tensors.PENULTIMATE_HIDDEN_STATES, tensors.POOLED]
+        result = await self._infer(encoder.network,
+                                   {tensors.INPUT_IDS: tokens[tensors.INPUT_IDS].astype(np.int64)},
+                                   names)
+        return {name: value.astype(np.float32) for name, value in result.items()}
+
+    def _conditioning(self, encoded: list[dict[str, np.ndarray]],
+                      request: ResolvedRequest) -> tuple[dict, dict]:
+        """(cond, uncond) inputs of the denoiser from the encoders' outputs (rows: prompt,
+        negative)."""
+        family = self.spec.family
+        if family == STABLE_DIFFUSION:
+            inputs = {tensors.ENCODER_HIDDEN_STATES: encoded[0][tensors.TEXT_EMBEDDINGS]}
+        elif family == STABLE_DIFFUSION_XL:
+            size = [request.height, request.width]
+            rows = encoded[0][tensors.POOLED].shape[0]
+            inputs = {
+                tensors.ENCODER_HIDDEN_STATES: np.concatenate(
+                    [e[tensors.PENULTIMATE_HIDDEN_STATES] for e in encoded], axis=-1),
+                tensors.TEXT_EMBEDS: encoded[-1][tensors.POOLED],
+                tensors.TIME_IDS: np.tile(np.array([size + [0, 0] + size], np.float32), (rows, 1)),
+            }
+        elif family == STABLE_DIFFUSION_3:
+            inputs = self._sd3_conditioning(encoded)
+        else:
+            raise ValueError(f"family {family!r} has no text conditioning")
+        cond = {name: value[:1] for name, value in inputs.items()}
+        uncond = {name: value[1:] for name, value in inputs.items()}
+        return cond, uncond
+
+    def _sd3_conditioning(self, encoded: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        clip = np.concatenate([e[tensors.PENULTIMATE_HIDDEN_STATES] for e in encoded], axis=-1)
+        width = self.spec.joint_attention_dim
+        if clip.shape[-1] > width:
+            raise ValueError(f"CLIP states of width {clip.shape[-1]} exceed the joint attention "
+                             f"width {width}")
+        clip = np.pad(clip, ((0, 0), (0, 0), (0, width - clip.shape[-1])))
+        t5 = np.zeros((clip.shape[0], self.spec.t5_tokens, width), np.float32)
+        return {
+            tensors.ENCODER_HIDDEN_STATES: np.concatenate([clip, t5], axis=1),
+            tensors.POOLED_PROJECTIONS: np.concatenate([e[tensors.POOLED] for e in encoded],
+                                                       axis=-1),
+        }
+
+    # -- sampling and decoding ---------------------------------------------------------------
+
+    def initial_latents(self, request: ResolvedRequest, scheduler) -> tuple[torch.Tensor,
+                                                                             torch.Generator]:
+        """Latents [1, C, h, w] drawn as diffusers draws them for SEED, and the generator that
+        stochastic schedulers go on drawing from."""
+        factor = self.spec.vae_scale_factor
+        shape = (1, self.spec.latent_channels, request.height // factor, request.width // factor)
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        noise = torch.randn(shape, generator=generator)
+        # flow-matching schedulers have no init_noise_sigma: SD3 starts from the noise itself
+        return noise * getattr(scheduler, "init_noise_sigma", 1.0), generator
 
     async def latents(self, request: ResolvedRequest,
-                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Final latents [1, C, H, W] for a resolved request."""
-        cond, uncond = await self.encode(request.label, request.negative_label)
-        self.pool.condition(cond, uncond, request.guidance)
+                      progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int, int]:
+        """(final latents [1, C, h, w], rounds, model evaluations) for a resolved request."""
+        conditioning = await self.encode(request)
         scheduler = make_scheduler(request.scheduler, request.steps, self.spec.scheduler_config)
-        generator = torch.Generator().manual_seed(request.seed)
-        noise = torch.randn((1, *self.spec.latent_shape), generator=generator)
-        return await sample(
-            self.pool, scheduler, noise * scheduler.init_noise_sigma, mode=request.mode,
-            window=request.window, generator=generator, progress=progress,
-            tolerance=request.tolerance, draft_order=request.draft_order,
+        latents, generator = self.initial_latents(request, scheduler)
+        counter = CountingDenoise(self.pool.denoiser(conditioning), conditioning.batch)
+        result = await sample(
+            counter, scheduler, latents, mode=request.mode, window=request.window,
+            generator=generator, progress=progress, tolerance=request.tolerance,
+            draft_order=request.draft_order,
         )
+        return result, counter.rounds, counter.evaluations
 
     async def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """uint8 image [H, W, C] of latents [1, C, H, W]."""
+        """uint8 image [H, W, 3] of latents [1, C, h, w]."""
         images = latents
         if self.spec.decoder == "vae":
-            scaled = (latents / self.spec.vae_scaling_factor).numpy().astype(np.float32)
-            result = await self.decoder.infer(
-                {self.spec.decoder_input: scaled}, [self.spec.decoder_output], self.deadline_s
-            )
-            images = torch.from_numpy(result[self.spec.decoder_output])
+            scaled = latents / self.spec.scaling_factor
+            if self.spec.shift_factor is not None:
+                scaled = scaled + self.spec.shift_factor
+            result = await self._infer("vae_decoder",
+                                       {tensors.LATENT: scaled.numpy().astype(np.float32)},
+                                       [tensors.IMAGES])
+            images = torch.from_numpy(np.array(result[tensors.IMAGES]))
         return to_uint8_image(images)
 
     async def generate(self, request: GenerationRequest,
-                       progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """uint8 image [H, W, C] for a request (RequestError for bad fields)."""
-        return await self.decode(await self.latents(self.resolve(request), progress))
+                       progress: Callable[[int], None] | None = None) -> GenerationResult:
+        """The image for a request (RequestError for bad fields)."""
+        return await self.run(self.resolve(request), progress)
+
+    async def run(self, request: ResolvedRequest,
+                  progress: Callable[[int], None] | None = None) -> GenerationResult:
+        """The image for a resolved request."""
+        latents, rounds, evaluations = await self.latents(request, progress)
+        return GenerationResult(await self.decode(latents), rounds, evaluations)
+
+
+class CountingDenoise:
+    """A denoise that counts its rounds and model evaluations (items of latent batch `batch`)."""
+
+    def __init__(self, denoise, batch: int = 1) -> None:
+        self.denoise = denoise
+        self.batch = batch
+        self.rounds = 0
+        self.evaluations = 0
+
+    async def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.rounds += 1
+        self.evaluations += x.shape[0] // self.batch
+        return await self.denoise(x, t)
 
 
 def to_uint8_image(images: torch.Tensor) -> np.ndarray:
-    """The first image of [B, C, H, W] in [-1, 1] as uint8 [H, W, C] (values outside clipped)."""
-    pixels = ((images[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """The first image of [B, C, H, W] in [-1, 1] as uint8 RGB [H, W, 3] (outside clipped; one
+    channel is repeated), rounded as diffusers' image processor rounds."""
+    pixels = ((images[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    if pixels.shape[0] == 1:
+        pixels = pixels.expand(3, -1, -1)
     return pixels.permute(1, 2, 0).contiguous().numpy()

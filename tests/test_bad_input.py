@@ -32,7 +32,7 @@ from triton_models.repository import RepositoryOptions, validate_repository, wri
 from triton_models.serve import EmbeddedServer, ServerError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-LIMITS = {"max_steps": 50, "max_window": 8, "max_prompt_length": 64}
+LIMITS = {"max_steps": 50, "max_window": 8, "max_prompt_bytes": 64}
 H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 9, 0, "GPU-1234")
 L4 = GpuInfo(0, "NVIDIA L4", 8, 9, "GPU-5678")
 TRITON_TYPES = {np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
@@ -65,7 +65,7 @@ def infer(url: str, inputs: list[grpc_client.InferInput]) -> np.ndarray:
 
 
 LABEL = ("LABEL", 3, np.int32)
-LONG_PROMPT = "a handwritten seven " * 4  # 80 characters, over the limit of 64
+LONG_PROMPT = "a handwritten seven " * 4  # 80 bytes, over the limit of 64
 
 # (inputs as (name, value, dtype), text the error must start with, then contain)
 FIELD_CASES = {
@@ -75,13 +75,13 @@ FIELD_CASES = {
     "window above limit": ([LABEL, ("WINDOW", 9, np.int32)], "WINDOW:", "must be in 1..8"),
     "unknown mode": ([LABEL, ("MODE", "fast", object)], "MODE:",
                      "one of sequential, conservative, aggressive"),
-    "unknown scheduler": ([LABEL, ("SCHEDULER", "magic", object)], "SCHEDULER:", "one of ddim"),
+    "unknown scheduler": ([LABEL, ("SCHEDULER", "magic", object)], "SCHEDULER:", "one of default, ddim"),
     "guidance NaN": ([LABEL, ("GUIDANCE", float("nan"), np.float32)], "GUIDANCE:", "in 0..50"),
     "guidance negative": ([LABEL, ("GUIDANCE", -1.0, np.float32)], "GUIDANCE:", "in 0..50"),
     "guidance too large": ([LABEL, ("GUIDANCE", 51.0, np.float32)], "GUIDANCE:", "in 0..50"),
-    "oversized prompt": ([("PROMPT", LONG_PROMPT, object)], "PROMPT:", "at most 64 characters"),
+    "oversized prompt": ([("PROMPT", LONG_PROMPT, object)], "PROMPT:", "at most 64 bytes"),
     "oversized negative prompt": ([LABEL, ("NEGATIVE_PROMPT", LONG_PROMPT, object)],
-                                  "NEGATIVE_PROMPT:", "at most 64 characters"),
+                                  "NEGATIVE_PROMPT:", "at most 64 bytes"),
     "prompt not utf-8": ([("PROMPT", b"\xff\xfe", object)], "PROMPT:", "UTF-8"),
     "prompt naming no class": ([("PROMPT", "a cat", object)], "PROMPT:", "exactly one class"),
     "seed negative": ([LABEL, ("SEED", -1, np.int64)], "SEED:", "in 0..2^63-1"),
@@ -156,7 +156,7 @@ def test_server_is_still_ready_and_serving_after_bad_requests(server):
             infer(server.grpc_url, bad)
     assert server.is_ready()
     image = infer(server.grpc_url, [tensor("LABEL", 3, np.int32), tensor("STEPS", 4, np.int32)])
-    assert image.shape == (8, 8, 1) and image.dtype == np.uint8
+    assert image.shape == (8, 8, 3) and image.dtype == np.uint8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def test_generate_command_explains_bad_flags(server, flags, says, capsys, tmp_pa
     (["serve", "--model", "sim", "--max-steps", "0"], "max steps must be in 1..10000"),
     (["serve", "--model", "sim", "--max-window", "0"], "max window must be in 1..1024"),
     (["serve", "--model", "sim", "--max-batch", "0"], "max batch must be in 1..4096"),
-    (["serve", "--model", "sim", "--max-prompt-length", "0"], "max prompt length must be in"),
+    (["serve", "--model", "sim", "--max-prompt-bytes", "0"], "max prompt bytes must be in"),
     (["serve", "--model", "sim", "--max-resolution", "4"], "max resolution must be in 8.."),
     (["serve", "--model", "sim", "--grpc-port", "70000"], "--grpc-port must be in 1..65535"),
     (["serve", "--model", "sim", "--grpc-port", "9000", "--http-port", "9000"],
@@ -327,9 +327,10 @@ def test_a_model_above_the_max_resolution_is_not_served(tmp_path):
     from runtime.pipeline import PipelineSpec
 
     engines = write_engines(tmp_path / "engines", "onnxruntime")
-    spec = PipelineSpec.from_json((engines / "pipeline.json").read_text())
-    (engines / "pipeline.json").write_text(
-        spec.with_defaults(latent_shape=(4, 64, 64), decoder="vae").to_json())
+    spec_file = engines / "cpu" / "pipeline.json"
+    spec = PipelineSpec.from_json(spec_file.read_text())
+    spec_file.write_text(spec.with_defaults(latent_channels=4, latent_size=(64, 64),
+                                           vae_scale_factor=8, decoder="vae").to_json())
     with pytest.raises(ValueError, match="512-pixel images, above the max resolution 256"):
         write_repository(tmp_path / "repo", RepositoryOptions(model=str(engines),
                                                               max_resolution=256))

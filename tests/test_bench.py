@@ -5,13 +5,12 @@ import asyncio
 import json
 import os
 import time
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from bench.quality import QualitySetup, check_target, onnx_denoiser
+from bench.quality import QualitySetup, check_target, make_denoiser
 from bench.quality import run_benchmark as run_quality
 from bench.speed import (
     BackendResult,
@@ -28,7 +27,8 @@ from bench.speed import (
 from bench.speed import run_benchmark as run_speed
 from models.reference import SCHEDULER_CONFIG, load_reference
 from models.sim import SimDiffusion
-from runtime.devices import DevicePool, LocalDevice
+from models.tensors import ENCODER_HIDDEN_STATES
+from runtime.devices import Conditioning, DevicePool, LocalDevice
 from runtime.driffusion import round_pattern
 
 SIM = SimDiffusion.from_scheduler_config(SCHEDULER_CONFIG)
@@ -43,10 +43,12 @@ def sleeping_sim(latency_s: float):
 
 
 def sim_pool(lanes: int, latency_s: float) -> DevicePool:
-    pool = DevicePool([LocalDevice.from_function(f"sim{i}", sleeping_sim(latency_s))
+    return DevicePool([LocalDevice.from_function(f"sim{i}", sleeping_sim(latency_s))
                        for i in range(lanes)])
-    pool.condition(SIM.encode(np.array([3])), SIM.encode(np.array([10])), 1.0)
-    return pool
+
+
+LABEL_3 = Conditioning({ENCODER_HIDDEN_STATES: SIM.encode(np.array([3]))},
+                       {ENCODER_HIDDEN_STATES: SIM.encode(np.array([10]))}, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,7 +57,7 @@ def sim_pool(lanes: int, latency_s: float) -> DevicePool:
 
 def test_time_runs_counts_the_method_rounds_and_parallel_rounds_pay_off():
     setup = SpeedSetup(steps=8, windows=(1, 2), repeat=1, sim_latency_ms=10.0)
-    timings = asyncio.run(time_runs(sim_pool(2, 0.01), setup))
+    timings = asyncio.run(time_runs(sim_pool(2, 0.01), LABEL_3, setup))
     assert set(timings.seconds) == set(setup.runs())
     for mode, window in setup.runs():
         assert timings.rounds[(mode, window)] == len(round_pattern(mode, window, 8))
@@ -210,36 +212,15 @@ def test_quality_target_uses_guidance_one_at_fifty_steps(reference):
     assert not check_target([record(1.0, 0.0, 1.2)])["met"]
 
 
-@pytest.fixture(scope="module")
-def reference_unet_onnx(reference, tmp_path_factory, torch_single_thread):
-    """The reference UNet exported to ONNX (TorchScript exporter, batch dynamic)."""
-
-    class UNetOnly(torch.nn.Module):
-        def __init__(self, unet):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample, timestep, context):
-            return self.unet(sample, timestep, context).sample
-
-    path = tmp_path_factory.mktemp("onnx") / "unet.onnx"
-    names = ["sample", "timestep", "encoder_hidden_states"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            UNetOnly(reference.unet), (torch.randn(2, 1, 8, 8), torch.ones(2), torch.randn(2, 1, 64)),
-            str(path), dynamo=False, opset_version=17, input_names=names,
-            output_names=["out_sample"],
-            dynamic_axes={name: {0: "batch"} for name in [*names, "out_sample"]},
-        )
-    return path
-
-
 @pytest.mark.parametrize("guidance", [1.0, 1.5])
-def test_onnx_denoiser_matches_the_torch_model(reference, reference_unet_onnx, guidance):
+def test_onnx_denoiser_matches_the_torch_model(reference, guidance, tmp_path_factory):
+    from bench.common import ensure_reference_engines
+
     labels = torch.tensor([1, 7, 4])
     x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))  # 2 items
     t = torch.tensor([900.0] * 3 + [500.0] * 3)
-    onnx = asyncio.run(onnx_denoiser(reference, reference_unet_onnx, labels, guidance)(x, t))
-    expected = asyncio.run(reference.denoiser(labels, guidance)(x, t))
+    unet = ensure_reference_engines(lambda line: None).path("unet")
+    onnx = asyncio.run(make_denoiser(reference, QualitySetup(), labels, guidance, unet)(x, t))
+    torch_setup = QualitySetup(backend="torch")
+    expected = asyncio.run(make_denoiser(reference, torch_setup, labels, guidance)(x, t))
     torch.testing.assert_close(onnx, expected, atol=2e-4, rtol=1e-3)

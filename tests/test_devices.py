@@ -10,7 +10,9 @@ import torch
 
 from models.reference import SCHEDULER_CONFIG
 from models.sim import SimDiffusion
+from models.tensors import ENCODER_HIDDEN_STATES
 from runtime.devices import (
+    Conditioning,
     Device,
     DeviceError,
     DevicePool,
@@ -36,10 +38,27 @@ def sim_devices(count: int, delay_s: float = 0.0, calls: list | None = None) -> 
     return [LocalDevice.from_function(f"sim{i}", denoise) for i in range(count)]
 
 
-def conditioned(pool: DevicePool, guidance: float, label: int = 3) -> DevicePool:
-    cond, uncond = SIM.encode(np.array([label])), SIM.encode(np.array([10]))
-    pool.condition(cond, uncond, guidance)
-    return pool
+class Conditioned:
+    """A pool with one request's conditioning: callable as `denoise`, the pool's attributes."""
+
+    def __init__(self, pool: DevicePool, conditioning: Conditioning) -> None:
+        self.pool = pool
+        self.denoise = pool.denoiser(conditioning)
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
+
+    async def __call__(self, x, t):
+        return await self.denoise(x, t)
+
+
+def label_conditioning(label: int, guidance: float) -> Conditioning:
+    return Conditioning({ENCODER_HIDDEN_STATES: SIM.encode(np.array([label]))},
+                        {ENCODER_HIDDEN_STATES: SIM.encode(np.array([10]))}, guidance)
+
+
+def conditioned(pool: DevicePool, guidance: float, label: int = 3) -> Conditioned:
+    return Conditioned(pool, label_conditioning(label, guidance))
 
 
 def round_inputs(items: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +166,7 @@ def test_device_deadline_raises_device_error():
     device = sim_devices(1, delay_s=0.5)[0]
     device.deadline_s = 0.05
     x, t = round_inputs(1)
-    context = SIM.encode(np.array([1]))
+    context = {ENCODER_HIDDEN_STATES: SIM.encode(np.array([1]))}
     with pytest.raises(DeviceError, match="no answer within"):
         asyncio.run(device(x.numpy(), t.numpy(), context))
 
@@ -170,16 +189,39 @@ def test_sampling_through_the_pool_matches_a_plain_denoiser(mode):
 
 def test_pool_rejects_rounds_that_are_not_whole_items():
     pool = DevicePool(sim_devices(1))
-    pool.condition(np.zeros((2, 1, 11), np.float32))
+    denoise = pool.denoiser(Conditioning({ENCODER_HIDDEN_STATES: np.zeros((2, 1, 11))}))
     with pytest.raises(ValueError, match="not whole items of latent batch 2"):
-        asyncio.run(pool(*round_inputs(3)))
+        asyncio.run(denoise(*round_inputs(3)))
 
 
-def test_pool_needs_conditioning_and_devices():
+def test_pool_needs_devices_and_conditioning_that_agrees():
     with pytest.raises(ValueError, match="at least one device"):
         DevicePool([])
-    with pytest.raises(RuntimeError, match="condition"):
-        asyncio.run(DevicePool(sim_devices(1))(*round_inputs(1)))
+    with pytest.raises(ValueError, match="must match cond"):
+        Conditioning({ENCODER_HIDDEN_STATES: np.zeros((1, 1, 11))},
+                     {ENCODER_HIDDEN_STATES: np.zeros((1, 2, 11))}, 2.0)
+    with pytest.raises(ValueError, match="guidance must be >= 0"):
+        label_conditioning(3, -1.0)
+
+
+def test_concurrent_requests_through_one_pool_keep_their_own_conditioning():
+    """Conditioning travels with each request: interleaved rounds of different labels and
+    guidance through one pool give each request its solo result."""
+    pool = DevicePool(sim_devices(2, delay_s=0.005))
+    requests = [(label, guidance) for label in range(4) for guidance in (1.0, 3.0)]
+
+    async def one(label: int, guidance: float) -> torch.Tensor:
+        scheduler = make_scheduler("ddim", 6, SCHEDULER_CONFIG)
+        latents = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(label))
+        return await sample(pool.denoiser(label_conditioning(label, guidance)), scheduler,
+                            latents, mode="aggressive", window=2)
+
+    async def together():
+        return await asyncio.gather(*(one(*request) for request in requests))
+
+    solo = [asyncio.run(one(*request)) for request in requests]
+    for alone, concurrent in zip(solo, asyncio.run(together())):
+        assert torch.equal(alone, concurrent)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript exporter
@@ -192,7 +234,8 @@ def test_local_onnx_and_torch_devices_match_the_module(tmp_path):
     with torch.no_grad():
         expected = module(x, t, context).numpy()
     for device in (LocalDevice.from_onnx(path, threads=1), LocalDevice.from_torch(module)):
-        output = asyncio.run(device(x.numpy(), t.numpy(), context.numpy()))
+        output = asyncio.run(device(x.numpy(), t.numpy(),
+                                    {ENCODER_HIDDEN_STATES: context.numpy()}))
         np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 
 import pytest
 import torch
@@ -171,7 +172,8 @@ def test_ddim_conservative_first_draft_equals_refined_state():
     assert len(draft_rounds) == 4
     for x, t, _ in draft_rounds:
         first_draft = x[: SHAPE[0]]
-        step = timesteps.index(float(t[0]))  # the draft is x~_{i+1}; refined x_{i+1} came from step i
+        # the draft is x~_{i+1}; the refined x_{i+1} came from step i
+        step = timesteps.index(float(t[0]))
         torch.testing.assert_close(first_draft, refined[timesteps[step - 1]], rtol=0, atol=1e-5)
 
 
@@ -259,10 +261,13 @@ def test_a_single_step():
 def test_ddim_50_steps_aggressive_window_4_is_as_close_to_the_exact_ode_as_sequential():
     steps, shape = 50, (64, 1, 8, 8)
     scheduler = make_scheduler("ddim", steps)
-    model = GaussianMixtureModel.gaussian(0.3, 0.5, shape[1:], alphas_cumprod=scheduler.alphas_cumprod)
+    model = GaussianMixtureModel.gaussian(
+        0.3, 0.5, shape[1:], alphas_cumprod=scheduler.alphas_cumprod
+    )
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     a0 = scheduler.alphas_cumprod[scheduler.timesteps[0]].double()
-    exact = model.exact_ode_solution(latents, (a0.sqrt().item(), (1 - a0).sqrt().item()), (1.0, 0.0))
+    start = (a0.sqrt().item(), (1 - a0).sqrt().item())
+    exact = model.exact_ode_solution(latents, start, (1.0, 0.0))
 
     async def denoise(x, t):
         return model(x, t)
@@ -306,7 +311,8 @@ def test_scheduler_without_timesteps_is_refused():
 def test_bad_mode_or_window_is_refused(kwargs, message):
     scheduler = make_scheduler("ddim", 10)
     with pytest.raises(ValueError, match=message):
-        asyncio.run(sample(Recorder(make_model(scheduler)), scheduler, torch.zeros(SHAPE), **kwargs))
+        denoise = Recorder(make_model(scheduler))
+        asyncio.run(sample(denoise, scheduler, torch.zeros(SHAPE), **kwargs))
 
 
 def test_latents_must_be_4d():
@@ -323,3 +329,72 @@ def test_a_denoise_returning_the_wrong_shape_is_reported():
 
     with pytest.raises(ValueError, match="denoise returned shape"):
         asyncio.run(sample(broken, scheduler, torch.zeros(SHAPE), mode="aggressive", window=2))
+
+
+@pytest.mark.parametrize("mode", ["sequential", "conservative", "aggressive"])
+def test_callback_reports_every_refined_step_with_the_round_that_evaluated_it(mode):
+    scheduler = make_scheduler("ddim", 12)
+    recorder = Recorder(make_model(scheduler))
+    latents = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    steps: list[dict] = []
+    result = asyncio.run(
+        sample(recorder, scheduler, latents, mode=mode, window=3, callback=steps.append)
+    )
+    assert [info["step"] for info in steps] == list(range(12))
+    assert torch.equal(steps[0]["x_prev"], latents) and torch.equal(steps[-1]["x"], result)
+    for before, after in itertools.pairwise(steps):
+        assert torch.equal(after["x_prev"], before["x"])
+    for info in steps:
+        x, t, outputs = recorder.rounds[info["round"]]
+        items = [float(timestep) for timestep in t[:: SHAPE[0]]]
+        k = items.index(float(info["timestep"]))  # DDIM: the model input is the draft itself
+        assert torch.equal(x.split(SHAPE[0])[k], info["draft"])
+        assert torch.equal(outputs.split(SHAPE[0])[k], info["output"])
+        if mode == "sequential":
+            assert torch.equal(info["draft"], info["x_prev"])
+
+
+def test_an_identity_draft_hook_changes_nothing_and_sees_every_drafting_round():
+    plain, _, _ = run("dpmpp2m", "aggressive", 4)
+    seen: list[dict] = []
+
+    def keep(info):
+        seen.append(info)
+        return info["drafts"]
+
+    scheduler = make_scheduler("dpmpp2m", 20)
+    latents = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    hooked = asyncio.run(
+        sample(Recorder(make_model(scheduler)), scheduler, latents, window=4, draft=keep)
+    )
+    assert torch.equal(hooked, plain)
+    assert [info["round"] for info in seen] == [1, 2, 3, 4, 5]
+    assert [info["steps"][0] for info in seen] == [info["anchor"] for info in seen]
+    assert [len(info["steps"]) for info in seen] == round_pattern("aggressive", 4, 20)[1:]
+    assert all(torch.equal(info["drafts"][0], info["x"]) for info in seen)
+
+
+def test_the_draft_hook_decides_what_a_drafting_round_evaluates():
+    scheduler = make_scheduler("ddim", 8)
+    recorder = Recorder(make_model(scheduler))
+
+    def zeros(info):
+        return [torch.zeros_like(x) for x in info["drafts"]]
+
+    asyncio.run(
+        sample(recorder, scheduler, torch.randn(SHAPE), mode="conservative", window=3, draft=zeros)
+    )
+    assert recorder.items_per_round(SHAPE[0]) == round_pattern("conservative", 3, 8)
+    for x, _, _ in recorder.rounds[1::2]:  # the drafting rounds
+        assert not x.any()
+    for x, _, _ in recorder.rounds[::2]:  # the anchors are evaluated as they are
+        assert x.any()
+
+
+def test_a_draft_hook_returning_the_wrong_number_of_drafts_is_reported():
+    scheduler = make_scheduler("ddim", 8)
+    with pytest.raises(ValueError, match="the draft hook returned 1 drafts for 4 steps"):
+        asyncio.run(
+            sample(Recorder(make_model(scheduler)), scheduler, torch.randn(SHAPE), window=4,
+                   draft=lambda info: info["drafts"][:1])
+        )

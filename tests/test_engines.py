@@ -69,7 +69,9 @@ def test_build_writes_ort_engines_with_a_manifest(built):
     cpu = built.engines / "tiny-sd" / "cpu"
     assert sorted(p.name for p in cpu.iterdir()) == [
         "manifest.json",
+        "pipeline.json",  # the pipeline spec and the tokenizer it names, beside the engines
         "text_encoder.onnx",
+        "tokenizer",
         "unet.onnx",
         "vae_decoder.onnx",
     ]

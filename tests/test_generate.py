@@ -6,10 +6,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from models.sim import SimDiffusion
+from models.sim import SimDiffusion, sim_spec
 from runtime.devices import DevicePool, LocalDevice, LocalModel
 from runtime.pipeline import GenerationRequest, Pipeline, PipelineSpec, RequestError
-from triton_models.repository import sim_spec
 
 SPEC = sim_spec()
 SIM = SimDiffusion.from_scheduler_config(SPEC.scheduler_config)
@@ -18,11 +17,11 @@ SIM = SimDiffusion.from_scheduler_config(SPEC.scheduler_config)
 def sim_pipeline(devices: int = 2) -> Pipeline:
     encoder = LocalModel("text_encoder", lambda label: {"text_embeddings": SIM.encode(label)})
     pool = DevicePool([LocalDevice.from_function(f"sim{i}", SIM.denoise) for i in range(devices)])
-    return Pipeline(SPEC, pool, encoder)
+    return Pipeline(SPEC, pool, {"text_encoder": encoder})
 
 
 def generate(request: GenerationRequest, devices: int = 2) -> np.ndarray:
-    return asyncio.run(sim_pipeline(devices).generate(request))
+    return asyncio.run(sim_pipeline(devices).generate(request)).image
 
 
 def test_spec_survives_json():
@@ -32,7 +31,7 @@ def test_spec_survives_json():
 def test_image_is_deterministic_and_follows_the_label():
     request = GenerationRequest(label=3, seed=1, steps=10, guidance=2.0)
     image = generate(request)
-    assert image.shape == (8, 8, 1) and image.dtype == np.uint8
+    assert image.shape == (8, 8, 3) and image.dtype == np.uint8
     np.testing.assert_array_equal(image, generate(request))
     other = generate(GenerationRequest(label=8, seed=1, steps=10, guidance=2.0))
     assert np.abs(image.astype(int) - other.astype(int)).max() > 50

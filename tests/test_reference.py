@@ -15,6 +15,7 @@ from bench.metrics import (
     frechet_distance,
     mean_sample_distance,
 )
+from bench.quality import QualitySetup, make_denoiser
 from models.reference import (
     ASSET_DIR,
     SCHEDULER_CONFIG,
@@ -41,8 +42,12 @@ def generate(model, labels: torch.Tensor, guidance: float, steps: int = 20,
     noise_scheduler = make_scheduler(scheduler, steps, SCHEDULER_CONFIG)
     generator = torch.Generator().manual_seed(seed)
     latents = model.initial_noise(len(labels), generator) * noise_scheduler.init_noise_sigma
-    return asyncio.run(sample(model.denoiser(labels, guidance), noise_scheduler, latents,
+    return asyncio.run(sample(denoiser(model, labels, guidance), noise_scheduler, latents,
                               mode="sequential", generator=generator))
+
+
+def denoiser(model, labels: torch.Tensor, guidance: float):
+    return make_denoiser(model, QualitySetup(backend="torch"), labels, guidance)
 
 
 def test_checkpoint_is_small_and_loads_with_documented_shapes(model):
@@ -70,8 +75,9 @@ def test_guidance_changes_the_samples_and_one_means_conditional_only(model):
     labels = torch.tensor([3, 7])
     x, t = model.initial_noise(2, torch.Generator().manual_seed(1)), torch.tensor([500, 500])
     conditional = model.unet(x, t, model.text_encoder(labels)).sample
-    assert torch.equal(model.predict_noise(x, t, labels, 1.0), conditional)
-    assert not torch.allclose(model.predict_noise(x, t, labels, 2.0), conditional, atol=1e-3)
+    assert torch.equal(asyncio.run(denoiser(model, labels, 1.0)(x, t)), conditional)
+    guided = asyncio.run(denoiser(model, labels, 2.0)(x, t))
+    assert not torch.allclose(guided, conditional, atol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp2m", "unipc", "ddpm"])
@@ -130,7 +136,7 @@ def test_bad_labels_are_rejected_with_a_clear_error(model, bad):
     with pytest.raises(ValueError, match="label"):
         model.text_encoder(bad)
     with pytest.raises(ValueError, match="label"):
-        model.denoiser(bad)
+        denoiser(model, bad, 1.0)
 
 
 def test_bad_scheduler_requests_are_rejected(model):
@@ -138,5 +144,3 @@ def test_bad_scheduler_requests_are_rejected(model):
         make_scheduler("heun", 20, SCHEDULER_CONFIG)
     with pytest.raises(ValueError, match="num_steps must be in 1..1000"):
         make_scheduler("ddim", 0, SCHEDULER_CONFIG)
-    with pytest.raises(ValueError, match="one label per sample"):
-        model.predict_noise(model.initial_noise(2), torch.tensor(10), torch.tensor([1]), 1.0)

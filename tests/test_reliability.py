@@ -21,6 +21,7 @@ import torch
 import tritonclient.grpc as grpc_client
 from conftest import free_ports
 from test_triton_engines import engines  # noqa: F401 - the tiny ONNX engines fixture
+from tiny_models import Conditioned
 from tritonclient.utils import np_to_triton_dtype
 
 from models.reference import SCHEDULER_CONFIG
@@ -90,7 +91,7 @@ class FlakyModel(LocalModel):
 
 def sim_pool(models: list[FlakyModel], recheck_s: float = 0.05) -> DevicePool:
     pool = DevicePool([Device(model, recheck_s=recheck_s) for model in models])
-    pool.condition(SIM.encode(np.array([3])), SIM.encode(np.array([10])), 2.0)
+    pool = Conditioned(pool, SIM.encode(np.array([3])), SIM.encode(np.array([10])), 2.0)
     return pool
 
 
@@ -151,7 +152,7 @@ def test_a_rejected_call_is_not_reissued_and_the_device_stays_in_service():
 
     pool = DevicePool([Device(LocalModel("strict", reject)),
                        LocalDevice.from_function("spare", SIM.denoise)])
-    pool.condition(SIM.encode(np.array([1])))
+    pool = Conditioned(pool, SIM.encode(np.array([1])))
     with pytest.raises(DeviceError, match="bad shape"):
         asyncio.run(pool(torch.zeros((1, 1, 8, 8)), torch.full((1,), 10.0)))
     assert pool.lost == set() and pool.failovers == []
@@ -218,7 +219,7 @@ def sim_servers(cluster, tmp_path_factory) -> list[EmbeddedServer]:
 
 
 async def generate(pipeline, progress=None) -> tuple[torch.Tensor, np.ndarray]:
-    latents = await pipeline.latents(pipeline.resolve(REQUEST), progress)
+    latents, _, _ = await pipeline.latents(pipeline.resolve(REQUEST), progress)
     return latents, await pipeline.decode(latents)
 
 
@@ -274,7 +275,7 @@ def test_a_frozen_server_is_replaced_after_its_deadline_and_no_device_left_fails
         async with TritonEndpoints([server.grpc_url for server in servers]) as connection:
             devices = await connection.devices(deadline_s=deadline_s)
             pool = DevicePool(devices)
-            pool.condition(SIM.encode(np.array([3])), SIM.encode(np.array([10])), 2.0)
+            pool = Conditioned(pool, SIM.encode(np.array([3])), SIM.encode(np.array([10])), 2.0)
             expected = await sample_latents(pool, window=2)
             frozen = fault_at(3, lambda: _signal_group(servers[1], signal.SIGSTOP))
             assert torch.equal(await sample_latents(pool, window=2, progress=frozen), expected)

@@ -10,16 +10,17 @@ import pytest
 import torch
 import tritonclient.grpc as grpc_client
 from test_devices import TinyUNet, export_tiny_unet
+from tiny_models import Conditioned
 from tritonclient.utils import np_to_triton_dtype
 
 from engines.manifest import network_entry, new_manifest, write_manifest
-from models.reference import SCHEDULER_CONFIG
+from models.reference import SCHEDULER_CONFIG, reference_spec
 from runtime.devices import DevicePool, LocalDevice, TritonEndpoints
 from runtime.driffusion import sample
 from runtime.generate import connect_pipeline
 from runtime.pipeline import GenerationRequest
 from runtime.schedulers import make_scheduler
-from triton_models.repository import RepositoryOptions, reference_spec, write_repository
+from triton_models.repository import RepositoryOptions, write_repository
 
 pytestmark = pytest.mark.triton
 
@@ -66,7 +67,7 @@ def engines(tmp_path_factory):
             file=f"{name}.onnx", onnx_sha256="0" * 64, precision="fp32", profile={},
             build_seconds=0.0, optimization_level=1, **io)
     write_manifest(cpu, manifest)
-    (root / "pipeline.json").write_text(reference_spec().with_defaults(model="tiny").to_json())
+    (cpu / "pipeline.json").write_text(reference_spec().with_defaults(model="tiny").to_json())
     return root
 
 
@@ -77,11 +78,11 @@ def server(triton_server, engines, tmp_path_factory):
     return triton_server(repository.path)
 
 
-def conditioned(pool: DevicePool, guidance: float) -> DevicePool:
+def conditioned(pool: DevicePool, guidance: float) -> Conditioned:
     encoder = TinyLabelEncoder().eval()
     with torch.no_grad():
-        pool.condition(encoder(torch.tensor([4])), encoder(torch.tensor([10])), guidance)
-    return pool
+        return Conditioned(pool, encoder(torch.tensor([4])), encoder(torch.tensor([10])),
+                           guidance)
 
 
 async def sample_with(pool: DevicePool, mode: str) -> torch.Tensor:
@@ -119,7 +120,7 @@ def test_driffusion_model_over_onnx_encoder_and_devices_matches_the_client(serve
         async with TritonEndpoints([server.grpc_url]) as endpoints:
             pipeline = await connect_pipeline(endpoints)
             request = GenerationRequest(label=4, seed=2, steps=6, guidance=2.0)
-            return await pipeline.generate(request)
+            return (await pipeline.generate(request)).image
 
-    assert image.shape == (8, 8, 1) and image.dtype == np.uint8
+    assert image.shape == (8, 8, 3) and image.dtype == np.uint8
     np.testing.assert_array_equal(image, asyncio.run(client_side()))

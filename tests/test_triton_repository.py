@@ -74,7 +74,7 @@ def write_engines(root: Path, backend: str, profile: dict | None = None,
         file=unet_file, onnx_sha256="0" * 64, precision="fp32", inputs=UNET_INPUTS,
         outputs=UNET_OUTPUTS, profile=profile or {}, build_seconds=0.0, optimization_level=3)
     write_manifest(engine_dir, manifest)
-    (root / "pipeline.json").write_text(reference_spec().with_defaults(model="tiny").to_json())
+    (engine_dir / "pipeline.json").write_text(reference_spec().with_defaults(model="tiny").to_json())
     return root
 
 
@@ -102,10 +102,14 @@ def test_sim_repository_has_devices_encoder_and_pipeline_model(tmp_path):
     assert pipeline.instance_group[0].count == 2
     assert pipeline.output[0].name == "IMAGE"
     assert pipeline.output[0].data_type == model_config_pb2.TYPE_UINT8
-    assert list(pipeline.output[0].dims) == [-1, -1, -1]
+    assert list(pipeline.output[0].dims) == [-1, -1, 3]  # IMAGE: uint8 RGB [H, W, 3]
     spec = PipelineSpec.from_json(parameters(pipeline)["pipeline"])
     assert spec.model == "sim" and spec.latent_shape == (1, 8, 8) and spec.null_label == 10
-    assert json.loads(parameters(pipeline)["devices"]) == [["unet_sim", 3, 64, True]]
+    (device,) = json.loads(parameters(pipeline)["devices"])
+    assert (device["name"], device["instances"], device["max_batch"], device["batching"]) == (
+        "unet_sim", 3, 64, True)
+    assert device["dtypes"] == {"sample": "float32", "timestep": "float32",
+                                "encoder_hidden_states": "float32"}
     for model in repository.models:
         assert (repository.path / model / "1" / "model.py").is_file()
 
@@ -186,7 +190,7 @@ def test_bad_options_and_missing_engines_are_explained(tmp_path):
     engines = write_engines(tmp_path / "engines", "onnxruntime")
     with pytest.raises(FileNotFoundError, match="no tensorrt engines"):
         write_repository(tmp_path / "c", RepositoryOptions(model=str(engines), backend="tensorrt"))
-    (engines / "pipeline.json").unlink()
+    (engines / "cpu" / "pipeline.json").unlink()
     with pytest.raises(FileNotFoundError, match="pipeline.json is missing"):
         write_repository(tmp_path / "d", RepositoryOptions(model=str(engines)))
 

@@ -15,10 +15,12 @@ import pytest
 import torch
 import tritonclient.grpc as grpc_client
 from PIL import Image
+from tiny_models import Conditioned
 
 from cli import main as cli_main
 from models.reference import SCHEDULER_CONFIG
 from models.sim import SimDiffusion
+from models.tensors import ENCODER_HIDDEN_STATES, OUT_SAMPLE, SAMPLE, TIMESTEP
 from runtime.devices import (
     DeviceError,
     DevicePool,
@@ -47,9 +49,8 @@ def server(triton_server, tmp_path_factory):
     return triton_server(repository.path)
 
 
-def conditioned(pool: DevicePool, label: int, guidance: float) -> DevicePool:
-    pool.condition(SIM.encode(np.array([label])), SIM.encode(np.array([10])), guidance)
-    return pool
+def conditioned(pool: DevicePool, label: int, guidance: float) -> Conditioned:
+    return Conditioned(pool, SIM.encode(np.array([label])), SIM.encode(np.array([10])), guidance)
 
 
 async def sample_with(pool: DevicePool, mode: str, steps: int = 8) -> torch.Tensor:
@@ -129,14 +130,14 @@ def infer_driffusion(url: str, **fields) -> np.ndarray:
 def test_driffusion_model_runs_the_same_pipeline_as_the_client(server):
     image = infer_driffusion(server.grpc_url, LABEL=7, SEED=11, STEPS=8, MODE="aggressive",
                              GUIDANCE=2.0)
-    assert image.dtype == np.uint8 and image.shape == (8, 8, 1)
+    assert image.dtype == np.uint8 and image.shape == (8, 8, 3)
     assert image.min() < image.max()
 
     async def client_side():
         async with TritonEndpoints([server.grpc_url]) as endpoints:
             pipeline = await connect_pipeline(endpoints)
             request = GenerationRequest(label=7, seed=11, steps=8, mode="aggressive", guidance=2.0)
-            return await pipeline.generate(request)
+            return (await pipeline.generate(request)).image
 
     np.testing.assert_array_equal(image, asyncio.run(client_side()))
     by_prompt = infer_driffusion(server.grpc_url, PROMPT="a handwritten seven", SEED=11, STEPS=8,
@@ -172,15 +173,14 @@ def test_a_bad_request_is_not_a_lost_device_but_a_missing_model_is(server):
 
     async def call(model_name: str, side: int):
         async with TritonEndpoints([server.grpc_url]) as endpoints:
-            (device,) = await endpoints.devices()
             model = endpoints.model(server.grpc_url, model_name)
             inputs = {
-                device.io.sample: np.zeros((1, 1, side, side), np.float32),
-                device.io.timestep: np.full((1, 1), 500.0, np.float32),
-                device.io.context: context.astype(np.float32),
+                SAMPLE: np.zeros((1, 1, side, side), np.float32),
+                TIMESTEP: np.full((1, 1), 500.0, np.float32),
+                ENCODER_HIDDEN_STATES: context.astype(np.float32),
             }
             with pytest.raises(DeviceError) as caught:
-                await model.infer(inputs, [device.io.output], 10.0)
+                await model.infer(inputs, [OUT_SAMPLE], 10.0)
             return caught.value
 
     bad_shape = asyncio.run(call("unet_sim", 3))

@@ -33,3 +33,23 @@ def small_unet(**overrides) -> UNet2DConditionModel:
 def small_sdxl_unet(**overrides) -> UNet2DConditionModel:
     """`small_unet` with SDXL's added text_embeds/time_ids conditioning."""
     return small_unet(**{**SDXL_CONDITIONING, **overrides})
+
+
+class Conditioned:
+    """A device pool with one request's conditioning: callable as the sampler's `denoise`, and
+    the pool's attributes (calls, rounds, failovers) readable through it."""
+
+    def __init__(self, pool, cond, uncond=None, guidance: float = 1.0) -> None:
+        from models.tensors import ENCODER_HIDDEN_STATES
+        from runtime.devices import Conditioning
+
+        uncond = None if uncond is None else {ENCODER_HIDDEN_STATES: uncond}
+        self.pool = pool
+        self.denoise = pool.denoiser(
+            Conditioning({ENCODER_HIDDEN_STATES: cond}, uncond, guidance))
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
+
+    async def __call__(self, x, t):
+        return await self.denoise(x, t)

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from triton_models.repository import write_repository
-from triton_models.serve import add_repository_arguments, options_from_args
+from triton_models.serve import add_repository_arguments, options_from_args, prepare_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,8 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_triton_repo(args: argparse.Namespace) -> int:
     try:
-        repository = write_repository(args.repository, options_from_args(args))
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        options = prepare_model(options_from_args(args))
+        repository = write_repository(args.repository, options)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {repository.path}")

@@ -1,4 +1,4 @@
-"""Inputs of the `driffusion` pipeline model and their parsing into a GenerationRequest."""
+"""Inputs and outputs of the `driffusion` pipeline model, and parsing its inputs into a request."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -20,13 +20,25 @@ DRIFFUSION_INPUTS: dict[str, tuple[str, str]] = {
     "SCHEDULER": ("TYPE_STRING", "scheduler"),
     "TOLERANCE": ("TYPE_FP32", "tolerance"),
     "DRAFT_ORDER": ("TYPE_INT32", "draft_order"),
+    "HEIGHT": ("TYPE_INT32", "height"),
+    "WIDTH": ("TYPE_INT32", "width"),
 }
+# outputs: the image, and what DRiffusion did to make it
+DRIFFUSION_OUTPUTS: dict[str, tuple[str, list[int]]] = {
+    "IMAGE": ("TYPE_UINT8", [-1, -1, 3]),
+    "ROUNDS": ("TYPE_INT32", [1]),
+    "EVALUATIONS": ("TYPE_INT32", [1]),
+}
+# string fields other than prompts are short names; their byte limit is fixed
+MAX_NAME_BYTES = 64
 
 
-def request_from_tensors(tensors: Mapping[str, np.ndarray | None]) -> GenerationRequest:
+def request_from_tensors(tensors: Mapping[str, np.ndarray | None],
+                         max_prompt_bytes: int = 2048) -> GenerationRequest:
     """A GenerationRequest from the `driffusion` model's input tensors (absent ones are None).
 
     Each present input must hold exactly one value; RequestError names the input otherwise.
+    Strings are size-checked before they are decoded.
     """
     values: dict[str, object] = {}
     for name, (dtype, field_name) in DRIFFUSION_INPUTS.items():
@@ -36,13 +48,16 @@ def request_from_tensors(tensors: Mapping[str, np.ndarray | None]) -> Generation
         if tensor.size != 1:
             raise RequestError(field_name, f"{name} must hold exactly one value; got shape "
                                            f"{list(tensor.shape)}")
-        values[field_name] = _scalar(tensor.reshape(-1)[0], dtype, field_name)
+        limit = max_prompt_bytes if field_name.endswith("prompt") else MAX_NAME_BYTES
+        values[field_name] = _scalar(tensor.reshape(-1)[0], dtype, field_name, limit)
     return GenerationRequest(**values)
 
 
-def _scalar(value: object, dtype: str, field_name: str) -> object:
+def _scalar(value: object, dtype: str, field_name: str, limit: int) -> object:
     if dtype == "TYPE_STRING":
         raw = value if isinstance(value, bytes) else str(value).encode()
+        if len(raw) > limit:
+            raise RequestError(field_name, f"must be at most {limit} bytes; got {len(raw)}")
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as error:

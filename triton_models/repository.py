@@ -17,26 +17,24 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from models import paths
-from runtime.pipeline import PipelineSpec, digit_names
-from triton_models.pipeline_io import DRIFFUSION_INPUTS
+from models import paths, tensors
+from models.pipeline_spec import SPEC_FILE, PipelineSpec
+from models.reference import reference_spec
+from models.sim import sim_spec
+from runtime.pipeline import TOKENIZER_DROPPED, TOKENIZER_TEXT
+from triton_models.pipeline_io import DRIFFUSION_INPUTS, DRIFFUSION_OUTPUTS
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MARKER = ".driffusion-repository"
 BACKENDS = ("onnxruntime", "tensorrt")
 MAX_DEVICES = 64
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-VAE_DOWNSCALE = 8  # image side / latent side of the latent-diffusion VAEs
 
-_DTYPES = {
-    "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16",
-    "int64": "TYPE_INT64", "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
-}
 
 
 @dataclass
@@ -59,7 +57,7 @@ class RepositoryOptions:
     max_steps: int = 1000
     max_window: int = 64
     max_batch: int = 64  # rows of one device call (the device models' max_batch_size)
-    max_prompt_length: int = 512  # characters of PROMPT / NEGATIVE_PROMPT
+    max_prompt_bytes: int = 2048  # UTF-8 bytes of PROMPT / NEGATIVE_PROMPT
     max_resolution: int = 2048  # image side in pixels the served model may produce
     dynamic_batching: bool = True  # device models merge concurrent calls into one batch
     batch_delay_us: int = 0  # how long a device call waits for others to batch with
@@ -79,7 +77,7 @@ class RepositoryOptions:
             raise ValueError(f"deadline must be > 0 s; got {self.deadline_s}")
         limits = {"max steps": (self.max_steps, 1, 10_000), "max window": (self.max_window, 1, 1024),
                   "max batch": (self.max_batch, 1, 4096),
-                  "max prompt length": (self.max_prompt_length, 1, 1_000_000),
+                  "max prompt bytes": (self.max_prompt_bytes, 1, 1_000_000),
                   "max resolution": (self.max_resolution, 8, 65_536),
                   "batch delay us": (self.batch_delay_us, 0, 10_000_000)}
         for name, (value, low, high) in limits.items():
@@ -96,6 +94,7 @@ class DeviceModel:
     instances: int = 1
     max_batch: int | None = None
     batching: bool = False
+    dtypes: dict[str, str] = field(default_factory=dict)  # input name -> dtype
 
 
 @dataclass(frozen=True)
@@ -131,7 +130,7 @@ def write_repository(target: str | Path | None = None,
     else:
         engines_dir = engines_dir_of(options.model)
         directory, manifest = load_manifest(engines_dir, options.backend, options.gpu_key)
-        spec = _engines_spec(engines_dir, manifest)
+        spec = _engines_spec(directory, manifest)
     spec = with_limits(spec, options)
     repository = Repository(_prepare_target(Path(target)), spec=spec)
     if engines_dir is None:
@@ -145,12 +144,13 @@ def write_repository(target: str | Path | None = None,
 
 def with_limits(spec: PipelineSpec, options: RepositoryOptions) -> PipelineSpec:
     """The spec carrying the serving limits; ValueError if the model's images exceed them."""
-    side = max(spec.latent_shape[1:]) * (VAE_DOWNSCALE if spec.decoder == "vae" else 1)
+    side = max(spec.image_size[0], spec.image_size[1],
+               *(spec.height_range or ()), *(spec.width_range or ()))
     if side > options.max_resolution:
         raise ValueError(f"{spec.model} makes {side}-pixel images, above the max resolution "
                          f"{options.max_resolution}; raise --max-resolution to serve it")
     return spec.with_defaults(max_steps=options.max_steps, max_window=options.max_window,
-                              max_prompt_length=options.max_prompt_length)
+                              max_prompt_bytes=options.max_prompt_bytes)
 
 
 def validate_repository(path: str | Path) -> Path:
@@ -240,36 +240,10 @@ def _write_sim(repository: Repository, options: RepositoryOptions) -> None:
         "text_encoder", inputs=[("label", "TYPE_INT64", [-1])],
         outputs=[("text_embeddings", "TYPE_FP32", embed)], parameters={"num_classes": NUM_CLASSES},
     ))
-    repository.devices.append(
-        DeviceModel("unet_sim", options.devices, options.max_batch, batching is not None))
-
-
-def sim_spec() -> PipelineSpec:
-    """The PipelineSpec of the closed-form sim (same schedule as the reference model)."""
-    from models.reference import SCHEDULER_CONFIG
-    from models.sim import NULL_LABEL, NUM_CLASSES, SAMPLE_SHAPE
-
-    return PipelineSpec(
-        model="sim", latent_shape=SAMPLE_SHAPE, scheduler_config=dict(SCHEDULER_CONFIG),
-        num_labels=NUM_CLASSES, null_label=NULL_LABEL, label_names=digit_names(NUM_CLASSES),
-    )
-
-
-def reference_spec() -> PipelineSpec:
-    """The PipelineSpec of the bundled reference model (pixel space, digit labels)."""
-    from models.reference import (
-        IN_CHANNELS,
-        NULL_LABEL,
-        NUM_CLASSES,
-        SAMPLE_SIZE,
-        SCHEDULER_CONFIG,
-    )
-
-    return PipelineSpec(
-        model="reference", latent_shape=(IN_CHANNELS, SAMPLE_SIZE, SAMPLE_SIZE),
-        scheduler_config=dict(SCHEDULER_CONFIG), num_labels=NUM_CLASSES, null_label=NULL_LABEL,
-        label_names=digit_names(NUM_CLASSES),
-    )
+    repository.devices.append(DeviceModel(
+        "unet_sim", options.devices, options.max_batch, batching is not None,
+        {tensors.SAMPLE: "float32", tensors.TIMESTEP: "float32",
+         tensors.ENCODER_HIDDEN_STATES: "float32"}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,13 +269,19 @@ def load_manifest(engines_dir: Path, backend: str, gpu_key: str | None = None) -
     return found[0].directory, found[0].manifest
 
 
+DENOISERS = ("unet", "transformer")  # network names of the denoiser, by model family
+
+
 def _write_engines(repository: Repository, options: RepositoryOptions, directory: Path,
                    manifest: dict) -> None:
     networks = manifest.get("networks", {})
-    if "unet" not in networks:
-        raise ValueError(f"{directory / 'manifest.json'} has no `unet` network "
-                         f"(networks: {', '.join(networks) or 'none'})")
-    unet = _with_latent_shape(networks["unet"], repository.spec.latent_shape)
+    denoiser = next((name for name in DENOISERS if name in networks), None)
+    if denoiser is None:
+        raise ValueError(f"{directory / 'manifest.json'} has no denoiser network "
+                         f"({' or '.join(DENOISERS)}; networks: {', '.join(networks) or 'none'})")
+    unet = networks[denoiser]
+    if repository.spec.height_range is None and repository.spec.width_range is None:
+        unet = _with_latent_shape(unet, repository.spec.latent_shape)
     engine_batch = _max_batch(unet)
     max_batch = min(options.max_batch, engine_batch or options.max_batch)
     batching = _batching(options, max_batch) if _batch_is_dynamic(unet) else None
@@ -310,10 +290,30 @@ def _write_engines(repository: Repository, options: RepositoryOptions, directory
         name = f"unet_{kind}{index}"
         _write_network(repository, name, directory, unet, options, gpu=index, batching=batching,
                        max_batch=max_batch)
-        repository.devices.append(DeviceModel(name, 1, max_batch, batching is not None))
-    for network in ("text_encoder", "vae_decoder"):
-        if network in networks:
+        dtypes = {tensor["name"]: tensor["dtype"] for tensor in unet["inputs"]}
+        repository.devices.append(DeviceModel(name, 1, max_batch, batching is not None, dtypes))
+    for network in networks:
+        if network.startswith("text_encoder") or network == "vae_decoder":
             _write_network(repository, network, directory, networks[network], options, gpu=0)
+    for encoder in repository.spec.text_encoders:
+        _write_tokenizer(repository, directory, encoder.tokenizer, options)
+
+
+def _write_tokenizer(repository: Repository, directory: Path, name: str,
+                     options: RepositoryOptions) -> None:
+    """A python-backend `tokenizer` model on the tokenizer files beside the engines."""
+    source = directory / name
+    if not (source / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{source} holds no tokenizer (tokenizer_config.json); build the "
+                                "engines again with `driffusion build-engines`")
+    model_dir = _model_dir(repository, name, "tokenizer")
+    shutil.copytree(source, model_dir / "1" / "tokenizer")
+    _write_config(model_dir, _python_config(
+        name, inputs=[(TOKENIZER_TEXT, "TYPE_STRING", [-1])],
+        outputs=[(tensors.INPUT_IDS, "TYPE_INT64", [-1, -1]),
+                 (TOKENIZER_DROPPED, "TYPE_INT32", [-1])],
+        parameters={"max_prompt_bytes": options.max_prompt_bytes},
+    ))
 
 
 def _batch_is_dynamic(network: dict) -> bool:
@@ -338,17 +338,16 @@ def _with_latent_shape(network: dict, latent_shape: tuple[int, ...]) -> dict:
             "outputs": [fixed(t) for t in network["outputs"]]}
 
 
-def _engines_spec(engines_dir: Path, manifest: dict) -> PipelineSpec:
-    """The reference model's spec, or the pipeline.json written next to other models' engines."""
+def _engines_spec(directory: Path, manifest: dict) -> PipelineSpec:
+    """The pipeline spec the build wrote beside the engines (the reference model's if absent)."""
+    spec_file = directory / SPEC_FILE
+    if spec_file.is_file():
+        return PipelineSpec.from_json(spec_file.read_text())
     if manifest.get("model") == "reference":
         return reference_spec()
-    spec_file = engines_dir / "pipeline.json"
-    if not spec_file.is_file():
-        raise FileNotFoundError(
-            f"{spec_file} is missing: a served model other than `reference` needs its "
-            "PipelineSpec (latent shape, scheduler config, labels) as JSON there"
-        )
-    return PipelineSpec.from_json(spec_file.read_text())
+    raise FileNotFoundError(f"{spec_file} is missing: build the engines again with "
+                            "`driffusion build-engines --model SOURCE` (it derives the pipeline "
+                            "spec from the model)")
 
 
 def _write_network(repository: Repository, name: str, directory: Path, network: dict,
@@ -388,12 +387,12 @@ def engine_file(directory: Path, name: str) -> Path:
 
 
 def _io(tensor: dict) -> tuple[str, str, list[int]]:
-    dtype = tensor["dtype"]
-    if dtype not in _DTYPES:
-        raise ValueError(f"tensor {tensor['name']}: dtype {dtype!r} is not one of "
-                         f"{', '.join(_DTYPES)}")
+    try:
+        dtype = tensors.dtype_named(tensor["dtype"]).triton_config
+    except ValueError as error:
+        raise ValueError(f"tensor {tensor['name']}: {error}") from error
     dims = [d if isinstance(d, int) and d > 0 else -1 for d in tensor["shape"]]
-    return tensor["name"], _DTYPES[dtype], dims
+    return tensor["name"], dtype, dims
 
 
 def _max_batch(network: dict) -> int | None:
@@ -458,12 +457,13 @@ def _write_driffusion(repository: Repository, options: RepositoryOptions) -> Non
     model_dir = _model_dir(repository, "driffusion", "driffusion")
     inputs = [(name, dtype, [1]) for name, (dtype, _) in DRIFFUSION_INPUTS.items()]
     _write_config(model_dir, _python_config(
-        "driffusion", inputs, [("IMAGE", "TYPE_UINT8", [-1, -1, -1])], optional_inputs=True,
+        "driffusion", inputs,
+        [(name, dtype, dims) for name, (dtype, dims) in DRIFFUSION_OUTPUTS.items()],
+        optional_inputs=True,
         instances=options.pipeline_instances,
         parameters={
             "pipeline": repository.spec.to_json(),
-            "devices": json.dumps([[device.name, device.instances, device.max_batch,
-                                    device.batching] for device in repository.devices]),
+            "devices": json.dumps([asdict(device) for device in repository.devices]),
             "deadline_s": options.deadline_s,
             "cfg_parallel": "true" if options.cfg_parallel else "false",
         },

@@ -31,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -415,15 +416,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `serve` and `triton-repo`."""
-    parser.add_argument("--model", default="reference",
-                        help="reference (the bundled model's engines), sim (closed-form model, "
-                        "no engines needed) or an engines model directory (default %(default)s)")
+    parser.add_argument("--model", default="reference", metavar="SOURCE",
+                        help="a preset (reference, tiny-sd, sim: the closed-form model), a "
+                        "diffusers pipeline folder (model_index.json), or an engines model "
+                        "directory; what is missing is exported and built first, matching "
+                        "engines are reused (default %(default)s)")
     parser.add_argument("--devices", type=int, default=2,
                         help="device models to serve: unet_cpu<i>/unet_gpu<i>, or sim instances "
                         "(default %(default)s)")
-    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
-                        help="engines to serve: CPU ONNX Runtime or TensorRT plans "
-                        "(default %(default)s)")
+    parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                        help="engines to serve: auto (TensorRT plans where TensorRT and a GPU "
+                        "exist, else ONNX Runtime), onnxruntime or tensorrt (default %(default)s)")
     parser.add_argument("--gpu-key", default=None,
                         help="engines/<model>/<GPU KEY> to use when several TensorRT sets exist")
     parser.add_argument("--cpu-threads", type=int, default=1,
@@ -457,8 +460,8 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-batch", type=int, default=defaults.max_batch,
                         help="most rows in one device call: the device models' max_batch_size "
                         "(default %(default)s)")
-    limits.add_argument("--max-prompt-length", type=int, default=defaults.max_prompt_length,
-                        help="most characters in PROMPT/NEGATIVE_PROMPT (default %(default)s)")
+    limits.add_argument("--max-prompt-bytes", type=int, default=defaults.max_prompt_bytes,
+                        help="most UTF-8 bytes in PROMPT/NEGATIVE_PROMPT (default %(default)s)")
     limits.add_argument("--max-resolution", type=int, default=defaults.max_resolution,
                         help="refuse to serve a model whose images are larger (pixels per side, "
                         "default %(default)s)")
@@ -480,19 +483,50 @@ def options_from_args(args: argparse.Namespace) -> RepositoryOptions:
         sim_latency_per_item_ms=args.sim_latency_per_item_ms, cfg_parallel=args.cfg_parallel,
         pipeline_model=args.pipeline_model, pipeline_instances=args.pipeline_instances,
         max_steps=args.max_steps, max_window=args.max_window, max_batch=args.max_batch,
-        max_prompt_length=args.max_prompt_length, max_resolution=args.max_resolution,
+        max_prompt_bytes=args.max_prompt_bytes, max_resolution=args.max_resolution,
         deadline_s=args.deadline_s, dynamic_batching=args.dynamic_batching,
         batch_delay_us=args.batch_delay_us,
     )
 
 
+def prepare_model(options: RepositoryOptions, log=print) -> RepositoryOptions:
+    """Options naming built engines: a preset or diffusers folder is exported and built first
+    (engines whose manifest matches are kept); sim and engines directories pass as they are."""
+    from engines.build import BuildRequest, build_engines
+    from export.presets import PRESETS, model_name
+
+    source = options.model
+    folder = Path(source)
+    if source == "sim" or (source not in PRESETS and any(folder.glob("*/manifest.json"))):
+        return replace(options, backend="onnxruntime" if options.backend == "auto"
+                       else options.backend)
+    if source not in PRESETS and not any((folder / name).is_file()
+                                         for name in ("model_index.json", "config.json")):
+        raise FileNotFoundError(
+            f"no engines for model {source!r}: give a preset ({', '.join(PRESETS)}, sim), a "
+            "diffusers pipeline folder (model_index.json) or an engines directory written by "
+            "`driffusion build-engines`")
+    name = model_name(source)
+    log(f"[1/3] engines for {source}: exporting and building what is missing")
+    outcome = build_engines(BuildRequest(source=source, name=name, backend=options.backend),
+                            lambda line: log(f"      {line}"))
+    return replace(options, model=str(outcome.directories[0].parent), backend=outcome.backend)
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    from engines.build import EngineBuildError
+    from export.presets import ModelSourceError
+    from export.specs import UnsupportedModelError
+
     options = options_from_args(args)
     if args.print_docker and args.per_gpu:
         options.devices = 1  # each container sees only its own GPU, as device 0
     try:
+        options = prepare_model(options)
+        print(f"[2/3] model repository: {args.repository}", flush=True)
         repository = write_repository(args.repository, options)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ModelSourceError,
+            UnsupportedModelError, EngineBuildError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.print_docker:
@@ -506,8 +540,8 @@ def run_serve(args: argparse.Namespace) -> int:
     except ServerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"starting Triton on {repository.path} (models: {', '.join(repository.models)}) ...",
-          flush=True)
+    print(f"[3/3] starting Triton on {repository.path} (models: "
+          f"{', '.join(repository.models)}) ...", flush=True)
     return serve_forever(server)
 
 

@@ -1,4 +1,4 @@
-"""Triton python-backend pipeline model `driffusion`: label or prompt in, image out.
+"""Triton python-backend pipeline model `driffusion`: prompt (or label) in, image out.
 
 It runs the project's own runtime server-side: `runtime.pipeline.Pipeline` with the DRiffusion
 sampler and a `DevicePool` whose devices call the `unet_*` models of this server through
@@ -9,7 +9,8 @@ after a health check. The model is not decoupled (a plain gRPC infer gets the im
 runs one `execute` at a time per instance: concurrent requests need more instances
 (--pipeline-instances).
 Parameters (config.pbtxt): `pipeline` (PipelineSpec JSON with the serving limits), `devices`
-(JSON [[name, instances, max_batch, batching]]), `deadline_s` (per model call), `cfg_parallel`.
+(JSON list of {name, instances, max_batch, batching, dtypes}), `deadline_s` (per model call),
+`cfg_parallel`. Outputs: IMAGE (uint8 [H, W, 3]), ROUNDS and EVALUATIONS (what DRiffusion did).
 """
 import asyncio
 import json
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from runtime.devices import Device, DeviceError, DevicePool, PoolError, UNetIO
+from runtime.devices import DenoiserIO, Device, DeviceError, DevicePool, PoolError
 from runtime.pipeline import Pipeline, PipelineSpec, RequestError
 from triton_models.backend import model_parameters
 from triton_models.pipeline_io import DRIFFUSION_INPUTS, request_from_tensors
@@ -58,13 +59,13 @@ class TritonPythonModel:
         self.spec = PipelineSpec.from_json(parameters["pipeline"])
         self.deadline_s = float(parameters.get("deadline_s", "60"))
         self.devices = [
-            Device(BlsModel(name), instances=int(instances), deadline_s=self.deadline_s,
-                   max_batch=int(max_batch) if max_batch else None, io=UNetIO(batching=batching))
-            for name, instances, max_batch, batching in json.loads(parameters["devices"])
+            Device(BlsModel(device["name"]), instances=int(device["instances"]),
+                   deadline_s=self.deadline_s, max_batch=device["max_batch"],
+                   io=DenoiserIO(device["dtypes"], device["batching"]))
+            for device in json.loads(parameters["devices"])
         ]
         self.cfg_parallel = parameters.get("cfg_parallel", "false") == "true"
-        self.encoder = BlsModel("text_encoder")
-        self.decoder = BlsModel("vae_decoder") if self.spec.decoder == "vae" else None
+        self.models = {name: BlsModel(name) for name in Pipeline.needed_models(self.spec)}
         self.log = pb_utils.Logger
 
     async def execute(self, requests):
@@ -78,9 +79,9 @@ class TritonPythonModel:
         pool = DevicePool(self.devices, cfg_parallel=self.cfg_parallel)
         rejoins_before = [device.rejoins for device in self.devices]
         try:
-            generation = request_from_tensors(tensors)
-            pipeline = Pipeline(self.spec, pool, self.encoder, self.decoder, self.deadline_s)
-            image = await pipeline.generate(generation)
+            generation = request_from_tensors(tensors, self.spec.max_prompt_bytes)
+            pipeline = Pipeline(self.spec, pool, self.models, self.deadline_s)
+            result = await pipeline.generate(generation)
         except RequestError as error:
             return _error(f"{error.field.upper()}: {error.detail}", pb_utils.TritonError.INVALID_ARG)
         except ValueError as error:  # a combination the sampler rejects (e.g. draft order 2)
@@ -89,7 +90,11 @@ class TritonPythonModel:
             return _error(f"device failure: {error}", pb_utils.TritonError.UNAVAILABLE)
         finally:
             self._log_health(pool, rejoins_before)
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGE", image)])
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("IMAGE", result.image),
+            pb_utils.Tensor("ROUNDS", np.array([result.rounds], np.int32)),
+            pb_utils.Tensor("EVALUATIONS", np.array([result.evaluations], np.int32)),
+        ])
 
     def _log_health(self, pool, rejoins_before):
         for device, before in zip(self.devices, rejoins_before):
