@@ -31,6 +31,7 @@ from bench.common import (
     sigterm_as_interrupt,
 )
 from models import paths
+from models.limits import MAX_GUIDANCE
 
 DEFAULT_OUT = paths.output_dir("demo")
 DEMO_MODES = ("sequential", "conservative", "aggressive")
@@ -279,8 +280,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
-    if not 0 <= args.guidance <= 50:
-        raise ValueError(f"--guidance must be in 0..50; got {args.guidance}")
+    if not 0 <= args.guidance <= MAX_GUIDANCE:
+        raise ValueError(f"--guidance must be in 0..{MAX_GUIDANCE:g}; got {args.guidance}")
     steps = args.steps or (QUICK_STEPS if args.quick else 50)
     return DemoSettings(steps=steps, window=args.window or args.devices, devices=args.devices,
                         guidance=args.guidance, seed=args.seed, cpu_threads=args.cpu_threads,

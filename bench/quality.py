@@ -28,6 +28,7 @@ from bench.metrics import (
     mean_sample_distance,
 )
 from models import paths, tensors
+from models.limits import MAX_GUIDANCE
 from models.reference import NUM_CLASSES, SCHEDULER_CONFIG, ReferenceModel
 from runtime.pipeline import CountingDenoise
 from runtime.schedulers import SCHEDULERS
@@ -73,8 +74,9 @@ class QualitySetup:
             raise ValueError(f"steps must be integers >= 1; got {list(self.steps)}")
         if not self.windows or min(self.windows) < 1:
             raise ValueError(f"windows must be integers >= 1; got {list(self.windows)}")
-        if not self.guidance or not all(0 <= g <= 50 for g in self.guidance):
-            raise ValueError(f"guidance scales must be in 0..50; got {list(self.guidance)}")
+        if not self.guidance or not all(0 <= g <= MAX_GUIDANCE for g in self.guidance):
+            raise ValueError(f"guidance scales must be in 0..{MAX_GUIDANCE:g}; "
+                             f"got {list(self.guidance)}")
         unknown = set(self.modes) - set(QUALITY_MODES)
         if unknown:
             raise ValueError(f"modes {sorted(unknown)} are not measured; choose from "

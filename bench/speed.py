@@ -29,6 +29,7 @@ import numpy as np
 
 from bench.common import positive_int
 from models import paths, tensors
+from models.limits import MAX_GUIDANCE
 from runtime.driffusion import round_pattern
 
 BACKENDS = ("sim", "cpu", "cpu-local")
@@ -76,8 +77,8 @@ class SpeedSetup:
             raise ValueError(f"modes {sorted(unknown)} are not timed; choose from {TIMED_MODES}")
         if self.sim_latency_ms < 0:
             raise ValueError(f"sim latency must be >= 0 ms; got {self.sim_latency_ms}")
-        if not 0 <= self.guidance <= 50:
-            raise ValueError(f"guidance must be in 0..50; got {self.guidance}")
+        if not 0 <= self.guidance <= MAX_GUIDANCE:
+            raise ValueError(f"guidance must be in 0..{MAX_GUIDANCE:g}; got {self.guidance}")
 
 
 @dataclass(frozen=True)

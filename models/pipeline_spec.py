@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from models.limits import SERVING_LIMITS
+
 SPEC_FILE = "pipeline.json"
 # model families: how prompts become the denoiser's conditioning
 CLASS_CONDITIONAL = "class"  # LABEL -> label encoder -> encoder_hidden_states
@@ -64,9 +66,9 @@ class PipelineSpec:
     default_guidance: float = 1.0
     default_scheduler: str = "default"
     # serving limits (the repository writer sets them from `driffusion serve --max-...`)
-    max_steps: int = 1000
-    max_window: int = 64
-    max_prompt_bytes: int = 2048
+    max_steps: int = SERVING_LIMITS["max_steps"].default
+    max_window: int = SERVING_LIMITS["max_window"].default
+    max_prompt_bytes: int = SERVING_LIMITS["max_prompt_bytes"].default
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

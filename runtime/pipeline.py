@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from models import tensors
+from models.limits import MAX_GUIDANCE
 from models.pipeline_spec import (
     CLASS_CONDITIONAL,
     STABLE_DIFFUSION,
@@ -43,7 +44,6 @@ __all__ = ["CountingDenoise", "GenerationRequest", "GenerationResult", "Pipeline
 # tokens truncation dropped per text (INT32 [N]) out
 TOKENIZER_TEXT = "TEXT"
 TOKENIZER_DROPPED = "DROPPED"
-MAX_GUIDANCE = 50.0
 log = logging.getLogger("driffusion")
 
 

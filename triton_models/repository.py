@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from models import paths, tensors
+from models.limits import SERVING_LIMITS, check_limit
 from models.pipeline_spec import SPEC_FILE, PipelineSpec
 from models.reference import reference_spec
 from models.sim import sim_spec
@@ -54,13 +55,13 @@ class RepositoryOptions:
     pipeline_model: bool = True  # False: devices and encoders only (e.g. extra per-GPU servers)
     pipeline_instances: int = 1  # driffusion instances = requests it serves at once
     # serving limits, enforced server-side (the driffusion model, Triton's shape checks)
-    max_steps: int = 1000
-    max_window: int = 64
-    max_batch: int = 64  # rows of one device call (the device models' max_batch_size)
-    max_prompt_bytes: int = 2048  # UTF-8 bytes of PROMPT / NEGATIVE_PROMPT
-    max_resolution: int = 2048  # image side in pixels the served model may produce
+    max_steps: int = SERVING_LIMITS["max_steps"].default
+    max_window: int = SERVING_LIMITS["max_window"].default
+    max_batch: int = SERVING_LIMITS["max_batch"].default
+    max_prompt_bytes: int = SERVING_LIMITS["max_prompt_bytes"].default
+    max_resolution: int = SERVING_LIMITS["max_resolution"].default
     dynamic_batching: bool = True  # device models merge concurrent calls into one batch
-    batch_delay_us: int = 0  # how long a device call waits for others to batch with
+    batch_delay_us: int = SERVING_LIMITS["batch_delay_us"].default
 
     def validate(self) -> None:
         if not 1 <= self.devices <= MAX_DEVICES:
@@ -75,14 +76,8 @@ class RepositoryOptions:
             raise ValueError(f"pipeline instances must be >= 1; got {self.pipeline_instances}")
         if self.deadline_s <= 0:
             raise ValueError(f"deadline must be > 0 s; got {self.deadline_s}")
-        limits = {"max steps": (self.max_steps, 1, 10_000), "max window": (self.max_window, 1, 1024),
-                  "max batch": (self.max_batch, 1, 4096),
-                  "max prompt bytes": (self.max_prompt_bytes, 1, 1_000_000),
-                  "max resolution": (self.max_resolution, 8, 65_536),
-                  "batch delay us": (self.batch_delay_us, 0, 10_000_000)}
-        for name, (value, low, high) in limits.items():
-            if not low <= value <= high:
-                raise ValueError(f"{name} must be in {low}..{high}; got {value}")
+        for name in SERVING_LIMITS:
+            check_limit(name, getattr(self, name))
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from models import paths
+from models.limits import SERVING_LIMITS
 from triton_models.repository import (
     BACKENDS,
     Repository,
@@ -453,27 +454,20 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     """Serving limits and batching, written into the repository and enforced by the server."""
     defaults = RepositoryOptions()
     limits = parser.add_argument_group("limits (enforced server-side)")
-    limits.add_argument("--max-steps", type=int, default=defaults.max_steps,
-                        help="largest STEPS a request may ask for (default %(default)s)")
-    limits.add_argument("--max-window", type=int, default=defaults.max_window,
-                        help="largest WINDOW a request may ask for (default %(default)s)")
-    limits.add_argument("--max-batch", type=int, default=defaults.max_batch,
-                        help="most rows in one device call: the device models' max_batch_size "
-                        "(default %(default)s)")
-    limits.add_argument("--max-prompt-bytes", type=int, default=defaults.max_prompt_bytes,
-                        help="most UTF-8 bytes in PROMPT/NEGATIVE_PROMPT (default %(default)s)")
-    limits.add_argument("--max-resolution", type=int, default=defaults.max_resolution,
-                        help="refuse to serve a model whose images are larger (pixels per side, "
-                        "default %(default)s)")
+    for name in ("max_steps", "max_window", "max_batch", "max_prompt_bytes", "max_resolution"):
+        limit = SERVING_LIMITS[name]
+        limits.add_argument(f"--{name.replace('_', '-')}", type=int, default=limit.default,
+                            help=f"{limit.help} ({limit.low}..{limit.high}, default "
+                            "%(default)s)")
     limits.add_argument("--deadline-s", type=float, default=defaults.deadline_s,
                         help="deadline of each device call of the driffusion model; a device "
                         "that misses it is replaced (default %(default)s)")
     limits.add_argument("--no-dynamic-batching", dest="dynamic_batching", action="store_false",
                         help="device models run each call alone instead of merging concurrent "
                         "calls into one batch")
-    limits.add_argument("--batch-delay-us", type=int, default=defaults.batch_delay_us,
-                        help="how long a device call may wait for others to batch with "
-                        "(default %(default)s)")
+    delay = SERVING_LIMITS["batch_delay_us"]
+    limits.add_argument("--batch-delay-us", type=int, default=delay.default,
+                        help=f"{delay.help} (default %(default)s)")
 
 
 def options_from_args(args: argparse.Namespace) -> RepositoryOptions:
