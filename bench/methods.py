@@ -24,6 +24,7 @@ import torch
 from bench.common import machine_info, positive_int
 from models.closed_form import GaussianMixtureModel
 from runtime.driffusion import DraftHook, Refiner, Schedule, sample
+from runtime.pipeline import CountingDenoise
 
 SCHEDULER_KINDS = ("ddim", "dpmpp2m", "unipc")
 PARADIGMS_KINDS = ("ddim", "ddpm")
@@ -115,26 +116,20 @@ def starting_latents(setup: Setup) -> torch.Tensor:
     return torch.randn((setup.batch, *SAMPLE_SHAPE), generator=generator)
 
 
-class CountingDenoise:
+def counting(model: GaussianMixtureModel, batch: int) -> CountingDenoise:
     """An async `denoise` over the closed-form model that counts rounds and evaluations."""
 
-    def __init__(self, model: GaussianMixtureModel, batch: int) -> None:
-        self.model = model
-        self.batch = batch
-        self.rounds = 0
-        self.evaluations = 0
+    async def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(x, t)
 
-    async def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.rounds += 1
-        self.evaluations += x.shape[0] // self.batch
-        return self.model(x, t)
+    return CountingDenoise(denoise, batch)
 
 
 def run_driffusion(
     model, setup: Setup, kind: str, steps: int, mode: str, draft_order: int = 1, tolerance=None
 ) -> tuple[torch.Tensor, CountingDenoise]:
     """Sample once with the DRiffusion sampler; returns the result and the call counts."""
-    denoise = CountingDenoise(model, setup.batch)
+    denoise = counting(model, setup.batch)
     window = 1 if mode == "sequential" else setup.window
     result = asyncio.run(
         sample(
@@ -177,7 +172,7 @@ def run_first_round_floor(
     model, setup: Setup, kind: str, steps: int
 ) -> tuple[torch.Tensor, CountingDenoise]:
     """Aggressive mode with exact drafts after the first drafting round (an oracle)."""
-    denoise = CountingDenoise(model, setup.batch)
+    denoise = counting(model, setup.batch)
     scheduler = make_scheduler(kind, steps)
     result = asyncio.run(
         sample(
