@@ -1,0 +1,239 @@
+"""Tiny random-weight diffusers pipeline folders (SD, SDXL, SD3 without T5), built from configs.
+
+Each builder seeds torch, builds every component from a small config, and writes the pipeline
+with diffusers' own `save_pretrained`, so that `<Pipeline>.from_pretrained(folder)` loads it
+back offline and `driffusion serve --model folder` exports it. The tokenizers are the real CLIP
+BPE tokenizer (`models.clip_tokenizer`), so prompts tokenize as with released checkpoints.
+
+Sizes are chosen so that a folder builds and exports in seconds on a CPU: 64-pixel images from
+8x8 latents (a 4-block VAE), CLIP encoders of 2 layers and widths of a few dozen. The two
+encoders of SDXL and SD3 have different widths, so that a swapped or misread encoder output
+fails on its shape instead of passing silently.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from models.clip_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, write_clip_tokenizer
+
+IMAGE_SIZE = 64  # pixels: 8x8 latents under a 4-block (factor 8) VAE
+LATENT_SIZE = 8
+SD_SCHEDULERS = ("PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler")
+# the scheduler settings the released SD 1.x / 2.x / SDXL checkpoints ship
+SD_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "skip_prk_steps": True,
+}
+
+
+def sd_folder(path: Path, prediction_type: str = "epsilon", scheduler: str = "PNDMScheduler",
+              seed: int = 0) -> Path:
+    """A StableDiffusionPipeline (one CLIPTextModel, UNet, AutoencoderKL) saved at `path`."""
+    from diffusers import StableDiffusionPipeline
+
+    text_encoder = _clip(seed, hidden_size=32)
+    unet = _unet(seed + 1, cross_attention_dim=32)
+    pipeline = StableDiffusionPipeline(
+        vae=_vae(seed + 2),
+        text_encoder=text_encoder,
+        tokenizer=_tokenizer(),
+        unet=unet,
+        scheduler=_sd_scheduler(scheduler, prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _save(pipeline, path)
+
+
+def sdxl_folder(path: Path, seed: int = 0, force_zeros_for_empty_prompt: bool = True) -> Path:
+    """A StableDiffusionXLPipeline: CLIPTextModel (32 wide) + CLIPTextModelWithProjection (48
+    wide, projection 24), a `text_time` UNet with 6 time ids of 8, EulerDiscreteScheduler as
+    SDXL base ships it; tokenizer_2 pads with "!" like SDXL's."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    time_dim, projection = 8, 24
+    unet = _unet(
+        seed + 2,
+        cross_attention_dim=32 + 48,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=projection + 6 * time_dim,
+        use_linear_projection=True,
+    )
+    scheduler = EulerDiscreteScheduler(
+        **{key: SD_SCHEDULER_CONFIG[key] for key in ("beta_start", "beta_end", "beta_schedule",
+                                                     "num_train_timesteps", "steps_offset")},
+        prediction_type="epsilon",
+        interpolation_type="linear",
+        timestep_spacing="leading",
+        use_karras_sigmas=False,
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=_vae(seed + 3),
+        text_encoder=_clip(seed, hidden_size=32),
+        text_encoder_2=_clip(seed + 1, hidden_size=48, projection_dim=projection),
+        tokenizer=_tokenizer(),
+        tokenizer_2=_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+    )
+    return _save(pipeline, path)
+
+
+def sd3_folder(path: Path, seed: int = 0, latent_channels: int = 16) -> Path:
+    """A StableDiffusion3Pipeline without T5: two CLIPTextModelWithProjection (32 and 16 wide,
+    projections 32 and 24), an SD3Transformer2DModel whose joint attention width (64) exceeds
+    the CLIP states' (48) so that padding matters, a VAE with SD3's shift and scaling factors
+    and FlowMatchEulerDiscreteScheduler(shift=3.0)."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    torch.manual_seed(seed + 2)
+    transformer = SD3Transformer2DModel(
+        sample_size=LATENT_SIZE,
+        patch_size=2,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=32 + 24,
+        pos_embed_max_size=16,
+    )
+    vae = _vae(seed + 3, latent_channels=latent_channels, scaling_factor=1.5305,
+               shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=_clip(seed, hidden_size=32, projection_dim=32),
+        tokenizer=_tokenizer(),
+        text_encoder_2=_clip(seed + 1, hidden_size=16, projection_dim=24),
+        tokenizer_2=_tokenizer(pad_token="!"),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    return _save(pipeline, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# components
+
+
+def _clip(seed: int, *, hidden_size: int, projection_dim: int | None = None):
+    """A 2-layer CLIP text encoder over the full CLIP vocabulary; with a projection (pooled
+    `text_embeds`) when `projection_dim` is given."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=projection_dim or hidden_size,
+        hidden_act="gelu",
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+        pad_token_id=EOS_TOKEN_ID,
+    )
+    torch.manual_seed(seed)
+    model_class = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
+    return model_class(config).eval()
+
+
+def _unet(seed: int, **overrides):
+    from diffusers import UNet2DConditionModel
+
+    config = {
+        "sample_size": LATENT_SIZE,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": (32, 64),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+        **overrides,
+    }
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**config).eval()
+
+
+def _vae(seed: int, latent_channels: int = 4, **overrides):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=8,
+        block_out_channels=(8, 8, 16, 16),
+        sample_size=IMAGE_SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        **overrides,
+    ).eval()
+
+
+def _tokenizer(pad_token: str = "<|endoftext|>"):
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as directory:
+        write_clip_tokenizer(Path(directory), model_max_length=77, pad_token=pad_token)
+        return CLIPTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def _sd_scheduler(class_name: str, prediction_type: str):
+    import diffusers
+
+    if class_name not in SD_SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SD_SCHEDULERS)}; got {class_name}")
+    scheduler_class = getattr(diffusers, class_name)
+    return scheduler_class.from_config({**SD_SCHEDULER_CONFIG, "prediction_type": prediction_type})
+
+
+def _save(pipeline, path: Path) -> Path:
+    path = Path(path)
+    pipeline.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load_pipeline(path: Path):
+    """The folder's own diffusers pipeline class, loaded offline in fp32 on the CPU.
+
+    Components saved as null (SD3's absent T5) are passed as None: diffusers does not accept a
+    folder that leaves out a component its pipeline's __init__ requires.
+    """
+    import json
+
+    import diffusers
+
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    pipeline_class = getattr(diffusers, index["_class_name"])
+    absent = {key: None for key, value in index.items()
+              if not key.startswith("_") and isinstance(value, list) and None in value}
+    pipeline = pipeline_class.from_pretrained(path, local_files_only=True, **absent)
+    pipeline.to(torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
