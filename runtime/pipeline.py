@@ -35,7 +35,7 @@ from models.pipeline_spec import (
 )
 from runtime.devices import DEFAULT_DEADLINE_S, Conditioning, DevicePool, ModelClient
 from runtime.driffusion import DRAFT_ORDERS, MODES, sample
-from runtime.schedulers import compatible, make_scheduler, scheduler_names
+from runtime.schedulers import compatible, make_scheduler, max_steps, scheduler_names
 
 __all__ = ["CountingDenoise", "GenerationRequest", "GenerationResult", "Pipeline", "PipelineSpec",
            "RequestError", "ResolvedRequest", "digit_names", "resolve", "to_uint8_image"]
@@ -108,9 +108,6 @@ def resolve(request: GenerationRequest, spec: PipelineSpec, default_window: int)
     """Validate a request against the spec; RequestError names the first bad field."""
     _check_prompt_sizes(request, spec.max_prompt_bytes)
     label, negative_label = _resolve_condition(request, spec)
-    steps = spec.default_steps if request.steps is None else request.steps
-    if not 1 <= steps <= spec.max_steps:
-        raise RequestError("steps", f"must be in 1..{spec.max_steps}; got {steps}")
     if request.mode not in MODES:
         raise RequestError("mode", f"must be one of {', '.join(MODES)}; got {_shown(request.mode)}")
     window = min(default_window, spec.max_window) if request.window is None else request.window
@@ -120,6 +117,7 @@ def resolve(request: GenerationRequest, spec: PipelineSpec, default_window: int)
     if not (np.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
         raise RequestError("guidance", f"must be a number in 0..{MAX_GUIDANCE:g}; got {guidance}")
     scheduler = _resolve_scheduler(request.scheduler, spec)
+    steps = _resolve_steps(request.steps, scheduler, spec)
     if not 0 <= request.seed < 2**63:
         raise RequestError("seed", f"must be in 0..2^63-1; got {request.seed}")
     _check_tolerance(request.mode, request.tolerance)
@@ -160,6 +158,17 @@ def _resolve_scheduler(name: str | None, spec: PipelineSpec) -> str:
                                         f"{'flow-matching' if 'flow_euler' in usable else 'noise-prediction'}"
                                         f" model); use one of {', '.join(usable)}")
     return scheduler
+
+
+def _resolve_steps(steps: int | None, scheduler: str, spec: PipelineSpec) -> int:
+    steps = spec.default_steps if steps is None else steps
+    if not 1 <= steps <= spec.max_steps:
+        raise RequestError("steps", f"must be in 1..{spec.max_steps}; got {steps}")
+    limit = max_steps(scheduler, spec.scheduler_config, spec.max_steps)
+    if steps > limit:
+        raise RequestError("steps", f"scheduler {scheduler} runs at most {limit} steps for "
+                                    f"{spec.model}; got {steps}")
+    return steps
 
 
 def _resolve_size(name: str, value: int | None, default: int, allowed: tuple[int, int] | None,

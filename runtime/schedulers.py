@@ -6,6 +6,9 @@ own scheduler config names (what diffusers' pipeline would run).
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 from typing import Any
 
 DEFAULT = "default"
@@ -21,6 +24,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 FLOW_MATCHING = frozenset({"FlowMatchEulerDiscreteScheduler"})
+MAX_STEP_PROBES = 16  # step counts below the limit tried before giving up
 
 
 def scheduler_names() -> tuple[str, ...]:
@@ -63,3 +67,42 @@ def make_scheduler(name: str, num_steps: int, config: dict[str, Any], *,
     scheduler = klass.from_config({**config, **options})
     scheduler.set_timesteps(num_steps)
     return scheduler
+
+
+def max_steps(name: str, config: dict[str, Any], limit: int) -> int:
+    """The most steps (at most `limit`) that scheduler `name` runs for a model with `config`.
+
+    Some diffusers schedulers break near num_train_timesteps (DPM-Solver++ and UniPC index past
+    their sigmas, a steps_offset pushes a timestep out of range); a dry run of the scheduler's
+    own update finds the largest step count that works, once per (name, config, limit).
+    """
+    limit = min(limit, int(config.get("num_train_timesteps", 1000)))
+    return _max_steps(name, json.dumps(config, sort_keys=True, default=str), limit)
+
+
+@functools.lru_cache(maxsize=256)
+def _max_steps(name: str, config_json: str, limit: int) -> int:
+    config = json.loads(config_json)
+    for steps in range(limit, max(0, limit - MAX_STEP_PROBES), -1):
+        if _runs(name, steps, config):
+            return steps
+    raise ValueError(f"scheduler {name} does not run {limit - MAX_STEP_PROBES + 1}..{limit} "
+                     "steps for this model")
+
+
+def _runs(name: str, steps: int, config: dict[str, Any]) -> bool:
+    """True if `steps` updates of the scheduler run on a zero model output without an error and
+    keep the latents finite."""
+    import torch
+
+    try:
+        scheduler = make_scheduler(name, steps, config)
+        accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
+        options = {"generator": torch.Generator().manual_seed(0)} if accepts_generator else {}
+        x = torch.ones(1, 1, 1, 1)
+        for timestep in scheduler.timesteps:
+            scheduler.is_scale_input_called = True  # the sampler scales inputs itself
+            x = scheduler.step(torch.zeros_like(x), timestep, x, **options).prev_sample
+    except Exception:  # noqa: BLE001 - any failure means "does not run"
+        return False
+    return bool(torch.isfinite(x).all())
