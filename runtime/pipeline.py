@@ -34,10 +34,16 @@ from models.pipeline_spec import (
     digit_names,
 )
 from runtime.devices import DEFAULT_DEADLINE_S, Conditioning, DevicePool, ModelClient
-from runtime.driffusion import DRAFT_ORDERS, MODES, sample
-from runtime.schedulers import compatible, make_scheduler, max_steps, scheduler_names
+from runtime.driffusion import DRAFT_ORDERS, MODES, VP_SCHEDULERS, sample
+from runtime.schedulers import (
+    compatible,
+    make_scheduler,
+    max_steps,
+    scheduler_class_name,
+    scheduler_names,
+)
 
-__all__ = ["CountingDenoise", "GenerationRequest", "GenerationResult", "Pipeline", "PipelineSpec",
+__all__ = ["Cancelled", "CountingDenoise", "GenerationRequest", "GenerationResult", "Pipeline", "PipelineSpec",
            "RequestError", "ResolvedRequest", "digit_names", "resolve", "to_uint8_image"]
 
 # tokenizer models: TEXT (BYTES [N]) in; input_ids (INT64 [N, max_length]) and the number of
@@ -45,6 +51,14 @@ __all__ = ["CountingDenoise", "GenerationRequest", "GenerationResult", "Pipeline
 TOKENIZER_TEXT = "TEXT"
 TOKENIZER_DROPPED = "DROPPED"
 log = logging.getLogger("driffusion")
+
+
+class Cancelled(RuntimeError):
+    """The caller gave up on the request; no further rounds were issued after `rounds`."""
+
+    def __init__(self, rounds: int) -> None:
+        super().__init__(f"cancelled after {rounds} rounds")
+        self.rounds = rounds
 
 
 class RequestError(ValueError):
@@ -123,6 +137,10 @@ def resolve(request: GenerationRequest, spec: PipelineSpec, default_window: int)
     _check_tolerance(request.mode, request.tolerance)
     if request.draft_order not in DRAFT_ORDERS:
         raise RequestError("draft_order", f"must be one of {DRAFT_ORDERS}; got {request.draft_order}")
+    scheduler_class = scheduler_class_name(scheduler, spec.scheduler_config)
+    if request.draft_order == 2 and scheduler_class not in VP_SCHEDULERS:
+        raise RequestError("draft_order", f"2 needs a noise-prediction multistep scheduler "
+                                          f"(ddim, dpmpp2m, unipc, ddpm, pndm); got {scheduler}")
     height = _resolve_size("height", request.height, spec.image_size[0], spec.height_range, spec)
     width = _resolve_size("width", request.width, spec.image_size[1], spec.width_range, spec)
     prompt = request.prompt if spec.uses_prompts else None
@@ -360,12 +378,19 @@ class Pipeline:
         return noise * getattr(scheduler, "init_noise_sigma", 1.0), generator
 
     async def latents(self, request: ResolvedRequest,
-                      progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int, int]:
-        """(final latents [1, C, h, w], rounds, model evaluations) for a resolved request."""
+                      progress: Callable[[int], None] | None = None,
+                      should_stop: Callable[[], bool] | None = None,
+                      ) -> tuple[torch.Tensor, int, int]:
+        """(final latents [1, C, h, w], rounds, model evaluations) for a resolved request.
+
+        `should_stop` is asked before every round; when it answers True the run ends with
+        `Cancelled` and no further device call is made.
+        """
         conditioning = await self.encode(request)
         scheduler = make_scheduler(request.scheduler, request.steps, self.spec.scheduler_config)
         latents, generator = self.initial_latents(request, scheduler)
-        counter = CountingDenoise(self.pool.denoiser(conditioning), conditioning.batch)
+        counter = CountingDenoise(self.pool.denoiser(conditioning), conditioning.batch,
+                                  should_stop)
         result = await sample(
             counter, scheduler, latents, mode=request.mode, window=request.window,
             generator=generator, progress=progress, tolerance=request.tolerance,
@@ -392,22 +417,28 @@ class Pipeline:
         return await self.run(self.resolve(request), progress)
 
     async def run(self, request: ResolvedRequest,
-                  progress: Callable[[int], None] | None = None) -> GenerationResult:
-        """The image for a resolved request."""
-        latents, rounds, evaluations = await self.latents(request, progress)
+                  progress: Callable[[int], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+        """The image for a resolved request (`Cancelled` once `should_stop()` answers True)."""
+        latents, rounds, evaluations = await self.latents(request, progress, should_stop)
         return GenerationResult(await self.decode(latents), rounds, evaluations)
 
 
 class CountingDenoise:
-    """A denoise that counts its rounds and model evaluations (items of latent batch `batch`)."""
+    """A denoise that counts its rounds and model evaluations (items of latent batch `batch`),
+    and stops before a round once `should_stop()` answers True."""
 
-    def __init__(self, denoise, batch: int = 1) -> None:
+    def __init__(self, denoise, batch: int = 1,
+                 should_stop: Callable[[], bool] | None = None) -> None:
         self.denoise = denoise
         self.batch = batch
+        self.should_stop = should_stop
         self.rounds = 0
         self.evaluations = 0
 
     async def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled(self.rounds)
         self.rounds += 1
         self.evaluations += x.shape[0] // self.batch
         return await self.denoise(x, t)

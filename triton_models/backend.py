@@ -63,3 +63,17 @@ def run_batched(requests: Sequence[Batch], run: Callable[[Batch], Batch]) -> lis
         for position, i in enumerate(members):
             answers[i] = {name: split[position] for name, split in parts.items()}
     return answers
+
+
+class FaultInjection:
+    """Reliability tests' fault injection: the listed calls (1-based) of a model instance raise,
+    as a crashing device would. Empty by default (parameter `fail_calls`, e.g. "3,7")."""
+
+    def __init__(self, parameters: Mapping[str, str]) -> None:
+        self.failing = {int(n) for n in parameters.get("fail_calls", "").split(",") if n}
+        self.calls = 0
+
+    def check(self, model: str) -> None:
+        self.calls += 1
+        if self.calls in self.failing:
+            raise RuntimeError(f"{model}: injected fault on call {self.calls}")

@@ -49,6 +49,8 @@ class RepositoryOptions:
     cpu_threads: int = 1  # ONNX Runtime intra-op threads per CPU device
     sim_latency_ms: float = 0.0
     sim_latency_per_item_ms: float = 0.0
+    # fault injection for reliability tests: these calls of the first device model raise
+    fail_calls: tuple[int, ...] = ()
     cuda_graph_batches: Sequence[int] = (1, 2)
     deadline_s: float = 60.0  # per device call made by the driffusion model
     cfg_parallel: bool = False
@@ -227,6 +229,7 @@ def _write_sim(repository: Repository, options: RepositoryOptions) -> None:
             "sample_shape": ",".join(map(str, shape)),
             "latency_ms": options.sim_latency_ms,
             "latency_per_item_ms": options.sim_latency_per_item_ms,
+            "fail_calls": ",".join(map(str, options.fail_calls)),
             **({} if batching else {"max_batch": options.max_batch}),
         },
     ))
@@ -284,7 +287,7 @@ def _write_engines(repository: Repository, options: RepositoryOptions, directory
         kind = "cpu" if options.backend == "onnxruntime" else "gpu"
         name = f"unet_{kind}{index}"
         _write_network(repository, name, directory, unet, options, gpu=index, batching=batching,
-                       max_batch=max_batch)
+                       max_batch=max_batch, fail_calls=options.fail_calls if index == 0 else ())
         dtypes = {tensor["name"]: tensor["dtype"] for tensor in unet["inputs"]}
         repository.devices.append(DeviceModel(name, 1, max_batch, batching is not None, dtypes))
     for network in networks:
@@ -347,7 +350,7 @@ def _engines_spec(directory: Path, manifest: dict) -> PipelineSpec:
 
 def _write_network(repository: Repository, name: str, directory: Path, network: dict,
                    options: RepositoryOptions, gpu: int, batching: Batching | None = None,
-                   max_batch: int | None = None) -> None:
+                   max_batch: int | None = None, fail_calls: tuple[int, ...] = ()) -> None:
     source = engine_file(directory, network["file"])
     inputs = [_io(tensor) for tensor in network["inputs"]]
     outputs = [_io(tensor) for tensor in network["outputs"]]
@@ -356,6 +359,8 @@ def _write_network(repository: Repository, name: str, directory: Path, network: 
         model_dir = _model_dir(repository, name, "ort_model")
         onnx_name = _link_onnx(source, model_dir / "1")
         parameters = {"onnx_file": onnx_name, "intra_op_threads": options.cpu_threads}
+        if fail_calls:
+            parameters["fail_calls"] = ",".join(map(str, fail_calls))
         if max_batch and not batching:
             parameters["max_batch"] = max_batch
         _write_config(model_dir, _python_config(name, inputs, outputs, parameters=parameters,

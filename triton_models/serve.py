@@ -536,7 +536,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     print(f"[3/3] starting Triton on {repository.path} (models: "
           f"{', '.join(repository.models)}) ...", flush=True)
-    return serve_forever(server)
+    example = '--prompt "a photo of a cat"' if repository.spec.uses_prompts else "--label 3"
+    return serve_forever(server, example)
 
 
 def print_docker(repository: Path, args: argparse.Namespace) -> None:
@@ -553,7 +554,7 @@ def print_docker(repository: Path, args: argparse.Namespace) -> None:
     print(f"# then: driffusion generate --endpoints {endpoints} --label 3 --compare")
 
 
-def serve_forever(server: EmbeddedServer) -> int:
+def serve_forever(server: EmbeddedServer, example: str = "--label 3") -> int:
     """Start `server`, print its endpoints, block until SIGINT/SIGTERM or until it dies."""
     stop = threading.Event()
 
@@ -567,7 +568,7 @@ def serve_forever(server: EmbeddedServer) -> int:
         server.start()
         print(f"Triton ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics "
               f"{server.metrics_url}\n"
-              f"try: driffusion generate --endpoints {server.grpc_url} --label 3 --compare\n"
+              f"try: driffusion generate --endpoints {server.grpc_url} {example} --compare\n"
               f"server log: {server.log_path}  (Ctrl-C stops)", flush=True)
         while not stop.wait(0.5):
             if server.process is None or server.process.poll() is not None:

@@ -14,13 +14,15 @@ Parameters (config.pbtxt): `pipeline` (PipelineSpec JSON with the serving limits
 """
 import asyncio
 import json
+import traceback
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
 from runtime.devices import DenoiserIO, Device, DeviceError, DevicePool, PoolError
-from runtime.pipeline import Pipeline, PipelineSpec, RequestError
+from runtime.pipeline import Cancelled, Pipeline, PipelineSpec, RequestError
+from runtime.schedulers import make_scheduler
 from triton_models.backend import model_parameters
 from triton_models.pipeline_io import DRIFFUSION_INPUTS, request_from_tensors
 
@@ -52,6 +54,35 @@ class BlsModel:
         return pb_utils.is_model_ready(self.name)
 
 
+class Metrics:
+    """The model's Prometheus counters, on Triton's metrics endpoint (custom-metrics API)."""
+
+    def __init__(self):
+        def counter(name, description):
+            return pb_utils.MetricFamily(name=name, description=description,
+                                         kind=pb_utils.MetricFamily.COUNTER)
+
+        self.families = {
+            "requests": counter("driffusion_requests_total",
+                                "images requested, by mode and outcome (ok, invalid, "
+                                "unavailable, cancelled, internal)"),
+            "rounds": counter("driffusion_rounds_total", "parallel rounds run, by mode"),
+            "evaluations": counter("driffusion_evaluations_total",
+                                   "model evaluations (CFG pairs count once), by mode"),
+            "steps": counter("driffusion_steps_total",
+                             "timesteps refined, by mode (steps / rounds = accepted per round)"),
+            "failovers": counter("driffusion_device_failovers_total",
+                                 "device calls re-issued on another device, by failed device"),
+        }
+        self.metrics = {}
+
+    def add(self, family, value, **labels):
+        key = (family, tuple(sorted(labels.items())))
+        if key not in self.metrics:
+            self.metrics[key] = self.families[family].Metric(labels=labels)
+        self.metrics[key].increment(value)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         torch.set_num_threads(1)  # scheduler arithmetic on tiny tensors; leave cores to devices
@@ -67,6 +98,9 @@ class TritonPythonModel:
         self.cfg_parallel = parameters.get("cfg_parallel", "false") == "true"
         self.models = {name: BlsModel(name) for name in Pipeline.needed_models(self.spec)}
         self.log = pb_utils.Logger
+        self.metrics = Metrics()
+        # import the schedulers now, not in the first request
+        make_scheduler(self.spec.default_scheduler, 1, self.spec.scheduler_config)
 
     async def execute(self, requests):
         return list(await asyncio.gather(*(self._respond(request) for request in requests)))
@@ -77,24 +111,56 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             tensors[name] = None if tensor is None else tensor.as_numpy()
         pool = DevicePool(self.devices, cfg_parallel=self.cfg_parallel)
+        pipeline = Pipeline(self.spec, pool, self.models, self.deadline_s)
         rejoins_before = [device.rejoins for device in self.devices]
+        mode = "unknown"
         try:
-            generation = request_from_tensors(tensors, self.spec.max_prompt_bytes)
-            pipeline = Pipeline(self.spec, pool, self.models, self.deadline_s)
-            result = await pipeline.generate(generation)
+            resolved = pipeline.resolve(request_from_tensors(tensors, self.spec.max_prompt_bytes))
+            mode = resolved.mode
+            result = await pipeline.run(resolved, should_stop=request.is_cancelled)
         except RequestError as error:
-            return _error(f"{error.field.upper()}: {error.detail}", pb_utils.TritonError.INVALID_ARG)
-        except ValueError as error:  # a combination the sampler rejects (e.g. draft order 2)
-            return _error(str(error), pb_utils.TritonError.INVALID_ARG)
-        except (DeviceError, PoolError) as error:
-            return _error(f"device failure: {error}", pb_utils.TritonError.UNAVAILABLE)
+            return self._fail("invalid", mode, f"{error.field.upper()}: {error.detail}",
+                              pb_utils.TritonError.INVALID_ARG)
+        except Cancelled as error:
+            self.log.log_info(f"driffusion: request {request.request_id()!r} {error}")
+            self.metrics.add("rounds", error.rounds, mode=mode)
+            return self._fail("cancelled", mode, f"request cancelled by the client ({error})",
+                              pb_utils.TritonError.CANCELLED)
+        except PoolError as error:
+            return self._fail("unavailable", mode, f"no device available: {error}",
+                              pb_utils.TritonError.UNAVAILABLE)
+        except DeviceError as error:
+            if error.lost:
+                return self._fail("unavailable", mode, f"device failure: {error}",
+                                  pb_utils.TritonError.UNAVAILABLE)
+            return self._internal(mode, error)
+        except Exception as error:  # noqa: BLE001 - a server fault, never the client's
+            return self._internal(mode, error)
         finally:
             self._log_health(pool, rejoins_before)
+        self._count(resolved, result)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("IMAGE", result.image),
             pb_utils.Tensor("ROUNDS", np.array([result.rounds], np.int32)),
             pb_utils.Tensor("EVALUATIONS", np.array([result.evaluations], np.int32)),
         ])
+
+    def _count(self, resolved, result):
+        mode = resolved.mode
+        self.metrics.add("requests", 1, mode=mode, outcome="ok")
+        self.metrics.add("rounds", result.rounds, mode=mode)
+        self.metrics.add("evaluations", result.evaluations, mode=mode)
+        self.metrics.add("steps", resolved.steps, mode=mode)
+
+    def _fail(self, outcome, mode, message, code):
+        self.metrics.add("requests", 1, mode=mode, outcome=outcome)
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+    def _internal(self, mode, error):
+        """A server fault: the cause and traceback go to the server log, not to the client."""
+        self.log.log_error(f"driffusion: internal error: {error!r}\n{traceback.format_exc()}")
+        return self._fail("internal", mode, "internal server error (the cause is in the server "
+                          "log)", pb_utils.TritonError.INTERNAL)
 
     def _log_health(self, pool, rejoins_before):
         for device, before in zip(self.devices, rejoins_before):
@@ -102,11 +168,8 @@ class TritonPythonModel:
                 self.log.log_warn(f"device {device.name} answered its health check: back in "
                                   "service")
         for failover in pool.failovers:
+            self.metrics.add("failovers", 1, device=failover.device)
             self.log.log_warn(
                 f"device {failover.device} lost after {failover.seconds:.2f} s "
                 f"({failover.error}); its call was re-issued on {failover.replacement}"
             )
-
-
-def _error(message, code):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

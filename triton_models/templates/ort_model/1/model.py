@@ -5,10 +5,17 @@ Parameters (config.pbtxt): `onnx_file` (a plain name in the version directory),
 `intra_op_threads`, and `batching` ("true" for dynamically batched device models: the requests
 Triton hands over together run as one ONNX Runtime call).
 """
+import json
+
 import triton_python_backend_utils as pb_utils
 
 from runtime.devices import ort_session, session_output_names
-from triton_models.backend import file_in_version_dir, model_parameters, run_batched
+from triton_models.backend import (
+    FaultInjection,
+    file_in_version_dir,
+    model_parameters,
+    run_batched,
+)
 
 
 class TritonPythonModel:
@@ -19,8 +26,11 @@ class TritonPythonModel:
         self.input_names = [tensor.name for tensor in self.session.get_inputs()]
         self.output_names = session_output_names(self.session)
         self.batching = parameters.get("batching") == "true"
+        self.faults = FaultInjection(parameters)
+        self.name = json.loads(args["model_config"])["name"]
 
     def execute(self, requests):
+        self.faults.check(self.name)
         responses, runnable = [None] * len(requests), []
         for index, request in enumerate(requests):
             feeds = self._feeds(request)
@@ -53,19 +63,22 @@ class TritonPythonModel:
 def _call(run, feeds):
     try:
         return run(feeds)
-    except Exception as error:  # noqa: BLE001 - ONNX Runtime reports bad shapes this way
+    except Exception as error:  # noqa: BLE001 - answered to the request, classified below
         return error
 
 
 def _response(answer):
     if isinstance(answer, Exception):
-        return _error(f"ONNX Runtime: {answer}")
+        # ONNX Runtime's InvalidArgument is a bad request (shapes, dtypes); anything else is a
+        # fault of this device, which the caller's pool fails over
+        bad_request = type(answer).__name__ == "InvalidArgument"
+        code = pb_utils.TritonError.INVALID_ARG if bad_request else pb_utils.TritonError.INTERNAL
+        return _error(f"ONNX Runtime: {answer}", code)
     return pb_utils.InferenceResponse(
         output_tensors=[pb_utils.Tensor(name, value) for name, value in answer.items()]
     )
 
 
-def _error(message):
-    return pb_utils.InferenceResponse(
-        error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
-    )
+def _error(message, code=None):
+    code = pb_utils.TritonError.INVALID_ARG if code is None else code
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

@@ -12,7 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from models.sim import SimDiffusion
-from triton_models.backend import model_parameters, run_batched, version_dir
+from triton_models.backend import FaultInjection, model_parameters, run_batched, version_dir
 
 INPUTS = ("sample", "timestep", "encoder_hidden_states")
 
@@ -28,8 +28,10 @@ class TritonPythonModel:
         self.latency_s = float(parameters["latency_ms"]) / 1000
         self.per_row_s = float(parameters["latency_per_item_ms"]) / 1000
         self.batching = parameters.get("batching") == "true"
+        self.faults = FaultInjection(parameters)
 
     def execute(self, requests):
+        self.faults.check("unet_sim")
         start = time.perf_counter()
         inputs, responses = [], [None] * len(requests)
         for index, request in enumerate(requests):
@@ -56,13 +58,16 @@ class TritonPythonModel:
 def _call(run, inputs):
     try:
         return run(inputs)
-    except ValueError as error:
+    except Exception as error:  # noqa: BLE001 - answered to the request, classified below
         return error
 
 
 def _response(answer):
-    if isinstance(answer, Exception):
+    if isinstance(answer, ValueError):  # the inputs' shapes: a bad request
         return _error(str(answer))
+    if isinstance(answer, Exception):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(
+            f"unet_sim: {answer!r}", pb_utils.TritonError.INTERNAL))
     return pb_utils.InferenceResponse(
         output_tensors=[pb_utils.Tensor("out_sample", answer["out_sample"])]
     )
