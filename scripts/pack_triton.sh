@@ -4,9 +4,9 @@
 # Source: the nvidia-pytriton wheel installed in .venv (Triton 2.51). Kept: the tritonserver
 # binary, its bundled libraries, the python backend and the backend stub for ONE Python
 # version, plus that version's libpython (the stub links against it and many Pythons are not
-# shared builds). Everything is stripped of symbols; the layout is the wheel's own, so
-# unpacking the archive into a folder on PYTHONPATH (/tmp/site on the GPU machine) is all
-# scripts/gpu_check.py needs to find it.
+# shared builds). Everything is stripped of symbols; the layout is the wheel's own (with an
+# empty pytriton/__init__.py), so unpacking the archive into a folder on PYTHONPATH (/tmp/site
+# on the GPU machine, scripts/gpu_run.sh) lets triton_models.serve find it as `pytriton`.
 #
 # Usage: scripts/pack_triton.sh [PY_VERSION] [OUTPUT]   (defaults: 3.12 .whl/triton-min.tar.xz)
 # LIBPYTHON=/path/to/libpython3.12.so.1.0 overrides where the shared libpython is taken from.
@@ -41,6 +41,7 @@ dest="$stage/pytriton/tritonserver"
 mkdir -p "$dest/bin" "$dest/backends/python" "$dest/python_backend_stubs/$PY_VERSION" \
          "$stage/nvidia_pytriton.libs" "$stage/driffusion_extra_libs"
 cp "$home/bin/tritonserver" "$dest/bin/"
+: > "$stage/pytriton/__init__.py"  # triton_models.serve locates the server by `import pytriton`
 cp "$home/backends/python/libtriton_python.so" "$home/backends/python/triton_python_backend_utils.py" \
    "$dest/backends/python/"
 cp "$stub" "$dest/python_backend_stubs/$PY_VERSION/"
