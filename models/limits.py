@@ -25,6 +25,10 @@ SERVING_LIMITS: dict[str, Limit] = {
                                              "(pixels per side)"),
     "batch_delay_us": Limit(0, 0, 10_000_000, "how long a device call may wait for others to "
                                               "batch with"),
+    "max_queue_size": Limit(16, 1, 100_000, "requests the driffusion model queues beyond those "
+                                            "it runs; more answer UNAVAILABLE at once"),
+    "queue_timeout_s": Limit(60, 1, 86_400, "seconds a request may wait in that queue before it "
+                                            "is refused"),
 }
 # guidance scales a request may use (diffusers' pipelines take any float; beyond this, images
 # are noise)

@@ -247,3 +247,30 @@ def _name(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
+
+
+@pytest.fixture(scope="module")
+def small_queue_server(triton_server, tmp_path_factory):
+    """One driffusion instance with a queue of 2: a burst of 6 long requests overloads it."""
+    options = RepositoryOptions(model="sim", devices=2, sim_latency_ms=20.0, pipeline_instances=1,
+                                max_queue_size=2)
+    return triton_server(write_repository(tmp_path_factory.mktemp("q") / "repo", options).path)
+
+
+def test_an_overload_burst_is_refused_at_once_and_the_server_recovers(small_queue_server):
+    def one(_) -> tuple[str, float]:
+        started = time.monotonic()
+        try:
+            infer(small_queue_server.grpc_url, LABEL=3, STEPS=30, MODE="sequential")
+            return "ok", time.monotonic() - started
+        except InferenceServerException as error:
+            return f"{error.status()}: {error.message()}", time.monotonic() - started
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(one, range(6)))
+    refused = [(said, seconds) for said, seconds in outcomes if said != "ok"]
+    assert len(refused) >= 2, outcomes  # 1 running + 2 queued at most
+    for said, seconds in refused:
+        assert said.startswith("StatusCode.UNAVAILABLE") and "queue" in said
+        assert seconds < 0.5  # refused at once, not after waiting
+    assert infer(small_queue_server.grpc_url, LABEL=3, STEPS=4)["IMAGE"].shape == (8, 8, 3)

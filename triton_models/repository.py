@@ -55,7 +55,7 @@ class RepositoryOptions:
     deadline_s: float = 60.0  # per device call made by the driffusion model
     cfg_parallel: bool = False
     pipeline_model: bool = True  # False: devices and encoders only (e.g. extra per-GPU servers)
-    pipeline_instances: int = 1  # driffusion instances = requests it serves at once
+    pipeline_instances: int = 2  # driffusion instances = requests it serves at once
     # serving limits, enforced server-side (the driffusion model, Triton's shape checks)
     max_steps: int = SERVING_LIMITS["max_steps"].default
     max_window: int = SERVING_LIMITS["max_window"].default
@@ -64,6 +64,8 @@ class RepositoryOptions:
     max_resolution: int = SERVING_LIMITS["max_resolution"].default
     dynamic_batching: bool = True  # device models merge concurrent calls into one batch
     batch_delay_us: int = SERVING_LIMITS["batch_delay_us"].default
+    max_queue_size: int = SERVING_LIMITS["max_queue_size"].default
+    queue_timeout_s: int = SERVING_LIMITS["queue_timeout_s"].default
 
     def validate(self) -> None:
         if not 1 <= self.devices <= MAX_DEVICES:
@@ -461,6 +463,7 @@ def _write_driffusion(repository: Repository, options: RepositoryOptions) -> Non
         [(name, dtype, dims) for name, (dtype, dims) in DRIFFUSION_OUTPUTS.items()],
         optional_inputs=True,
         instances=options.pipeline_instances,
+        extra=_queue_policy(options),
         parameters={
             "pipeline": repository.spec.to_json(),
             "devices": json.dumps([asdict(device) for device in repository.devices]),
@@ -489,10 +492,19 @@ def _write_config(model_dir: Path, text: str) -> None:
 Tensor = tuple[str, str, list[int]]
 
 
+def _queue_policy(options: RepositoryOptions) -> str:
+    """Admission control: a bounded queue with a timeout; a full queue answers UNAVAILABLE."""
+    return ("dynamic_batching { default_queue_policy { "
+            f"max_queue_size: {options.max_queue_size} timeout_action: REJECT "
+            f"default_timeout_microseconds: {options.queue_timeout_s * 1_000_000} "
+            "allow_timeout_override: true } }")
+
+
 def _python_config(name: str, inputs: Sequence[Tensor], outputs: Sequence[Tensor], *,
                    instances: int = 1, parameters: dict | None = None,
-                   optional_inputs: bool = False, batching: Batching | None = None) -> str:
-    return "\n".join([
+                   optional_inputs: bool = False, batching: Batching | None = None,
+                   extra: str = "") -> str:
+    return "\n".join(line for line in [
         f'name: "{name}"',
         'backend: "python"',
         _batch_lines(batching),
@@ -500,7 +512,8 @@ def _python_config(name: str, inputs: Sequence[Tensor], outputs: Sequence[Tensor
         _tensors("output", outputs, batched=batching is not None),
         f"instance_group [{{ kind: KIND_CPU count: {instances} }}]",
         _parameters({**(parameters or {}), **({"batching": "true"} if batching else {})}),
-    ]) + "\n"
+        extra,
+    ] if line) + "\n"
 
 
 def _batch_lines(batching: Batching | None) -> str:

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import hashlib
 import os
-import secrets
 import shlex
 import shutil
 import signal
@@ -65,6 +64,7 @@ STOP_TIMEOUT_S = 30.0
 # Triton APIs closed to clients by default (only a caller with the per-start token may use them)
 RESTRICTED_APIS = ("shared-memory", "trace", "logging")
 RESTRICTED_HEADER = "driffusion-admin"
+UNSENDABLE_VALUE = "closed\nto-every-client"  # a line break: no client can send this value
 
 
 class ServerError(RuntimeError):
@@ -163,7 +163,6 @@ class EmbeddedServer:
         self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
         _check_ports(self.ports)
         self.allow_shared_memory = allow_shared_memory
-        self.admin_token = secrets.token_hex(16)  # never printed: it only keeps the APIs closed
         self.startup_timeout_s = startup_timeout_s
         self.verbose = verbose
         self.log_path = log_path
@@ -205,9 +204,16 @@ class EmbeddedServer:
         ]
 
     def _restrictions(self) -> list[str]:
+        """Close Triton's shared-memory, trace and logging APIs to every client.
+
+        Triton opens a restricted API to requests carrying a header `key: value` named on its
+        command line, which any local user can read in /proc. The value here holds a line
+        break, which no HTTP/1.1 header or gRPC metadata value can carry, so reading it opens
+        nothing: the APIs are unreachable, not merely hidden.
+        """
         apis = [api for api in RESTRICTED_APIS
                 if not (api == "shared-memory" and self.allow_shared_memory)]
-        rule = f"{','.join(apis)}:{RESTRICTED_HEADER}={self.admin_token}"
+        rule = f"{','.join(apis)}:{RESTRICTED_HEADER}={UNSENDABLE_VALUE}"
         return [f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
 
     def start(self) -> Self:
@@ -441,7 +447,8 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-pipeline-model", dest="pipeline_model", action="store_false",
                         help="leave out the driffusion model (devices and encoders only, e.g. "
                         "for the extra servers of a one-server-per-GPU layout)")
-    parser.add_argument("--pipeline-instances", type=int, default=1,
+    parser.add_argument("--pipeline-instances", type=int,
+                        default=RepositoryOptions.pipeline_instances,
                         help="driffusion model instances: how many requests it serves at once "
                         "(default %(default)s)")
     parser.add_argument("--repository", type=Path, default=paths.repository_dir(),
@@ -465,9 +472,10 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--no-dynamic-batching", dest="dynamic_batching", action="store_false",
                         help="device models run each call alone instead of merging concurrent "
                         "calls into one batch")
-    delay = SERVING_LIMITS["batch_delay_us"]
-    limits.add_argument("--batch-delay-us", type=int, default=delay.default,
-                        help=f"{delay.help} (default %(default)s)")
+    for name in ("batch_delay_us", "max_queue_size", "queue_timeout_s"):
+        limit = SERVING_LIMITS[name]
+        limits.add_argument(f"--{name.replace('_', '-')}", type=int, default=limit.default,
+                            help=f"{limit.help} (default %(default)s)")
 
 
 def options_from_args(args: argparse.Namespace) -> RepositoryOptions:
@@ -479,7 +487,8 @@ def options_from_args(args: argparse.Namespace) -> RepositoryOptions:
         max_steps=args.max_steps, max_window=args.max_window, max_batch=args.max_batch,
         max_prompt_bytes=args.max_prompt_bytes, max_resolution=args.max_resolution,
         deadline_s=args.deadline_s, dynamic_batching=args.dynamic_batching,
-        batch_delay_us=args.batch_delay_us,
+        batch_delay_us=args.batch_delay_us, max_queue_size=args.max_queue_size,
+        queue_timeout_s=args.queue_timeout_s,
     )
 
 

@@ -1,0 +1,72 @@
+"""Hardening against local users: nothing a process listing shows opens Triton's admin APIs."""
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpc_client
+from tritonclient.utils import InferenceServerException
+
+from triton_models.repository import RepositoryOptions, write_repository
+from triton_models.serve import RESTRICTED_HEADER, group_members
+
+pytestmark = pytest.mark.triton
+ADMIN_PATHS = ("/v2/logging", "/v2/trace/setting", "/v2/systemsharedmemory/status")
+
+
+@pytest.fixture(scope="module")
+def server(triton_server, tmp_path_factory):
+    options = RepositoryOptions(model="sim", devices=1)
+    return triton_server(write_repository(tmp_path_factory.mktemp("h") / "repo", options).path)
+
+
+def readable_strings(pid: int) -> list[str]:
+    """What any local user can read about a process: its command line and environment."""
+    strings = []
+    for name in ("cmdline", "environ"):
+        try:
+            raw = (Path("/proc") / str(pid) / name).read_bytes()
+        except OSError:
+            continue
+        strings += [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+    return strings
+
+
+def candidate_headers(strings: list[str]) -> set[tuple[str, str]]:
+    """(key, value) pairs a snooping user would try: every `key=value` found, each line of a
+    value alone and joined with a space, under the found key and the project's header."""
+    pairs = set()
+    for text in strings:
+        for key, value in re.findall(r"([A-Za-z0-9_.-]+)=([^,:]*)$", text, flags=re.DOTALL):
+            for variant in {value, value.replace("\n", " "), *value.splitlines()}:
+                pairs |= {(key, variant), (RESTRICTED_HEADER, variant)}
+    return pairs
+
+
+def http_status(port: int, path: str, key: str, value: str) -> str:
+    """The status line Triton answers to a raw HTTP/1.1 GET with one extra header."""
+    request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{key}: {value}\r\n"
+               "Connection: close\r\n\r\n").encode(errors="replace")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(request)
+        return connection.recv(64).decode(errors="replace").split("\r\n")[0]
+
+
+def test_nothing_in_any_server_process_listing_opens_the_admin_apis(server):
+    processes = group_members(server.process.pid)
+    assert len(processes) >= 2  # tritonserver and its model stubs
+    pairs = candidate_headers([s for pid in processes for s in readable_strings(pid)])
+    assert any(key == RESTRICTED_HEADER for key, _ in pairs)  # the rule itself is visible
+    for key, value in sorted(pairs):
+        for path in ADMIN_PATHS:
+            assert " 200 " not in http_status(server.ports["http"], path, key, value)
+    client = grpc_client.InferenceServerClient(server.grpc_url)
+    try:
+        for key, value in sorted(pairs):
+            with pytest.raises((InferenceServerException, ValueError)):
+                client.get_log_settings(headers={key.lower(): value})
+        assert client.is_server_ready()
+    finally:
+        client.close()
