@@ -195,9 +195,12 @@ def _resolve_size(name: str, value: int | None, default: int, allowed: tuple[int
         return default
     low, high = allowed or (default, default)
     if not low <= value <= high or value % spec.size_multiple:
-        grid = f", a multiple of {spec.size_multiple}" if spec.size_multiple > 1 else ""
-        span = f"{low}" if low == high else f"{low}..{high}"
-        raise RequestError(name, f"must be {span} pixels{grid} (the engines' profile); got {value}")
+        if low == high:
+            allowed_text = f"{low} pixels (the engines are built for that size only)"
+        else:
+            allowed_text = (f"{low}..{high} pixels and a multiple of {spec.size_multiple} "
+                            "(the engines' profile)")
+        raise RequestError(name, f"must be {allowed_text}; got {_shown(value)}")
     return value
 
 
