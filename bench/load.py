@@ -1,11 +1,13 @@
 """`driffusion bench load`: many concurrent gRPC clients against the `driffusion` model.
 
-Each client sends one request after another (a label, a fresh seed) for the duration; the run
-reports throughput, latency percentiles and failures, and, from Triton's own statistics, how
-many device calls the devices' dynamic batcher merged (requests per model execution). Without
-`--endpoint` it serves the closed-form `unet_sim` devices on an embedded server of its own, so
-it measures orchestration and serving, not compute; `--compare-batching` runs the same load a
-second time with dynamic batching off and prints both side by side.
+Each client sends one request after another (a prompt, or a label for class-conditional models,
+and a fresh seed) for the duration; `--mixed` varies prompts, modes and windows from request to
+request. The run reports throughput, latency percentiles, failures, the mean time requests
+waited in the `driffusion` model's queue and, from Triton's own statistics, how many device
+calls the devices' dynamic batcher merged (requests per model execution). Without `--endpoint`
+it serves `--model` (default: the closed-form `unet_sim` devices, which measure orchestration
+and serving, not compute) on an embedded server of its own; `--compare-batching` runs the same
+load a second time with dynamic batching off and prints both side by side.
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ class LoadSetup:
     sim_latency_ms: float = 20.0
     pipeline_instances: int = 8
     dynamic_batching: bool = True
+    model: str = "sim"  # embedded server: sim, a preset or a diffusers folder
+    mixed: bool = False  # vary prompts, modes and windows from request to request
 
     def validate(self) -> None:
         if not 1 <= self.clients <= MAX_CLIENTS:
@@ -75,6 +79,7 @@ class LoadResult:
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p90, p99, mean, max
     device_requests: int = 0  # device calls the devices received
     device_executions: int = 0  # model executions that ran them (fewer: batched together)
+    queue_ms: float = 0.0  # mean wait in the driffusion model's queue (Triton's statistics)
 
     @property
     def calls_per_execution(self) -> float:
@@ -116,6 +121,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "once (default %(default)s)")
     parser.add_argument("--no-dynamic-batching", dest="dynamic_batching", action="store_false",
                         help="embedded server: device models run each call alone")
+    parser.add_argument("--model", default=defaults.model,
+                        help="embedded server: sim, a preset (tiny-sd, reference) or a diffusers "
+                        "folder, built first if needed (default %(default)s)")
+    parser.add_argument("--mixed", action="store_true",
+                        help="vary prompts (or labels), modes and windows between requests")
     parser.add_argument("--compare-batching", action="store_true",
                         help="embedded server: run again with dynamic batching off and compare")
     parser.add_argument("--out", type=Path, default=Path("bench_load.json"),
@@ -130,6 +140,7 @@ def run_load(args: argparse.Namespace) -> int:
         window=args.window, guidance=args.guidance, timeout_s=args.timeout_s,
         devices=args.devices, sim_latency_ms=args.sim_latency_ms,
         pipeline_instances=args.pipeline_instances, dynamic_batching=args.dynamic_batching,
+        model=args.model, mixed=args.mixed,
     )
     try:
         setup.validate()
@@ -160,16 +171,17 @@ def measure_embedded(setup: LoadSetup, quiet: bool = False) -> LoadResult:
 
 @contextmanager
 def embedded_sim_server(setup: LoadSetup) -> Iterator[str]:
-    """`with embedded_sim_server(setup) as endpoint`: a sim server on free local ports."""
+    """`with embedded_sim_server(setup) as endpoint`: `setup.model` served on free local ports."""
     from triton_models.repository import RepositoryOptions
-    from triton_models.serve import ServerError, serving
+    from triton_models.serve import ServerError, prepare_model, serving
 
-    options = RepositoryOptions(
-        model="sim", devices=setup.devices, sim_latency_ms=setup.sim_latency_ms,
+    options = prepare_model(RepositoryOptions(
+        model=setup.model, devices=setup.devices, sim_latency_ms=setup.sim_latency_ms,
         pipeline_instances=setup.pipeline_instances, dynamic_batching=setup.dynamic_batching,
-    )
+        max_queue_size=max(16, setup.clients), backend="auto",
+    ))
     with tempfile.TemporaryDirectory(prefix="driffusion-load-") as scratch:
-        print(f"starting an embedded Triton server ({setup.devices} unet_sim devices, "
+        print(f"starting an embedded Triton server ({setup.model}, {setup.devices} devices, "
               f"{setup.pipeline_instances} driffusion instances, dynamic batching "
               f"{'on' if setup.dynamic_batching else 'off'}) ...", flush=True)
         try:
@@ -191,21 +203,43 @@ async def _measure(endpoint: str, setup: LoadSetup, batching: str, quiet: bool) 
     clients = [grpc_aio.InferenceServerClient(endpoint) for _ in range(setup.clients)]
     try:
         await _check_endpoint(clients[0], endpoint)
-        await _request(clients[0], setup, label=0, seed=0)  # warm-up, not counted
+        prompts = await _uses_prompts(clients[0])
+        await _request(clients[0], setup, prompts, 0, seed=0)  # warm-up, not counted
         before = await _device_counts(clients[0])
+        queue_before = await _queue(clients[0])
         start = time.perf_counter()
         end = start + setup.duration_s
         progress = asyncio.create_task(_progress(end, setup.duration_s, quiet))
-        outcomes = await asyncio.gather(
-            *(_client_loop(client, index, setup, end) for index, client in enumerate(clients))
-        )
+        outcomes = await asyncio.gather(*(_client_loop(client, index, setup, end, prompts)
+                                          for index, client in enumerate(clients)))
         seconds = time.perf_counter() - start
         await progress
         after = await _device_counts(clients[0])
+        queue_after = await _queue(clients[0])
     finally:
         await asyncio.gather(*(client.close() for client in clients))
     samples = [sample for client_samples in outcomes for sample in client_samples]
-    return summarise(samples, seconds, batching, before, after)
+    result = summarise(samples, seconds, batching, before, after)
+    waited = queue_after[1] - queue_before[1]
+    result.queue_ms = round((queue_after[0] - queue_before[0]) / 1e6 / waited, 1) if waited else 0
+    return result
+
+
+async def _uses_prompts(client) -> bool:
+    """True when the served model takes PROMPT (a text model), False for LABEL models."""
+    from models.pipeline_spec import PipelineSpec
+
+    config = await client.get_model_config(PIPELINE_MODEL, as_json=True)
+    spec = config.get("config", config)["parameters"]["pipeline"]["string_value"]
+    return PipelineSpec.from_json(spec).uses_prompts
+
+
+async def _queue(client) -> tuple[int, int]:
+    """(total ns requests waited in the driffusion model's queue, requests) so far."""
+    statistics = await client.get_inference_statistics(PIPELINE_MODEL, as_json=True)
+    stats = [m.get("inference_stats", {}) for m in statistics.get("model_stats", [])]
+    return (sum(int(s.get("queue", {}).get("ns", 0)) for s in stats),
+            sum(int(s.get("queue", {}).get("count", 0)) for s in stats))
 
 
 async def _check_endpoint(client, endpoint: str) -> None:
@@ -221,16 +255,24 @@ async def _check_endpoint(client, endpoint: str) -> None:
                            "`driffusion serve --model sim`")
 
 
-async def _request(client, setup: LoadSetup, label: int, seed: int) -> None:
+PROMPTS = ("a photo of a cat", "a red car in the rain", "", "two dogs on a beach at sunset",
+           "a watercolor painting of a lighthouse")
+MIXED = (("aggressive", None), ("sequential", None), ("conservative", 2), ("aggressive", 1))
+
+
+async def _request(client, setup: LoadSetup, prompts: bool, number: int, seed: int) -> None:
     from tritonclient.grpc import InferInput
     from tritonclient.utils import np_to_triton_dtype
 
-    fields = {"LABEL": np.array([label], np.int32), "SEED": np.array([seed], np.int64),
+    mode, window = MIXED[number % len(MIXED)] if setup.mixed else (setup.mode, setup.window)
+    condition = ({"PROMPT": np.array([PROMPTS[number % len(PROMPTS)].encode()], dtype=object)}
+                 if prompts else {"LABEL": np.array([number % 10], np.int32)})
+    fields = {**condition, "SEED": np.array([seed], np.int64),
               "STEPS": np.array([setup.steps], np.int32),
-              "MODE": np.array([setup.mode.encode()], dtype=object),
+              "MODE": np.array([mode.encode()], dtype=object),
               "GUIDANCE": np.array([setup.guidance], np.float32)}
-    if setup.window is not None:
-        fields["WINDOW"] = np.array([setup.window], np.int32)
+    if window is not None:
+        fields["WINDOW"] = np.array([window], np.int32)
     inputs = []
     for name, value in fields.items():
         tensor = InferInput(name, [1], np_to_triton_dtype(value.dtype))
@@ -239,7 +281,8 @@ async def _request(client, setup: LoadSetup, label: int, seed: int) -> None:
     await client.infer(PIPELINE_MODEL, inputs, client_timeout=setup.timeout_s)
 
 
-async def _client_loop(client, index: int, setup: LoadSetup, end: float) -> list[tuple]:
+async def _client_loop(client, index: int, setup: LoadSetup, end: float,
+                       prompts: bool) -> list[tuple]:
     """(latency s, error or None) of each request one client sent before `end`."""
     from tritonclient.utils import InferenceServerException
 
@@ -248,8 +291,7 @@ async def _client_loop(client, index: int, setup: LoadSetup, end: float) -> list
         started = time.perf_counter()
         error = None
         try:
-            await _request(client, setup, label=(index + sent) % 10,
-                           seed=index * 1_000_000 + sent)
+            await _request(client, setup, prompts, index + sent, seed=index * 1_000_000 + sent)
         except InferenceServerException as failure:
             error = (failure.message() or str(failure)).splitlines()[0][:200]
         samples.append((time.perf_counter() - started, error))
@@ -315,8 +357,9 @@ def report(setup: LoadSetup, results: list[LoadResult], out: Path) -> None:
         latency = result.latency_ms
         print(f"batching {result.batching:>8}: {result.requests} requests in {result.seconds:.1f} s"
               f", {result.throughput_rps:.2f} req/s, p50 {latency.get('p50', 0):.0f} ms, "
-              f"p99 {latency.get('p99', 0):.0f} ms, {result.failures} failures, "
-              f"{result.calls_per_execution:.2f} device calls per execution")
+              f"p99 {latency.get('p99', 0):.0f} ms, queue {result.queue_ms:.0f} ms, "
+              f"{result.failures} failures, {result.calls_per_execution:.2f} device calls per "
+              "execution")
         for message, count in result.errors.items():
             print(f"  {count} x {message}")
     if len(results) == 2 and results[1].throughput_rps:
