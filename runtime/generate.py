@@ -103,13 +103,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="deadline of one device call in seconds (default %(default)s)")
     parser.add_argument("--spec", type=Path, default=None,
                         help="PipelineSpec JSON, if no endpoint serves the driffusion model")
+    parser.add_argument("--timeout-s", type=float, default=None,
+                        help="give up after this many seconds; no device call is made after "
+                        "(default: no limit)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    """Run the command; Ctrl-C or --timeout-s cancels the sampling task, so no further round
+    (and no further device call) is issued."""
     try:
-        return asyncio.run(generate_command(args))
+        return asyncio.run(asyncio.wait_for(generate_command(args), args.timeout_s))
+    except (TimeoutError, asyncio.TimeoutError):
+        print(f"error: gave up after {args.timeout_s} s (--timeout-s); no further device calls",
+              file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("\ninterrupted: no further device calls", file=sys.stderr)
+        return 130
     except (DiscoveryError, RequestError, DeviceError, PoolError, ValueError,
             FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
