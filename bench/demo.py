@@ -1,11 +1,15 @@
 """`driffusion demo` (`make demo`): the reference model on 2 CPU devices behind Triton, every digit
-sampled sequentially and with both DRiffusion modes, side by side.
+asked for by prompt ("a handwritten seven") and sampled sequentially and with both DRiffusion
+modes, side by side.
 
-Steps: build the reference model's ONNX Runtime engines if they are missing or stale, write a
-Triton model repository with one `unet_cpu<i>` model per device, start the embedded tritonserver
-on free ports, sample each digit with each mode (this client runs the sampler and sends every
-round's items to the devices concurrently over gRPC), stop the server (also on Ctrl-C, SIGTERM
-or an error), then print latency, speedup, rounds and quality deltas and write PNGs and JSON.
+Steps: build the reference model's ONNX Runtime engines if they are missing or stale (it is a
+diffusers text-to-image folder: tokenizer, text encoder, UNet, VAE decoder), write a Triton
+model repository with them and one `unet_cpu<i>` model per device, start the embedded
+tritonserver on free ports, sample each digit with each mode (this client tokenizes and encodes
+the prompt with the served tokenizer and text encoder, runs the sampler, sends every round's
+items to the devices concurrently over gRPC and decodes with the served VAE decoder), stop the
+server (also on Ctrl-C, SIGTERM or an error), then print latency, speedup, rounds and quality
+deltas and write PNGs and JSON.
 
 """
 from __future__ import annotations
@@ -32,6 +36,7 @@ from bench.common import (
 )
 from models import paths
 from models.limits import MAX_GUIDANCE
+from models.pipeline_spec import PipelineSpec
 
 DEFAULT_OUT = paths.output_dir("demo")
 DEMO_MODES = ("sequential", "conservative", "aggressive")
@@ -56,8 +61,9 @@ class DemoImage:
     seed: int
     seconds: float
     rounds: int
-    pixels: np.ndarray = field(repr=False)  # uint8 [8, 8]
+    pixels: np.ndarray = field(repr=False)  # uint8 [8, 8], gray
     predicted: int | None = None
+    prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -200,21 +206,23 @@ class DemoSettings:
 
 
 async def sample_digits(endpoint: str, settings: DemoSettings,
+                        spec: PipelineSpec,
                         progress: Callable[[], None] = lambda: None) -> list[DemoImage]:
-    """Every digit in every mode through the devices at `endpoint` (the runs of one digit
-    back to back, so that a change in the machine's load hits every mode alike)."""
-    from models.reference import reference_spec
+    """Every digit in every mode through the models at `endpoint`, each asked for by its prompt
+    (the runs of one digit back to back, so that a change in the machine's load hits every mode
+    alike). `spec`: the served model's pipeline spec."""
+    from models.reference import prompt_for
     from runtime.devices import TritonEndpoints
     from runtime.generate import connect_pipeline, timed_run
     from runtime.pipeline import GenerationRequest
 
     async with TritonEndpoints([endpoint]) as connection:
-        pipeline = await connect_pipeline(connection, spec=reference_spec())
+        pipeline = await connect_pipeline(connection, spec=spec)
 
         def request(digit: int, mode: str, window: int, steps: int):
             return pipeline.resolve(GenerationRequest(
-                label=digit, seed=settings.seed + digit, steps=steps, mode=mode, window=window,
-                guidance=settings.guidance, scheduler=settings.scheduler))
+                prompt=prompt_for(digit), seed=settings.seed + digit, steps=steps, mode=mode,
+                window=window, guidance=settings.guidance, scheduler=settings.scheduler))
 
         for mode, window in settings.runs():  # warm-up: first calls at each batch size
             await timed_run(pipeline, request(0, mode, window, min(settings.steps, 4)), quiet=True)
@@ -225,18 +233,23 @@ async def sample_digits(endpoint: str, settings: DemoSettings,
                                           quiet=True) for _ in range(settings.repeat)]
                 run = sorted(trials, key=lambda trial: trial.seconds)[len(trials) // 2]
                 images.append(DemoImage(mode, window, digit, settings.seed + digit, run.seconds,
-                                        run.rounds, run.image[..., 0]))
+                                        run.rounds, gray(run.image), prompt=prompt_for(digit)))
                 progress()
         return images
+
+
+def gray(image: np.ndarray) -> np.ndarray:
+    """uint8 [H, W] of an RGB image uint8 [H, W, 3] (the channel mean, rounded)."""
+    return np.rint(np.asarray(image, dtype=np.float64).mean(axis=-1)).astype(np.uint8)
 
 
 def classify(images: Sequence[DemoImage]) -> None:
     """Fill in each image's `predicted` digit with the reference model's evaluation classifier."""
     import torch
 
-    from models.reference import load_reference
+    from models.reference import load_classifier
 
-    classifier = load_reference().classifier
+    classifier = load_classifier()
     pixels = torch.from_numpy(np.stack([image.pixels for image in images])).float()
     with torch.no_grad():
         predicted = classifier((pixels / 127.5 - 1).unsqueeze(1)).argmax(dim=1).tolist()
@@ -251,11 +264,12 @@ def classify(images: Sequence[DemoImage]) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="the main job: every digit sequentially and with DRiffusion on 2 CPU devices "
-        "behind Triton, side by side",
+        help="the main job: every digit by prompt, sequentially and with DRiffusion on 2 CPU "
+        "devices behind Triton, side by side",
         description="Builds the reference model's ONNX Runtime engines if needed, serves them "
-        "with the embedded tritonserver (one unet_cpu<i> model per device, free local ports), "
-        "samples every digit sequentially and with conservative and aggressive DRiffusion, stops "
+        "with the embedded tritonserver (tokenizer, text encoder, VAE decoder and one unet_cpu<i> "
+        "model per device, free local ports), asks for every digit by prompt ('a handwritten "
+        "seven') sequentially and with conservative and aggressive DRiffusion, stops "
         "the server, and prints latency, speedup, rounds and quality deltas. Writes grid.png "
         "(rows: modes, columns: digits) and demo.json under --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -309,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
 def run_demo(settings: DemoSettings, out: Path) -> int:
     from tqdm import tqdm
 
+    from models.reference import prompt_for
     from triton_models.repository import RepositoryOptions
     from triton_models.serve import serving
 
@@ -325,11 +340,13 @@ def run_demo(settings: DemoSettings, out: Path) -> int:
         print(f"      ready on gRPC {server.grpc_url}: {', '.join(repository.models)} "
               f"(log {server.log_path})", flush=True)
         total = len(settings.digits) * len(settings.runs())
-        step(f"sampling {len(settings.digits)} digits x {len(settings.runs())} modes, "
+        step(f"sampling {len(settings.digits)} digits by prompt (\"{prompt_for(7)}\", ...) x "
+             f"{len(settings.runs())} modes, "
              f"{settings.steps} {settings.scheduler.upper()} steps, guidance {settings.guidance:g}, "
              f"window {settings.window} on {settings.devices} devices")
         with tqdm(total=total, unit="image", leave=False) as bar:
-            images = asyncio.run(sample_digits(server.grpc_url, settings, lambda: bar.update()))
+            images = asyncio.run(sample_digits(server.grpc_url, settings, repository.spec,
+                                               lambda: bar.update()))
         step("stopping Triton")
     print("      stopped", flush=True)
     step("classifying the images and comparing each mode with sequential sampling")
@@ -339,8 +356,9 @@ def run_demo(settings: DemoSettings, out: Path) -> int:
     print()
     print(format_table(rows))
     print(f"\nlatency: median per image over {len(settings.digits)} digits, each the median of "
-          f"{settings.repeat} runs (encode + "
-          f"{settings.steps} steps + decode, gRPC to {settings.devices} ONNX Runtime devices); "
+          f"{settings.repeat} runs (tokenize + encode + "
+          f"{settings.steps} steps + VAE decode, gRPC to {settings.devices} ONNX Runtime "
+          "devices); "
           "ideal = sequential rounds / rounds; Δpx: pixel difference to the sequential image "
           "of the same seed.")
     print(f"wrote {out / 'grid.png'} and {out / 'demo.json'} "

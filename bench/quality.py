@@ -1,11 +1,13 @@
 """`driffusion bench quality`: sample quality of DRiffusion against sequential sampling.
 
-On the bundled reference model, for each guidance scale, step count, mode and window: the
-evaluation classifier's accuracy on the samples against their labels, the digits-FD (Frechet
-distance on the classifier's features) against the real digits, and the mean distance to the
-sequential sample of the same seed. Every run starts from the same noise, so the differences
-are the method's. Sampling runs in-process with a batched local denoise (all samples of a
-round in one call); no server is needed.
+On the bundled reference model (a text-to-image diffusers folder), each digit asked for by a
+prompt ("a handwritten seven"), for each guidance scale, step count, mode and window: the
+evaluation classifier's accuracy on the decoded samples against the digits asked for, the
+digits-FD (Frechet distance on the classifier's features) against the real digits, and the mean
+distance to the sequential sample of the same seed. Every run starts from the same noise, so
+the differences are the method's. Sampling runs in-process with a batched local denoise (all
+samples of a round in one call; the prompts encoded once by the text encoder, the latents
+decoded by the VAE); no server is needed.
 """
 from __future__ import annotations
 
@@ -29,7 +31,14 @@ from bench.metrics import (
 )
 from models import paths, tensors
 from models.limits import MAX_GUIDANCE
-from models.reference import NUM_CLASSES, SCHEDULER_CONFIG, ReferenceModel
+from models.reference import (
+    EMPTY_PROMPT,
+    NUM_CLASSES,
+    PROMPT_TEMPLATES,
+    ReferenceModel,
+    prompt_for,
+    to_gray,
+)
 from runtime.pipeline import CountingDenoise
 from runtime.schedulers import SCHEDULERS
 
@@ -58,6 +67,7 @@ class QualitySetup:
     threads: int = 1
     scheduler: str = "ddim"
     draft_order: int = 1
+    template: str = PROMPT_TEMPLATES[0]  # the prompt asking for a digit: {word} or {digit}
 
     @property
     def samples(self) -> int:
@@ -83,6 +93,14 @@ class QualitySetup:
                              f"{QUALITY_MODES}")
         if self.backend not in DENOISE_BACKENDS:
             raise ValueError(f"backend must be one of {DENOISE_BACKENDS}; got {self.backend!r}")
+        if "{word}" not in self.template and "{digit}" not in self.template:
+            raise ValueError(f"the prompt template must name the digit with {{word}} or "
+                             f"{{digit}}; got {self.template!r}")
+
+    def prompts(self) -> list[str]:
+        """The prompt of every sample: `per_class` of each digit, digit by digit."""
+        return [prompt_for(digit, self.template) for digit in range(NUM_CLASSES)
+                for _ in range(self.per_class)]
 
 
 @dataclass(frozen=True)
@@ -107,21 +125,24 @@ class QualityRecord:
 # Batched local denoise
 
 
-def make_denoiser(model: ReferenceModel, setup: QualitySetup, labels: torch.Tensor,
+def make_denoiser(model: ReferenceModel, setup: QualitySetup, prompts: Sequence[str],
                   guidance: float, unet_onnx: Path | None = None):
-    """The batched local denoise for a batch of labels: the UNet in PyTorch, or its engine in
-    ONNX Runtime (`unet_onnx`), as one in-process device that takes each round in one call."""
+    """The batched local denoise for a batch of prompts (the empty prompt as the negative):
+    the UNet in PyTorch, or its engine in ONNX Runtime (`unet_onnx`), as one in-process device
+    that takes each round in one call."""
     from runtime.devices import Conditioning, DevicePool, LocalDevice
 
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("make_denoiser needs a non-empty list of prompts")
     if setup.backend == "torch":
         device = LocalDevice.from_torch(model.unet)
     else:
         device = LocalDevice.from_onnx(unet_onnx, threads=setup.threads)
-    with torch.no_grad():
-        cond = model.text_encoder(labels).numpy()
-        uncond = model.text_encoder(torch.full_like(labels, model.null_label)).numpy()
+    cond = model.encode_prompts(prompts).numpy()
+    uncond = model.encode_prompts([EMPTY_PROMPT]).numpy()
     conditioning = Conditioning({tensors.ENCODER_HIDDEN_STATES: cond},
-                                {tensors.ENCODER_HIDDEN_STATES: uncond}, guidance)
+                                {tensors.ENCODER_HIDDEN_STATES: uncond.repeat(len(cond), 0)},
+                                guidance)
     return DevicePool([device], batched=True).denoiser(conditioning)
 
 
@@ -129,18 +150,20 @@ def make_denoiser(model: ReferenceModel, setup: QualitySetup, labels: torch.Tens
 # Measuring
 
 
-def sample_images(denoise, setup: QualitySetup, noise: torch.Tensor, steps: int, mode: str,
-                  window: int, progress: Callable[[int], None]) -> tuple[torch.Tensor, int]:
-    """Samples clipped to the image range [-1, 1], and the rounds it took."""
+def sample_images(model: ReferenceModel, denoise, setup: QualitySetup, noise: torch.Tensor,
+                  steps: int, mode: str, window: int,
+                  progress: Callable[[int], None]) -> tuple[torch.Tensor, int]:
+    """Decoded gray samples [N, 1, 8, 8] clipped to the image range [-1, 1], and the rounds
+    sampling took."""
     from runtime.driffusion import sample
     from runtime.schedulers import make_scheduler
 
-    scheduler = make_scheduler(setup.scheduler, steps, SCHEDULER_CONFIG)
+    scheduler = make_scheduler(setup.scheduler, steps, model.scheduler_config)
     counting = CountingDenoise(denoise)
-    result = asyncio.run(sample(counting, scheduler, noise * scheduler.init_noise_sigma,
-                                mode=mode, window=window, progress=progress,
-                                draft_order=1 if mode == "sequential" else setup.draft_order))
-    return result.clamp(-1, 1), counting.rounds
+    latents = asyncio.run(sample(counting, scheduler, noise * scheduler.init_noise_sigma,
+                                 mode=mode, window=window, progress=progress,
+                                 draft_order=1 if mode == "sequential" else setup.draft_order))
+    return to_gray(model.decode(latents)).clamp(-1, 1), counting.rounds
 
 
 def measure(model: ReferenceModel, setup: QualitySetup, real_features: torch.Tensor,
@@ -151,13 +174,13 @@ def measure(model: ReferenceModel, setup: QualitySetup, real_features: torch.Ten
     noise = model.initial_noise(setup.samples, torch.Generator().manual_seed(setup.seed))
     records, samples = [], {}
     for guidance in setup.guidance:
-        denoise = make_denoiser(model, setup, labels, guidance, unet_onnx)
+        denoise = make_denoiser(model, setup, setup.prompts(), guidance, unet_onnx)
         for steps in setup.steps:
             baseline = None
             for mode, window in setup.runs():
                 start = time.perf_counter()
-                images, rounds = sample_images(denoise, setup, noise, steps, mode, window,
-                                               progress)
+                images, rounds = sample_images(model, denoise, setup, noise, steps, mode,
+                                               window, progress)
                 seconds = time.perf_counter() - start
                 accuracy = class_accuracy(model.classifier, images, labels)
                 fd = frechet_distance(classifier_features(model.classifier, images),
@@ -269,7 +292,7 @@ def plot_grids(records: Sequence[QualityRecord], samples: dict, setup: QualitySe
         axis.set_xticks([])
         axis.set_yticks([])
     figure.suptitle(f"reference model, {steps} steps, guidance {guidance:g}, same noise in "
-                    "every panel (rows: digits 0-9)", fontsize=10)
+                    f"every panel (rows: digits 0-9, \"{setup.template}\")", fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
@@ -320,7 +343,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "quality",
         help="class accuracy, digits-FD and distance to sequential per mode and window",
-        description="Samples the reference model in-process (batched local denoise) with "
+        description="Samples the reference model in-process (batched local denoise), asking "
+        "for each digit by prompt, with "
         "sequential, conservative and aggressive DRiffusion for each window, step count and "
         "guidance, from the same noise; reports the classifier's accuracy, the Frechet distance "
         "on its features against the real digits and the distance to the sequential sample of "
@@ -348,6 +372,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--draft-order", type=int, choices=(1, 2), default=1,
                         help="DRiffusion drafts: 1 first-order skips (the paper's), 2 multistep "
                         "extrapolation (default: %(default)s)")
+    parser.add_argument("--template", default=PROMPT_TEMPLATES[0],
+                        help="the prompt that asks for a digit ({word}: seven, {digit}: 7)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--no-plot", action="store_true", help="skip quality.png")
     parser.set_defaults(run=run)
@@ -362,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         per_class=args.per_class, steps=tuple(args.steps), windows=tuple(args.windows),
         modes=tuple(args.modes), guidance=tuple(args.guidance), seed=args.seed,
         backend=args.backend, threads=args.threads, scheduler=args.scheduler,
-        draft_order=args.draft_order,
+        draft_order=args.draft_order, template=args.template,
     )
     try:
         report, records = run_benchmark(setup, args.out, plot=not args.no_plot)

@@ -3,7 +3,8 @@
 Backends, each measured side by side with sequential sampling in the same run:
 - `sim`: `unet_sim` devices behind the embedded Triton. The closed-form model sleeps to a set
   latency per call, so what is left is orchestration: gRPC, the python backend, the sampler.
-- `cpu`: the reference model's ONNX Runtime engines as `unet_cpu<i>` models behind Triton.
+- `cpu`: the reference model's ONNX Runtime engines as `unet_cpu<i>` models behind Triton (the
+  prompt asking for the digit is encoded once, by the served tokenizer and text encoder).
 - `cpu-local`: the same engines as in-process ONNX Runtime sessions (no server, no gRPC): what
   the serving overhead is measured against.
 Per mode and window: rounds, measured speedup, ideal speedup (sequential rounds / rounds),
@@ -36,7 +37,6 @@ BACKENDS = ("sim", "cpu", "cpu-local")
 TIMED_MODES = ("conservative", "aggressive")
 DEFAULT_WINDOWS = (1, 2, 4, 8)
 DEFAULT_OUT = paths.output_dir("bench", "speed")
-NULL_LABEL = 10  # the null label of both the reference model and the sim
 SIM_TARGET = {"latency_ms": 20.0, "steps": 50, "window": 4, "efficiency": 0.95}
 CPU_TARGET = {"devices": 2, "speedup": 1.7}
 MODEL_TIME_CALLS = 30
@@ -158,11 +158,14 @@ def cpu_clock(server_group: int | None = None) -> Callable[[], tuple[float, floa
 
 async def time_runs(pool, conditioning, setup: SpeedSetup,
                     progress: Callable[[], None] = lambda: None,
-                    clock: Callable[[], tuple[float, float]] | None = None) -> Timings:
+                    clock: Callable[[], tuple[float, float]] | None = None, *,
+                    latent_shape: Sequence[int] = (1, 8, 8),
+                    scheduler_config: dict[str, Any] | None = None) -> Timings:
     """Every run `repeat` times, interleaved, after a warm-up: wall time, rounds, CPU time.
 
     `clock` reads the CPU seconds used so far by (this process, what serves the pool);
-    by default this process alone.
+    by default this process alone. `latent_shape` [C, H, W] and `scheduler_config` are the
+    model's (default: the sim's and the reference model's 8x8 one-channel latents and schedule).
     """
     import torch
 
@@ -170,9 +173,12 @@ async def time_runs(pool, conditioning, setup: SpeedSetup,
     from runtime.driffusion import sample
     from runtime.schedulers import make_scheduler
 
+    config = scheduler_config or SCHEDULER_CONFIG
+
     async def one(mode: str, window: int, steps: int) -> tuple[float, int]:
-        scheduler = make_scheduler(setup.scheduler, steps, SCHEDULER_CONFIG)
-        noise = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(setup.seed))
+        scheduler = make_scheduler(setup.scheduler, steps, config)
+        noise = torch.randn((1, *latent_shape),
+                            generator=torch.Generator().manual_seed(setup.seed))
         before = pool.rounds
         start = time.perf_counter()
         await sample(pool.denoiser(conditioning), scheduler, noise * scheduler.init_noise_sigma,
@@ -251,19 +257,31 @@ def cores_obtained(workers: int, seconds: float = PROBE_SECONDS) -> float:
     return sum(float(process.communicate()[0]) for process in processes) / seconds
 
 
-def onnx_call_ms(path: Path, threads: int) -> Callable[[int], float]:
-    """Median in-process time of one ONNX Runtime UNet call, by rows (measured once per size)."""
+def denoiser_row_shapes(spec) -> dict[str, tuple[int, ...]]:
+    """Per-row shapes of the UNet's inputs for a pipeline spec: the latent and, for a text
+    model, the text encoder's states (a class-conditional model's label embedding otherwise)."""
+    if spec.text_encoders:
+        encoder = spec.text_encoders[0]
+        context = (encoder.max_length, encoder.hidden_size)
+    else:
+        context = (1, spec.num_labels + 1)
+    return {tensors.SAMPLE: tuple(spec.latent_shape), tensors.ENCODER_HIDDEN_STATES: context}
+
+
+def onnx_call_ms(path: Path, threads: int,
+                 row_shapes: dict[str, tuple[int, ...]]) -> Callable[[int], float]:
+    """Median in-process time of one ONNX Runtime UNet call, by rows (measured once per size).
+
+    `row_shapes`: the shape of one row of each input but the timestep (`denoiser_row_shapes`).
+    """
     from runtime.devices import ort_session
 
     session = ort_session(path, threads)
 
     @cache
     def call_ms(rows: int) -> float:
-        feeds = {
-            "sample": np.zeros((rows, 1, 8, 8), np.float32),
-            "timestep": np.full((rows,), 500.0, np.float32),
-            "encoder_hidden_states": np.zeros((rows, 1, 64), np.float32),
-        }
+        feeds = {name: np.zeros((rows, *shape), np.float32) for name, shape in row_shapes.items()}
+        feeds[tensors.TIMESTEP] = np.full((rows,), 500.0, np.float32)
         session.run(None, feeds)
         times = []
         for _ in range(MODEL_TIME_CALLS):
@@ -275,28 +293,33 @@ def onnx_call_ms(path: Path, threads: int) -> Callable[[int], float]:
     return call_ms
 
 
-async def encode(encoder, label: int, guidance: float):
-    """The Conditioning of `label` (the null label as the negative) from a label encoder."""
-    from runtime.devices import Conditioning
+async def encode_condition(pipeline, label: int, guidance: float):
+    """The Conditioning of digit `label`, encoded once by the pipeline's models the way a
+    request is: by the prompt asking for it ("a handwritten three") for a text-to-image model
+    such as the reference, by the label for a class-conditional one (the sim); the negative (the
+    empty prompt, the null label) only with guidance."""
+    from models.reference import prompt_for
+    from runtime.pipeline import GenerationRequest
 
-    result = await encoder.infer({tensors.LABEL: np.array([label, NULL_LABEL], np.int64)},
-                                 [tensors.TEXT_EMBEDDINGS], None)
-    embeddings = result[tensors.TEXT_EMBEDDINGS].astype(np.float32)
-    return Conditioning({tensors.ENCODER_HIDDEN_STATES: embeddings[:1]},
-                        {tensors.ENCODER_HIDDEN_STATES: embeddings[1:]}, guidance)
+    if pipeline.spec.uses_prompts:
+        request = GenerationRequest(prompt=prompt_for(label), guidance=guidance)
+    else:
+        request = GenerationRequest(label=label, guidance=guidance)
+    return await pipeline.encode(pipeline.resolve(request))
 
 
 async def _measure_served(endpoint: str, setup: SpeedSetup, progress,
-                          clock: Callable[[], tuple[float, float]]) -> tuple[int, Timings]:
-    from runtime.devices import DevicePool, DiscoveryError, TritonEndpoints
+                          clock: Callable[[], tuple[float, float]],
+                          spec) -> tuple[int, Timings]:
+    from runtime.devices import TritonEndpoints
+    from runtime.generate import connect_pipeline
 
     async with TritonEndpoints([endpoint]) as connection:
-        pool = DevicePool(await connection.devices())
-        encoder = await connection.find_model("text_encoder")
-        if encoder is None:
-            raise DiscoveryError(f"{endpoint} serves no text_encoder model")
-        conditioning = await encode(encoder, setup.label, setup.guidance)
-        return pool.width, await time_runs(pool, conditioning, setup, progress, clock)
+        pipeline = await connect_pipeline(connection, spec=spec)
+        conditioning = await encode_condition(pipeline, setup.label, setup.guidance)
+        return pipeline.pool.width, await time_runs(
+            pipeline.pool, conditioning, setup, progress, clock,
+            latent_shape=spec.latent_shape, scheduler_config=spec.scheduler_config)
 
 
 def measure_sim(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
@@ -309,9 +332,10 @@ def measure_sim(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
                                 pipeline_model=False)
     load_before = list(os.getloadavg())
     with serving(options, workdir / "sim-repository", workdir / "sim-tritonserver.log") as (
-            server, _):
+            server, repository):
         width, timings = asyncio.run(_measure_served(server.grpc_url, setup, progress,
-                                                     cpu_clock(server.process.pid)))
+                                                     cpu_clock(server.process.pid),
+                                                     repository.spec))
     return BackendResult(
         "sim", f"unet_sim behind Triton ({lanes} instances), {setup.sim_latency_ms:g} ms per call",
         width, {1: setup.sim_latency_ms},
@@ -334,9 +358,11 @@ def measure_cpu(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
         pinned = pin_device_stubs(server, [d.name for d in repository.devices]) \
             if setup.pin_devices else {}
         width, timings = asyncio.run(_measure_served(server.grpc_url, setup, progress,
-                                                     cpu_clock(server.process.pid)))
+                                                     cpu_clock(server.process.pid),
+                                                     repository.spec))
     load_after = list(os.getloadavg())
-    call_ms = onnx_call_ms(engines.path("unet"), setup.cpu_threads)
+    call_ms = onnx_call_ms(engines.path("unet"), setup.cpu_threads,
+                           denoiser_row_shapes(repository.spec))
     return BackendResult(
         "cpu", f"reference ONNX Runtime engines behind Triton, {setup.cpu_devices} unet_cpu "
         f"devices, {setup.cpu_threads} intra-op thread(s) each", width, _call_table(call_ms),
@@ -344,27 +370,66 @@ def measure_cpu(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
         load_before=load_before, load_after=load_after)
 
 
+def local_pipeline(engines, pool):
+    """A Pipeline over in-process models: the engine set's tokenizer (its files beside the
+    engines), text encoder and VAE decoder as ONNX Runtime sessions, and `pool`."""
+    from models.pipeline_spec import SPEC_FILE, PipelineSpec
+    from runtime.devices import LocalModel, ort_session, session_output_names
+    from runtime.pipeline import Pipeline
+
+    spec = PipelineSpec.from_json((engines.directory / SPEC_FILE).read_text())
+    models = {}
+    for encoder in spec.text_encoders:
+        models[encoder.tokenizer] = LocalModel(
+            encoder.tokenizer, _tokenize_function(engines.directory / encoder.tokenizer))
+    for name in Pipeline.needed_models(spec):
+        if name not in models:
+            session = ort_session(engines.path(name), 1)
+            models[name] = LocalModel(name, lambda session=session, **inputs: dict(zip(
+                session_output_names(session), session.run(None, inputs))))
+    return Pipeline(spec, pool, models)
+
+
+def _tokenize_function(directory: Path):
+    """The `tokenizer` model in-process: TEXT (bytes [N]) -> input_ids [N, 77], DROPPED [N]."""
+    from transformers import AutoTokenizer
+
+    from runtime.pipeline import TOKENIZER_DROPPED, TOKENIZER_TEXT
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+    def tokenize(**inputs):
+        texts = [bytes(text).decode() for text in inputs[TOKENIZER_TEXT].reshape(-1)]
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True).input_ids
+        return {tensors.INPUT_IDS: np.array(ids, np.int64),
+                TOKENIZER_DROPPED: np.zeros((len(texts), 1), np.int32)}
+
+    return tokenize
+
+
 def measure_cpu_local(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
     """The same engines as in-process ONNX Runtime sessions, each in its own worker thread."""
     from bench.common import ensure_reference_engines
-    from runtime.devices import DevicePool, LocalDevice, LocalModel, ort_session
+    from runtime.devices import DevicePool, LocalDevice
 
     engines = ensure_reference_engines(lambda line: None)
     devices = [LocalDevice.from_onnx(engines.path("unet"), threads=setup.cpu_threads,
                                      name=f"cpu{i}") for i in range(setup.cpu_devices)]
-    session = ort_session(engines.path("text_encoder"), 1)
-    encoder = LocalModel("text_encoder", lambda label: {
-        tensors.TEXT_EMBEDDINGS: session.run(None, {tensors.LABEL: label})[0]})
     pool = DevicePool(devices)
+    pipeline = local_pipeline(engines, pool)
     load_before = list(os.getloadavg())
 
     async def measure():
-        return await time_runs(pool, await encode(encoder, setup.label, setup.guidance), setup,
-                               progress)
+        conditioning = await encode_condition(pipeline, setup.label, setup.guidance)
+        return await time_runs(pool, conditioning, setup, progress,
+                               latent_shape=pipeline.spec.latent_shape,
+                               scheduler_config=pipeline.spec.scheduler_config)
 
     timings = asyncio.run(measure())
     load_after = list(os.getloadavg())
-    call_ms = onnx_call_ms(engines.path("unet"), setup.cpu_threads)
+    call_ms = onnx_call_ms(engines.path("unet"), setup.cpu_threads,
+                           denoiser_row_shapes(pipeline.spec))
     return BackendResult(
         "cpu-local", f"the same engines in-process: {setup.cpu_devices} ONNX Runtime sessions "
         "in worker threads, no server", pool.width, _call_table(call_ms),
@@ -584,7 +649,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="ONNX Runtime intra-op threads per CPU device")
     parser.add_argument("--pin-devices", action="store_true",
                         help="pin each unet_cpu stub process to a CPU of its own")
-    parser.add_argument("--label", type=int, default=3, help="digit to sample")
+    parser.add_argument("--label", type=int, default=3,
+                        help="digit to sample (the reference model is asked for it by prompt, "
+                        "'a handwritten three')")
     parser.add_argument("--seed", type=int, default=0, help="noise seed")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--no-plot", action="store_true", help="skip speed.png")

@@ -115,7 +115,7 @@ def load_bundle(source: str, networks: list[str] | None = None) -> ModelBundle:
     if source == "tiny-sd":
         return select_networks(tiny_sd(), networks)
     if source == "reference":
-        return select_networks(reference(), networks)
+        return reference(networks)
     return load_folder(Path(source).expanduser(), networks)
 
 
@@ -124,10 +124,14 @@ def source_fingerprint(source: str) -> str:
     if source == "tiny-sd":
         return "tiny-sd:seed0:clip-tokenizer"
     if source == "reference":
-        from models.reference import ASSET_DIR, DIFFUSION_CHECKPOINT
+        # the bundled folder is small: its pipeline files' contents stand for it
+        from models import reference
 
-        digest = hashlib.sha256((ASSET_DIR / DIFFUSION_CHECKPOINT).read_bytes()).hexdigest()
-        return f"reference:{digest[:16]}"
+        digest = hashlib.sha256()
+        for path in reference.pipeline_files(reference.ASSET_DIR):
+            digest.update(f"{path.relative_to(reference.ASSET_DIR)}:".encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        return f"reference:{digest.hexdigest()[:16]}"
     # a diffusers folder may hold gigabytes: its files' names, sizes and mtimes stand for them
     folder = Path(source).expanduser()
     files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
@@ -220,26 +224,23 @@ def tiny_sd(seed: int = 0) -> ModelBundle:
     )
 
 
-def reference() -> ModelBundle:
-    """The bundled reference model (digits UNet + label encoder) from models.reference."""
+def reference(networks: list[str] | None = None) -> ModelBundle:
+    """The bundled reference model: models/assets/reference/, a diffusers StableDiffusionPipeline
+    folder of 8x8 digits (CLIP tokenizer and text encoder, UNet, one-block VAE, DDIM), loaded as
+    any other pipeline folder under the name `reference`."""
     try:
         module = importlib.import_module("models.reference")
     except ModuleNotFoundError as error:
         if error.name != "models.reference":
             raise
         raise ModelSourceError(
-            "the `reference` preset needs models/reference.py (load_reference()), which is not "
-            "in this checkout yet; use --model tiny-sd or a diffusers folder"
+            "the `reference` preset needs models/reference.py, which is not in this checkout; "
+            "use --model tiny-sd or a diffusers folder"
         ) from error
-    loaded = module.load_reference()
-    return ModelBundle(
-        name="reference",
-        source="reference",
-        modules={"text_encoder": loaded.text_encoder.eval(), "unet": loaded.unet.eval()},
-        context=SpecContext(vae_scale_factor=1, sequence_length=1),
-        scheduler_config=dict(loaded.scheduler_config),
-        label_encoders=frozenset({"text_encoder"}),
-    )
+    module.check_assets(module.ASSET_DIR)
+    bundle = _load_pipeline_folder(module.ASSET_DIR, networks)
+    bundle.name = bundle.source = "reference"
+    return bundle
 
 
 def load_folder(path: Path, networks: list[str] | None = None) -> ModelBundle:
@@ -379,10 +380,8 @@ def pipeline_spec(bundle: ModelBundle, height=None, width=None) -> PipelineSpec 
     """
     if bundle.selected:
         return None
-    if bundle.label_encoders:
-        from models.reference import reference_spec
-
-        return reference_spec()
+    if bundle.label_encoders:  # class-conditional networks: no prompt pipeline to derive
+        return None
     denoiser_name = next((n for n in ("unet", "transformer") if n in bundle.modules), None)
     if denoiser_name is None:
         return None

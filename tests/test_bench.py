@@ -19,13 +19,17 @@ from bench.speed import (
     build_records,
     check_targets,
     cores_obtained,
+    denoiser_row_shapes,
+    encode_condition,
     format_backend,
     format_targets,
+    local_pipeline,
+    onnx_call_ms,
     plot,
     time_runs,
 )
 from bench.speed import run_benchmark as run_speed
-from models.reference import SCHEDULER_CONFIG, load_reference
+from models.reference import EMPTY_PROMPT, SCHEDULER_CONFIG, load_reference, prompt_for
 from models.sim import SimDiffusion
 from models.tensors import ENCODER_HIDDEN_STATES
 from runtime.devices import Conditioning, DevicePool, LocalDevice
@@ -156,6 +160,51 @@ def test_speed_bench_on_unet_sim_behind_triton_writes_json(tmp_path):
     assert not [pid for pid in _process_ids() if str(tmp_path) in _cmdline(pid)]
 
 
+@pytest.fixture(scope="module")
+def reference_engines():
+    from bench.common import ensure_reference_engines
+
+    return ensure_reference_engines(lambda line: None)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_speed_bench_encodes_the_prompt_once_with_the_reference_engines(
+        reference_engines, reference, guidance):
+    """cpu-local: the engines' tokenizer and ONNX text encoder give the torch model's states
+    for "a handwritten three" (the empty prompt as the negative, with guidance only)."""
+    pool = DevicePool([LocalDevice.from_onnx(reference_engines.path("unet"))])
+    pipeline = local_pipeline(reference_engines, pool)
+    conditioning = asyncio.run(encode_condition(pipeline, 3, guidance))
+    expected = reference.encode_prompts([prompt_for(3)]).numpy()
+    np.testing.assert_allclose(conditioning.cond[ENCODER_HIDDEN_STATES], expected, atol=1e-4)
+    if guidance == 1.0:
+        assert conditioning.uncond is None
+    else:
+        np.testing.assert_allclose(conditioning.uncond[ENCODER_HIDDEN_STATES],
+                                   reference.encode_prompts([EMPTY_PROMPT]).numpy(), atol=1e-4)
+    shapes = denoiser_row_shapes(pipeline.spec)
+    assert shapes == {"sample": (1, 8, 8), "encoder_hidden_states": (77, 16)}
+    assert onnx_call_ms(reference_engines.path("unet"), 1, shapes)(2) > 0
+    setup = SpeedSetup(steps=4, windows=(2,), repeat=1)
+    timings = asyncio.run(time_runs(pool, conditioning, setup, latent_shape=(1, 8, 8),
+                                    scheduler_config=pipeline.spec.scheduler_config))
+    assert timings.rounds[("aggressive", 2)] == len(round_pattern("aggressive", 2, 4))
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_speed_bench_on_the_reference_engines_behind_triton(tmp_path):
+    pytest.importorskip("pytriton", reason="needs nvidia-pytriton (the embedded tritonserver)")
+    setup = SpeedSetup(steps=4, windows=(2,), modes=("aggressive",), repeat=1)
+    run_speed(setup, ["cpu", "cpu-local"], tmp_path)
+    report = json.loads((tmp_path / "speed.json").read_text())
+    for backend in report["backends"]:
+        assert backend["lanes"] == 2 and set(backend["model_call_ms"]) == {"1", "2", "4", "8"}
+        rounds = {(r["mode"], r["window"]): r["rounds"] for r in backend["records"]}
+        assert rounds == {("sequential", 1): 4, ("aggressive", 2): 3}
+    assert not [pid for pid in _process_ids() if str(tmp_path) in _cmdline(pid)]
+
+
 def _process_ids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
@@ -213,14 +262,20 @@ def test_quality_target_uses_guidance_one_at_fifty_steps(reference):
 
 
 @pytest.mark.parametrize("guidance", [1.0, 1.5])
-def test_onnx_denoiser_matches_the_torch_model(reference, guidance, tmp_path_factory):
-    from bench.common import ensure_reference_engines
-
-    labels = torch.tensor([1, 7, 4])
+def test_onnx_denoiser_matches_the_torch_model(reference, reference_engines, guidance):
+    prompts = [prompt_for(1), "the digit 7", "four"]
     x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))  # 2 items
     t = torch.tensor([900.0] * 3 + [500.0] * 3)
-    unet = ensure_reference_engines(lambda line: None).path("unet")
-    onnx = asyncio.run(make_denoiser(reference, QualitySetup(), labels, guidance, unet)(x, t))
+    unet = reference_engines.path("unet")
+    onnx = asyncio.run(make_denoiser(reference, QualitySetup(), prompts, guidance, unet)(x, t))
     torch_setup = QualitySetup(backend="torch")
-    expected = asyncio.run(make_denoiser(reference, torch_setup, labels, guidance)(x, t))
+    expected = asyncio.run(make_denoiser(reference, torch_setup, prompts, guidance)(x, t))
     torch.testing.assert_close(onnx, expected, atol=2e-4, rtol=1e-3)
+
+
+def test_quality_setup_asks_for_each_digit_by_prompt():
+    setup = QualitySetup(per_class=2)
+    assert setup.prompts()[:3] == ["a handwritten zero"] * 2 + ["a handwritten one"]
+    assert QualitySetup(per_class=1, template="number {digit}").prompts()[7] == "number 7"
+    with pytest.raises(ValueError, match="template"):
+        QualitySetup(template="a digit").validate()

@@ -1,4 +1,5 @@
-"""`driffusion demo`: its table, its grid image, its settings, and (slow) the whole run."""
+"""`driffusion demo`: its table, its grid image, its settings, and (slow) the whole run: every
+digit asked for by prompt through the served reference model."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from PIL import Image
 from bench.demo import (
     DemoImage,
     format_table,
+    gray,
     grid_array,
     save_grid,
     settings_from_args,
@@ -26,6 +28,15 @@ from runtime.driffusion import round_pattern
 
 def digit_image(value: int) -> np.ndarray:
     return np.full((8, 8), value, dtype=np.uint8)
+
+
+def test_gray_is_the_rounded_channel_mean_of_the_rgb_image():
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[0, 0] = (255, 255, 255)
+    rgb[0, 1] = (10, 11, 11)  # a VAE's channels differ slightly
+    pixels = gray(rgb)
+    assert pixels.shape == (8, 8) and pixels.dtype == np.uint8
+    assert (pixels[0, 0], pixels[0, 1], pixels[1, 1]) == (255, 11, 0)
 
 
 def test_grid_array_upscales_each_image_into_its_cell():
@@ -124,6 +135,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert row["accuracy"] >= 0.7
     assert summary["aggressive"]["max_pixel_diff"] > 0
     assert len(record["images"]) == 30
+    assert [image["prompt"] for image in record["images"][:4]] == (
+        ["a handwritten zero"] * 3 + ["a handwritten one"])
+    assert np.array(record["images"][0]["pixels"]).shape == (8, 8)
     with Image.open(tmp_path / "grid.png") as image:
         assert image.width > 10 * 8 * 16
     leftovers = [pid for pid in os.listdir("/proc") if pid.isdigit()

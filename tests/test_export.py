@@ -21,8 +21,15 @@ from export.onnx_export import (
     onnx_sha256,
     read_export_index,
 )
-from export.presets import ModelSourceError, load_bundle, tiny_sd
-from export.specs import LabelEncoderSpec, SD3TransformerSpec, UNet2DSpec, UNetSpec
+from export.presets import ModelSourceError, load_bundle, pipeline_spec, tiny_sd
+from export.specs import (
+    LabelEncoderSpec,
+    SD3TransformerSpec,
+    TextEncoderSpec,
+    UNet2DSpec,
+    UNetSpec,
+    VAEDecoderSpec,
+)
 from export.validate import ValidationError, run_onnxruntime, validate_onnx
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -222,19 +229,17 @@ def test_label_encoder_export_matches_the_embedding(tmp_path):
     np.testing.assert_array_equal(embeddings[:, 0], encoder.weight.detach().numpy()[[3, 10]])
 
 
-def test_reference_preset_exports_label_encoder_and_unet(tmp_path):
-    pytest.importorskip("models.reference", reason="models/reference.py not in this checkout")
-    try:
-        bundle = load_bundle("reference")
-    except FileNotFoundError as error:
-        pytest.skip(f"reference checkpoint not trained here: {error}")
+def test_reference_preset_is_the_bundled_diffusers_folder(tmp_path):
+    bundle = load_bundle("reference")
+    assert sorted(bundle.modules) == ["text_encoder", "unet", "vae_decoder"]
     specs = bundle.specs("fp32")
-    assert isinstance(specs["text_encoder"], LabelEncoderSpec)
-    assert specs["unet"].profile((1, 2, 8))["encoder_hidden_states"][2] == (8, 1, 64)
+    assert isinstance(specs["text_encoder"], TextEncoderSpec)
+    assert isinstance(specs["vae_decoder"], VAEDecoderSpec)
+    assert specs["unet"].profile((1, 2, 8))["encoder_hidden_states"][2] == (8, 77, 16)
     assert specs["unet"].profile((1, 2, 8))["sample"][2] == (8, 1, 8, 8)
+    assert pipeline_spec(bundle).family == "sd"
     result = export_model(bundle, tmp_path, ExportOptions(), **QUIET)
     assert all(n.validation.ok for n in result.networks.values())
-
 
 def test_external_data_above_the_threshold(tmp_path):
     unet = small_unet()
