@@ -38,7 +38,7 @@ from export.presets import source_fingerprint
 from models import paths
 from models.pipeline_spec import SPEC_FILE, PipelineSpec
 
-BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime")
+BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "torch")
 TIMING_CACHE_DIR = ".timing-cache"
 
 
@@ -96,7 +96,12 @@ class ExportedOnnx:
 
 
 def choose_backend(requested: str) -> tuple[str, list[GpuInfo], str | None, str | None]:
-    """(backend, GPUs, TensorRT version, why no TensorRT plan) for --backend `requested`."""
+    """(backend, GPUs, TensorRT version, why no TensorRT plan) for --backend `requested`.
+
+    auto: TensorRT plans where TensorRT imports and a GPU exists; the torch backend where a GPU
+    exists without TensorRT (torch with CUDA); else ONNX Runtime CPU engines. torch: the GPUs
+    torch can use (none: FP32 on the CPU).
+    """
     if requested not in BACKEND_CHOICES:
         raise ValueError(f"backend {requested!r} is not one of {BACKEND_CHOICES}")
     gpus, gpu_reason = list_gpus()
@@ -104,11 +109,24 @@ def choose_backend(requested: str) -> tuple[str, list[GpuInfo], str | None, str 
     reasons = [r for r in (trt_reason, gpu_reason) if r]
     if requested == "onnxruntime":
         return "onnxruntime", gpus, trt_version, "--backend onnxruntime was requested"
+    if requested == "torch":
+        return "torch", _torch_gpus(gpus), trt_version, "--backend torch was requested"
     if not reasons:
         return "tensorrt", gpus, trt_version, None
     if requested == "tensorrt":
         raise EngineBuildError(f"cannot build TensorRT plans here: {' and '.join(reasons)}")
+    if trt_reason and _torch_gpus(gpus):  # a GPU without TensorRT: torch on the GPU
+        return "torch", _torch_gpus(gpus), trt_version, " and ".join(reasons)
     return "onnxruntime", gpus, trt_version, " and ".join(reasons)
+
+
+def _torch_gpus(gpus: list[GpuInfo]) -> list[GpuInfo]:
+    """The GPUs torch can run on: those found (when torch has CUDA), else torch's own list."""
+    from engines.torch_build import torch_cuda_available, torch_gpus
+
+    if not torch_cuda_available():
+        return []
+    return gpus or torch_gpus()
 
 
 def build_engines(request: BuildRequest, log: Callable[[str], None] = print) -> BuildOutcome:
@@ -116,7 +134,16 @@ def build_engines(request: BuildRequest, log: Callable[[str], None] = print) -> 
     backend, gpus, trt_version, no_plan_reason = choose_backend(request.backend)
     precision = request.precision if backend == "tensorrt" else "fp32"
     exported = ensure_exported(request, precision, log)
-    if backend == "tensorrt":
+    if backend == "torch":
+        from engines.torch_build import build_torch_engines, torch_backend_version
+
+        outcome = build_torch_engines(request, exported, gpus, log)
+        where = f"{len(gpus)} GPU(s), {request.precision}" if gpus else "no GPU: fp32 on the CPU"
+        outcome.summary = (
+            f"built {torch_backend_version()} engines for {request.name} ({where}) in "
+            f"{outcome.directories[0]} ({_counts(outcome)}); no TensorRT plan: {no_plan_reason}"
+        )
+    elif backend == "tensorrt":
         outcome = _build_tensorrt(request, exported, gpus, trt_version, log)
         outcome.summary = (
             f"built TensorRT {trt_version} plans ({precision}) for {request.name} on "

@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Export the model to ONNX if needed, then build one TensorRT plan per network "
         "for every visible GPU (engines/<model>/<gpu-key>/) with a manifest.json. Without "
         "TensorRT or a GPU, build ONNX Runtime CPU engines (engines/<model>/cpu/) instead. "
+        "--backend torch (auto's choice on a GPU without TensorRT) saves the denoiser for PyTorch "
+        "(FP16 + CUDA graphs on a GPU, FP32 on the CPU) in engines/<model>/torch-<gpu-key|cpu>/, "
+        "with ONNX Runtime engines for the text encoders and the VAE decoder. "
         "Engines whose manifest entry matches are kept; anything that differs is rebuilt.",
     )
     add_model_arguments(parser)
@@ -43,13 +46,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--backend",
         choices=BACKEND_CHOICES,
         default="auto",
-        help="auto: TensorRT where TensorRT and a GPU exist, else ONNX Runtime (default auto)",
+        help="auto: TensorRT where TensorRT and a GPU exist, torch where a GPU exists without "
+        "TensorRT, else ONNX Runtime (default auto)",
     )
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="fp16",
-        help="TensorRT plan precision (default fp16); ONNX Runtime CPU engines are always fp32",
+        help="TensorRT plan / torch GPU precision (default fp16); ONNX Runtime CPU engines and "
+        "torch on the CPU are always fp32",
     )
     parser.add_argument(
         "--opt-level",

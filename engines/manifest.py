@@ -1,7 +1,8 @@
 """Engine manifests: what each built engine is keyed by, how to find engines, when to rebuild.
 
 Layout: `engines/<model>/<device-key>/<network>.plan|.onnx` plus `manifest.json`, where the
-device key is a GPU key such as `h100-sm90-1a2b3c4d` (TensorRT) or `cpu` (ONNX Runtime).
+device key is a GPU key such as `h100-sm90-1a2b3c4d` (TensorRT) or `cpu` (ONNX Runtime), or
+`torch-<GPU key|cpu>` for the torch backend (engines/torch_build.py: `<denoiser>.safetensors`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from engines.gpu import GpuInfo, list_gpus
 
 MANIFEST = "manifest.json"
 CPU_KEY = "cpu"
-BACKENDS = ("tensorrt", "onnxruntime")
+BACKENDS = ("tensorrt", "onnxruntime", "torch")
 
 
 class EngineMismatchError(RuntimeError):

@@ -37,6 +37,9 @@ Denoise = Callable[["torch.Tensor", "torch.Tensor"], Awaitable["torch.Tensor"]]
 DEFAULT_DEADLINE_S = 60.0
 DEFAULT_RECHECK_S = 2.0  # first health check of a lost device after this long
 MAX_RECHECK_S = 30.0  # back-off cap for a device that keeps failing after it answered ready
+# the window of a batched pool when the caller names none: items per round, all in one call
+# (one GPU: a batch of 4 items, 8 rows with guidance, keeps a GPU busy without waiting long)
+DEFAULT_BATCHED_WINDOW = 4
 HEALTH_TIMEOUT_S = 2.0
 # gRPC retries a dead connection with exponential back-off (default cap 120 s); a short cap lets
 # a restarted server be reached within seconds of coming back
@@ -393,7 +396,7 @@ def _raw(value: np.ndarray) -> bytes:
     if value.dtype == np.object_:
         from tritonclient.utils import serialize_byte_tensor
 
-        return serialize_byte_tensor(value).tobytes()
+        return serialize_byte_tensor(value).item()  # one bytes object: the length-prefixed items
     return value.tobytes()
 
 
@@ -677,7 +680,9 @@ class DevicePool:
     chunks (one per lane of the pool as configured, healthy or not), every chunk is one model
     call, and the calls run concurrently (asyncio.gather). With classifier-free guidance each
     item is a cond/uncond pair evaluated in the same call, or split over two lanes with
-    `cfg_parallel`. `batched` sends the whole round to one device in one call.
+    `cfg_parallel`. `batched` sends the whole round to one device in one call (one GPU: the
+    round's items batched), and the round still holds `window` items (default
+    DEFAULT_BATCHED_WINDOW), so DRiffusion keeps its parallelism on a single device.
 
     A chunk whose device fails is re-issued unchanged on a remaining device (`failovers` records
     each re-issue); each round starts background health checks of lost devices that are due,
@@ -686,9 +691,12 @@ class DevicePool:
     """
 
     def __init__(self, devices: Sequence[Device], *, cfg_parallel: bool = False,
-                 batched: bool = False) -> None:
+                 batched: bool = False, window: int | None = None) -> None:
         if not devices:
             raise ValueError("a DevicePool needs at least one device")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 or None, got {window}")
+        self.window = window  # the natural window (None: see `width`)
         self.devices = list(devices)
         self.cfg_parallel = cfg_parallel
         self.batched = batched
@@ -714,9 +722,15 @@ class DevicePool:
         """Model evaluations one round runs at once with every device up (the natural window).
 
         It does not shrink when a device is lost: the window, and so the result, must not
-        depend on which devices happen to be healthy.
+        depend on which devices happen to be healthy. It is the window given to the pool; else
+        DEFAULT_BATCHED_WINDOW for a batched pool (whose round is one call, but of `width`
+        items, so a single device still runs DRiffusion's rounds); else the lanes' count.
         """
-        return 1 if self.batched else sum(device.instances for device in self.devices)
+        if self.window is not None:
+            return self.window
+        if self.batched:
+            return DEFAULT_BATCHED_WINDOW
+        return sum(device.instances for device in self.devices)
 
     def denoiser(self, conditioning: Conditioning) -> Denoise:
         """The sampler's `denoise(x, t)` for one request with this conditioning."""
@@ -758,7 +772,8 @@ class DevicePool:
         lanes = self.lanes
         if not lanes:
             raise PoolError(self._nothing_left())
-        chunks = [chunk for chunk in split_evenly(tasks, self.width) if chunk]
+        parts = 1 if self.batched else self.width  # batched: the whole round in one call
+        chunks = [chunk for chunk in split_evenly(tasks, parts) if chunk]
         # rotate the first lane per round so that small rounds spread the load over devices
         start = self.rounds % len(lanes)
         results = await asyncio.gather(*(

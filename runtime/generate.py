@@ -74,7 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mode", choices=MODES, default="aggressive",
                         help="sampling mode (default %(default)s)")
     parser.add_argument("--window", type=int, default=None,
-                        help="model evaluations per parallel round (default: the device count)")
+                        help="model evaluations per parallel round (default: the device count; "
+                        "4 with --batched)")
     parser.add_argument("--steps", type=int, default=None, help="timesteps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
     parser.add_argument("--guidance", type=float, default=None,
@@ -96,7 +97,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cfg-parallel", action="store_true",
                         help="split the cond/uncond halves of each item over two devices")
     parser.add_argument("--batched", action="store_true",
-                        help="send each round to one device as a single batched call")
+                        help="send each round to one device as a single batched call of the "
+                        "window's items (one GPU: DRiffusion's rounds as batches; window 4 unless "
+                        "--window says otherwise)")
     parser.add_argument("--devices", default=DEVICE_PATTERN,
                         help="which models are devices, a glob (default %(default)s)")
     parser.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S,

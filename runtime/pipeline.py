@@ -46,8 +46,8 @@ from runtime.schedulers import (
 __all__ = ["Cancelled", "CountingDenoise", "GenerationRequest", "GenerationResult", "Pipeline", "PipelineSpec",
            "RequestError", "ResolvedRequest", "digit_names", "resolve", "to_uint8_image"]
 
-# tokenizer models: TEXT (BYTES [N]) in; input_ids (INT64 [N, max_length]) and the number of
-# tokens truncation dropped per text (INT32 [N]) out
+# tokenizer models: TEXT (BYTES [N, 1]) in; input_ids (INT64 [N, max_length]) and the number of
+# tokens truncation dropped per text (INT32 [N, 1]) out
 TOKENIZER_TEXT = "TEXT"
 TOKENIZER_DROPPED = "DROPPED"
 log = logging.getLogger("driffusion")
@@ -306,7 +306,10 @@ class Pipeline:
 
     async def _encode_labels(self, request: ResolvedRequest, cfg: bool) -> Conditioning:
         labels = [request.label, request.negative_label] if cfg else [request.label]
-        result = await self._infer("text_encoder", {tensors.LABEL: np.array(labels, np.int64)},
+        # one row per label: encoders take [rows, 1] on the wire (a batching model's per-row
+        # scalar), which Triton reshapes to the network's [rows]
+        result = await self._infer("text_encoder",
+                                   {tensors.LABEL: np.array(labels, np.int64).reshape(-1, 1)},
                                    [tensors.TEXT_EMBEDDINGS])
         embeddings = result[tensors.TEXT_EMBEDDINGS].astype(np.float32)
         cond = {tensors.ENCODER_HIDDEN_STATES: embeddings[:1]}
@@ -316,7 +319,7 @@ class Pipeline:
     async def _encode_texts(self, encoder: TextEncoder, texts: list[str]) -> dict[str, np.ndarray]:
         """Every output of one text encoder for `texts` ([N, ...] each)."""
         tokens = await self._infer(encoder.tokenizer,
-                                   {TOKENIZER_TEXT: np.array([t.encode() for t in texts],
+                                   {TOKENIZER_TEXT: np.array([[t.encode()] for t in texts],
                                                              dtype=np.object_)},
                                    [tensors.INPUT_IDS, TOKENIZER_DROPPED])
         for text, dropped in zip(texts, tokens[TOKENIZER_DROPPED].reshape(-1)):

@@ -15,7 +15,8 @@ SIM = SimDiffusion.from_scheduler_config(SPEC.scheduler_config)
 
 
 def sim_pipeline(devices: int = 2) -> Pipeline:
-    encoder = LocalModel("text_encoder", lambda label: {"text_embeddings": SIM.encode(label)})
+    encoder = LocalModel("text_encoder",
+                         lambda label: {"text_embeddings": SIM.encode(label.reshape(-1))})
     pool = DevicePool([LocalDevice.from_function(f"sim{i}", SIM.denoise) for i in range(devices)])
     return Pipeline(SPEC, pool, {"text_encoder": encoder})
 

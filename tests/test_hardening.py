@@ -70,3 +70,71 @@ def test_nothing_in_any_server_process_listing_opens_the_admin_apis(server):
         assert client.is_server_ready()
     finally:
         client.close()
+
+
+@pytest.fixture(scope="module")
+def text_server(triton_server, tmp_path_factory):
+    from triton_models.serve import prepare_model
+
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DRIFFUSION_HOME", str(home))
+        options = prepare_model(RepositoryOptions(model="tiny-sd", backend="onnxruntime",
+                                                  max_batch=8))
+    repository = write_repository(home / "repo", options)
+    return triton_server(repository.path)
+
+
+def group_rss_mb(server) -> float:
+    total = 0
+    for pid in group_members(server.process.pid):
+        try:
+            status = (Path("/proc") / str(pid) / "status").read_text()
+        except OSError:
+            continue
+        total += int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
+    return total / 1024
+
+
+def oversized(model: str) -> list:
+    """One request about 100x over what `model` accepts (rows, or bytes for strings)."""
+    import numpy as np
+
+    def tensor(name, array, datatype):
+        item = grpc_client.InferInput(name, list(array.shape), datatype)
+        item.set_data_from_numpy(array)
+        return item
+
+    if model == "driffusion":  # PROMPT of 100x the byte limit
+        return [tensor("PROMPT", np.array([b"x" * 204_800], dtype=object), "BYTES")]
+    if model == "tokenizer":  # 200 texts, the limit is 2
+        return [tensor("TEXT", np.array([[b"a cat"]] * 200, dtype=object), "BYTES")]
+    if model == "text_encoder":  # 200 rows of ids, the limit is 2
+        return [tensor("input_ids", np.zeros((200, 77), np.int64), "INT64")]
+    if model == "vae_decoder":  # 100 latents, the limit is 1
+        return [tensor("latent", np.zeros((100, 4, 8, 8), np.float32), "FP32")]
+    rows = 800  # unet_cpu0: 100x its max batch of 8
+    return [tensor("sample", np.zeros((rows, 4, 8, 8), np.float32), "FP32"),
+            tensor("timestep", np.zeros((rows, 1), np.float32), "FP32"),
+            tensor("encoder_hidden_states", np.zeros((rows, 77, 32), np.float32), "FP32")]
+
+
+@pytest.mark.parametrize("model", ["driffusion", "tokenizer", "text_encoder", "vae_decoder",
+                                   "unet_cpu0"])
+def test_a_request_far_over_a_models_limit_is_refused_fast_without_keeping_memory(
+        text_server, model):
+    import time
+
+    client = grpc_client.InferenceServerClient(text_server.grpc_url)
+    try:
+        before = group_rss_mb(text_server)
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer(model, oversized(model))
+        seconds = time.monotonic() - started
+        assert client.is_server_ready()
+    finally:
+        client.close()
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT", caught.value.message()
+    assert seconds < 1.0
+    assert group_rss_mb(text_server) - before < 100

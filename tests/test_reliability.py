@@ -304,8 +304,9 @@ def test_a_frozen_server_is_replaced_after_its_deadline_and_no_device_left_fails
 
 @pytest.fixture(scope="module")
 def ort_server(cluster, engines, tmp_path_factory):  # noqa: F811 - the imported fixture
+    # one driffusion instance: device health is kept per instance, and the test follows it
     repository = write_repository(tmp_path_factory.mktemp("ort") / "repo", RepositoryOptions(
-        model=str(engines), devices=2, deadline_s=5.0))
+        model=str(engines), devices=2, deadline_s=5.0, pipeline_instances=1))
     return cluster.start(repository.path)
 
 

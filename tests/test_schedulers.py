@@ -6,7 +6,8 @@ import asyncio
 import pytest
 import torch
 
-from models.reference import SCHEDULER_CONFIG, reference_spec
+from models.reference import SCHEDULER_CONFIG
+from models.sim import sim_spec
 from runtime.driffusion import MODES, sample
 from runtime.pipeline import GenerationRequest, RequestError, resolve
 from runtime.schedulers import compatible, make_scheduler, max_steps, scheduler_names
@@ -49,7 +50,7 @@ def test_every_accepted_boundary_runs_in_every_mode(config, name):
 
 
 def test_the_step_limit_is_per_scheduler_and_the_error_says_so():
-    spec = reference_spec()
+    spec = sim_spec()
     dpm_limit = max_steps("dpmpp2m", spec.scheduler_config, spec.max_steps)
     assert dpm_limit < max_steps("ddim", spec.scheduler_config, spec.max_steps) == 1000
     with pytest.raises(RequestError, match=f"dpmpp2m runs at most {dpm_limit} steps"):

@@ -14,7 +14,8 @@ from tiny_models import Conditioned
 from tritonclient.utils import np_to_triton_dtype
 
 from engines.manifest import network_entry, new_manifest, write_manifest
-from models.reference import SCHEDULER_CONFIG, reference_spec
+from models.reference import SCHEDULER_CONFIG
+from models.sim import sim_spec
 from runtime.devices import DevicePool, LocalDevice, TritonEndpoints
 from runtime.driffusion import sample
 from runtime.generate import connect_pipeline
@@ -67,7 +68,7 @@ def engines(tmp_path_factory):
             file=f"{name}.onnx", onnx_sha256="0" * 64, precision="fp32", profile={},
             build_seconds=0.0, optimization_level=1, **io)
     write_manifest(cpu, manifest)
-    (cpu / "pipeline.json").write_text(reference_spec().with_defaults(model="tiny").to_json())
+    (cpu / "pipeline.json").write_text(sim_spec().with_defaults(model="tiny").to_json())
     return root
 
 

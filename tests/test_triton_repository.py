@@ -15,13 +15,13 @@ from tritonclient.grpc import model_config_pb2
 from cli import main as cli_main
 from engines.gpu import GpuInfo
 from engines.manifest import network_entry, new_manifest, write_manifest
+from models.sim import sim_spec
 from runtime.devices import ort_session
 from runtime.pipeline import PipelineSpec, RequestError
 from triton_models.pipeline_io import request_from_tensors
 from triton_models.repository import (
     MARKER,
     RepositoryOptions,
-    reference_spec,
     write_repository,
 )
 from triton_models.serve import CONTAINER_COMMAND, docker_commands
@@ -74,7 +74,7 @@ def write_engines(root: Path, backend: str, profile: dict | None = None,
         file=unet_file, onnx_sha256="0" * 64, precision="fp32", inputs=UNET_INPUTS,
         outputs=UNET_OUTPUTS, profile=profile or {}, build_seconds=0.0, optimization_level=3)
     write_manifest(engine_dir, manifest)
-    (engine_dir / "pipeline.json").write_text(reference_spec().with_defaults(model="tiny").to_json())
+    (engine_dir / "pipeline.json").write_text(sim_spec().with_defaults(model="tiny").to_json())
     return root
 
 

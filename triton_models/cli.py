@@ -13,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "triton-repo",
         help="write the Triton model repository (unet_* devices, text_encoder, driffusion)",
         description="Write a Triton model repository from a model's engines and manifests: "
-        "unet_cpu<i> (ONNX Runtime, python backend) or unet_gpu<i> (TensorRT plan on GPU i), "
+        "unet_cpu<i> (ONNX Runtime, python backend) or unet_gpu<i> (TensorRT plan, or a torch "
+        "engine with --backend torch, on GPU i), "
         "text_encoder, vae_decoder, the driffusion pipeline model; or the closed-form unet_sim "
         "with --model sim.",
     )

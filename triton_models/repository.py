@@ -2,7 +2,10 @@
 
 Models written (docs/ARCHITECTURE.md names them):
 - `unet_cpu<i>`: python backend running the UNet ONNX with ONNX Runtime (one per device), or
-  `unet_gpu<i>`: `platform: "tensorrt_plan"` on `gpus: [i]`, CUDA graphs where the profile allows;
+  `unet_gpu<i>`: `platform: "tensorrt_plan"` on `gpus: [i]`, CUDA graphs where the profile allows,
+  or with `--backend torch` the python-backend `torch_model` (FP16 + CUDA graphs on GPU i, FP32
+  on a machine without a GPU); a one-GPU server writes one batched device model or several on
+  GPU 0 (`gpu_layout`);
 - `text_encoder` and `vae_decoder` where the model has them;
 - `unet_sim` (with `--model sim`): the closed-form model, one instance per simulated device;
 - `driffusion`: the python-backend pipeline model (label/prompt -> image) over the devices.
@@ -17,22 +20,32 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from engines.torch_build import TORCH_SUFFIX
 from models import paths, tensors
 from models.limits import SERVING_LIMITS, check_limit
 from models.pipeline_spec import SPEC_FILE, PipelineSpec
-from models.reference import reference_spec
 from models.sim import sim_spec
 from runtime.pipeline import TOKENIZER_DROPPED, TOKENIZER_TEXT
+from triton_models.device_endpoints import (
+    ENDPOINTS_PARAMETER,
+    SIGNATURE_PARAMETER,
+    config_of_file,
+    parse_endpoints,
+    signature,
+)
 from triton_models.pipeline_io import DRIFFUSION_INPUTS, DRIFFUSION_OUTPUTS
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MARKER = ".driffusion-repository"
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+# one-GPU layouts: one device model whose every DRiffusion round is one batched call of
+# `devices` items, or `devices` device models all on GPU 0
+GPU_LAYOUTS = ("batched", "instances")
 MAX_DEVICES = 64
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
@@ -55,7 +68,13 @@ class RepositoryOptions:
     deadline_s: float = 60.0  # per device call made by the driffusion model
     cfg_parallel: bool = False
     pipeline_model: bool = True  # False: devices and encoders only (e.g. extra per-GPU servers)
+    # device servers (HOST:PORT) whose unet_* models join the driffusion model's pool; with
+    # them, devices may be 0 (a front server with no device of its own)
+    device_endpoints: tuple[str, ...] = ()
     pipeline_instances: int = 2  # driffusion instances = requests it serves at once
+    # None: one device model per device (unet_gpu<i> on GPU i); "batched" / "instances": the
+    # one-GPU layouts of GPU_LAYOUTS (`serve --single-gpu`)
+    gpu_layout: str | None = None
     # serving limits, enforced server-side (the driffusion model, Triton's shape checks)
     max_steps: int = SERVING_LIMITS["max_steps"].default
     max_window: int = SERVING_LIMITS["max_window"].default
@@ -68,10 +87,18 @@ class RepositoryOptions:
     queue_timeout_s: int = SERVING_LIMITS["queue_timeout_s"].default
 
     def validate(self) -> None:
-        if not 1 <= self.devices <= MAX_DEVICES:
-            raise ValueError(f"devices must be in 1..{MAX_DEVICES}; got {self.devices}")
+        least = 0 if parse_endpoints(self.device_endpoints) else 1
+        if not least <= self.devices <= MAX_DEVICES:
+            raise ValueError(f"devices must be in 1..{MAX_DEVICES} (0 only with device "
+                             f"endpoints, on a front server); got {self.devices}")
+        if parse_endpoints(self.device_endpoints) and not self.pipeline_model:
+            raise ValueError("device endpoints feed the driffusion model: they cannot go with "
+                             "--no-pipeline-model")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.gpu_layout not in (None, *GPU_LAYOUTS):
+            raise ValueError(f"gpu layout must be one of {', '.join(GPU_LAYOUTS)}; got "
+                             f"{self.gpu_layout!r}")
         if self.cpu_threads < 1:
             raise ValueError(f"cpu threads must be >= 1; got {self.cpu_threads}")
         if self.sim_latency_ms < 0 or self.sim_latency_per_item_ms < 0:
@@ -98,10 +125,18 @@ class DeviceModel:
 
 @dataclass(frozen=True)
 class Batching:
-    """Dynamic batching of a device model: Triton's max_batch_size and queue delay."""
+    """Batching of a model: Triton's max_batch_size (requests with more rows are refused before
+    the model sees them) and, for device models, dynamic batching with a queue delay."""
 
     max_batch_size: int
     delay_us: int = 0
+    dynamic: bool = True
+
+
+# rows a request of the encoders and tokenizers may hold: a prompt and its negative
+ENCODER_ROWS = 2
+# rows of a VAE decoder request: one image
+DECODER_ROWS = 1
 
 
 def _batching(options: RepositoryOptions, max_batch: int) -> Batching | None:
@@ -116,6 +151,7 @@ class Repository:
     models: list[str] = field(default_factory=list)
     devices: list[DeviceModel] = field(default_factory=list)
     spec: PipelineSpec | None = None
+    device_signature: dict | None = None  # what every device takes (set with device endpoints)
 
 
 def write_repository(target: str | Path | None = None,
@@ -132,10 +168,13 @@ def write_repository(target: str | Path | None = None,
         spec = _engines_spec(directory, manifest)
     spec = with_limits(spec, options)
     repository = Repository(_prepare_target(Path(target)), spec=spec)
+    local = replace(options, devices=max(options.devices, 1))  # 0: one, to learn the signature
     if engines_dir is None:
-        _write_sim(repository, options)
+        _write_sim(repository, local)
     else:
-        _write_engines(repository, options, directory, manifest)
+        _write_engines(repository, local, directory, manifest)
+    if parse_endpoints(options.device_endpoints):
+        _keep_device_signature(repository, options)
     if options.pipeline_model:
         _write_driffusion(repository, options)
     return repository
@@ -239,6 +278,7 @@ def _write_sim(repository: Repository, options: RepositoryOptions) -> None:
     _write_config(encoder, _python_config(
         "text_encoder", inputs=[("label", "TYPE_INT64", [-1])],
         outputs=[("text_embeddings", "TYPE_FP32", embed)], parameters={"num_classes": NUM_CLASSES},
+        batching=Batching(ENCODER_ROWS, dynamic=False),
     ))
     repository.devices.append(DeviceModel(
         "unet_sim", options.devices, options.max_batch, batching is not None,
@@ -285,16 +325,18 @@ def _write_engines(repository: Repository, options: RepositoryOptions, directory
     engine_batch = _max_batch(unet)
     max_batch = min(options.max_batch, engine_batch or options.max_batch)
     batching = _batching(options, max_batch) if _batch_is_dynamic(unet) else None
-    for index in range(options.devices):
+    for index, gpu in enumerate(device_gpus(options)):
         kind = "cpu" if options.backend == "onnxruntime" else "gpu"
         name = f"unet_{kind}{index}"
-        _write_network(repository, name, directory, unet, options, gpu=index, batching=batching,
+        _write_network(repository, name, directory, unet, options, gpu=gpu, batching=batching,
                        max_batch=max_batch, fail_calls=options.fail_calls if index == 0 else ())
         dtypes = {tensor["name"]: tensor["dtype"] for tensor in unet["inputs"]}
         repository.devices.append(DeviceModel(name, 1, max_batch, batching is not None, dtypes))
     for network in networks:
         if network.startswith("text_encoder") or network == "vae_decoder":
-            _write_network(repository, network, directory, networks[network], options, gpu=0)
+            rows = DECODER_ROWS if network == "vae_decoder" else ENCODER_ROWS
+            _write_network(repository, network, directory, networks[network], options, gpu=0,
+                           batching=Batching(rows, dynamic=False), max_batch=rows)
     for encoder in repository.spec.text_encoders:
         _write_tokenizer(repository, directory, encoder.tokenizer, options)
 
@@ -309,10 +351,11 @@ def _write_tokenizer(repository: Repository, directory: Path, name: str,
     model_dir = _model_dir(repository, name, "tokenizer")
     shutil.copytree(source, model_dir / "1" / "tokenizer")
     _write_config(model_dir, _python_config(
-        name, inputs=[(TOKENIZER_TEXT, "TYPE_STRING", [-1])],
+        name, inputs=[(TOKENIZER_TEXT, "TYPE_STRING", [-1, 1])],
         outputs=[(tensors.INPUT_IDS, "TYPE_INT64", [-1, -1]),
-                 (TOKENIZER_DROPPED, "TYPE_INT32", [-1])],
+                 (TOKENIZER_DROPPED, "TYPE_INT32", [-1, 1])],
         parameters={"max_prompt_bytes": options.max_prompt_bytes},
+        batching=Batching(ENCODER_ROWS, dynamic=False),
     ))
 
 
@@ -339,12 +382,10 @@ def _with_latent_shape(network: dict, latent_shape: tuple[int, ...]) -> dict:
 
 
 def _engines_spec(directory: Path, manifest: dict) -> PipelineSpec:
-    """The pipeline spec the build wrote beside the engines (the reference model's if absent)."""
+    """The pipeline spec the build wrote beside the engines."""
     spec_file = directory / SPEC_FILE
     if spec_file.is_file():
         return PipelineSpec.from_json(spec_file.read_text())
-    if manifest.get("model") == "reference":
-        return reference_spec()
     raise FileNotFoundError(f"{spec_file} is missing: build the engines again with "
                             "`driffusion build-engines --model SOURCE` (it derives the pipeline "
                             "spec from the model)")
@@ -357,7 +398,10 @@ def _write_network(repository: Repository, name: str, directory: Path, network: 
     inputs = [_io(tensor) for tensor in network["inputs"]]
     outputs = [_io(tensor) for tensor in network["outputs"]]
     max_batch = max_batch or _max_batch(network)
-    if options.backend == "onnxruntime":
+    if source.suffix == TORCH_SUFFIX:
+        _write_torch_network(repository, name, source, network, options, gpu, batching,
+                             max_batch, fail_calls)
+    elif options.backend in ("onnxruntime", "torch"):  # torch sets keep ORT encoders/decoder
         model_dir = _model_dir(repository, name, "ort_model")
         onnx_name = _link_onnx(source, model_dir / "1")
         parameters = {"onnx_file": onnx_name, "intra_op_threads": options.cpu_threads}
@@ -375,6 +419,43 @@ def _write_network(repository: Repository, name: str, directory: Path, network: 
         _write_config(model_dir, _tensorrt_config(name, inputs, outputs, gpu, graphs, max_batch,
                                                   batching))
         repository.models.append(name)
+
+
+def _write_torch_network(repository: Repository, name: str, source: Path, network: dict,
+                         options: RepositoryOptions, gpu: int, batching: Batching | None,
+                         max_batch: int | None, fail_calls: tuple[int, ...]) -> None:
+    """A python-backend `torch_model` on GPU `gpu` (FP32 on the CPU where there is no GPU)."""
+    from triton_models.torch_device import graphs_allowed
+
+    model_dir = _model_dir(repository, name, "torch_model")
+    _link_or_copy(source, model_dir / "1" / source.name)
+    parameters = {"torch_file": source.name, "gpu": gpu, "precision": network["precision"],
+                  "cuda_graphs": "true" if graphs_allowed(network) else "false",
+                  "intra_op_threads": options.cpu_threads}
+    if fail_calls:
+        parameters["fail_calls"] = ",".join(map(str, fail_calls))
+    if max_batch and not batching:
+        parameters["max_batch"] = max_batch
+    _write_config(model_dir, _python_config(name, [_io(t) for t in network["inputs"]],
+                                            [_io(t) for t in network["outputs"]],
+                                            parameters=parameters, batching=batching))
+
+
+def device_gpus(options: RepositoryOptions) -> list[int]:
+    """The GPU of each device model to write: one per device on GPU i by default; one model
+    for the batched one-GPU layout; `devices` models all on GPU 0 for the instances layout."""
+    if options.gpu_layout == "batched":
+        return [0]
+    if options.gpu_layout == "instances":
+        return [0] * options.devices
+    return list(range(options.devices))
+
+
+def _layout_parameters(options: RepositoryOptions) -> dict[str, str]:
+    """The driffusion parameters of the batched layout: each round is one call of `window`."""
+    if options.gpu_layout != "batched":
+        return {}
+    return {"batched_rounds": "true", "window": str(options.devices)}
 
 
 def engine_file(directory: Path, name: str) -> Path:
@@ -469,8 +550,34 @@ def _write_driffusion(repository: Repository, options: RepositoryOptions) -> Non
             "devices": json.dumps([asdict(device) for device in repository.devices]),
             "deadline_s": options.deadline_s,
             "cfg_parallel": "true" if options.cfg_parallel else "false",
+            **_endpoint_parameters(repository, options),
+            **_layout_parameters(options),
         },
     ))
+
+
+def _keep_device_signature(repository: Repository, options: RepositoryOptions) -> None:
+    """Record what a device of this model takes (remote devices must take the same); a front
+    server with no device of its own (devices 0) then drops the device model written for it."""
+    if not repository.devices:
+        raise ValueError(f"{repository.spec.model}: no device model to take the device "
+                         "signature from; device endpoints need a UNet engine")
+    first = repository.path / repository.devices[0].name / "config.pbtxt"
+    repository.device_signature = signature(config_of_file(first))
+    if options.devices == 0:
+        for device in repository.devices:
+            shutil.rmtree(repository.path / device.name)
+            repository.models.remove(device.name)
+        repository.devices.clear()
+
+
+def _endpoint_parameters(repository: Repository, options: RepositoryOptions) -> dict[str, str]:
+    """The driffusion parameters naming the device servers and the device signature."""
+    endpoints = parse_endpoints(options.device_endpoints)
+    if not endpoints:
+        return {}
+    return {ENDPOINTS_PARAMETER: ",".join(endpoints),
+            SIGNATURE_PARAMETER: json.dumps(repository.device_signature)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,6 +626,8 @@ def _python_config(name: str, inputs: Sequence[Tensor], outputs: Sequence[Tensor
 def _batch_lines(batching: Batching | None) -> str:
     if batching is None:
         return "max_batch_size: 0"
+    if not batching.dynamic:
+        return f"max_batch_size: {batching.max_batch_size}"
     return (f"max_batch_size: {batching.max_batch_size}\n"
             f"dynamic_batching {{ max_queue_delay_microseconds: {batching.delay_us} }}")
 

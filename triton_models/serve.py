@@ -37,8 +37,10 @@ from typing import TYPE_CHECKING
 
 from models import paths
 from models.limits import SERVING_LIMITS
+from triton_models.device_endpoints import endpoints_argument
 from triton_models.repository import (
     BACKENDS,
+    GPU_LAYOUTS,
     Repository,
     RepositoryOptions,
     validate_repository,
@@ -55,8 +57,9 @@ NGC_TAG = "24.10-py3"  # Triton 2.51, the version of the embedded server
 # In the container: install the project (read-only at /src) so the python-backend models can
 # import it, then start Triton on the repository mounted at /models.
 CONTAINER_COMMAND = (
-    "mkdir -p /tmp/src && cp -r /src/pyproject.toml /src/README.md /src/export /src/engines "
-    "/src/triton_models /src/runtime /tmp/src/ && pip install -q /tmp/src 'numpy<2' && "
+    "mkdir -p /tmp/src && cp -r /src/pyproject.toml /src/README.md /src/models /src/export "
+    "/src/engines /src/triton_models /src/runtime /src/bench /src/cli /tmp/src/ && "
+    "pip install -q /tmp/src 'numpy<2' && "
     "tritonserver --model-repository=/models"
 )
 STARTUP_TIMEOUT_S = 180.0
@@ -430,10 +433,12 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         "engines are reused (default %(default)s)")
     parser.add_argument("--devices", type=int, default=2,
                         help="device models to serve: unet_cpu<i>/unet_gpu<i>, or sim instances "
-                        "(default %(default)s)")
+                        "(default %(default)s; 0 with --device-endpoints: a front server)")
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                         help="engines to serve: auto (TensorRT plans where TensorRT and a GPU "
-                        "exist, else ONNX Runtime), onnxruntime or tensorrt (default %(default)s)")
+                        "exist, torch where a GPU exists without TensorRT, else ONNX Runtime), "
+                        "onnxruntime, tensorrt or torch (PyTorch FP16 + CUDA graphs on GPU i, "
+                        "FP32 on a machine without a GPU) (default %(default)s)")
     parser.add_argument("--gpu-key", default=None,
                         help="engines/<model>/<GPU KEY> to use when several TensorRT sets exist")
     parser.add_argument("--cpu-threads", type=int, default=1,
@@ -451,6 +456,21 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         default=RepositoryOptions.pipeline_instances,
                         help="driffusion model instances: how many requests it serves at once "
                         "(default %(default)s)")
+    parser.add_argument("--device-endpoints", type=endpoints_argument, default=(),
+                        metavar="HOST:PORT[,HOST:PORT...]",
+                        help="device servers (`serve --no-pipeline-model`) whose ready unet_* "
+                        "models join the driffusion model's devices, over gRPC with "
+                        "--deadline-s per call; found when the model loads, so start them "
+                        "first. With them --devices may be 0: a front server without devices")
+    parser.add_argument("--single-gpu", choices=("auto", *GPU_LAYOUTS), default="auto",
+                        help="how a server with one GPU runs DRiffusion's parallel rounds: "
+                        "batched = one device model, each round one batched call of --devices "
+                        "items (the window); instances = --devices device models all on GPU 0, "
+                        "a round's items as concurrent calls. auto: batched with TensorRT or "
+                        "torch engines and exactly one visible GPU, else one device model per "
+                        "GPU. Which is faster depends on the GPU and the model and is to be "
+                        "decided by measurement on the GPU (scripts/gpu_check.py); until then "
+                        "batched is the one-GPU default (default %(default)s)")
     parser.add_argument("--repository", type=Path, default=paths.repository_dir(),
                         help="where to write the model repository (default %(default)s, "
                         f"under ${paths.HOME_VARIABLE} if set)")
@@ -488,8 +508,27 @@ def options_from_args(args: argparse.Namespace) -> RepositoryOptions:
         max_prompt_bytes=args.max_prompt_bytes, max_resolution=args.max_resolution,
         deadline_s=args.deadline_s, dynamic_batching=args.dynamic_batching,
         batch_delay_us=args.batch_delay_us, max_queue_size=args.max_queue_size,
-        queue_timeout_s=args.queue_timeout_s,
+        queue_timeout_s=args.queue_timeout_s, device_endpoints=args.device_endpoints,
+        gpu_layout=getattr(args, "single_gpu", None),  # "auto": resolved by prepare_model
     )
+
+
+def resolve_gpu_layout(options: RepositoryOptions, gpu_count: int | None = None
+                       ) -> RepositoryOptions:
+    """`--single-gpu auto`: the batched layout where GPU engines (TensorRT, torch) are served
+    with several devices on exactly one visible GPU; else one device model per device (None).
+    The batched default awaits a measurement on a GPU (scripts/gpu_check.py)."""
+    if options.gpu_layout != "auto":
+        return options
+    layout = None
+    if options.backend in ("tensorrt", "torch") and options.devices > 1:
+        if gpu_count is None:
+            from engines.gpu import list_gpus
+            from engines.torch_build import torch_gpus
+
+            gpu_count = len(list_gpus()[0] or torch_gpus())
+        layout = "batched" if gpu_count == 1 else None
+    return replace(options, gpu_layout=layout)
 
 
 def prepare_model(options: RepositoryOptions, log=print) -> RepositoryOptions:
@@ -501,8 +540,8 @@ def prepare_model(options: RepositoryOptions, log=print) -> RepositoryOptions:
     source = options.model
     folder = Path(source)
     if source == "sim" or (source not in PRESETS and any(folder.glob("*/manifest.json"))):
-        return replace(options, backend="onnxruntime" if options.backend == "auto"
-                       else options.backend)
+        return resolve_gpu_layout(replace(options, backend="onnxruntime"
+                                          if options.backend == "auto" else options.backend))
     if source not in PRESETS and not any((folder / name).is_file()
                                          for name in ("model_index.json", "config.json")):
         raise FileNotFoundError(
@@ -513,7 +552,8 @@ def prepare_model(options: RepositoryOptions, log=print) -> RepositoryOptions:
     log(f"[1/3] engines for {source}: exporting and building what is missing")
     outcome = build_engines(BuildRequest(source=source, name=name, backend=options.backend),
                             lambda line: log(f"      {line}"))
-    return replace(options, model=str(outcome.directories[0].parent), backend=outcome.backend)
+    return resolve_gpu_layout(replace(options, model=str(outcome.directories[0].parent),
+                                      backend=outcome.backend))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -551,7 +591,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def print_docker(repository: Path, args: argparse.Namespace) -> None:
     """The NGC container command(s) for this repository, and how to reach the servers."""
-    if args.backend != "tensorrt":
+    if args.backend not in ("tensorrt", "torch"):
         print("note: GPU servers are meant to serve TensorRT plans: add --backend tensorrt",
               file=sys.stderr)
     commands = docker_commands(repository, gpus=args.devices, per_gpu=args.per_gpu,

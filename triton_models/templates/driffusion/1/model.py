@@ -10,7 +10,11 @@ runs one `execute` at a time per instance: concurrent requests need more instanc
 (--pipeline-instances).
 Parameters (config.pbtxt): `pipeline` (PipelineSpec JSON with the serving limits), `devices`
 (JSON list of {name, instances, max_batch, batching, dtypes}), `deadline_s` (per model call),
-`cfg_parallel`. Outputs: IMAGE (uint8 [H, W, 3]), ROUNDS and EVALUATIONS (what DRiffusion did).
+`cfg_parallel`, `batched_rounds` and `window` (the one-GPU batched layout: each round is one call
+of `window` items to the first device). Outputs: IMAGE (uint8 [H, W, 3]), ROUNDS and EVALUATIONS (what DRiffusion did).
+Scale out: `device_endpoints` (HOST:PORT,...) and `device_signature` add the ready unet_*
+models of device servers on other hosts, over gRPC, found and checked at initialize
+(triton_models/device_endpoints.py).
 """
 import asyncio
 import json
@@ -24,6 +28,7 @@ from runtime.devices import DenoiserIO, Device, DeviceError, DevicePool, PoolErr
 from runtime.pipeline import Cancelled, Pipeline, PipelineSpec, RequestError
 from runtime.schedulers import make_scheduler
 from triton_models.backend import model_parameters
+from triton_models.device_endpoints import describe, devices_from_parameters
 from triton_models.pipeline_io import DRIFFUSION_INPUTS, request_from_tensors
 
 
@@ -95,7 +100,16 @@ class TritonPythonModel:
                    io=DenoiserIO(device["dtypes"], device["batching"]))
             for device in json.loads(parameters["devices"])
         ]
+        # device servers on other hosts (`device_endpoints`): found now, checked against the
+        # device signature; an endpoint that is down or serves another model fails the load
+        remote = devices_from_parameters(parameters, self.deadline_s)
+        if remote:
+            pb_utils.Logger.log_info(f"driffusion: local devices {describe(self.devices)}; "
+                                     f"remote devices {describe(remote)}")
+        self.devices += remote
         self.cfg_parallel = parameters.get("cfg_parallel", "false") == "true"
+        self.batched_rounds = parameters.get("batched_rounds", "false") == "true"
+        self.window = int(parameters["window"]) if "window" in parameters else None
         self.models = {name: BlsModel(name) for name in Pipeline.needed_models(self.spec)}
         self.log = pb_utils.Logger
         self.metrics = Metrics()
@@ -110,7 +124,8 @@ class TritonPythonModel:
         for name in DRIFFUSION_INPUTS:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             tensors[name] = None if tensor is None else tensor.as_numpy()
-        pool = DevicePool(self.devices, cfg_parallel=self.cfg_parallel)
+        pool = DevicePool(self.devices, cfg_parallel=self.cfg_parallel,
+                          batched=self.batched_rounds, window=self.window)
         pipeline = Pipeline(self.spec, pool, self.models, self.deadline_s)
         rejoins_before = [device.rejoins for device in self.devices]
         mode = "unknown"

@@ -1,8 +1,8 @@
 """Triton python-backend model `tokenizer`: prompts in, CLIP token ids out, as diffusers tokenizes.
 
-TEXT (BYTES [N], UTF-8) -> input_ids (INT64 [N, max_length]: padded to the tokenizer's
-model_max_length, truncated there) and DROPPED (INT32 [N]: tokens truncation dropped, so the
-caller can warn). The tokenizer files (vocab.json, merges.txt, ...) sit in the version
+TEXT (BYTES [N, 1], UTF-8; N at most 2: a prompt and its negative) -> input_ids (INT64
+[N, max_length]: padded to the tokenizer's model_max_length, truncated there) and DROPPED
+(INT32 [N, 1]: tokens truncation dropped, so the caller can warn). The tokenizer files (vocab.json, merges.txt, ...) sit in the version
 directory's `tokenizer/`, copied from the engines by the repository generator.
 """
 import numpy as np
@@ -27,7 +27,7 @@ class TritonPythonModel:
     def _run(self, request):
         tensor = pb_utils.get_input_tensor_by_name(request, "TEXT")
         if tensor is None:
-            return _error("missing input TEXT (BYTES [N])")
+            return _error("missing input TEXT (BYTES [N, 1])")
         texts = []
         for raw in tensor.as_numpy().reshape(-1):
             raw = raw if isinstance(raw, bytes) else str(raw).encode()
@@ -43,7 +43,7 @@ class TritonPythonModel:
         dropped = [max(0, len(tokens) - self.max_length) for tokens in full]
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("input_ids", np.array(ids, dtype=np.int64)),
-            pb_utils.Tensor("DROPPED", np.array(dropped, dtype=np.int32)),
+            pb_utils.Tensor("DROPPED", np.array(dropped, dtype=np.int32).reshape(-1, 1)),
         ])
 
 

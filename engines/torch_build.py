@@ -1,0 +1,312 @@
+"""Torch engines: the diffusers denoiser served by PyTorch on a GPU, with no TensorRT.
+
+`driffusion build-engines --backend torch` writes `engines/<model>/torch-<GPU key|cpu>/`:
+- `<denoiser>.safetensors`: the denoiser's fp32 weights; the file's metadata says how to rebuild
+  the module (library, class, config JSON) and which inputs run in half precision at fp16 (the
+  export spec's dtypes at fp16: `timestep` and SDXL's `time_ids` stay fp32);
+- the text encoders and the VAE decoder as ONNX Runtime CPU engines (`.onnx`), as
+  `--backend onnxruntime` builds them;
+- `manifest.json` in the engines' format (engines/manifest.py), one `network_entry` per network:
+  inputs, outputs and profile are the export spec's (export/specs.py, as export.json records
+  them, shared names from models/tensors.py); the denoiser's entry is keyed by the sha256 of the
+  ONNX exported from the same weights, its `precision` (fp16 on a GPU, fp32 on the CPU) and its
+  `optimization_level` (`cuda-graphs` on a GPU, `eager` on the CPU);
+- `pipeline.json` and the tokenizers (engines/build.py copies them, as for every backend).
+The denoiser is still exported to ONNX: that export derives the pipeline spec, and the saved
+network is checked against it (same names, same outputs) before the manifest records it.
+
+The device model (`triton_models/templates/torch_model`) rebuilds the network with
+`load_network`: FP16 with CUDA graphs on `cuda:<i>`, FP32 eager on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from engines.gpu import GpuInfo
+from models import tensors
+
+if TYPE_CHECKING:
+    import torch
+
+    from engines.build import BuildOutcome, BuildRequest, ExportedOnnx
+
+TORCH_BACKEND = "torch"
+TORCH_SUFFIX = ".safetensors"
+FORMAT = "driffusion-torch-network/1"
+GPU_LEVEL, CPU_LEVEL = "cuda-graphs", "eager"  # the manifest's optimization_level of a denoiser
+
+
+class TorchEngineError(ValueError):
+    """A torch engine file that cannot be loaded, or a saved network that computes differently."""
+
+
+@dataclass(frozen=True)
+class TorchBuild:
+    path: Path
+    seconds: float
+    max_abs_difference: float  # against the ONNX export of the same network
+
+
+@dataclass
+class LoadedNetwork:
+    """A torch engine rebuilt on a device: `module(**inputs)` takes the inputs by their shared
+    names and returns the outputs in the spec's order (a tensor or a tuple)."""
+
+    module: Any  # torch.nn.Module: the export spec's wrapper around the diffusers model
+    class_name: str
+    half_inputs: frozenset[str]  # inputs that run in the compute dtype when it is fp16
+    device: str
+    dtype: str  # compute dtype: float16 or float32
+
+
+def torch_device_key(gpu: GpuInfo | None) -> str:
+    """`torch-h100-sm90-1a2b3c4d` for a GPU, `torch-cpu` without one."""
+    return f"torch-{gpu.key if gpu else 'cpu'}"
+
+
+def torch_backend_version() -> str:
+    """What a torch engine set depends on: torch (the denoiser) and ONNX Runtime (the rest)."""
+    import onnxruntime
+    import torch
+
+    return f"torch {torch.__version__} + onnxruntime {onnxruntime.__version__}"
+
+
+def torch_gpus() -> list[GpuInfo]:
+    """The GPUs torch sees (used when cuda-python is missing but torch has CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        properties = torch.cuda.get_device_properties(index)
+        uuid = str(getattr(properties, "uuid", "") or f"torch-{index}")
+        gpus.append(GpuInfo(index, properties.name, properties.major, properties.minor,
+                            uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"))
+    return gpus
+
+
+def torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def is_denoiser(inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> bool:
+    """A denoiser by its names (sample, timestep in; out_sample out), never by position."""
+    names = {tensor["name"] for tensor in inputs}
+    return ({tensors.SAMPLE, tensors.TIMESTEP} <= names
+            and any(tensor["name"] == tensors.OUT_SAMPLE for tensor in outputs))
+
+
+# ---------------------------------------------------------------------------------------------
+# The file format
+
+
+def save_network(module: torch.nn.Module, path: Path, half_inputs: set[str] | frozenset[str]) -> None:
+    """Write a diffusers model's weights and what rebuilds it into one safetensors file."""
+    from safetensors.torch import save_model
+
+    library = type(module).__module__.split(".")[0]
+    if library != "diffusers" or not hasattr(module, "config"):
+        raise TorchEngineError(f"{type(module).__name__} is not a diffusers model; the torch "
+                               "backend serves diffusers denoisers")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    metadata = {
+        "format": FORMAT,
+        "library": library,
+        "class_name": type(module).__name__,
+        "config": json.dumps(dict(module.config), default=list),
+        "half_inputs": json.dumps(sorted(half_inputs)),
+    }
+    save_model(module, str(path), metadata=metadata)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a torch engine file; TorchEngineError if it is not one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:  # safetensors raises its own untyped errors
+        raise TorchEngineError(f"{path} is not a readable safetensors file ({error}); rebuild "
+                               "it with `driffusion build-engines --backend torch --force`") from error
+    if metadata.get("format") != FORMAT:
+        raise TorchEngineError(f"{path} is not a torch engine ({FORMAT}); rebuild it with "
+                               "`driffusion build-engines --backend torch --force`")
+    return metadata
+
+
+def load_network(path: Path, device: str = "cpu", dtype: str = "float32") -> LoadedNetwork:
+    """Rebuild the network of a torch engine file on `device` in `dtype`, wrapped by its export
+    spec's forward (inputs by the shared tensor names)."""
+    import diffusers
+    import torch
+    from safetensors.torch import load_model
+
+    from export.specs import spec_class_named
+
+    metadata = read_metadata(path)
+    model_class = getattr(diffusers, metadata["class_name"], None)
+    if model_class is None:
+        raise TorchEngineError(f"{path}: diffusers {diffusers.__version__} has no class "
+                               f"{metadata['class_name']}")
+    with torch.device(device):
+        module = model_class.from_config(json.loads(metadata["config"]))
+    load_model(module, str(path), strict=True, device=device)
+    if dtype != "float32":  # built on `device` in fp32 (diffusers warns about a no-op cast)
+        module = module.to(dtype=getattr(torch, dtype))
+    module = module.eval()
+    spec_class = spec_class_named(metadata["class_name"], path.stem)
+    wrapped = spec_class.from_model(module).wrap(module).eval()
+    return LoadedNetwork(wrapped, metadata["class_name"],
+                         frozenset(json.loads(metadata.get("half_inputs", "[]"))), device, dtype)
+
+
+def run_network(network: LoadedNetwork, feeds: Mapping[str, np.ndarray],
+                output_names: list[str]) -> dict[str, np.ndarray]:
+    """Eager forward on numpy inputs (the build's check; the device model runs its own)."""
+    import torch
+
+    inputs = {}
+    for name, value in feeds.items():
+        tensor = torch.from_numpy(np.ascontiguousarray(value)).to(network.device)
+        if name in network.half_inputs and tensor.is_floating_point():
+            tensor = tensor.to(getattr(torch, network.dtype))
+        inputs[name] = tensor
+    with torch.no_grad():
+        outputs = network.module(**inputs)
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return {name: value.float().cpu().numpy() for name, value in zip(output_names, outputs)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The build
+
+
+def build_torch_engines(request: BuildRequest, exported: list[ExportedOnnx], gpus: list[GpuInfo],
+                        log: Callable[[str], None]) -> BuildOutcome:
+    """The denoiser as a torch engine, every other network as an ONNX Runtime engine, in one
+    `torch-<GPU key|cpu>` directory (the first GPU's key: the weights run on any GPU)."""
+    from engines.build import BuildOutcome
+    from engines.manifest import (
+        manifest_mismatch,
+        network_entry,
+        new_manifest,
+        read_manifest,
+        rebuild_reason,
+        write_manifest,
+    )
+    from engines.ort_build import ORT_OPTIMIZATION_LEVEL, build_ort_engine
+
+    gpu = gpus[0] if gpus else None
+    directory = request.engines_root / request.name / torch_device_key(gpu)
+    version = torch_backend_version()
+    manifest = read_manifest(directory)
+    if manifest is None or manifest_mismatch(manifest, backend=TORCH_BACKEND,
+                                             backend_version=version, gpu=gpu):
+        manifest = new_manifest(request.name, TORCH_BACKEND, version, gpu)
+    manifest["gpu"] = gpu.to_json() if gpu else None  # the same GPU, maybe at another index
+    outcome = BuildOutcome(TORCH_BACKEND, [directory])
+    for onnx in exported:
+        denoiser = is_denoiser(onnx.inputs, onnx.outputs)
+        if denoiser:
+            file, precision = f"{onnx.name}{TORCH_SUFFIX}", request.precision if gpu else "fp32"
+            level, what = (GPU_LEVEL if gpu else CPU_LEVEL), "torch engine"
+        else:
+            file, precision = f"{onnx.name}.onnx", onnx.precision
+            level, what = ORT_OPTIMIZATION_LEVEL, "ONNX Runtime engine"
+
+        def entry(seconds: float, file=file, precision=precision, level=level, onnx=onnx):
+            return network_entry(file=file, onnx_sha256=onnx.sha256, precision=precision,
+                                 inputs=onnx.inputs, outputs=onnx.outputs, profile=onnx.profile,
+                                 build_seconds=seconds, optimization_level=level)
+
+        reason = "--force" if request.force else rebuild_reason(
+            manifest, directory, onnx.name, entry(0.0), backend=TORCH_BACKEND,
+            backend_version=version, gpu=gpu)
+        if reason is None:
+            outcome.kept.append(onnx.name)
+            log(f"{onnx.name}: {what} is up to date")
+            continue
+        log(f"{onnx.name}: building {what} ({reason})")
+        if denoiser:
+            built = build_torch_engine(request.source, onnx, directory / file)
+            seconds, path, difference = built.seconds, built.path, built.max_abs_difference
+        else:
+            ort = build_ort_engine(onnx.path, directory / file, onnx.profile, onnx.inputs)
+            seconds, path, difference = ort.seconds, ort.engine_path, ort.max_abs_difference
+        log(f"{onnx.name}: wrote {path} in {seconds:.1f} s (max difference from the exported "
+            f"ONNX {difference:.2g})")
+        manifest["networks"][onnx.name] = entry(seconds)
+        write_manifest(directory, manifest)
+        outcome.built.append(onnx.name)
+    write_manifest(directory, manifest)
+    return outcome
+
+
+def build_torch_engine(source: str, onnx: ExportedOnnx, path: Path) -> TorchBuild:
+    """Save the denoiser of `source` to `path` and check it computes what its ONNX export does."""
+    from export.presets import load_bundle
+
+    started = time.perf_counter()
+    bundle = load_bundle(source, [onnx.name])
+    module = bundle.modules[onnx.name]
+    half = {t.name for t in bundle.specs("fp16")[onnx.name].inputs if t.dtype == "float16"}
+    save_network(module, path, half)
+    del bundle, module
+    difference = check_against_onnx(path, onnx)
+    return TorchBuild(path, time.perf_counter() - started, difference)
+
+
+def check_against_onnx(path: Path, onnx: ExportedOnnx) -> float:
+    """Run the saved network (CPU, fp32) and the ONNX export on the same random inputs at the
+    profile's smallest shapes; TorchEngineError unless every output matches, by name."""
+    import onnxruntime
+
+    feeds = random_feeds(onnx.profile, onnx.inputs)
+    session = onnxruntime.InferenceSession(str(onnx.path), providers=["CPUExecutionProvider"])
+    expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    names = [tensor["name"] for tensor in onnx.outputs]
+    actual = run_network(load_network(path), feeds, names)
+    worst = 0.0
+    for name in names:
+        want, got = expected[name].astype(np.float64), actual[name].astype(np.float64)
+        if want.shape != got.shape:
+            raise TorchEngineError(f"{path}: output {name} has shape {got.shape}, the ONNX "
+                                   f"export's {want.shape}")
+        difference = float(np.max(np.abs(want - got), initial=0.0))
+        scale = float(np.max(np.abs(want), initial=0.0))
+        if not np.isfinite(difference) or difference > 1e-3 * max(scale, 1.0):
+            raise TorchEngineError(f"{path}: output {name} differs from the ONNX export by "
+                                   f"{difference:.3g} (output scale {scale:.3g})")
+        worst = max(worst, difference)
+    return worst
+
+
+def random_feeds(profile: dict[str, Any], inputs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Random inputs at the profile's smallest shapes (zeros for ids and labels: valid for every
+    embedding table)."""
+    generator = np.random.default_rng(0)
+    feeds = {}
+    for tensor in inputs:
+        shape = tuple(profile[tensor["name"]][0])
+        dtype = np.dtype(tensors.dtype_named(tensor["dtype"]).name)
+        feeds[tensor["name"]] = (np.zeros(shape, dtype) if np.issubdtype(dtype, np.integer)
+                                 else generator.standard_normal(shape).astype(dtype))
+    return feeds

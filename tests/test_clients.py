@@ -1,0 +1,83 @@
+"""The three clients the README shows give the same image of a served text-to-image model:
+`driffusion generate --prompt`, a plain tritonclient call, and HTTP/JSON (what curl sends)."""
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpc_client
+from PIL import Image
+
+from cli import main as driffusion
+from models.pipeline_spec import PipelineSpec
+from runtime.pipeline import GenerationRequest, RequestError, resolve
+from triton_models.repository import RepositoryOptions, write_repository
+from triton_models.serve import prepare_model
+
+pytestmark = pytest.mark.triton
+PROMPT, SEED, STEPS = "a photo of a cat", 7, 6
+
+
+@pytest.fixture(scope="module")
+def server(triton_server, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DRIFFUSION_HOME", str(home))
+        options = prepare_model(RepositoryOptions(model="tiny-sd", backend="onnxruntime"))
+    return triton_server(write_repository(home / "repo", options).path)
+
+
+def grpc_image(url: str) -> np.ndarray:
+    def field(name, value, datatype, dtype):
+        tensor = grpc_client.InferInput(name, [1], datatype)
+        tensor.set_data_from_numpy(np.array([value], dtype=dtype))
+        return tensor
+
+    client = grpc_client.InferenceServerClient(url)
+    try:
+        result = client.infer("driffusion", [
+            field("PROMPT", PROMPT.encode(), "BYTES", object),
+            field("SEED", SEED, "INT64", np.int64), field("STEPS", STEPS, "INT32", np.int32)])
+        return result.as_numpy("IMAGE")
+    finally:
+        client.close()
+
+
+def http_image(url: str) -> np.ndarray:
+    body = {"inputs": [
+        {"name": "PROMPT", "shape": [1], "datatype": "BYTES", "data": [PROMPT]},
+        {"name": "SEED", "shape": [1], "datatype": "INT64", "data": [SEED]},
+        {"name": "STEPS", "shape": [1], "datatype": "INT32", "data": [STEPS]}],
+        "outputs": [{"name": "IMAGE"}]}
+    request = urllib.request.Request(f"{url}/v2/models/driffusion/infer",
+                                     data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        (output,) = json.loads(reply.read())["outputs"]
+    return np.array(output["data"], dtype=np.uint8).reshape(output["shape"])
+
+
+def test_grpc_http_and_the_generate_command_give_the_same_image(server, tmp_path):
+    by_grpc = grpc_image(server.grpc_url)
+    assert by_grpc.shape == (64, 64, 3) and by_grpc.dtype == np.uint8
+    np.testing.assert_array_equal(http_image(server.http_url), by_grpc)
+    out = tmp_path / "cat.png"
+    assert driffusion(["generate", "--endpoints", server.grpc_url, "--prompt", PROMPT,
+                       "--seed", str(SEED), "--steps", str(STEPS), "--out", str(out),
+                       "--quiet"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), by_grpc)
+
+
+def test_image_sizes_must_lie_in_the_profile_and_on_the_latent_grid():
+    spec = PipelineSpec(model="m", family="sd", latent_channels=4, latent_size=(8, 8),
+                        scheduler_config={"_class_name": "DDIMScheduler"}, vae_scale_factor=8,
+                        decoder="vae", height_range=(32, 128), width_range=(32, 128),
+                        size_multiple=16)
+    resolved = resolve(GenerationRequest(prompt="a", height=96, width=32), spec, 2)
+    assert (resolved.height, resolved.width) == (96, 32)
+    for field, value, says in (("height", 72, "multiple of 16"), ("width", 144, "32..128"),
+                               ("height", 16, "32..128")):
+        with pytest.raises(RequestError, match=says) as caught:
+            resolve(GenerationRequest(prompt="a", **{field: value}), spec, 2)
+        assert caught.value.field == field
