@@ -29,7 +29,7 @@ from runtime.devices import parse_endpoint
 from runtime.driffusion import MODES
 
 PIPELINE_MODEL = "driffusion"
-DEVICE_MODEL = "unet_sim"
+DEVICE_PREFIX = "unet_"
 MAX_CLIENTS = 4096
 
 
@@ -312,14 +312,10 @@ async def _progress(end: float, duration_s: float, quiet: bool) -> None:
 
 
 async def _device_counts(client) -> tuple[int, int]:
-    """(requests, executions) of the device model so far, from Triton's statistics."""
-    from tritonclient.utils import InferenceServerException
-
-    try:
-        statistics = await client.get_inference_statistics(DEVICE_MODEL, as_json=True)
-    except InferenceServerException:  # not a sim server: no device statistics to report
-        return 0, 0
-    models = statistics.get("model_stats", [])
+    """(requests, executions) of the device models (`unet_*`) so far, from Triton's statistics."""
+    statistics = await client.get_inference_statistics(as_json=True)
+    models = [m for m in statistics.get("model_stats", [])
+              if m.get("name", "").startswith(DEVICE_PREFIX)]
     requests = sum(int(m.get("inference_stats", {}).get("success", {}).get("count", 0))
                    for m in models)
     executions = sum(int(m.get("execution_count", 0)) for m in models)
