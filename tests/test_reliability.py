@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpc_client
-from conftest import free_ports
+from servers import Cluster, signal_group
 from test_triton_engines import engines  # noqa: F401 - the tiny ONNX engines fixture
 from tiny_models import Conditioned
 from tritonclient.utils import np_to_triton_dtype
@@ -170,34 +170,6 @@ def test_no_device_left_names_every_device_and_its_error():
 # Real servers: two endpoints with one sim device each; one is killed, frozen, restarted
 
 
-class Cluster:
-    """Servers started by a test module, all stopped at its end (restarts keep their ports)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.servers: list[EmbeddedServer] = []
-
-    def start(self, repository: Path, ports: dict[str, int] | None = None) -> EmbeddedServer:
-        grpc, http, metrics = free_ports(3) if ports is None else ports.values()
-        server = EmbeddedServer(repository, grpc_port=grpc, http_port=http, metrics_port=metrics,
-                                log_path=self.root / f"server{len(self.servers)}.log")
-        self.servers.append(server)
-        return server.start()
-
-    def stop(self) -> None:
-        for server in self.servers:
-            if server.process is not None:
-                _signal_group(server, signal.SIGCONT)
-            server.stop()
-
-
-def _signal_group(server: EmbeddedServer, signum: int) -> None:
-    try:
-        os.killpg(server.process.pid, signum)
-    except ProcessLookupError:
-        pass
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
     pytest.importorskip("pytriton", reason="needs nvidia-pytriton (the embedded tritonserver)")
@@ -237,7 +209,7 @@ def test_sigkill_mid_image_gives_the_fault_free_image_and_a_restart_rejoins(sim_
             expected, expected_image = await generate(pipeline)
             fault_free_s = time.perf_counter() - start
             start = time.perf_counter()
-            latents, image = await generate(pipeline, fault_at(3, lambda: _signal_group(
+            latents, image = await generate(pipeline, fault_at(3, lambda: signal_group(
                 server_b, signal.SIGKILL)))
             faulty_s = time.perf_counter() - start
             assert torch.equal(latents, expected) and np.array_equal(image, expected_image)
@@ -277,13 +249,13 @@ def test_a_frozen_server_is_replaced_after_its_deadline_and_no_device_left_fails
             pool = DevicePool(devices)
             pool = Conditioned(pool, SIM.encode(np.array([3])), SIM.encode(np.array([10])), 2.0)
             expected = await sample_latents(pool, window=2)
-            frozen = fault_at(3, lambda: _signal_group(servers[1], signal.SIGSTOP))
+            frozen = fault_at(3, lambda: signal_group(servers[1], signal.SIGSTOP))
             assert torch.equal(await sample_latents(pool, window=2, progress=frozen), expected)
             assert deadline_s <= pool.failovers[0].seconds < deadline_s + 1.0
             print(f"\nfrozen server replaced {pool.failovers[0].seconds:.2f} s into the call "
                   f"(deadline {deadline_s} s)")
 
-            _signal_group(servers[0], signal.SIGSTOP)
+            signal_group(servers[0], signal.SIGSTOP)
             start = time.perf_counter()
             with pytest.raises(PoolError, match="no device left"):
                 await sample_latents(pool, window=2)
@@ -293,7 +265,7 @@ def test_a_frozen_server_is_replaced_after_its_deadline_and_no_device_left_fails
         elapsed = asyncio.run(scenario())
     finally:
         for server in servers:
-            _signal_group(server, signal.SIGCONT)
+            signal_group(server, signal.SIGCONT)
     assert elapsed < deadline_s + HEALTH_TIMEOUT_S + 1.0, f"no-device error took {elapsed:.1f} s"
     print(f"no device left: PoolError after {elapsed:.2f} s")
 

@@ -4,17 +4,16 @@ bad text requests are INVALID_ARGUMENT while the server stays ready."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpc_client
+from servers import metric
 from tritonclient.utils import InferenceServerException
 
 from triton_models.pipeline_io import DRIFFUSION_INPUTS
@@ -48,18 +47,6 @@ def infer(url: str, timeout_s: float | None = None, **fields) -> dict[str, np.nd
         return {name: result.as_numpy(name) for name in ("IMAGE", "ROUNDS", "EVALUATIONS")}
     finally:
         client.close()
-
-
-def metric(server, name: str, **labels) -> float:
-    """The sum of a Prometheus metric's samples whose labels include `labels`."""
-    with urllib.request.urlopen(server.metrics_url, timeout=5) as reply:
-        text = reply.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"{name}\{{(.*)\}} ([0-9.e+]+)$", line)
-        if match and all(f'{key}="{value}"' in match.group(1) for key, value in labels.items()):
-            total += float(match.group(2))
-    return total
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,16 @@ another shape refuse to start, naming the endpoint.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from servers import Cluster, metric, signal_group
 
 from cli import main as cli_main
 from runtime.devices import DiscoveryError
@@ -165,45 +163,19 @@ def test_discovery_of_an_endpoint_that_is_not_there_names_it():
 # Real servers on loopback
 
 
-class Cluster:
-    """Servers of this module on free loopback ports; all stopped at the end, however it ends.
-    A restart keeps the server's ports (so the front's endpoint stays valid)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.servers: list[EmbeddedServer] = []
+class ScaleOutCluster(Cluster):
+    """The module's servers, with sim repositories at the module's latency and deadline."""
 
     def repository(self, name: str, **options) -> Path:
         options = {"model": "sim", "sim_latency_ms": LATENCY_MS, "pipeline_instances": 1,
                    "deadline_s": DEADLINE_S, **options}
         return write_repository(self.root / name, RepositoryOptions(**options)).path
 
-    def start(self, repository: Path, ports: dict[str, int] | None = None) -> EmbeddedServer:
-        grpc, http, metrics = free_ports(3) if ports is None else ports.values()
-        server = EmbeddedServer(repository, grpc_port=grpc, http_port=http, metrics_port=metrics,
-                                log_path=self.root / f"server{len(self.servers)}.log")
-        self.servers.append(server)
-        return server.start()
-
-    def stop(self) -> None:
-        for server in self.servers:
-            if server.process is not None:
-                signal_group(server, signal.SIGCONT)
-        with ThreadPoolExecutor(len(self.servers) or 1) as pool:  # ~2.5 s each: all at once
-            list(pool.map(EmbeddedServer.stop, self.servers))
-
-
-def signal_group(server: EmbeddedServer, signum: int) -> None:
-    try:
-        os.killpg(server.process.pid, signum)
-    except ProcessLookupError:
-        pass
-
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory) -> Iterator[ScaleOutCluster]:
     pytest.importorskip("pytriton", reason="needs nvidia-pytriton (the embedded tritonserver)")
-    cluster = Cluster(tmp_path_factory.mktemp("scale-out"))
+    cluster = ScaleOutCluster(tmp_path_factory.mktemp("scale-out"))
     yield cluster
     cluster.stop()
 
@@ -241,18 +213,6 @@ def infer(url: str, steps: int, seed: int = 5, timeout_s: float = 120) -> dict[s
         return {name: result.as_numpy(name) for name in ("IMAGE", "ROUNDS", "EVALUATIONS")}
     finally:
         client.close()
-
-
-def metric(server: EmbeddedServer, name: str, **labels) -> float:
-    """The sum of a Prometheus metric's samples whose labels include `labels` (0 if none)."""
-    with urllib.request.urlopen(server.metrics_url, timeout=5) as reply:
-        text = reply.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"{name}\{{(.*)\}} ([0-9.e+]+)$", line)
-        if match and all(f'{key}="{value}"' in match.group(1) for key, value in labels.items()):
-            total += float(match.group(2))
-    return total
 
 
 def device_calls(server: EmbeddedServer) -> float:

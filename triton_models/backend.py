@@ -77,3 +77,30 @@ class FaultInjection:
         self.calls += 1
         if self.calls in self.failing:
             raise RuntimeError(f"{model}: injected fault on call {self.calls}")
+
+
+def answer_requests(requests: Sequence, feeds_of: Callable[[object], Batch | str],
+                    run: Callable[[Batch], Batch], batching: bool) -> list:
+    """Each request's answer: the outputs of `run` on its inputs, the exception `run` raised, or
+    the message `feeds_of` gave for inputs that do not fit. With `batching`, the fitting
+    requests Triton handed over together share calls (`run_batched`)."""
+    answers: list = [None] * len(requests)
+    runnable = []
+    for index, request in enumerate(requests):
+        feeds = feeds_of(request)
+        if isinstance(feeds, str):
+            answers[index] = feeds
+        else:
+            runnable.append((index, feeds))
+    inputs = [feeds for _, feeds in runnable]
+    results = run_batched(inputs, run) if batching else [_call(run, feeds) for feeds in inputs]
+    for (index, _), result in zip(runnable, results):
+        answers[index] = result
+    return answers
+
+
+def _call(run: Callable[[Batch], Batch], feeds: Batch) -> Batch | Exception:
+    try:
+        return run(feeds)
+    except Exception as error:  # noqa: BLE001 - answered to the request, classified by the model
+        return error

@@ -12,9 +12,9 @@ import triton_python_backend_utils as pb_utils
 from runtime.devices import ort_session, session_output_names
 from triton_models.backend import (
     FaultInjection,
+    answer_requests,
     file_in_version_dir,
     model_parameters,
-    run_batched,
 )
 
 
@@ -31,20 +31,8 @@ class TritonPythonModel:
 
     def execute(self, requests):
         self.faults.check(self.name)
-        responses, runnable = [None] * len(requests), []
-        for index, request in enumerate(requests):
-            feeds = self._feeds(request)
-            if isinstance(feeds, str):
-                responses[index] = _error(feeds)
-            else:
-                runnable.append((index, feeds))
-        if self.batching:
-            answers = run_batched([feeds for _, feeds in runnable], self._run)
-        else:
-            answers = [_call(self._run, feeds) for _, feeds in runnable]
-        for (index, _), answer in zip(runnable, answers):
-            responses[index] = _response(answer)
-        return responses
+        answers = answer_requests(requests, self._feeds, self._run, self.batching)
+        return [_response(answer) for answer in answers]
 
     def _feeds(self, request):
         """The request's inputs by name, or a message naming the missing one."""
@@ -60,14 +48,10 @@ class TritonPythonModel:
         return dict(zip(self.output_names, self.session.run(None, feeds)))
 
 
-def _call(run, feeds):
-    try:
-        return run(feeds)
-    except Exception as error:  # noqa: BLE001 - answered to the request, classified below
-        return error
-
 
 def _response(answer):
+    if isinstance(answer, str):  # inputs that do not fit
+        return _error(answer, pb_utils.TritonError.INVALID_ARG)
     if isinstance(answer, Exception):
         # ONNX Runtime's InvalidArgument is a bad request (shapes, dtypes); anything else is a
         # fault of this device, which the caller's pool fails over
@@ -79,6 +63,5 @@ def _response(answer):
     )
 
 
-def _error(message, code=None):
-    code = pb_utils.TritonError.INVALID_ARG if code is None else code
+def _error(message, code):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

@@ -15,9 +15,9 @@ import triton_python_backend_utils as pb_utils
 
 from triton_models.backend import (
     FaultInjection,
+    answer_requests,
     file_in_version_dir,
     model_parameters,
-    run_batched,
 )
 from triton_models.torch_device import (
     DEFAULT_MAX_GRAPHS,
@@ -49,20 +49,8 @@ class TritonPythonModel:
 
     def execute(self, requests):
         self.faults.check(self.name)
-        responses, runnable = [None] * len(requests), []
-        for index, request in enumerate(requests):
-            feeds = self._feeds(request)
-            if isinstance(feeds, str):
-                responses[index] = _error(feeds, pb_utils.TritonError.INVALID_ARG)
-            else:
-                runnable.append((index, feeds))
-        if self.batching:
-            answers = run_batched([feeds for _, feeds in runnable], self.runner)
-        else:
-            answers = [_call(self.runner, feeds) for _, feeds in runnable]
-        for (index, _), answer in zip(runnable, answers):
-            responses[index] = _response(answer)
-        return responses
+        answers = answer_requests(requests, self._feeds, self.runner, self.batching)
+        return [_response(answer) for answer in answers]
 
     def _feeds(self, request):
         """The request's inputs by name, or a message saying which one does not fit."""
@@ -78,14 +66,10 @@ class TritonPythonModel:
         return feeds
 
 
-def _call(run, feeds):
-    try:
-        return run(feeds)
-    except Exception as error:  # noqa: BLE001 - answered to the request, classified below
-        return error
-
 
 def _response(answer):
+    if isinstance(answer, str):  # inputs that do not fit
+        return _error(answer, pb_utils.TritonError.INVALID_ARG)
     if isinstance(answer, Exception):
         # inputs that do not fit are the request's fault; anything else is this device's,
         # which the caller's pool fails over
