@@ -82,3 +82,31 @@ def test_verified_mode_with_zero_tolerance_reproduces_sequential():
     verified = generate(GenerationRequest(label=5, seed=4, steps=8, mode="verified",
                                           tolerance=0.0))
     np.testing.assert_array_equal(sequential, verified)
+
+
+def test_concurrent_requests_through_one_pipeline_equal_their_solo_runs():
+    """Nothing of a request is kept on the Pipeline or its pool: 8 concurrent requests with
+    different labels, seeds, guidance and modes each give their solo image."""
+    pipeline = sim_pipeline()
+    requests = [GenerationRequest(label=label, seed=10 + label, steps=8, guidance=1.0 + label % 3,
+                                  mode=("aggressive", "sequential", "conservative")[label % 3])
+                for label in range(8)]
+    solo = [asyncio.run(pipeline.generate(request)).image for request in requests]
+
+    async def together():
+        return await asyncio.gather(*(pipeline.generate(request) for request in requests))
+
+    for alone, result in zip(solo, asyncio.run(together())):
+        np.testing.assert_array_equal(alone, result.image)
+
+
+def test_an_empty_mode_or_scheduler_means_the_default():
+    from triton_models.pipeline_io import request_from_tensors
+
+    request = request_from_tensors({"LABEL": np.array([3], np.int32),
+                                    "MODE": np.array([b""], dtype=object),
+                                    "SCHEDULER": np.array([b""], dtype=object),
+                                    "PROMPT": None})
+    assert (request.mode, request.scheduler) == (GenerationRequest().mode, None)
+    empty_prompt = request_from_tensors({"PROMPT": np.array([b""], dtype=object)})
+    assert empty_prompt.prompt == ""

@@ -31,6 +31,8 @@ DRIFFUSION_OUTPUTS: dict[str, tuple[str, list[int]]] = {
 }
 # string fields other than prompts are short names; their byte limit is fixed
 MAX_NAME_BYTES = 64
+# fields whose empty string means "not given" (the default), like an absent input
+EMPTY_IS_DEFAULT = ("mode", "scheduler")
 
 
 def request_from_tensors(tensors: Mapping[str, np.ndarray | None],
@@ -38,7 +40,8 @@ def request_from_tensors(tensors: Mapping[str, np.ndarray | None],
     """A GenerationRequest from the `driffusion` model's input tensors (absent ones are None).
 
     Each present input must hold exactly one value; RequestError names the input otherwise.
-    Strings are size-checked before they are decoded.
+    Strings are size-checked before they are decoded. An empty MODE or SCHEDULER means the
+    default, as an absent one does; an empty PROMPT is a prompt (as in diffusers).
     """
     values: dict[str, object] = {}
     for name, (dtype, field_name) in DRIFFUSION_INPUTS.items():
@@ -49,7 +52,9 @@ def request_from_tensors(tensors: Mapping[str, np.ndarray | None],
             raise RequestError(field_name, f"{name} must hold exactly one value; got shape "
                                            f"{list(tensor.shape)}")
         limit = max_prompt_bytes if field_name.endswith("prompt") else MAX_NAME_BYTES
-        values[field_name] = _scalar(tensor.reshape(-1)[0], dtype, field_name, limit)
+        value = _scalar(tensor.reshape(-1)[0], dtype, field_name, limit)
+        if not (value == "" and field_name in EMPTY_IS_DEFAULT):
+            values[field_name] = value
     return GenerationRequest(**values)
 
 
