@@ -77,31 +77,24 @@ class Record:
         return " ".join(parts)
 
 
+# benchmarked scheduler -> diffusers class (ParaDiGMS runs on diffusers' parallel schedulers)
+BENCHMARKED_SCHEDULERS = {
+    "ddim": "DDIMScheduler", "dpmpp2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler", "paradigms-ddim": "DDIMParallelScheduler",
+    "paradigms-ddpm": "DDPMParallelScheduler",
+}
+
+
 def make_scheduler(kind: str, steps: int):
     """A diffusers scheduler of `kind` on the benchmark's noise schedule, timesteps set."""
-    from diffusers import (
-        DDIMParallelScheduler,
-        DDIMScheduler,
-        DDPMParallelScheduler,
-        DPMSolverMultistepScheduler,
-        UniPCMultistepScheduler,
-    )
+    from runtime.schedulers import make_scheduler as scheduler_from_config
 
-    factories = {
-        "ddim": lambda: DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False),
-        "dpmpp2m": lambda: DPMSolverMultistepScheduler(**NOISE_SCHEDULE),
-        "unipc": lambda: UniPCMultistepScheduler(**NOISE_SCHEDULE),
-        "paradigms-ddim": lambda: DDIMParallelScheduler(**NOISE_SCHEDULE, clip_sample=False),
-        "paradigms-ddpm": lambda: DDPMParallelScheduler(**NOISE_SCHEDULE, clip_sample=False),
-    }
-    if kind not in factories:
-        raise ValueError(
-            f"scheduler {kind!r} is not benchmarked; choose one of {', '.join(factories)}"
-        )
-    scheduler = factories[kind]()
-    scheduler.set_timesteps(steps)
-    return scheduler
-
+    if kind not in BENCHMARKED_SCHEDULERS:
+        raise ValueError(f"scheduler {kind!r} is not benchmarked; choose one of "
+                         f"{', '.join(BENCHMARKED_SCHEDULERS)}")
+    class_name = BENCHMARKED_SCHEDULERS[kind]
+    clip = {"clip_sample": False} if "DDIM" in class_name or "DDPM" in class_name else {}
+    return scheduler_from_config(kind, steps, {**NOISE_SCHEDULE, **clip}, class_name=class_name)
 
 def mixture_model(setup: Setup) -> GaussianMixtureModel:
     """The benchmark's data: a mixture of isotropic Gaussians with random means."""

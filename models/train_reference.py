@@ -49,7 +49,6 @@ from models.reference import (
     SCHEDULER_CONFIG,
     TRAINING_RECORD,
     DigitClassifier,
-    ReferenceModel,
     build_text_encoder,
     build_unet,
     build_vae,
@@ -262,28 +261,22 @@ def train_diffusion(latent_mean: torch.Tensor, latent_std: torch.Tensor, labels:
 # 4. the check, and writing the folder
 
 
-def check_samples(model: ReferenceModel, per_class: int, seed: int,
+def check_samples(folder: Path, classifier: DigitClassifier, per_class: int, seed: int,
                   guidance_scales=(1.0, 2.0), steps: int = 20) -> dict[str, float]:
-    """Classifier accuracy of DDIM samples asked for by the first template, per guidance."""
-    from models.reference import prompt_for
+    """Classifier accuracy of digits that diffusers' own StableDiffusionPipeline draws from the
+    written folder for the first prompt template (DDIM, `steps`), per guidance scale."""
+    from models.reference import load_pipeline, prompt_for
 
+    pipeline = load_pipeline(folder)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
-    cond = model.encode_prompts([prompt_for(int(d)) for d in labels])
-    uncond = model.encode_prompts([EMPTY_PROMPT] * len(labels))
+    prompts = [prompt_for(int(digit)) for digit in labels]
     accuracy = {}
     for guidance in guidance_scales:
-        scheduler = DDIMScheduler.from_config(model.scheduler_config)
-        scheduler.set_timesteps(steps)
-        latents = model.initial_noise(len(labels), torch.Generator().manual_seed(seed))
         with torch.no_grad():
-            for t in scheduler.timesteps:
-                eps = model.unet(latents, t, cond).sample
-                if guidance != 1.0:
-                    eps_uncond = model.unet(latents, t, uncond).sample
-                    eps = eps_uncond + guidance * (eps - eps_uncond)
-                latents = scheduler.step(eps, t, latents).prev_sample
-            images = to_gray(model.decode(latents)).clamp(-1, 1)
-            predicted = model.classifier(images).argmax(dim=1)
+            images = pipeline(prompts, num_inference_steps=steps, guidance_scale=guidance,
+                              generator=torch.Generator().manual_seed(seed),
+                              output_type="pt").images
+            predicted = classifier(to_gray(images * 2 - 1).clamp(-1, 1)).argmax(dim=1)
         accuracy[f"guidance_{guidance:g}"] = (predicted == labels).float().mean().item()
     return accuracy
 
@@ -342,15 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"diffusion loss {diffusion_stats['initial_loss']:.4f} -> "
           f"{diffusion_stats['final_loss']:.4f} ({timings['diffusion'] / 60:.1f} min)")
 
-    model = ReferenceModel(tokenizer, text_encoder, unet, vae, classifier,
-                           dict(FOLDER_SCHEDULER_CONFIG))
-    started = time.perf_counter()
-    sample_accuracy = check_samples(model, args.eval_per_class, args.seed)
-    timings["check"] = time.perf_counter() - started
-    print(f"sampled digits recognised (DDIM 20 steps): {sample_accuracy}")
-
     write_folder(args.out, unet, text_encoder, vae, classifier, tokenizer_dir)
     work.cleanup()
+    started = time.perf_counter()
+    sample_accuracy = check_samples(args.out, classifier, args.eval_per_class, args.seed)
+    timings["check"] = time.perf_counter() - started
+    print(f"sampled digits recognised (DDIM 20 steps): {sample_accuracy}")
     record = {
         "seed": args.seed,
         "threads": args.threads,
