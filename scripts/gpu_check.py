@@ -125,12 +125,12 @@ class Check:
         from triton_models.serve import serving
 
         if "server" not in self.shared:
-            cpu = self.args.backend in ("auto", "onnxruntime")  # the CPU serves the tiny model
-            size = "tiny" if cpu else self.profile.size
+            backend, _, _, why = choose_backend(self.args.backend)
+            size = "tiny" if backend == "onnxruntime" else self.profile.size  # CPU: tiny model
             started = time.perf_counter()
             outcome = self.build(size, self.args.backend)
             self.serving.update(size=size, backend=outcome.backend, engines=outcome.summary,
-                                build_s=round(time.perf_counter() - started, 1))
+                                build_s=round(time.perf_counter() - started, 1), why=why)
             self.serving["note"] = ("the device models run ONNX Runtime on the CPU, not the GPU"
                                     if outcome.backend == "onnxruntime" else "on the GPU")
             options = RepositoryOptions(model=str(outcome.directories[0].parent),
@@ -353,9 +353,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="time budget; sections that no longer fit are skipped (default 240)")
     parser.add_argument("--sections", type=lambda text: text.split(","), default=SECTIONS,
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
-    parser.add_argument("--backend", choices=BACKEND_CHOICES, default="onnxruntime",
-                        help="engines the unet and driffusion sections serve (default "
-                        "onnxruntime: the embedded tritonserver has the python backend only)")
+    parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                        help="engines the unet and driffusion sections serve (default auto: "
+                        "torch on a GPU without TensorRT, TensorRT plans where it imports)")
     parser.add_argument("--devices", type=positive_int, default=1, help="unet_* models (1)")
     args = parser.parse_args(argv)
     if unknown := set(args.sections) - set(SECTIONS):
