@@ -261,3 +261,21 @@ def test_an_overload_burst_is_refused_at_once_and_the_server_recovers(small_queu
         assert said.startswith("StatusCode.UNAVAILABLE") and "queue" in said
         assert seconds < 0.5  # refused at once, not after waiting
     assert infer(small_queue_server.grpc_url, LABEL=3, STEPS=4)["IMAGE"].shape == (8, 8, 3)
+
+
+def test_the_generate_client_stops_issuing_device_calls_at_its_deadline(slow_server, tmp_path):
+    from cli import main as driffusion
+
+    def device_calls() -> float:  # direct gRPC calls of the client's pool are counted
+        return metric(slow_server, "nv_inference_request_success", model="unet_sim")
+
+    started = time.monotonic()
+    code = driffusion(["generate", "--endpoints", slow_server.grpc_url, "--label", "3",
+                       "--steps", "1000", "--mode", "sequential", "--timeout-s", "1",
+                       "--quiet", "--out", str(tmp_path / "x.png")])
+    assert code == 3 and time.monotonic() - started < 5.0
+    time.sleep(0.3)
+    quiet_from = device_calls()
+    assert 0 < quiet_from < 200  # ~1 s of 20 ms rounds were issued, not 1,000
+    time.sleep(0.5)
+    assert device_calls() == quiet_from
