@@ -1,13 +1,10 @@
-"""Measure the GPU path in one run: environment, served UNet, DRiffusion via Triton, TensorRT.
-
-A driver of the product: a random-weight Stable Diffusion folder is built by `engines.build`,
-served by `triton_models.serve.serving` (as `driffusion serve` serves it) and timed over gRPC;
-`--dry-run` rehearses it on the CPU with tiny shapes. A failed section is recorded and the next
-runs; DIR/gpu_check.json is rewritten after each section, DIR/gpu_check.md holds the tables.
-"""
-
+"""Measure the GPU path in one run: environment, served UNet, DRiffusion via Triton, one-GPU
+layouts, model sizes, TensorRT, on random-weight diffusers folders built by `engines.build`, served
+by `triton_models.serve.serving` and timed over gRPC (`--dry-run`: tiny shapes on the CPU). A
+failed section is recorded and the next runs; DIR/gpu_check.json (after each), DIR/gpu_check.md."""
 import argparse
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -17,7 +14,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,7 @@ from engines.build import BACKEND_CHOICES, BuildOutcome, BuildRequest, build_eng
 from export.onnx_export import ExportOptions
 
 LOG = logging.getLogger("gpu_check")
-SECTIONS = ("environment", "unet", "driffusion", "tensorrt")
+SECTIONS = ("environment", "unet", "driffusion", "layouts", "sizes", "tensorrt")
 PROMPT, SEED, GUIDANCE = "a photograph of an astronaut riding a horse", 42, 7.5
 # SD 1.5's networks (runwayml/stable-diffusion-v1-5; omitted UNet fields: diffusers' defaults)
 SD15 = {"unet": {"sample_size": 64, "in_channels": 4, "cross_attention_dim": 768,
@@ -48,55 +45,61 @@ TINY = {"unet": {"sample_size": 8, "in_channels": 4, "cross_attention_dim": 32,
                  "num_attention_heads": 4, "hidden_act": "gelu"},
         "vae": {"block_out_channels": [8, 8, 16, 16], "layers_per_block": 1,
                 "norm_num_groups": 8, "sample_size": 64}}
-SIZES = {"tiny": TINY, "sd15": SD15}
+# SDXL base SCALED DOWN to build in the budget: 2 UNet blocks of 3, 1 transformer layer each (not
+# 1, 2, 10), 64x64 latents (not 128), 8 of the 2nd encoder's 32 layers; SDXL's widths otherwise
+XL_UNET = {**{key: TINY["unet"][key] for key in ("down_block_types", "up_block_types")},
+           "use_linear_projection": True, "addition_embed_type": "text_time"}
+SDXL = {**SD15, "unet": {**SD15["unet"], **XL_UNET, "cross_attention_dim": 768 + 1280,
+                         "block_out_channels": [320, 640], "attention_head_dim": [5, 10],
+                         "addition_time_embed_dim": 256,
+                         "projection_class_embeddings_input_dim": 1280 + 6 * 256},
+        "clip2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 8,
+                  "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280}}
+TINY_XL = {**TINY, "unet": {**TINY["unet"], **XL_UNET, "cross_attention_dim": 32 + 48,
+                            "addition_time_embed_dim": 8,
+                            "projection_class_embeddings_input_dim": 24 + 6 * 8},
+           "clip2": {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "hidden_act": "gelu", "projection_dim": 24}}
+SIZES = {"tiny": TINY, "sd15": SD15, "tiny-xl": TINY_XL, "sdxl": SDXL}
+TINY_OF = {"sd15": "tiny", "sdxl": "tiny-xl"}  # --sizes, and the model each is in a dry run
 SD15_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                   "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
-
-
-@dataclass(frozen=True)
-class Profile:
-    """Sizes, steps, repetitions and the least seconds each section needs, of one kind of run."""
-
-    size: str  # eager torch's UNet, and the served model's when its engines run on a GPU
-    batches: tuple[int, ...]
-    steps: int
-    windows: tuple[int, ...]
-    repeats: int  # timed calls, after one warm-up call
-    min_s: dict
-
-
+# size: the served model's on GPU engines; repeats: timed calls after one warm-up call
+Profile = collections.namedtuple("Profile", "size batches steps windows repeats min_s")
 FULL = Profile("sd15", (1, 2, 4, 8, 16), 50, (2, 4, 8), 3,
-               {"unet": 30, "driffusion": 30, "tensorrt": 120})
-DRY = Profile("tiny", (1, 2, 4, 8), 8, (2, 4), 3, {"unet": 1, "driffusion": 1, "tensorrt": 1})
-
+               {"unet": 30, "driffusion": 30, "layouts": 30, "sizes": 40, "tensorrt": 120})
+DRY = Profile("tiny", (1, 2, 4, 8), 8, (2, 4), 3, dict.fromkeys(SECTIONS[1:], 1))
 
 def write_folder(path: Path, size: str) -> Path:
-    """A random-weight StableDiffusionPipeline folder of `size`, saved by diffusers itself."""
+    """A random-weight StableDiffusion(XL)Pipeline folder of `size`, saved by diffusers itself."""
     import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    import transformers as tf
 
     from models.clip_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, write_clip_tokenizer
-
     config, blocks = SIZES[size], len(SIZES[size]["vae"]["block_out_channels"])
+    ids = {"vocab_size": VOCAB_SIZE, "bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID,
+           "pad_token_id": EOS_TOKEN_ID}
     torch.manual_seed(0)
-    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(path / "tokenizer"))
-    diffusers.StableDiffusionPipeline(
-        text_encoder=CLIPTextModel(CLIPTextConfig(
-            vocab_size=VOCAB_SIZE, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID,
-            pad_token_id=EOS_TOKEN_ID, **config["clip"])),
-        vae=diffusers.AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * blocks,
-                                    up_block_types=["UpDecoderBlock2D"] * blocks, **config["vae"]),
-        unet=diffusers.UNet2DConditionModel(**config["unet"]), tokenizer=tokenizer,
-        scheduler=diffusers.DDIMScheduler(**SD15_SCHEDULER), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(path, safe_serialization=True)
+    tokenizer = tf.CLIPTokenizer.from_pretrained(write_clip_tokenizer(path / "tokenizer"))
+    parts = {"text_encoder": tf.CLIPTextModel(tf.CLIPTextConfig(**ids, **config["clip"])),
+             "vae": diffusers.AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * blocks,
+                                            up_block_types=["UpDecoderBlock2D"] * blocks,
+                                            **config["vae"]),
+             "unet": diffusers.UNet2DConditionModel(**config["unet"]), "tokenizer": tokenizer,
+             "scheduler": diffusers.DDIMScheduler(**SD15_SCHEDULER)}
+    if "clip2" in config:  # SDXL: a second encoder, with projection (its pooled text_embeds)
+        encoder = tf.CLIPTextModelWithProjection(tf.CLIPTextConfig(**ids, **config["clip2"]))
+        pipeline = diffusers.StableDiffusionXLPipeline(**parts, text_encoder_2=encoder,
+                                                       tokenizer_2=tokenizer)
+    else:
+        pipeline = diffusers.StableDiffusionPipeline(**parts, **dict.fromkeys(
+            ("safety_checker", "feature_extractor")), requires_safety_checker=False)
+    pipeline.save_pretrained(path, safe_serialization=True)
     return path
-
 
 @dataclass
 class Check:
     """What every section gets: options, profile, budget, and the model served once for all."""
-
     args: argparse.Namespace
     profile: Profile
     work: Path
@@ -104,10 +107,8 @@ class Check:
     started: float = field(default_factory=time.monotonic)
     serving: dict = field(default_factory=dict)  # how the model is served: report["serving"]
     shared: dict = field(default_factory=dict)
-
     def left(self) -> float:
         return self.args.budget_s - (time.monotonic() - self.started)
-
     def build(self, size: str, backend: str, precision: str = "fp32") -> BuildOutcome:
         """engines.build on the `size` folder (written once), for every call size of the run."""
         if size not in self.shared:
@@ -118,12 +119,17 @@ class Check:
             onnx_dir=self.work / "onnx" / f"{folder.name}-{precision}", backend=backend,
             precision=precision, export=ExportOptions(batch_range=(1, max(1, top // 2), top))),
             LOG.info)
-
-    def grpc_url(self) -> str:
-        """The embedded tritonserver on the engines: started once, stopped when the run ends."""
+    def served(self, outcome: BuildOutcome, name: str, **options: Any) -> Any:
+        """A context serving `outcome`'s engines (one driffusion instance): (server, repository)."""
         from triton_models.repository import RepositoryOptions
         from triton_models.serve import serving
-
+        options = RepositoryOptions(**{"devices": self.args.devices, "pipeline_instances": 1,
+                                       "backend": outcome.backend, **options},
+                                    model=str(outcome.directories[0].parent))
+        return serving(options, self.work / name, self.args.out / f"{name}.log",
+                       startup_timeout_s=max(30.0, self.left() - 10))
+    def grpc_url(self) -> str:
+        """The served profile model: started once, stopped when the run ends."""
         if "server" not in self.shared:
             backend, _, _, why = choose_backend(self.args.backend)
             size = "tiny" if backend == "onnxruntime" else self.profile.size  # CPU: tiny model
@@ -133,14 +139,11 @@ class Check:
                                 build_s=round(time.perf_counter() - started, 1), why=why)
             self.serving["note"] = ("the device models run ONNX Runtime on the CPU, not the GPU"
                                     if outcome.backend == "onnxruntime" else "on the GPU")
-            options = RepositoryOptions(model=str(outcome.directories[0].parent),
-                                        devices=self.args.devices, backend=outcome.backend)
-            self.shared["server"], repository = self.stack.enter_context(serving(
-                options, self.work / "repository", self.args.out / "tritonserver.log",
-                startup_timeout_s=max(30.0, self.left() - 10)))  # a hung start fails in budget
+            self.shared["outcome"] = outcome
+            self.shared["server"], repository = self.stack.enter_context(
+                self.served(outcome, "tritonserver"))
             self.serving["models"] = repository.models
         return self.shared["server"].grpc_url
-
 
 def section_environment(check: Check) -> dict:
     """Machine, GPUs, driver, torch, TensorRT and the tritonserver the run serves with."""
@@ -148,7 +151,6 @@ def section_environment(check: Check) -> dict:
     from engines.gpu import list_gpus
     from engines.tensorrt_build import tensorrt_status
     from triton_models.serve import ServerError, pytriton_dir
-
     (gpus, no_gpu), (trt, no_trt) = list_gpus(), tensorrt_status()
     driver = Path("/proc/driver/nvidia/version")
     result = {**machine_info(), "torch_cuda": torch.version.cuda,
@@ -161,33 +163,22 @@ def section_environment(check: Check) -> dict:
         result["tritonserver_missing"] = f"{type(error).__name__}: {error}"
     return result
 
-
 def section_unet(check: Check) -> dict:
-    """UNet ms per batch, one warm-up call each: the first served `unet_*` model over gRPC (a
-    runtime Device) and, as a side figure, eager torch on the GPU (the CPU in a dry run)."""
+    """UNet ms per batch, one warm-up call each: the first served `unet_*` model over gRPC."""
     from runtime.devices import TritonEndpoints
-
     async def served() -> tuple[str, dict]:
         async with TritonEndpoints([check.grpc_url()]) as connection:
             device = (await connection.devices("unet_*"))[0]
             return device.name.split("/")[-1], await per_batch(check, device, check.serving["size"])
-
     model, batches = asyncio.run(served())
     check.shared["unet_ms"] = {int(b): e["median_ms"] for b, e in batches.items()}
-    eager, parameters_m = eager_device(check.profile.size)
-    return {"model": model, "backend": check.serving["backend"], "batches": batches,
-            "eager_torch": {"device": eager.name, "parameters_m": parameters_m,
-                            "batches": asyncio.run(per_batch(check, eager, check.profile.size))}}
-
+    return {"model": model, "backend": check.serving["backend"], "batches": batches}
 
 async def per_batch(check: Check, device: Any, size: str) -> dict:
     """Median, min and all ms of a runtime Device's calls at each batch, after one warm-up."""
     from models.tensors import ENCODER_HIDDEN_STATES
-
-    config, batches = SIZES[size]["unet"], {}
-    for batch in check.profile.batches:
-        if check.left() < check.profile.min_s["driffusion"]:
-            break
+    config, batches, least = SIZES[size]["unet"], {}, check.profile.min_s["driffusion"]
+    for batch in (batch for batch in check.profile.batches if check.left() >= least):
         side, rng, times = config["sample_size"], np.random.default_rng(batch), []
         inputs = (rng.standard_normal((batch, 4, side, side), np.float32),
                   np.full(batch, 500.0, np.float32), {ENCODER_HIDDEN_STATES: rng.standard_normal(
@@ -200,33 +191,11 @@ async def per_batch(check: Check, device: Any, size: str) -> dict:
                                "all_ms": times[1:]}
     return batches
 
-
-def eager_device(size: str) -> tuple[Any, float]:
-    """(a runtime LocalDevice on the `size` UNet in eager torch, its millions of parameters)."""
-    from diffusers import UNet2DConditionModel
-
-    from runtime.devices import LocalDevice
-
-    where, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
-    with torch.device(where):
-        unet = UNet2DConditionModel(**SIZES[size]["unet"]).to(dtype).eval()
-
-    @torch.no_grad()
-    def run(*arrays: np.ndarray) -> np.ndarray:  # sample, timestep, encoder_hidden_states
-        sample, timestep, context = (torch.from_numpy(array).to(where) for array in arrays)
-        output = unet(sample.to(dtype), timestep, context.to(dtype), return_dict=False)[0]
-        return output.float().cpu().numpy()  # the copy to the host waits for the GPU
-
-    return LocalDevice.from_function(f"torch_{where}", run), round(unet.num_parameters() / 1e6, 1)
-
-
 def section_driffusion(check: Check) -> dict:
-    """Sequential vs aggressive at each window, without and with CFG (GUIDANCE 1.0 and 7.5):
-    `driffusion` requests with tritonclient.grpc; median ms, speedup = sequential ms / ms."""
+    """Sequential vs aggressive at each window, GUIDANCE 1.0 and 7.5: median ms, speedup."""
     import tritonclient.grpc as grpcclient
 
     from runtime.driffusion import round_pattern
-
     client, sequential = grpcclient.InferenceServerClient(check.grpc_url()), {}
     result = {"backend": check.serving["backend"], "steps": check.profile.steps,
               "devices": check.args.devices, "runs": []}
@@ -235,9 +204,7 @@ def section_driffusion(check: Check) -> dict:
         if check.left() < 10:
             result["truncated"] = "budget"
             break
-        values = {"PROMPT": PROMPT, "SEED": SEED, "STEPS": check.profile.steps, "MODE": mode,
-                  "WINDOW": window, "GUIDANCE": guidance}
-        trials = [ask(client, values) for _ in range(1 + check.profile.repeats)][1:]
+        trials = timed(check, client, mode, window, guidance)
         seconds, image, rounds, evaluations = sorted(trials, key=lambda t: t[0])[len(trials) // 2]
         base = sequential.setdefault(guidance, (seconds, image))  # each plan starts sequential
         pattern = round_pattern(mode, window, check.profile.steps)
@@ -253,39 +220,78 @@ def section_driffusion(check: Check) -> dict:
     client.close()
     return result
 
-
-def ask(client: Any, values: dict) -> tuple[float, np.ndarray, int, int]:
-    """One `driffusion` request: (seconds, IMAGE as int, ROUNDS, EVALUATIONS)."""
+def timed(check: Check, client: Any, mode: str, window: int, guidance: float) -> list[tuple]:
+    """Timed `driffusion` requests after a warm-up: (seconds, IMAGE, ROUNDS, EVALUATIONS)."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import triton_to_np_dtype
 
     from triton_models.pipeline_io import DRIFFUSION_INPUTS
-
-    inputs = []
+    inputs, values = [], {"PROMPT": PROMPT, "SEED": SEED, "STEPS": check.profile.steps,
+                          "MODE": mode, "WINDOW": window, "GUIDANCE": guidance}
     for name, value in values.items():
         kind = DRIFFUSION_INPUTS[name][0].removeprefix("TYPE_").replace("STRING", "BYTES")
         inputs.append(grpcclient.InferInput(name, [1], kind))
         inputs[-1].set_data_from_numpy(np.array([value], dtype=triton_to_np_dtype(kind)))
-    started = time.perf_counter()
-    answer = client.infer("driffusion", inputs, client_timeout=600)
-    return (time.perf_counter() - started, answer.as_numpy("IMAGE").astype(int),
-            int(answer.as_numpy("ROUNDS")[0]), int(answer.as_numpy("EVALUATIONS")[0]))
-
+    def once() -> tuple:
+        started = time.perf_counter()
+        answer = client.infer("driffusion", inputs, client_timeout=600)
+        return (time.perf_counter() - started, answer.as_numpy("IMAGE").astype(int),
+                int(answer.as_numpy("ROUNDS")[0]), int(answer.as_numpy("EVALUATIONS")[0]))
+    return [once() for _ in range(1 + check.profile.repeats)][1:]
 
 def overhead(check: Check, cfg: bool, pattern: list[int], ms: float) -> float | None:
-    """Triton overhead per round: (latency - UNet ms of every round's call) / rounds, the UNet
-    ms interpolated between the unet section's batches (None if that section did not run)."""
+    """(latency - the unet section's UNet ms, interpolated, of every round's call) / rounds."""
     if not (measured := check.shared.get("unet_ms")):
         return None
     rows = [-(-items // check.args.devices) * (2 if cfg else 1) for items in pattern]
     unet_ms = np.interp(rows, sorted(measured), [measured[b] for b in sorted(measured)]).sum()
     return round((ms - float(unet_ms)) / len(pattern), 3)
 
+def versus(check: Check, url: str) -> dict:
+    """Median ms of sequential and aggressive window 4 `driffusion` requests with CFG."""
+    import tritonclient.grpc as grpcclient
+    client, ms = grpcclient.InferenceServerClient(url), {}
+    for key, window in (("sequential_ms", 1), ("aggressive_w4_ms", 4)):
+        trials = timed(check, client, key.split("_")[0], window, GUIDANCE)
+        ms[key] = round(float(np.median([trial[0] for trial in trials])) * 1e3, 2)
+    client.close()
+    return {**ms, "speedup": round(ms["sequential_ms"] / ms["aggressive_w4_ms"], 3)}
+
+def section_layouts(check: Check) -> dict:
+    """`versus` on the served engines in each one-GPU layout of 4 devices (GPU engines only)."""
+    from triton_models.repository import GPU_LAYOUTS
+    check.grpc_url()
+    if (backend := check.serving["backend"]) == "onnxruntime" and not check.args.dry_run:
+        return {"skipped": f"{backend} engines run on the CPU: no one-GPU layout to compare"}
+    result: dict[str, Any] = {"backend": backend, "devices": 4, "layouts": {}}
+    for layout in GPU_LAYOUTS:
+        with check.served(check.shared["outcome"], f"tritonserver-{layout}", devices=4,
+                          gpu_layout=layout) as (server, repository):
+            result["layouts"][layout] = {"models": repository.models,
+                                         **versus(check, server.grpc_url)}
+    fastest = min(result["layouts"].items(), key=lambda item: item[1]["aggressive_w4_ms"])[0]
+    return {**result, "fastest": fastest}
+
+def section_sizes(check: Check) -> dict:
+    """`versus` on each --sizes model (tiny ones on CPU engines); a failed size is recorded."""
+    check.grpc_url()
+    backend, tiny, result = check.serving["backend"], check.serving["size"] == "tiny", {}
+    for size, started in ((size, time.perf_counter()) for size in check.args.sizes):
+        model = TINY_OF[size] if tiny or check.args.dry_run else size
+        try:
+            with contextlib.ExitStack() as stack:
+                url = check.grpc_url() if model == check.serving["size"] else stack.enter_context(
+                    check.served(check.build(model, backend), f"tritonserver-{model}"))[0].grpc_url
+                result[size] = {"model": model, "scaled_down": model == "sdxl",
+                                **versus(check, url)}
+        except Exception as error:  # noqa: BLE001 - one size failing must not hide the others
+            result[size] = {"model": model, "error": f"{type(error).__name__}: {error}"}
+        result[size]["seconds"] = round(time.perf_counter() - started, 1)
+    return {"backend": backend, "steps": check.profile.steps, "sizes": result}
 
 def section_tensorrt(check: Check) -> dict:
     """TensorRT plans of the profile's folder where TensorRT and a GPU exist, else why not."""
     from engines.manifest import read_manifest
-
     backend, gpus, trt_version, why = choose_backend("auto")
     result: dict[str, Any] = {"present": trt_version is not None, "version": trt_version,
                               "gpus": [gpu.to_json() for gpu in gpus]}
@@ -298,11 +304,8 @@ def section_tensorrt(check: Check) -> dict:
                   used=check.serving.get("backend") == "tensorrt")
     return result
 
-
 SECTION_FUNCTIONS: dict[str, Callable[[Check], dict]] = {
-    "environment": section_environment, "unet": section_unet, "driffusion": section_driffusion,
-    "tensorrt": section_tensorrt}
-
+    name: globals()[f"section_{name}"] for name in SECTIONS}
 
 def run_section(name: str, check: Check) -> dict:
     """One section's record: status ok / skipped / error, seconds, and its result."""
@@ -319,11 +322,9 @@ def run_section(name: str, check: Check) -> dict:
         LOG.error("%s failed: %s", name, record["error"])
     return {**record, "seconds": round(time.perf_counter() - started, 2)}
 
-
 def table(columns: list[str], rows: list[list]) -> list[str]:
     lines = [f"| {' | '.join(map(str, row))} |" for row in [columns, ["-"] * len(columns), *rows]]
     return lines + [""] if rows else []
-
 
 def markdown(report: dict) -> str:
     """The headline numbers as Markdown tables, ready for docs/BENCHMARKS.md."""
@@ -332,17 +333,18 @@ def markdown(report: dict) -> str:
     gpu, note = (env.get("gpus") or [{"name": "none"}])[0]["name"], serving.get("note", "none")
     header = (f"GPU {gpu}, torch {env.get('torch')}, TensorRT {env.get('tensorrt')}; served "
               f"{serving.get('size')} model, {serving.get('backend')} engines ({note})")
-    eager = unet.get("eager_torch", {})
-    lines = [header, ""] + table(
-        ["batch", f"{unet.get('model')} ms", f"{eager.get('device')} ms"],
-        [[b, e["median_ms"], eager.get("batches", {}).get(b, {}).get("median_ms")]
-         for b, e in unet.get("batches", {}).items()])
+    lines = [header, ""] + table(["batch", f"{unet.get('model')} ms"], [
+        [b, e["median_ms"]] for b, e in unet.get("batches", {}).items()])
     columns = ["cfg", "mode", "window", "ms", "rounds", "speedup", "overhead_ms_per_round"]
     lines += table(columns, [[run[key] for key in columns]
                              for run in results.get("driffusion", {}).get("runs", [])])
+    columns = ["sequential_ms", "aggressive_w4_ms", "speedup"]
+    for key, name in (("layouts", "layout"), ("sizes", "size")):
+        lines += table([name, "model", *columns], [
+            [item, entry.get("model", "4 devices"), *(entry.get(c) for c in columns)]
+            for item, entry in results.get(key, {}).get(key, {}).items()])
     return "\n".join(lines + [f"{name}: {r['status']} {r.get('reason') or r.get('error') or ''}"
                               .rstrip() for name, r in report["sections"].items()]) + "\n"
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="On the GPU "
@@ -354,38 +356,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sections", type=lambda text: text.split(","), default=SECTIONS,
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
-                        help="engines the unet and driffusion sections serve (default auto: "
-                        "torch on a GPU without TensorRT, TensorRT plans where it imports)")
+                        help="engines served (default auto: TensorRT plans where it imports, "
+                        "else torch on a GPU)")
     parser.add_argument("--devices", type=positive_int, default=1, help="unet_* models (1)")
+    parser.add_argument("--sizes", type=lambda text: text.split(","), default=["sd15"],
+                        help=f"models the sizes section times, of {','.join(TINY_OF)} (sd15)")
     args = parser.parse_args(argv)
-    if unknown := set(args.sections) - set(SECTIONS):
-        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {SECTIONS}")
+    for kind, given, known in (("section", args.sections, SECTIONS), ("size", args.sizes, TINY_OF)):
+        if unknown := set(given) - set(known):
+            parser.error(f"unknown {kind}(s) {', '.join(sorted(unknown))}; choose from {[*known]}")
     return args
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print(f"gpu_check: no CUDA GPU found (torch {torch.__version__}). Add --dry-run for the "
-              "CPU rehearsal (`make gpu-check GPU_CHECK_ARGS=--dry-run`), or run "
-              "scripts/gpu_run.sh on a GPU machine.", file=sys.stderr)
+              "CPU rehearsal, or run scripts/gpu_run.sh on a GPU machine.", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     handlers = [logging.StreamHandler(), logging.FileHandler(args.out / "gpu_check.log", "w")]
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%X"))
-    LOG.handlers, LOG.propagate = handlers, False
-    LOG.setLevel(logging.INFO)
+    LOG.handlers, LOG.propagate, LOG.level = handlers, False, logging.INFO
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work, contextlib.ExitStack() as stack:
         return run_all(Check(args, DRY if args.dry_run else FULL, Path(work), stack))
-
 
 def run_all(check: Check) -> int:
     """Run the requested sections, rewriting the JSON after each; 1 if any section failed."""
     args, path = check.args, check.args.out / "gpu_check.json"
     report: dict[str, Any] = {"schema": 2, "started": time.strftime("%FT%T%z"), "dry_run":
                               args.dry_run, "budget_s": args.budget_s, "sections": {},
-                              "profile": asdict(check.profile), "serving": check.serving}
+                              "profile": check.profile._asdict(), "serving": check.serving}
     for name in args.sections:
         report["sections"][name] = run_section(name, check)
         report["elapsed_s"] = round(time.monotonic() - check.started, 1)
@@ -394,7 +395,6 @@ def run_all(check: Check) -> int:
     (args.out / "gpu_check.md").write_text(summary := markdown(report))
     LOG.info("summary:\n%s", summary)
     return 1 if any(r["status"] == "error" for r in report["sections"].values()) else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@
 # BUDGET_S + 30 s. Wheels come from .whl/*.whl (diffusers, tritonclient, python-rapidjson);
 # .whl/fallback/*.whl (grpcio, protobuf) only if tritonclient.grpc does not import without
 # them; .whl/triton-min.tar.xz (scripts/pack_triton.sh) if present. GPU_CHECK_ARGS adds options
-# to gpu_check.py (--sections, --backend, --devices; a CPU rehearsal:
+# to gpu_check.py (--sections, --backend, --devices, --sizes sd15,sdxl; a CPU rehearsal:
 # GPU_CHECK_ARGS=--dry-run PY=.venv/bin/python SITE=/tmp/x).
 #
 # The check runs in a small virtual environment ($SITE/venv) whose site-packages lists every

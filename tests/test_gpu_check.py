@@ -50,7 +50,7 @@ def dry_run(tmp_path_factory) -> dict:
     pytest.importorskip("pytriton", reason="needs nvidia-pytriton (the embedded tritonserver)")
     pytest.importorskip("tritonclient.grpc")
     out = tmp_path_factory.mktemp("gpu_check")
-    done = run_check(out, "--dry-run")
+    done = run_check(out, "--dry-run", "--sizes", "sd15,sdxl")
     assert done.returncode == 0, done.stderr[-3000:]
     return {"report": load_report(out), "log": (out / "gpu_check.log").read_text(),
             "summary": (out / "gpu_check.md").read_text(), "out": out}
@@ -70,8 +70,10 @@ def test_dry_run_runs_every_section_and_stops_its_server(dry_run):
     for name, record in report["sections"].items():
         assert record["status"] in ("ok", "skipped"), (name, record)
         assert record["seconds"] >= 0 and f"== {name}" in dry_run["log"]
+    assert report["sections"]["layouts"]["status"] == report["sections"]["sizes"]["status"] == "ok"
     serving = report["serving"]
     assert serving["size"] == "tiny" and serving["backend"] == "onnxruntime"
+    assert "no usable CUDA GPU" in serving["why"] or "TensorRT" in serving["why"], serving["why"]
     assert "CPU" in serving["note"] and "no TensorRT plan" in serving["engines"]
     assert {"unet_cpu0", "driffusion"} <= set(serving["models"])
     assert (dry_run["out"] / "tritonserver.log").is_file()
@@ -89,16 +91,62 @@ def test_environment_names_machine_and_missing_gpu(dry_run):
 
 
 @pytest.mark.triton
-def test_unet_latency_per_batch_served_and_eager(dry_run):
+def test_unet_latency_per_batch_served(dry_run):
     unet = result(dry_run, "unet")
     assert unet["model"] == "unet_cpu0" and unet["backend"] == "onnxruntime"
-    eager = unet["eager_torch"]
-    assert eager["device"] == "torch_cpu" and eager["parameters_m"] > 0.1
-    for batches in (unet["batches"], eager["batches"]):
-        assert list(batches) == [str(batch) for batch in DRY.batches]
-        for entry in batches.values():
-            assert len(entry["all_ms"]) == DRY.repeats
-            assert 0 < entry["min_ms"] <= entry["median_ms"] < 10_000
+    assert list(unet["batches"]) == [str(batch) for batch in DRY.batches]
+    for entry in unet["batches"].values():
+        assert len(entry["all_ms"]) == DRY.repeats
+        assert 0 < entry["min_ms"] <= entry["median_ms"] < 10_000
+
+
+def assert_versus(entry: dict) -> None:
+    """Sequential and aggressive window 4 with CFG were both timed, and the speedup is theirs."""
+    assert entry["sequential_ms"] > 0 and entry["aggressive_w4_ms"] > 0
+    assert entry["speedup"] == pytest.approx(entry["sequential_ms"] / entry["aggressive_w4_ms"],
+                                             abs=2e-3)
+
+
+@pytest.mark.triton
+def test_layouts_serve_both_one_gpu_layouts_and_name_the_fastest(dry_run):
+    from triton_models.repository import GPU_LAYOUTS
+
+    layouts = result(dry_run, "layouts")
+    assert layouts["backend"] == "onnxruntime" and layouts["devices"] == 4
+    assert list(layouts["layouts"]) == list(GPU_LAYOUTS)
+    for entry in layouts["layouts"].values():
+        assert_versus(entry)
+    # batched: one device model takes each round as one call; instances: 4 device models
+    assert [m for m in layouts["layouts"]["batched"]["models"] if m.startswith("unet_")] == [
+        "unet_cpu0"]
+    assert {f"unet_cpu{i}" for i in range(4)} <= set(layouts["layouts"]["instances"]["models"])
+    assert layouts["fastest"] == min(
+        GPU_LAYOUTS, key=lambda name: layouts["layouts"][name]["aggressive_w4_ms"])
+
+
+@pytest.mark.triton
+def test_sizes_time_sd15_and_scaled_down_sdxl(dry_run):
+    sizes = result(dry_run, "sizes")
+    assert sizes["backend"] == "onnxruntime" and list(sizes["sizes"]) == ["sd15", "sdxl"]
+    sd15, sdxl = sizes["sizes"]["sd15"], sizes["sizes"]["sdxl"]
+    assert "error" not in sd15 and "error" not in sdxl, sizes
+    assert (sd15["model"], sdxl["model"]) == ("tiny", "tiny-xl")  # a dry run: both tiny
+    assert sd15["scaled_down"] is False and sdxl["scaled_down"] is False
+    for entry in (sd15, sdxl):
+        assert_versus(entry)
+        assert entry["seconds"] > 0
+    assert "tritonserver-tiny-xl.log" in {p.name for p in dry_run["out"].iterdir()}
+
+
+def test_sdxl_size_is_sdxl_shaped_and_marked_scaled_down():
+    for size in ("sdxl", "tiny-xl"):
+        config = gpu_check.SIZES[size]
+        unet, first, second = config["unet"], config["clip"], config["clip2"]
+        assert unet["addition_embed_type"] == "text_time" and second["projection_dim"] > 0
+        assert unet["cross_attention_dim"] == first["hidden_size"] + second["hidden_size"]
+        assert unet["projection_class_embeddings_input_dim"] == (
+            second["projection_dim"] + 6 * unet["addition_time_embed_dim"])
+    assert gpu_check.TINY_OF == {"sd15": "tiny", "sdxl": "tiny-xl"}
 
 
 @pytest.mark.triton
@@ -138,7 +186,9 @@ def test_tensorrt_builds_plans_or_says_why_not(dry_run):
 @pytest.mark.triton
 def test_summary_tables_every_measurement(dry_run):
     summary, report = dry_run["summary"], dry_run["report"]
-    assert "| batch | unet_cpu0 ms | torch_cpu ms |" in summary
+    assert "| batch | unet_cpu0 ms |" in summary
+    assert "| batched | 4 devices |" in summary and "| instances | 4 devices |" in summary
+    assert "| sdxl | tiny-xl |" in summary and "layouts: ok" in summary
     runs = report["sections"]["driffusion"]["result"]["runs"]
     assert summary.count("| aggressive |") == sum(run["mode"] == "aggressive" for run in runs)
     assert "onnxruntime engines (the device models run ONNX Runtime on the CPU" in summary
@@ -182,6 +232,7 @@ def test_no_gpu_says_so_and_suggests_dry_run(tmp_path, capsys):
     (["--budget-s", "0"], "must be an integer >= 1"),
     (["--devices", "0"], "must be an integer >= 1"),
     (["--backend", "cuda"], "invalid choice: 'cuda'"),
+    (["--sizes", "sd15,sd3"], "unknown size(s) sd3"),
 ])
 def test_bad_options_name_what_is_allowed(tmp_path, capsys, args, expected):
     with pytest.raises(SystemExit):
