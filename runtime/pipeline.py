@@ -31,7 +31,6 @@ from models.pipeline_spec import (
     STABLE_DIFFUSION_XL,
     PipelineSpec,
     TextEncoder,
-    digit_names,
 )
 from runtime.devices import DEFAULT_DEADLINE_S, Conditioning, DevicePool, ModelClient
 from runtime.driffusion import DRAFT_ORDERS, MODES, VP_SCHEDULERS, sample
@@ -44,7 +43,7 @@ from runtime.schedulers import (
 )
 
 __all__ = ["Cancelled", "CountingDenoise", "GenerationRequest", "GenerationResult", "Pipeline", "PipelineSpec",
-           "RequestError", "ResolvedRequest", "digit_names", "resolve", "to_uint8_image"]
+           "RequestError", "ResolvedRequest", "resolve", "to_uint8_image"]
 
 # tokenizer models: TEXT (BYTES [N, 1]) in; input_ids (INT64 [N, max_length]) and the number of
 # tokens truncation dropped per text (INT32 [N, 1]) out
