@@ -107,35 +107,10 @@ def test_auto_layout_is_batched_only_for_gpu_engines_on_one_gpu():
     assert resolve_gpu_layout(explicit, gpu_count=1).gpu_layout == "instances"
 
 
-def fake_engines(root: Path, backend: str, key: str) -> Path:
-    """An engines model dir with a UNet only (the repository tests' fake UNet) and the sim's
-    pipeline spec: what the layouts need, without exporting a model."""
-    from test_triton_repository import UNET_INPUTS, UNET_OUTPUTS, identity_unet_onnx
-
-    from engines.gpu import GpuInfo
-    from engines.manifest import network_entry, new_manifest, write_manifest
-
-    directory = root / key
-    directory.mkdir(parents=True)
-    if backend == "onnxruntime":
-        identity_unet_onnx(directory / "unet.onnx")
-        file, gpu = "unet.onnx", None
-    else:
-        (directory / "unet.plan").write_bytes(b"not a real plan")
-        file, gpu = "unet.plan", GpuInfo(0, "NVIDIA H100 80GB HBM3", 9, 0, "GPU-1234")
-    manifest = new_manifest("tiny", backend, "test", gpu)
-    manifest["networks"]["unet"] = network_entry(
-        file=file, onnx_sha256="0" * 64, precision="fp32", inputs=UNET_INPUTS,
-        outputs=UNET_OUTPUTS, profile={}, build_seconds=0.0, optimization_level=3)
-    write_manifest(directory, manifest)
-    (directory / "pipeline.json").write_text(SPEC.with_defaults(model="tiny").to_json())
-    return root
-
-
 def test_batched_layout_writes_one_device_and_the_window(tmp_path: Path):
-    from test_triton_repository import load_config, parameters
+    from test_triton_repository import load_config, parameters, write_engines
 
-    engines = fake_engines(tmp_path / "tiny", "onnxruntime", "cpu")
+    engines = write_engines(tmp_path / "tiny", "onnxruntime", key="cpu")
     repository = write_repository(tmp_path / "repo", RepositoryOptions(
         model=str(engines), devices=4, gpu_layout="batched"))
     assert [device.name for device in repository.devices] == ["unet_cpu0"]
@@ -148,9 +123,9 @@ def test_batched_layout_writes_one_device_and_the_window(tmp_path: Path):
 
 
 def test_instances_layout_puts_every_tensorrt_device_on_gpu_zero(tmp_path: Path):
-    from test_triton_repository import load_config
+    from test_triton_repository import load_config, write_engines
 
-    engines = fake_engines(tmp_path / "tiny", "tensorrt", "h100-sm90-00000000")
+    engines = write_engines(tmp_path / "tiny", "tensorrt", key="h100-sm90-00000000")
     repository = write_repository(tmp_path / "repo", RepositoryOptions(
         model=str(engines), devices=3, backend="tensorrt", gpu_layout="instances"))
     assert [device.name for device in repository.devices] == [f"unet_gpu{i}" for i in range(3)]
