@@ -166,7 +166,25 @@ def slow_server(triton_server, tmp_path_factory):
     return triton_server(write_repository(tmp_path_factory.mktemp("c") / "repo", options).path)
 
 
-def test_a_request_whose_client_gave_up_stops_within_a_round(slow_server):
+def test_the_cancellation_check_asks_triton_at_most_once_per_interval_and_remembers_yes():
+    from triton_models.backend import ThrottledCheck
+
+    now, answers = [0.0], iter([False, False, True])
+    asked = []
+
+    def is_cancelled() -> bool:
+        asked.append(now[0])
+        return next(answers)
+
+    check = ThrottledCheck(is_cancelled, interval_s=0.05, clock=lambda: now[0])
+    for step in range(20):  # 20 rounds of 10 ms: asked at 0, 50 and 100 ms
+        now[0] = step * 0.01
+        check()
+    assert asked == pytest.approx([0.0, 0.05, 0.1])
+    assert check() and check.asked == 3  # once cancelled, never asked again
+
+
+def test_a_request_whose_client_gave_up_stops_within_a_round_and_the_check_interval(slow_server):
     def cancelled() -> float:
         return metric(slow_server, "driffusion_requests_total", outcome="cancelled")
 

@@ -7,7 +7,8 @@ device. A device model that fails (crashed stub, unloaded, past its deadline) is
 service for every request of this instance and its calls are re-issued on the others; it rejoins
 after a health check. The model is not decoupled (a plain gRPC infer gets the image), so Triton
 runs one `execute` at a time per instance: concurrent requests need more instances
-(--pipeline-instances).
+(--pipeline-instances). Whether the client gave up is asked before a round, at most every
+CANCEL_CHECK_INTERVAL_S (each question is an IPC round trip to the server).
 Parameters (config.pbtxt): `pipeline` (PipelineSpec JSON with the serving limits), `devices`
 (JSON list of {name, instances, max_batch, batching, dtypes}), `deadline_s` (per model call),
 `cfg_parallel`, `batched_rounds` and `window` (the one-GPU batched layout: each round is one call
@@ -19,6 +20,7 @@ models of device servers on other hosts, over gRPC, found and checked at initial
 import asyncio
 import json
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -26,10 +28,13 @@ import triton_python_backend_utils as pb_utils
 
 from runtime.devices import DenoiserIO, Device, DeviceError, DevicePool, PoolError
 from runtime.pipeline import Cancelled, Pipeline, PipelineSpec, RequestError
-from runtime.schedulers import make_scheduler
-from triton_models.backend import model_parameters
+from runtime.schedulers import make_scheduler, max_steps
+from triton_models.backend import ThrottledCheck, model_parameters
 from triton_models.device_endpoints import describe, devices_from_parameters
 from triton_models.pipeline_io import DRIFFUSION_INPUTS, request_from_tensors
+
+# executor threads beyond one per device lane: encoders, the VAE, health checks, failover calls
+EXTRA_THREADS = 4
 
 
 class BlsModel:
@@ -113,11 +118,29 @@ class TritonPythonModel:
         self.models = {name: BlsModel(name) for name in Pipeline.needed_models(self.spec)}
         self.log = pb_utils.Logger
         self.metrics = Metrics()
-        # import the schedulers now, not in the first request
+        self._executor_loop = None
+        # import the schedulers and find the default one's step limit now, not in a request
         make_scheduler(self.spec.default_scheduler, 1, self.spec.scheduler_config)
+        max_steps(self.spec.default_scheduler, self.spec.scheduler_config, self.spec.max_steps)
 
     async def execute(self, requests):
+        self._size_executor(asyncio.get_running_loop())
         return list(await asyncio.gather(*(self._respond(request) for request in requests)))
+
+    def _size_executor(self, loop):
+        """Give the stub's event loop enough threads for a whole round of BLS calls.
+
+        `async_exec` runs each call in a thread of the loop's default executor, whose default
+        size is the CPU count + 4 (6 on 2 cores): a round of 8 device calls then waited for a
+        free thread and took two device times instead of one (measured by `bench speed`,
+        window 8). The loop is the stub's own, created for the first `execute`.
+        """
+        if self._executor_loop is loop:
+            return
+        lanes = sum(device.instances for device in self.devices)
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=lanes + EXTRA_THREADS,
+                                                     thread_name_prefix="driffusion-bls"))
+        self._executor_loop = loop
 
     async def _respond(self, request):
         tensors = {}
@@ -132,7 +155,8 @@ class TritonPythonModel:
         try:
             resolved = pipeline.resolve(request_from_tensors(tensors, self.spec.max_prompt_bytes))
             mode = resolved.mode
-            result = await pipeline.run(resolved, should_stop=request.is_cancelled)
+            cancelled = ThrottledCheck(request.is_cancelled)
+            result = await pipeline.run(resolved, should_stop=cancelled)
         except RequestError as error:
             return self._fail("invalid", mode, f"{error.field.upper()}: {error.detail}",
                               pb_utils.TritonError.INVALID_ARG)
