@@ -10,6 +10,7 @@ BENCHMARKS: dict[str, str] = {
     "quality": "bench.quality",
     "load": "bench.load",
     "methods": "bench.methods",
+    "floor": "bench.floor",
 }
 
 

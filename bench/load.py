@@ -27,8 +27,8 @@ import numpy as np
 from bench.common import machine_info
 from runtime.devices import parse_endpoint
 from runtime.driffusion import MODES
+from runtime.generate import PIPELINE_MODEL
 
-PIPELINE_MODEL = "driffusion"
 DEVICE_PREFIX = "unet_"
 MAX_CLIENTS = 4096
 

@@ -1,15 +1,21 @@
 """`driffusion bench speed`: DRiffusion latency against sequential sampling on the same devices.
 
 Backends, each measured side by side with sequential sampling in the same run:
-- `sim`: `unet_sim` devices behind the embedded Triton. The closed-form model sleeps to a set
-  latency per call, so what is left is orchestration: gRPC, the python backend, the sampler.
+- `sim`: `unet_sim` devices behind the embedded Triton, the sampler and pool in this process
+  (the `driffusion generate` path). The closed-form model sleeps to a set latency per call, so
+  what is left is orchestration: gRPC, the python backend, the sampler.
+- `server`: the same devices, the sampler and pool inside the server's `driffusion` model: a
+  plain gRPC client asks for whole images, as every other gRPC client does.
 - `cpu`: the reference model's ONNX Runtime engines as `unet_cpu<i>` models behind Triton (the
   prompt asking for the digit is encoded once, by the served tokenizer and text encoder).
 - `cpu-local`: the same engines as in-process ONNX Runtime sessions (no server, no gRPC): what
   the serving overhead is measured against.
 Per mode and window: rounds, measured speedup, ideal speedup (sequential rounds / rounds),
-efficiency (measured / ideal) and per-round overhead (wall time per round minus the model time
-of the round's largest device call, measured in-process on this machine).
+efficiency (measured / ideal) and per-round overhead: wall time per round minus the model time of
+the round's largest device call. For `sim` and `server` the model time is what the devices took,
+from Triton's statistics of the `unet_sim` model (compute time per execution); for `cpu` it is
+the engine's time measured in-process on this machine. Client CPU per device call is this
+process's CPU time over the device calls of the run (for `server`, one gRPC call per image).
 """
 from __future__ import annotations
 
@@ -33,12 +39,16 @@ from models import paths, tensors
 from models.limits import MAX_GUIDANCE
 from runtime.driffusion import round_pattern
 
-BACKENDS = ("sim", "cpu", "cpu-local")
+BACKENDS = ("sim", "server", "cpu", "cpu-local")
 TIMED_MODES = ("conservative", "aggressive")
 DEFAULT_WINDOWS = (1, 2, 4, 8)
 DEFAULT_OUT = paths.output_dir("bench", "speed")
+# the goals of the orchestration-overhead issue (#14), checked where a run measured their setting
 SIM_TARGET = {"latency_ms": 20.0, "steps": 50, "window": 4, "efficiency": 0.95}
-CPU_TARGET = {"devices": 2, "speedup": 1.7}
+SERVER_TARGET = {"sequential_overhead_ms": 2.0, "aggressive_overhead_ms": 3.0}
+CLIENT_CPU_TARGET_MS = 0.5  # client CPU per device call (`sim`: the generate path)
+CPU_TARGET = {"devices": 2, "speedup": 1.75}
+DEVICE_MODEL = "unet_sim"
 MODEL_TIME_CALLS = 30
 WARM_UP_STEPS = 8
 PROBE_SECONDS = 2.0
@@ -102,6 +112,8 @@ class SpeedRecord:
     cpu_ms_per_step: float  # CPU time of client, server and devices per timestep
     client_cpu_ms_per_step: float  # the part of it spent in this process (sampler, pool, gRPC)
     cores_busy: float  # that CPU time over wall time: how many cores the run kept busy
+    device_calls_per_run: float = 0.0  # model calls one image made (0: not counted)
+    client_cpu_ms_per_call: float | None = None  # this process's CPU per device call
 
 
 @dataclass
@@ -131,6 +143,27 @@ class Timings:
     rounds: dict[tuple[str, int], int] = field(default_factory=dict)
     cpu_seconds: dict[tuple[str, int], float] = field(default_factory=dict)  # all runs together
     client_cpu_seconds: dict[tuple[str, int], float] = field(default_factory=dict)
+    device_calls: dict[tuple[str, int], int] = field(default_factory=dict)  # all runs together
+    # what the devices took per call, from Triton's statistics (absent: use the backend's table)
+    device_ms: dict[tuple[str, int], float] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, runs: Sequence[tuple[str, int]]) -> Timings:
+        return cls({run: [] for run in runs}, {}, dict.fromkeys(runs, 0.0),
+                   dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0))
+
+    def add(self, run: tuple[str, int], seconds: float, rounds: int, client_cpu: float,
+            server_cpu: float, calls: int) -> None:
+        """One timed run: wall seconds, rounds, CPU seconds (this process, the server) and
+        device calls."""
+        self.seconds[run].append(seconds)
+        self.rounds[run] = rounds
+        self.client_cpu_seconds[run] += client_cpu
+        self.cpu_seconds[run] += client_cpu + server_cpu
+        self.device_calls[run] += calls
+
+
+DeviceStats = Callable[[], tuple[int, float]]  # (device calls, device seconds) so far
 
 
 def process_cpu_seconds(pids: Sequence[int]) -> float:
@@ -160,12 +193,16 @@ async def time_runs(pool, conditioning, setup: SpeedSetup,
                     progress: Callable[[], None] = lambda: None,
                     clock: Callable[[], tuple[float, float]] | None = None, *,
                     latent_shape: Sequence[int] = (1, 8, 8),
-                    scheduler_config: dict[str, Any] | None = None) -> Timings:
-    """Every run `repeat` times, interleaved, after a warm-up: wall time, rounds, CPU time.
+                    scheduler_config: dict[str, Any] | None = None,
+                    device_stats: DeviceStats | None = None) -> Timings:
+    """Every run `repeat` times, interleaved, after a warm-up: wall time, rounds, CPU time,
+    device calls.
 
     `clock` reads the CPU seconds used so far by (this process, what serves the pool);
     by default this process alone. `latent_shape` [C, H, W] and `scheduler_config` are the
     model's (default: the sim's and the reference model's 8x8 one-channel latents and schedule).
+    `device_stats` reads the devices' own count of calls and seconds (Triton's statistics);
+    with it, the timings hold what the devices took per call.
     """
     import torch
 
@@ -185,20 +222,40 @@ async def time_runs(pool, conditioning, setup: SpeedSetup,
                      mode=mode, window=window)
         return time.perf_counter() - start, pool.rounds - before
 
+    async def timed(mode: str, window: int) -> tuple[float, int, int]:
+        calls = pool.calls
+        elapsed, rounds = await one(mode, window, setup.steps)
+        return elapsed, rounds, pool.calls - calls
+
     for mode, window in setup.runs():
         await one(mode, window, min(setup.steps, WARM_UP_STEPS))
-    clock = clock or cpu_clock()
-    timings = Timings({run: [] for run in setup.runs()}, {}, dict.fromkeys(setup.runs(), 0.0),
-                      dict.fromkeys(setup.runs(), 0.0))
+    return await repeat_runs(setup, timed, progress, clock or cpu_clock(), device_stats)
+
+
+async def repeat_runs(setup: SpeedSetup, timed, progress: Callable[[], None],
+                      clock: Callable[[], tuple[float, float]],
+                      device_stats: DeviceStats | None) -> Timings:
+    """`await timed(mode, window)` -> (seconds, rounds, device calls) for every run, `repeat`
+    times, interleaved; CPU from `clock`, the devices' own time from `device_stats`."""
+    timings = Timings.empty(setup.runs())
+    device_seconds = dict.fromkeys(setup.runs(), 0.0)
+    stats_calls = dict.fromkeys(setup.runs(), 0)
     for _ in range(setup.repeat):
         for run in setup.runs():
             client_before, server_before = clock()
-            elapsed, timings.rounds[run] = await one(*run, setup.steps)
+            stats_before = device_stats() if device_stats else (0, 0.0)
+            elapsed, rounds, calls = await timed(*run)
             client_after, server_after = clock()
-            timings.client_cpu_seconds[run] += client_after - client_before
-            timings.cpu_seconds[run] += client_after - client_before + server_after - server_before
-            timings.seconds[run].append(elapsed)
+            if device_stats:
+                stats_after = device_stats()
+                stats_calls[run] += stats_after[0] - stats_before[0]
+                device_seconds[run] += stats_after[1] - stats_before[1]
+                calls = calls or stats_after[0] - stats_before[0]
+            timings.add(run, elapsed, rounds, client_after - client_before,
+                        server_after - server_before, calls)
             progress()
+    timings.device_ms = {run: device_seconds[run] * 1000 / stats_calls[run]
+                         for run in setup.runs() if stats_calls[run]}
     return timings
 
 
@@ -206,7 +263,8 @@ def build_records(backend: str, setup: SpeedSetup, lanes: int, timings: Timings,
                   call_ms: Callable[[int], float]) -> list[SpeedRecord]:
     """Speedups, ideal speedups, efficiency and per-round overhead from raw timings.
 
-    `call_ms(rows)` is the model time of one device call with `rows` rows.
+    `call_ms(rows)` is the model time of one device call with `rows` rows, used where the
+    timings hold no time measured by the devices themselves.
     """
     rows_per_item = 2 if setup.guidance != 1.0 else 1  # each item is a cond/uncond pair
     base = statistics.median(timings.seconds[("sequential", 1)])
@@ -221,7 +279,10 @@ def build_records(backend: str, setup: SpeedSetup, lanes: int, timings: Timings,
         cpu_seconds = timings.cpu_seconds[(mode, window)]
         median = statistics.median(runs)
         per_call = [math.ceil(items / lanes) for items in pattern]
-        model_ms = statistics.fmean(call_ms(items * rows_per_item) for items in per_call)
+        measured = timings.device_ms.get((mode, window))
+        model_ms = measured if measured is not None else statistics.fmean(
+            call_ms(items * rows_per_item) for items in per_call)
+        calls = timings.device_calls.get((mode, window), 0)
         ms_per_round = median * 1000 / len(pattern)
         speedup, ideal = base / median, base_rounds / len(pattern)
         records.append(SpeedRecord(
@@ -234,6 +295,9 @@ def build_records(backend: str, setup: SpeedSetup, lanes: int, timings: Timings,
             client_cpu_ms_per_step=timings.client_cpu_seconds[(mode, window)] * 1000
             / (len(runs) * setup.steps),
             cores_busy=cpu_seconds / sum(runs),
+            device_calls_per_run=calls / len(runs),
+            client_cpu_ms_per_call=timings.client_cpu_seconds[(mode, window)] * 1000 / calls
+            if calls else None,
         ))
     return records
 
@@ -310,7 +374,7 @@ async def encode_condition(pipeline, label: int, guidance: float):
 
 async def _measure_served(endpoint: str, setup: SpeedSetup, progress,
                           clock: Callable[[], tuple[float, float]],
-                          spec) -> tuple[int, Timings]:
+                          spec, device_stats: DeviceStats | None = None) -> tuple[int, Timings]:
     from runtime.devices import TritonEndpoints
     from runtime.generate import connect_pipeline
 
@@ -319,27 +383,129 @@ async def _measure_served(endpoint: str, setup: SpeedSetup, progress,
         conditioning = await encode_condition(pipeline, setup.label, setup.guidance)
         return pipeline.pool.width, await time_runs(
             pipeline.pool, conditioning, setup, progress, clock,
-            latent_shape=spec.latent_shape, scheduler_config=spec.scheduler_config)
+            latent_shape=spec.latent_shape, scheduler_config=spec.scheduler_config,
+            device_stats=device_stats)
+
+
+def triton_device_stats(client, model: str) -> DeviceStats:
+    """(calls, seconds of compute) of `model` so far, from Triton's statistics: what the device
+    itself took per request, queueing and transport left out (requests that Triton batched into
+    one execution each count that execution's time)."""
+
+    def read() -> tuple[int, float]:
+        statistics = client.get_inference_statistics(model, as_json=True)
+        calls, nanoseconds = 0, 0
+        for stats in statistics.get("model_stats", []):
+            inference = stats.get("inference_stats", {})
+            calls += int(inference.get("compute_infer", {}).get("count", 0))
+            nanoseconds += sum(int(inference.get(part, {}).get("ns", 0))
+                               for part in ("compute_input", "compute_infer", "compute_output"))
+        return calls, nanoseconds / 1e9
+
+    return read
+
+
+def _sim_options(setup: SpeedSetup, pipeline_model: bool):
+    """The sim devices of the `sim` and `server` backends: one instance (lane) per item of the
+    largest window."""
+    from triton_models.repository import RepositoryOptions
+
+    return RepositoryOptions(model="sim", devices=max(setup.windows),
+                             sim_latency_ms=setup.sim_latency_ms, pipeline_model=pipeline_model)
 
 
 def measure_sim(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
-    """`unet_sim` behind Triton with one instance (lane) per window item of the largest window."""
-    from triton_models.repository import RepositoryOptions
+    """`unet_sim` behind Triton, the sampler and the pool in this process."""
+    import tritonclient.grpc as grpc_client
+
     from triton_models.serve import serving
 
-    lanes = max(setup.windows)
-    options = RepositoryOptions(model="sim", devices=lanes, sim_latency_ms=setup.sim_latency_ms,
-                                pipeline_model=False)
+    options = _sim_options(setup, pipeline_model=False)
     load_before = list(os.getloadavg())
     with serving(options, workdir / "sim-repository", workdir / "sim-tritonserver.log") as (
             server, repository):
+        stats = triton_device_stats(grpc_client.InferenceServerClient(server.grpc_url),
+                                    DEVICE_MODEL)
         width, timings = asyncio.run(_measure_served(server.grpc_url, setup, progress,
                                                      cpu_clock(server.process.pid),
-                                                     repository.spec))
+                                                     repository.spec, stats))
     return BackendResult(
-        "sim", f"unet_sim behind Triton ({lanes} instances), {setup.sim_latency_ms:g} ms per call",
+        "sim", f"unet_sim behind Triton ({options.devices} instances), "
+        f"{setup.sim_latency_ms:g} ms per call; sampler and pool in this process",
         width, {1: setup.sim_latency_ms},
         build_records("sim", setup, width, timings, lambda rows: setup.sim_latency_ms),
+        load_before=load_before, load_after=list(os.getloadavg()))
+
+
+def driffusion_inputs(spec, setup: SpeedSetup, mode: str, window: int, steps: int) -> list:
+    """A plain tritonclient request for one image of digit `setup.label`: by prompt for a
+    text-to-image model, by label for a class-conditional one."""
+    import tritonclient.grpc as grpc_client
+
+    from models.reference import prompt_for
+
+    values: dict[str, tuple[np.ndarray, str]] = {
+        "STEPS": (np.array([steps], np.int32), "INT32"),
+        "MODE": (np.array([mode.encode()], np.object_), "BYTES"),
+        "WINDOW": (np.array([window], np.int32), "INT32"),
+        "SEED": (np.array([setup.seed], np.int64), "INT64"),
+        "GUIDANCE": (np.array([setup.guidance], np.float32), "FP32"),
+        "SCHEDULER": (np.array([setup.scheduler.encode()], np.object_), "BYTES"),
+    }
+    if spec.uses_prompts:
+        values["PROMPT"] = (np.array([prompt_for(setup.label).encode()], np.object_), "BYTES")
+    else:
+        values["LABEL"] = (np.array([setup.label], np.int32), "INT32")
+    inputs = []
+    for name, (value, datatype) in values.items():
+        tensor = grpc_client.InferInput(name, list(value.shape), datatype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
+
+
+def time_server_runs(client, spec, setup: SpeedSetup, progress: Callable[[], None],
+                     clock: Callable[[], tuple[float, float]],
+                     device_stats: DeviceStats) -> Timings:
+    """Every run `repeat` times, interleaved, after a warm-up, each one image asked of the
+    `driffusion` model over gRPC: wall time, rounds (its ROUNDS output), CPU, device calls."""
+    from runtime.generate import PIPELINE_MODEL
+
+    def one(mode: str, window: int, steps: int) -> tuple[float, int]:
+        inputs = driffusion_inputs(spec, setup, mode, window, steps)
+        start = time.perf_counter()
+        result = client.infer(PIPELINE_MODEL, inputs)
+        return time.perf_counter() - start, int(result.as_numpy("ROUNDS")[0])
+
+    async def timed(mode: str, window: int) -> tuple[float, int, int]:
+        return (*one(mode, window, setup.steps), 0)  # device calls: from the statistics
+
+    for mode, window in setup.runs():
+        one(mode, window, min(setup.steps, WARM_UP_STEPS))
+    return asyncio.run(repeat_runs(setup, timed, progress, clock, device_stats))
+
+
+def measure_server(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
+    """The `driffusion` model over `unet_sim` devices, asked by a plain gRPC client."""
+    import tritonclient.grpc as grpc_client
+
+    from triton_models.serve import serving
+
+    options = _sim_options(setup, pipeline_model=True)
+    load_before = list(os.getloadavg())
+    with serving(options, workdir / "server-repository", workdir / "server-tritonserver.log") as (
+            server, repository):
+        client = grpc_client.InferenceServerClient(server.grpc_url)
+        timings = time_server_runs(client, repository.spec, setup, progress,
+                                   cpu_clock(server.process.pid),
+                                   triton_device_stats(client, DEVICE_MODEL))
+        client.close()
+    return BackendResult(
+        "server", f"the driffusion model over unet_sim ({options.devices} instances), "
+        f"{setup.sim_latency_ms:g} ms per call; a plain gRPC client asks for whole images",
+        options.devices, {1: setup.sim_latency_ms},
+        build_records("server", setup, options.devices, timings,
+                      lambda rows: setup.sim_latency_ms),
         load_before=load_before, load_after=list(os.getloadavg()))
 
 
@@ -443,6 +609,7 @@ def _call_table(call_ms: Callable[[int], float]) -> dict[int, float]:
 
 MEASURES: dict[str, Callable[[SpeedSetup, Path, Callable[[], None]], BackendResult]] = {
     "sim": measure_sim,
+    "server": measure_server,
     "cpu": measure_cpu,
     "cpu-local": measure_cpu_local,
 }
@@ -490,37 +657,54 @@ def find(records: Sequence[SpeedRecord], backend: str, mode: str, window: int) -
 
 
 def check_targets(results: Sequence[BackendResult], setup: SpeedSetup) -> list[dict[str, Any]]:
-    """The issue's speed targets, where this run measured their setting."""
+    """The speed goals, where this run measured their setting."""
     records = [record for result in results for record in result.records]
     cores = {result.backend: result.cores_obtained for result in results}
-    targets = []
-    sim = find(records, "sim", "aggressive", SIM_TARGET["window"])
-    if sim is not None:
-        matches = (setup.sim_latency_ms == SIM_TARGET["latency_ms"]
+    sim_setting = (setup.sim_latency_ms == SIM_TARGET["latency_ms"]
                    and setup.steps == SIM_TARGET["steps"])
-        targets.append({
-            "name": f"unet_sim {SIM_TARGET['latency_ms']:g} ms, {SIM_TARGET['steps']} steps, "
-                    f"window {SIM_TARGET['window']}, aggressive: efficiency >= "
-                    f"{SIM_TARGET['efficiency']}",
-            "value": sim.efficiency, "unit": "", "met": sim.efficiency >= SIM_TARGET["efficiency"],
-            "setting_matches": matches, "cores_obtained": cores["sim"],
-        })
+    window = SIM_TARGET["window"]
+    targets = []
+
+    def target(name: str, value: float, unit: str, met: bool, matches: bool, backend: str):
+        targets.append({"name": name, "value": value, "unit": unit, "met": met,
+                        "setting_matches": matches, "cores_obtained": cores[backend]})
+
+    for backend, path in (("sim", "the generate path"), ("server", "the driffusion model")):
+        aggressive = find(records, backend, "aggressive", window)
+        if aggressive is not None:
+            target(f"{backend} ({path}), {SIM_TARGET['latency_ms']:g} ms devices, "
+                   f"{SIM_TARGET['steps']} steps, window {window}, aggressive: efficiency >= "
+                   f"{SIM_TARGET['efficiency']}", aggressive.efficiency, "",
+                   aggressive.efficiency >= SIM_TARGET["efficiency"], sim_setting, backend)
+    goals = (("sequential", 1, SERVER_TARGET["sequential_overhead_ms"]),
+             ("aggressive", window, SERVER_TARGET["aggressive_overhead_ms"]))
+    for mode, run_window, limit in goals:
+        record = find(records, "server", mode, run_window)
+        if record is not None:
+            target(f"server, {mode} window {run_window}: overhead above the device <= {limit:g} "
+                   "ms per round", record.overhead_ms_per_round, " ms",
+                   record.overhead_ms_per_round <= limit, sim_setting, "server")
+    client = [r for r in records if r.backend == "sim" and r.client_cpu_ms_per_call is not None]
+    if client:
+        worst = max(client, key=lambda r: r.client_cpu_ms_per_call)
+        target(f"sim (the generate path): client CPU per device call <= {CLIENT_CPU_TARGET_MS:g} "
+               f"ms (worst run: {worst.mode} window {worst.window})",
+               worst.client_cpu_ms_per_call, " ms",
+               worst.client_cpu_ms_per_call <= CLIENT_CPU_TARGET_MS, True, "sim")
     cpu = find(records, "cpu", "aggressive", setup.cpu_devices)
     if cpu is not None:
-        targets.append({
-            "name": f"real CPU, {CPU_TARGET['devices']} devices, aggressive (window = devices): "
-                    f">= {CPU_TARGET['speedup']}x sequential",
-            "value": cpu.speedup, "unit": "x", "met": cpu.speedup >= CPU_TARGET["speedup"],
-            "setting_matches": setup.cpu_devices == CPU_TARGET["devices"],
-            "cores_obtained": cores["cpu"],
-        })
+        target(f"real CPU, {CPU_TARGET['devices']} devices, aggressive (window = devices): "
+               f">= {CPU_TARGET['speedup']}x sequential", cpu.speedup, "x",
+               cpu.speedup >= CPU_TARGET["speedup"], setup.cpu_devices == CPU_TARGET["devices"],
+               "cpu")
     return targets
 
 
 def format_backend(result: BackendResult, setup: SpeedSetup) -> str:
     header = (f"{'mode':<13}{'window':>6}{'rounds':>7}{'items/call':>11}{'ms/round':>10}"
               f"{'model ms':>9}{'overhead':>9}{'seconds':>9}{'speedup':>9}{'ideal':>7}"
-              f"{'efficiency':>11}{'CPU ms/step':>12}{'client':>7}{'cores':>6}")
+              f"{'efficiency':>11}{'CPU ms/step':>12}{'client':>7}{'cores':>6}"
+              f"{'calls':>7}{'client ms/call':>15}")
     lines = [f"{result.backend}: {result.description}; {result.lanes} lane(s); "
              f"{setup.steps} {setup.scheduler.upper()} steps, guidance {setup.guidance:g}, "
              f"median of {setup.repeat}; load {result.load_before[0]:.1f} -> "
@@ -533,7 +717,12 @@ def format_backend(result: BackendResult, setup: SpeedSetup) -> str:
             f"{r.model_ms_per_round:>9.2f}{r.overhead_ms_per_round:>9.2f}{r.seconds:>9.3f}"
             f"{r.speedup:>8.2f}x{r.ideal_speedup:>6.2f}x{r.efficiency:>11.2f}"
             f"{r.cpu_ms_per_step:>12.2f}{r.client_cpu_ms_per_step:>7.2f}{r.cores_busy:>6.2f}"
+            f"{r.device_calls_per_run:>7.0f}" + (f"{r.client_cpu_ms_per_call:>15.3f}"
+                                                 if r.client_cpu_ms_per_call is not None else "")
         )
+    if result.backend in ("sim", "server"):
+        lines.append("  model ms: what the unet_sim devices took per call (Triton's statistics); "
+                     "overhead: ms/round above it")
     if any(r.items_per_call > 1 for r in result.records):
         lines.append(f"  windows above {result.lanes} lanes put several items in one device call "
                      "(items/call): those rounds cost a batched call, not one item's")
@@ -624,14 +813,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "speed",
         help="latency of sequential, conservative and aggressive sampling per window",
         description="Times sequential, conservative and aggressive sampling for each window on "
-        "unet_sim devices behind Triton (set latency), on the reference model's ONNX Runtime "
-        "devices behind Triton and on the same engines in-process; reports rounds, speedup, "
-        "ideal speedup from rounds, efficiency and per-round overhead. Writes speed.json and "
-        "speed.png under --out.",
+        "unet_sim devices behind Triton (set latency) with the sampler in this process (sim) and "
+        "inside the server's driffusion model asked by a plain gRPC client (server), on the "
+        "reference model's ONNX Runtime devices behind Triton (cpu) and on the same engines "
+        "in-process (cpu-local); reports rounds, speedup, ideal speedup from rounds, efficiency, "
+        "per-round overhead above the devices' own time and the client's CPU per device call. "
+        "Writes speed.json and speed.png under --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
-                        help="what to time")
+                        help="what to time: sim (sampler in this process), server (the "
+                        "driffusion model), cpu (ONNX Runtime devices behind Triton), cpu-local "
+                        "(the same engines in-process)")
     parser.add_argument("--windows", nargs="+", type=positive_int, default=list(DEFAULT_WINDOWS),
                         help="DRiffusion windows (items per round)")
     parser.add_argument("--modes", nargs="+", choices=TIMED_MODES, default=list(TIMED_MODES),

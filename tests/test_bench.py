@@ -143,20 +143,56 @@ def test_cores_obtained_is_at_most_the_workers():
 
 
 @pytest.mark.triton
-def test_speed_bench_on_unet_sim_behind_triton_writes_json(tmp_path):
+def test_speed_bench_on_unet_sim_client_and_server_paths_writes_json(tmp_path):
     pytest.importorskip("pytriton", reason="needs nvidia-pytriton (the embedded tritonserver)")
     setup = SpeedSetup(steps=6, windows=(1, 2), repeat=1, sim_latency_ms=10.0)
-    run_speed(setup, ["sim"], tmp_path)
+    run_speed(setup, ["sim", "server"], tmp_path)
     report = json.loads((tmp_path / "speed.json").read_text())
     assert set(report) == {"setup", "machine", "backends", "targets"}
-    (sim,) = report["backends"]
-    assert sim["backend"] == "sim" and sim["lanes"] == 2 and 0 < sim["cores_obtained"]
-    assert {(r["mode"], r["window"]) for r in sim["records"]} == set(setup.runs())
-    aggressive = next(r for r in sim["records"] if (r["mode"], r["window"]) == ("aggressive", 2))
-    assert aggressive["rounds"] == 4 and aggressive["ideal_speedup"] == pytest.approx(1.5)
-    assert 0.5 < aggressive["efficiency"] <= 1.2
-    assert aggressive["overhead_ms_per_round"] > 0
-    assert report["targets"] == []  # window 4 and the cpu backend were not measured
+    sim, server = report["backends"]
+    for backend in (sim, server):
+        assert backend["lanes"] == 2 and 0 < backend["cores_obtained"]
+        assert {(r["mode"], r["window"]) for r in backend["records"]} == set(setup.runs())
+        aggressive = next(r for r in backend["records"]
+                          if (r["mode"], r["window"]) == ("aggressive", 2))
+        # rounds as the method counts them: the pool's count (sim), the ROUNDS output (server)
+        assert aggressive["rounds"] == 4 and aggressive["ideal_speedup"] == pytest.approx(1.5)
+        assert 0.5 < aggressive["efficiency"] <= 1.2
+        # what the devices took, from Triton's statistics: at least their 10 ms sleep
+        assert 10.0 <= aggressive["model_ms_per_round"] < 15.0
+        assert aggressive["ms_per_round"] > aggressive["model_ms_per_round"]
+        assert aggressive["overhead_ms_per_round"] > 0
+        assert aggressive["device_calls_per_run"] == 6  # one call per model evaluation
+    assert [b["backend"] for b in report["backends"]] == ["sim", "server"]
+    client_calls = [r["client_cpu_ms_per_call"] for r in sim["records"]]
+    assert all(0 < cpu < 50 for cpu in client_calls)
+    # the server's client makes one gRPC call per image: its CPU per device call is a fraction
+    server_calls = [r["client_cpu_ms_per_call"] for r in server["records"]]
+    assert max(server_calls) < min(client_calls)
+    names = [target["name"] for target in report["targets"]]
+    assert len(names) == 2 and "server, sequential window 1" in names[0]  # window 4 not run
+    assert "client CPU per device call" in names[1]
+    assert not report["targets"][0]["setting_matches"]  # 10 ms and 6 steps, not 20 and 50
+    assert not [pid for pid in _process_ids() if str(tmp_path) in _cmdline(pid)]
+
+
+@pytest.mark.triton
+def test_floor_bench_measures_bls_grpc_sampler_and_sleep(tmp_path):
+    pytest.importorskip("pytriton", reason="needs nvidia-pytriton (the embedded tritonserver)")
+    from bench.floor import FloorSetup, format_report
+    from bench.floor import run_benchmark as run_floor
+
+    report = run_floor(FloorSetup(latency_ms=2.0, calls=2, rounds=3, repeat=1), tmp_path)
+    assert json.loads((tmp_path / "floor.json").read_text()) == report
+    kinds = [(r["path"], r["calls_per_round"]) for r in report["records"]]
+    assert kinds == [("bls", 1), ("bls", 1), ("bls", 2), ("bls", 2), ("grpc", 1), ("grpc", 2),
+                     ("sampler", 1), ("sampler", 2), ("sleep", 1)]
+    for record in report["records"]:
+        if record["path"] in ("bls", "grpc"):  # a real call costs more than its sleep
+            assert 0 < record["ms_per_round"] < 1000
+        if record["path"] in ("grpc", "sampler"):
+            assert record["cpu_ms_per_call"] > 0
+    assert "is_cancelled() each round" in format_report(report)
     assert not [pid for pid in _process_ids() if str(tmp_path) in _cmdline(pid)]
 
 
