@@ -28,7 +28,7 @@ demo: setup  ## main job: reference engines on 2 CPU devices behind Triton, ever
 
 bench: bench-speed bench-quality  ## the benchmarks, results under out/bench/
 
-bench-speed: $(STAMP)  ## speed per mode and window: unet_sim and reference CPU devices (SPEED_ARGS to change)
+bench-speed: $(STAMP)  ## speed per mode and window: unet_sim (client and server paths) and reference CPU devices (SPEED_ARGS to change)
 	$(BIN)/driffusion bench speed $(SPEED_ARGS)
 
 bench-quality: $(STAMP)  ## accuracy, digits-FD, distance to sequential per mode and window (QUALITY_ARGS)

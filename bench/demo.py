@@ -345,7 +345,7 @@ def run_demo(settings: DemoSettings, out: Path) -> int:
              f"{settings.steps} {settings.scheduler.upper()} steps, guidance {settings.guidance:g}, "
              f"window {settings.window} on {settings.devices} devices")
         with tqdm(total=total, unit="image", leave=False) as bar:
-            images = asyncio.run(sample_digits(server.grpc_url, settings, repository.spec,
+            images = asyncio.run(sample_digits(server.http_url, settings, repository.spec,
                                                lambda: bar.update()))
         step("stopping Triton")
     print("      stopped", flush=True)

@@ -5,8 +5,9 @@ remove. This benchmark measures them side by side in one run, on a real tritonse
 - `bls`: rounds of concurrent BLS calls from a python-backend model (`floor_caller`) to an empty
   python-backend device (`floor_callee`, which only sleeps), the server-side path of the
   `driffusion` model; with and without asking Triton `is_cancelled()` before each round.
-- `grpc`: the same empty device called from this process by the runtime's gRPC client (the
-  `driffusion generate` path): wall time above the sleep and this process's CPU per call.
+- `grpc`, `http`: the same empty device called from this process by the runtime's client (the
+  `driffusion generate` path) over each transport: wall time above the sleep and this
+  process's CPU per call.
 - `sampler`: the sampler and device pool in-process over a device that costs nothing: CPU per
   round.
 - `sleep`: how late `time.sleep` wakes up here (it is part of every sleeping device's time).
@@ -32,6 +33,7 @@ from models import paths
 DEFAULT_OUT = paths.output_dir("bench", "floor")
 TEMPLATES = Path(__file__).parent / "templates"
 CALLER, CALLEE = "floor_caller", "floor_callee"
+CLIENTS = {"grpc": "runtime client, gRPC aio", "http": "runtime client, HTTP/1.1"}
 PAYLOAD = 64  # float32 values per call, as floor_caller sends (an 8x8 latent)
 CONFIGS = {
     CALLEE: ('input [ {{ name: "x" data_type: TYPE_FP32 dims: [ -1 ] }} ]\n'
@@ -57,7 +59,7 @@ class FloorSetup:
 
 @dataclass(frozen=True)
 class FloorRecord:
-    path: str  # bls, grpc, sampler, sleep
+    path: str  # bls, grpc, http, sampler, sleep
     calls_per_round: int
     variant: str
     ms_per_round: float  # wall time of a round above the device's sleep
@@ -100,32 +102,37 @@ def measure_bls(client, setup: FloorSetup) -> list[FloorRecord]:
                         statistics.median(times[(calls, ask)])) for calls, ask in variants]
 
 
-async def measure_grpc(endpoint: str, setup: FloorSetup) -> list[FloorRecord]:
-    """Rounds of 1 and `calls` concurrent calls from this process (the runtime's gRPC client)."""
+async def measure_clients(endpoints: dict[str, str], setup: FloorSetup) -> list[FloorRecord]:
+    """Rounds of 1 and `calls` concurrent calls from this process by the runtime's client, over
+    each transport (`endpoints`: transport name -> endpoint), interleaved."""
     from runtime.devices import TritonEndpoints
 
     inputs = {"x": np.zeros(PAYLOAD, np.float32)}
     inputs["x"][0] = setup.latency_ms
-    async with TritonEndpoints([endpoint]) as connection:
-        model = connection.model(endpoint, CALLEE)
+    async with TritonEndpoints(list(endpoints.values())) as connection:
+        models = {transport: connection.model(endpoint, CALLEE)
+                  for transport, endpoint in endpoints.items()}
 
-        async def rounds(calls: int, count: int) -> tuple[float, float]:
+        async def rounds(transport: str, calls: int, count: int) -> tuple[float, float]:
+            model = models[transport]
             cpu, start = time.process_time(), time.perf_counter()
             for _ in range(count):
                 await asyncio.gather(*(model.infer(inputs, ["y"], 10.0) for _ in range(calls)))
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
             return wall * 1000 / count - setup.latency_ms, cpu * 1000 / (count * calls)
 
-        variants = sorted({1, setup.calls})
-        for calls in variants:
-            await rounds(calls, 5)
-        times: dict[int, list[tuple[float, float]]] = {calls: [] for calls in variants}
+        variants = [(transport, calls) for calls in sorted({1, setup.calls})
+                    for transport in endpoints]
+        for variant in variants:
+            await rounds(*variant, 5)
+        times: dict[tuple[str, int], list[tuple[float, float]]] = {v: [] for v in variants}
         for _ in range(setup.repeat):
-            for calls in variants:
-                times[calls].append(await rounds(calls, setup.rounds))
-    return [FloorRecord("grpc", calls, "runtime client (grpc.aio)",
-                        statistics.median(t[0] for t in times[calls]),
-                        statistics.median(t[1] for t in times[calls])) for calls in variants]
+            for variant in variants:
+                times[variant].append(await rounds(*variant, setup.rounds))
+    return [FloorRecord(transport, calls, CLIENTS[transport],
+                        statistics.median(t[0] for t in times[(transport, calls)]),
+                        statistics.median(t[1] for t in times[(transport, calls)]))
+            for transport, calls in variants]
 
 
 def measure_sampler(setup: FloorSetup) -> list[FloorRecord]:
@@ -195,7 +202,8 @@ def run_benchmark(setup: FloorSetup, out: Path) -> dict[str, Any]:
         client = grpc_client.InferenceServerClient(server.grpc_url)
         records = measure_bls(client, setup)
         client.close()
-        records += asyncio.run(measure_grpc(server.grpc_url, setup))
+        records += asyncio.run(measure_clients({"grpc": server.grpc_url,
+                                                "http": server.http_url}, setup))
     records += measure_sampler(setup)
     records.append(measure_sleep(setup))
     report = {"setup": asdict(setup), "machine": machine_info(),
@@ -216,22 +224,22 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{record['path']:<9}{record['calls_per_round']:>12}  {record['variant']:<30}"
                      f"{record['ms_per_round']:>21.2f}" + (f"{cpu:>13.3f}" if cpu is not None
                                                            else ""))
-    lines.append("bls: the driffusion model's path (python backend to python backend); grpc: the "
-                 "generate client's path; sampler: CPU of a round's sampler and pool work, "
-                 "devices free")
+    lines.append("bls: the driffusion model's path (python backend to python backend); grpc, "
+                 "http: the generate client's path; sampler: CPU of a round's sampler and pool "
+                 "work, devices free")
     return "\n".join(lines)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "floor",
-        help="what an empty device call costs here: BLS, gRPC, the sampler, sleep",
-        description="Measures the floors of a round's orchestration overhead on this machine, side "
-        "by side in one run: rounds of BLS calls to an empty python-backend device (the "
-        "driffusion model's path; with and without asking is_cancelled), the same device "
-        "called over gRPC by the runtime's client (the generate path; wall time and client CPU "
-        "per call), the sampler and pool's CPU per round with devices that cost nothing, and "
-        "time.sleep's overshoot. Writes floor.json under --out.",
+        help="what an empty device call costs here: BLS, gRPC, HTTP, the sampler, sleep",
+        description="Measures the floors of a round's orchestration overhead on this machine, "
+        "side by side in one run: rounds of BLS calls to an empty python-backend device (the "
+        "driffusion model's path; with and without asking is_cancelled), the same device called "
+        "by the runtime's client over gRPC and over HTTP (the generate path; wall time and "
+        "client CPU per call), the sampler and pool's CPU per round with devices that cost "
+        "nothing, and time.sleep's overshoot. Writes floor.json under --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--latency-ms", type=float, default=20.0,

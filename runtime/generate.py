@@ -59,8 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "round over every ready unet_* model of the endpoints. --compare also runs sequential "
         "sampling and reports both latencies, the speedup and the pixel difference.",
     )
-    parser.add_argument("--endpoints", default="127.0.0.1:8001",
-                        help="comma-separated Triton gRPC HOST:PORT list (default %(default)s)")
+    parser.add_argument("--endpoints", default="http://127.0.0.1:8000",
+                        help="comma-separated Triton endpoints: http://HOST:PORT (the HTTP port; "
+                        "half the client CPU per device call) or HOST:PORT (the gRPC port) "
+                        "(default %(default)s)")
     condition = parser.add_mutually_exclusive_group(required=True)
     condition.add_argument("--prompt", help="what to draw, e.g. 'a photo of a red car' (for a "
                            "class-conditional model: a prompt naming a class)")

@@ -1,5 +1,6 @@
 """The three clients the README shows give the same image of a served text-to-image model:
-`driffusion generate --prompt`, a plain tritonclient call, and HTTP/JSON (what curl sends)."""
+`driffusion generate --prompt` (over gRPC and over HTTP), a plain tritonclient call, and
+HTTP/JSON (what curl sends)."""
 from __future__ import annotations
 
 import json
@@ -62,11 +63,13 @@ def test_grpc_http_and_the_generate_command_give_the_same_image(server, tmp_path
     by_grpc = grpc_image(server.grpc_url)
     assert by_grpc.shape == (64, 64, 3) and by_grpc.dtype == np.uint8
     np.testing.assert_array_equal(http_image(server.http_url), by_grpc)
-    out = tmp_path / "cat.png"
-    assert driffusion(["generate", "--endpoints", server.grpc_url, "--prompt", PROMPT,
-                       "--seed", str(SEED), "--steps", str(STEPS), "--out", str(out),
-                       "--quiet"]) == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(out)), by_grpc)
+    # the generate client over either transport: tokenizer (BYTES), text encoder, UNet, VAE
+    for endpoint in (server.grpc_url, server.http_url):
+        out = tmp_path / "cat.png"
+        assert driffusion(["generate", "--endpoints", endpoint, "--prompt", PROMPT,
+                           "--seed", str(SEED), "--steps", str(STEPS), "--out", str(out),
+                           "--quiet"]) == 0
+        np.testing.assert_array_equal(np.asarray(Image.open(out)), by_grpc)
 
 
 def test_image_sizes_must_lie_in_the_profile_and_on_the_latent_grid():

@@ -243,7 +243,8 @@ def test_split_evenly_and_endpoint_parsing():
     assert split_evenly(list(range(5)), 3) == [[0, 1], [2, 3], [4]]
     assert split_evenly([1], 3) == [[1], [], []]
     assert parse_endpoint(" localhost:8001 ") == "localhost:8001"
-    for bad in ("localhost", "host:0", ":8001", "host:http"):
+    assert parse_endpoint("http://10.0.0.7:8000") == "http://10.0.0.7:8000"
+    for bad in ("localhost", "host:0", ":8001", "host:http", "http://host", "http://h/x:80"):
         with pytest.raises(ValueError, match="HOST:PORT"):
             parse_endpoint(bad)
 

@@ -182,8 +182,8 @@ def cluster(tmp_path_factory) -> Iterator[ScaleOutCluster]:
 
 @pytest.fixture(scope="module")
 def servers(cluster) -> dict[str, EmbeddedServer]:
-    """A, B: device servers; F: front with no device (A, B); M: 2 local devices + B; L: 3 local
-    devices. Every pool has 3 lanes."""
+    """A, B: device servers; F: front with no device (A, B over gRPC); M: 2 local devices + B
+    over HTTP; L: 3 local devices. Every pool has 3 lanes."""
     started = {
         "A": cluster.start(cluster.repository("a", devices=2, pipeline_model=False)),
         "B": cluster.start(cluster.repository("b", devices=1, pipeline_model=False)),
@@ -191,7 +191,7 @@ def servers(cluster) -> dict[str, EmbeddedServer]:
     endpoints = (started["A"].grpc_url, started["B"].grpc_url)
     started["F"] = cluster.start(cluster.repository("f", devices=0, device_endpoints=endpoints))
     started["M"] = cluster.start(cluster.repository("m", devices=2,
-                                                    device_endpoints=endpoints[1:]))
+                                                    device_endpoints=(started["B"].http_url,)))
     started["L"] = cluster.start(cluster.repository("l", devices=3))
     return started
 
@@ -233,6 +233,7 @@ def test_the_image_is_the_same_whichever_mix_of_local_and_remote_devices(servers
     log = servers["F"].log_path.read_text()
     a, b = servers["A"].grpc_url, servers["B"].grpc_url
     assert f"local devices none; remote devices {a}/unet_sim x2, {b}/unet_sim x1" in log
+    assert f"remote devices {servers['B'].http_url}/unet_sim x1" in servers["M"].log_path.read_text()
     assert device_calls(servers["A"]) > 0 and device_calls(servers["B"]) > 0
 
 

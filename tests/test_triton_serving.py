@@ -49,6 +49,14 @@ def server(triton_server, tmp_path_factory):
     return triton_server(repository.path)
 
 
+TRANSPORTS = ("grpc", "http")
+
+
+def endpoint_of(server, transport: str) -> str:
+    """The server's gRPC (`HOST:PORT`) or HTTP (`http://HOST:PORT`) endpoint."""
+    return server.grpc_url if transport == "grpc" else server.http_url
+
+
 def conditioned(pool: DevicePool, label: int, guidance: float) -> Conditioned:
     return Conditioned(pool, SIM.encode(np.array([label])), SIM.encode(np.array([10])), guidance)
 
@@ -59,13 +67,16 @@ async def sample_with(pool: DevicePool, mode: str, steps: int = 8) -> torch.Tens
     return await sample(pool, scheduler, latents, mode=mode, window=2)
 
 
-def test_discovery_finds_each_sim_instance_as_a_lane(server):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_discovery_finds_each_sim_instance_as_a_lane(server, transport):
+    endpoint = endpoint_of(server, transport)
+
     async def discover():
-        async with discover_devices([server.grpc_url]) as devices:
+        async with discover_devices([endpoint]) as devices:
             return devices, [await device.healthy() for device in devices]
 
     (device,), health = asyncio.run(discover())
-    assert device.name == f"{server.grpc_url}/unet_sim" and device.instances == 2
+    assert device.name == f"{endpoint}/unet_sim" and device.instances == 2
     assert health == [True]
 
 
@@ -79,12 +90,16 @@ def test_discovery_errors_name_the_endpoint(server):
     http_endpoint = server.http_url.removeprefix("http://")
     with pytest.raises(DiscoveryError, match=f"{http_endpoint} does not answer as a Triton gRPC"):
         asyncio.run(discover(http_endpoint))
+    grpc_as_http = f"http://{server.grpc_url}"
+    with pytest.raises(DiscoveryError, match=f"{grpc_as_http} does not answer as a Triton HTTP"):
+        asyncio.run(discover(grpc_as_http))
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("mode", ["sequential", "conservative", "aggressive"])
-def test_sampling_through_triton_matches_in_process(server, mode):
+def test_sampling_through_triton_matches_in_process(server, mode, transport):
     async def through_triton():
-        async with TritonEndpoints([server.grpc_url]) as endpoints:
+        async with TritonEndpoints([endpoint_of(server, transport)]) as endpoints:
             pool = conditioned(DevicePool(await endpoints.devices()), label=5, guidance=2.0)
             return await sample_with(pool, mode)
 
@@ -157,23 +172,28 @@ def test_driffusion_model_fans_each_round_out_over_the_devices(server):
     assert aggressive < 6.5 * LATENCY_S, f"5 rounds of 2 concurrent calls took {aggressive:.2f} s"
 
 
-def test_health_checks_answer_per_device(server):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_health_checks_answer_per_device(server, transport):
+    endpoint = endpoint_of(server, transport)
+
     async def health():
-        async with TritonEndpoints([server.grpc_url]) as endpoints:
+        async with TritonEndpoints([endpoint]) as endpoints:
             devices = await endpoints.devices()
-            missing = endpoints.model(server.grpc_url, "unet_gpu7")
+            missing = endpoints.model(endpoint, "unet_gpu7")
             return await DevicePool(devices).health(), await missing.is_ready()
 
     answers, missing_ready = asyncio.run(health())
-    assert answers == {f"{server.grpc_url}/unet_sim": True} and missing_ready is False
+    assert answers == {f"{endpoint}/unet_sim": True} and missing_ready is False
 
 
-def test_a_bad_request_is_not_a_lost_device_but_a_missing_model_is(server):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_bad_request_is_not_a_lost_device_but_a_missing_model_is(server, transport):
     context = SIM.encode(np.array([3]))
+    endpoint = endpoint_of(server, transport)
 
     async def call(model_name: str, side: int):
-        async with TritonEndpoints([server.grpc_url]) as endpoints:
-            model = endpoints.model(server.grpc_url, model_name)
+        async with TritonEndpoints([endpoint]) as endpoints:
+            model = endpoints.model(endpoint, model_name)
             inputs = {
                 SAMPLE: np.zeros((1, 1, side, side), np.float32),
                 TIMESTEP: np.full((1, 1), 500.0, np.float32),
@@ -204,6 +224,9 @@ def test_generate_command_explains_an_unreachable_endpoint(capsys, free_ports):
     (port,) = free_ports(1)
     assert cli_main(["generate", "--endpoints", f"127.0.0.1:{port}", "--label", "3"]) == 2
     assert f"127.0.0.1:{port} does not answer as a Triton gRPC server" in capsys.readouterr().err
+    assert cli_main(["generate", "--endpoints", f"http://127.0.0.1:{port}", "--label", "3"]) == 2
+    assert (f"http://127.0.0.1:{port} does not answer as a Triton HTTP server"
+            in capsys.readouterr().err)
 
 
 def test_a_model_that_fails_to_load_is_named_in_the_start_error(tmp_path, free_ports):

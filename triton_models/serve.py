@@ -459,8 +459,9 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-endpoints", type=endpoints_argument, default=(),
                         metavar="HOST:PORT[,HOST:PORT...]",
                         help="device servers (`serve --no-pipeline-model`) whose ready unet_* "
-                        "models join the driffusion model's devices, over gRPC with "
-                        "--deadline-s per call; found when the model loads, so start them "
+                        "models join the driffusion model's devices, over gRPC (HOST:PORT, the "
+                        "gRPC port) or HTTP (http://HOST:PORT, the HTTP port: less CPU per call) "
+                        "with --deadline-s per call; found when the model loads, so start them "
                         "first. With them --devices may be 0: a front server without devices")
     parser.add_argument("--single-gpu", choices=("auto", *GPU_LAYOUTS), default="auto",
                         help="how a server with one GPU runs DRiffusion's parallel rounds: "
@@ -617,7 +618,7 @@ def serve_forever(server: EmbeddedServer, example: str = "--label 3") -> int:
         server.start()
         print(f"Triton ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics "
               f"{server.metrics_url}\n"
-              f"try: driffusion generate --endpoints {server.grpc_url} {example} --compare\n"
+              f"try: driffusion generate --endpoints {server.http_url} {example} --compare\n"
               f"server log: {server.log_path}  (Ctrl-C stops)", flush=True)
         while not stop.wait(0.5):
             if server.process is None or server.process.poll() is not None:
