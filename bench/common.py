@@ -8,7 +8,7 @@ import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from models import paths
 
@@ -48,6 +48,26 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+T = TypeVar("T")
+
+
+def run_stopping_servers(work: Callable[[], T],
+                         errors: tuple[type[Exception], ...]) -> T | int:
+    """`work()` with SIGTERM taken as Ctrl-C: its result, or the exit code after an interrupt
+    (130: the servers it started are stopped by then) or one of `errors` (1, printed)."""
+    import sys
+
+    try:
+        with sigterm_as_interrupt():
+            return work()
+    except KeyboardInterrupt:
+        print("\ninterrupted: servers stopped", file=sys.stderr)
+        return 130
+    except errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 def machine_info() -> dict[str, Any]:

@@ -255,21 +255,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from bench.common import sigterm_as_interrupt
+    from bench.common import run_stopping_servers
     from triton_models.serve import ServerError
 
     setup = FloorSetup(args.latency_ms, args.calls, args.rounds, args.repeat)
-    try:
-        with sigterm_as_interrupt():
-            report = run_benchmark(setup, args.out)
-    except KeyboardInterrupt:
-        print("\ninterrupted: server stopped", file=sys.stderr)
-        return 130
-    except (ValueError, ServerError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    report = run_stopping_servers(lambda: run_benchmark(setup, args.out),
+                                  (ValueError, ServerError))
+    if isinstance(report, int):
+        return report
     print(format_report(report))
     print(f"wrote {args.out / 'floor.json'}")
     return 0

@@ -883,24 +883,18 @@ def setup_from_args(args: argparse.Namespace) -> SpeedSetup:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from bench.common import sigterm_as_interrupt
+    from bench.common import run_stopping_servers
     from engines.build import EngineBuildError
     from runtime.devices import DeviceError, DiscoveryError, PoolError
     from triton_models.serve import ServerError
 
     setup = setup_from_args(args)
-    try:
-        with sigterm_as_interrupt():
-            outcome = run_benchmark(setup, args.backends, args.out)
-    except KeyboardInterrupt:
-        print("\ninterrupted: servers stopped", file=sys.stderr)
-        return 130
-    except (ValueError, ServerError, EngineBuildError, DiscoveryError, DeviceError, PoolError,
-            FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    outcome = run_stopping_servers(
+        lambda: run_benchmark(setup, args.backends, args.out),
+        (ValueError, ServerError, EngineBuildError, DiscoveryError, DeviceError, PoolError,
+         FileNotFoundError))
+    if isinstance(outcome, int):
+        return outcome
     for result in outcome["results"]:
         print()
         print(format_backend(result, setup))

@@ -53,12 +53,21 @@ class HttpTriton:
                       headers: Mapping[str, str] | None = None,
                       timeout_s: float | None = None) -> tuple[dict[str, str], bytes]:
         """(response headers, body) of a 200 answer; HttpError for an error status, OSError or
-        asyncio.TimeoutError when the connection fails or the answer is late."""
-        connection = self._idle.pop() if self._idle else await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), timeout_s)
+        asyncio.TimeoutError when the connection fails or the answer is late.
+
+        A kept-alive connection that the server has closed meanwhile fails at once; the request
+        then goes once more on a new connection (a dead server refuses that one too).
+        """
+        reused = bool(self._idle)
+        connection = self._idle.pop() if reused else await self._connect(timeout_s)
         try:
             status, answer_headers, answer = await asyncio.wait_for(
                 self._exchange(connection, method, path, body, headers or {}), timeout_s)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            connection[1].close()
+            if not reused:
+                raise
+            return await self._fresh_request(method, path, body, headers, timeout_s)
         except BaseException:
             connection[1].close()
             raise
@@ -69,6 +78,16 @@ class HttpTriton:
         if status != 200:
             raise HttpError(status, _error_message(answer))
         return answer_headers, answer
+
+    async def _connect(self, timeout_s: float | None):
+        return await asyncio.wait_for(asyncio.open_connection(self.host, self.port), timeout_s)
+
+    async def _fresh_request(self, method: str, path: str, body: bytes,
+                             headers: Mapping[str, str] | None, timeout_s: float | None):
+        idle, self._idle = self._idle, []  # the others are as stale: start afresh
+        for _, writer in idle:
+            writer.close()
+        return await self.request(method, path, body, headers, timeout_s)
 
     async def _exchange(self, connection, method: str, path: str, body: bytes,
                         headers: Mapping[str, str]) -> tuple[int, dict[str, str], bytes]:

@@ -272,3 +272,36 @@ def export_tiny_unet(module: torch.nn.Module, path, embed_dim: int = 11) -> None
         dynamic_axes={"sample": {0: "batch"}, "timestep": {0: "batch"},
                       "encoder_hidden_states": {0: "batch"}, "out_sample": {0: "batch"}},
     )
+
+
+def test_http_client_retries_a_kept_alive_connection_the_server_closed_once():
+    """A server may close an idle kept-alive connection; the next request on it goes again on
+    a new connection instead of failing (which would take a healthy device out of service)."""
+    from runtime.triton_http import HttpTriton
+
+    async def scenario():
+        connections = []
+
+        async def answer_once_then_close(reader, writer):
+            connections.append(writer)
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+            writer.close()  # no "Connection: close": the client keeps the connection
+
+        server = await asyncio.start_server(answer_once_then_close, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        http = HttpTriton("127.0.0.1", port)
+        try:
+            answers = [await http.get_json("/v2/health/live", 5.0) for _ in range(3)]
+        finally:
+            await http.close()
+            server.close()
+            await server.wait_closed()
+        with pytest.raises(OSError):  # nothing listens any more: the error is the caller's
+            await HttpTriton("127.0.0.1", port).get_json("/v2/health/live", 5.0)
+        return answers, len(connections)
+
+    answers, connections = asyncio.run(scenario())
+    assert answers == [{}, {}, {}] and connections == 3

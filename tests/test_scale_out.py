@@ -260,6 +260,11 @@ def test_a_device_server_killed_mid_image_leaves_the_image_unchanged_and_rejoins
     np.testing.assert_array_equal(result["IMAGE"], expected["IMAGE"])
     assert metric(front, "driffusion_device_failovers_total", device=device_b) > failovers
     assert f"device {device_b} lost" in front.log_path.read_text()
+    # M reaches B over HTTP: its kept-alive connections to B are dead now; the image holds
+    local = infer(servers["L"].grpc_url, SHORT_STEPS, seed=11)["IMAGE"]
+    np.testing.assert_array_equal(infer(servers["M"].grpc_url, SHORT_STEPS, seed=11)["IMAGE"],
+                                  local)
+    assert f"device {server_b.http_url}/unet_sim lost" in servers["M"].log_path.read_text()
 
     # B again on its ports, started from this (main) thread: it answers a health check and
     # the front's pool gives it work again (its fresh counters start at 0)

@@ -172,6 +172,20 @@ def test_driffusion_model_fans_each_round_out_over_the_devices(server):
     assert aggressive < 6.5 * LATENCY_S, f"5 rounds of 2 concurrent calls took {aggressive:.2f} s"
 
 
+def test_a_round_of_eight_device_calls_starts_them_all_at_once(triton_server, tmp_path):
+    """8 devices, window 8: the `driffusion` model's BLS calls all start together. (Python's
+    default executor has CPU count + 4 threads, 6 here: the last 2 calls of a round used to
+    wait for the first 6, and the round took two device times.)"""
+    latency_s = 0.4
+    wide = triton_server(write_repository(tmp_path / "repo", RepositoryOptions(
+        model="sim", devices=8, sim_latency_ms=latency_s * 1000)).path)
+    infer_driffusion(wide.grpc_url, LABEL=2, STEPS=2, MODE="sequential")  # warm
+    start = time.perf_counter()
+    infer_driffusion(wide.grpc_url, LABEL=2, STEPS=9, MODE="aggressive", WINDOW=8)
+    elapsed = time.perf_counter() - start  # rounds of 1 and 8 calls: two device times
+    assert elapsed < 2.75 * latency_s, f"rounds of 1 and 8 calls took {elapsed:.2f} s"
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_health_checks_answer_per_device(server, transport):
     endpoint = endpoint_of(server, transport)
