@@ -176,7 +176,7 @@ def test_a_round_of_eight_device_calls_starts_them_all_at_once(triton_server, tm
     """8 devices, window 8: the `driffusion` model's BLS calls all start together. (Python's
     default executor has CPU count + 4 threads, 6 here: the last 2 calls of a round used to
     wait for the first 6, and the round took two device times.)"""
-    latency_s = 0.4
+    latency_s = 0.6
     wide = triton_server(write_repository(tmp_path / "repo", RepositoryOptions(
         model="sim", devices=8, sim_latency_ms=latency_s * 1000)).path)
     infer_driffusion(wide.grpc_url, LABEL=2, STEPS=2, MODE="sequential")  # warm
