@@ -7,8 +7,8 @@ diffusers text-to-image folder: tokenizer, text encoder, UNet, VAE decoder), wri
 model repository with them and one `unet_cpu<i>` model per device, start the embedded
 tritonserver on free ports, sample each digit with each mode (this client tokenizes and encodes
 the prompt with the served tokenizer and text encoder, runs the sampler, sends every round's
-items to the devices concurrently over gRPC and decodes with the served VAE decoder), stop the
-server (also on Ctrl-C, SIGTERM or an error), then print latency, speedup, rounds and quality
+items to the devices concurrently over Triton's HTTP port and decodes with the served VAE
+decoder), stop the server (also on Ctrl-C, SIGTERM or an error), then print latency, speedup, rounds and quality
 deltas and write PNGs and JSON.
 
 """
@@ -337,7 +337,8 @@ def run_demo(settings: DemoSettings, out: Path) -> int:
     step(f"Triton: writing {out / 'repository'} and starting the embedded server")
     machine = machine_info()
     with serving(options, out / "repository", out / "tritonserver.log") as (server, repository):
-        print(f"      ready on gRPC {server.grpc_url}: {', '.join(repository.models)} "
+        print(f"      ready on {server.http_url} (gRPC {server.grpc_url}): "
+              f"{', '.join(repository.models)} "
               f"(log {server.log_path})", flush=True)
         total = len(settings.digits) * len(settings.runs())
         step(f"sampling {len(settings.digits)} digits by prompt (\"{prompt_for(7)}\", ...) x "
@@ -357,7 +358,7 @@ def run_demo(settings: DemoSettings, out: Path) -> int:
     print(format_table(rows))
     print(f"\nlatency: median per image over {len(settings.digits)} digits, each the median of "
           f"{settings.repeat} runs (tokenize + encode + "
-          f"{settings.steps} steps + VAE decode, gRPC to {settings.devices} ONNX Runtime "
+          f"{settings.steps} steps + VAE decode, HTTP to {settings.devices} ONNX Runtime "
           "devices); "
           "ideal = sequential rounds / rounds; Δpx: pixel difference to the sequential image "
           "of the same seed.")
