@@ -1,8 +1,8 @@
-"""Device layer: UNet evaluations on Triton models (gRPC aio), BLS or in-process, and the pool.
+"""Device layer: UNet evaluations on Triton models (HTTP or gRPC), BLS or in-process; the pool.
 
-A *model client* runs one network (`infer(inputs) -> outputs`): a Triton model over
-`tritonclient.grpc.aio`, a Triton model called by BLS from inside the server, an ONNX Runtime
-session or a Python callable in-process. A `Device` is a model client holding a UNet. The
+A *model client* runs one network (`infer(inputs) -> outputs`): a Triton model over its HTTP
+port (`runtime.triton_http`) or over `tritonclient.grpc.aio`, a Triton model called by BLS from
+inside the server, an ONNX Runtime session or a Python callable in-process. A `Device` is a model client holding a UNet. The
 `DevicePool` is the sampler's `denoise`: it spreads one round's items over the devices
 concurrently and applies classifier-free guidance. Nothing here knows the sampling method.
 
@@ -325,7 +325,7 @@ def session_output_names(session) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton over gRPC (asyncio)
+# Triton over gRPC or HTTP (asyncio)
 
 
 class TritonModel:
