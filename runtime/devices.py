@@ -4,7 +4,8 @@ A *model client* runs one network (`infer(inputs) -> outputs`): a Triton model o
 port (`runtime.triton_http`) or over `tritonclient.grpc.aio`, a Triton model called by BLS from
 inside the server, an ONNX Runtime session or a Python callable in-process. A `Device` is a
 model client holding a UNet. The `DevicePool` is the sampler's `denoise`: it spreads one
-round's items over the devices concurrently and applies classifier-free guidance. Nothing here knows the sampling method.
+round's items over the devices concurrently and applies classifier-free guidance. Nothing here
+knows the sampling method.
 
 Failures: a device call that fails for a reason other than a bad request (server gone,
 deadline passed, model unloaded or crashed) marks the device lost and its work is re-issued on
