@@ -129,6 +129,18 @@ def test_targets_are_checked_where_measured():
     assert "items/call" in format_backend(cpu, setup)
 
 
+def test_server_goals_count_ms_above_the_set_device_latency():
+    setup = SpeedSetup(steps=50, windows=(2, 4), modes=("aggressive",))
+    server = backend_result("server", {("sequential", 1): 1.1, ("aggressive", 2): 0.6,
+                                       ("aggressive", 4): 0.42})
+    efficiency, sequential, aggressive = check_targets([server], setup)
+    assert "efficiency" in efficiency["name"]
+    # 1.1 s / 50 rounds = 22 ms per round: 2 ms above the 20 ms devices, at the goal
+    assert sequential["value"] == pytest.approx(2.0) and sequential["met"]
+    assert aggressive["value"] == pytest.approx(420 / 14 - 20) and not aggressive["met"]
+    assert "<= 3" in aggressive["name"] and "window 4" in aggressive["name"]
+
+
 def test_plot_writes_a_png(tmp_path):
     setup = SpeedSetup(steps=50, windows=(2, 4), modes=("aggressive",))
     result = backend_result("sim", {("sequential", 1): 1.0, ("aggressive", 2): 0.53,
