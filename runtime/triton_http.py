@@ -95,24 +95,7 @@ class HttpTriton:
         lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}",
                  f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        status_line = await reader.readline()
-        parts = status_line.split(None, 2)
-        if len(parts) < 2 or not parts[1].isdigit():
-            raise ConnectionError(f"not an HTTP answer: {status_line[:80]!r}")
-        answer_headers = {}
-        while True:
-            line = await reader.readline()
-            if not line:
-                raise ConnectionError("connection closed in the answer's headers")
-            if line in (b"\r\n", b"\n"):
-                break
-            name, _, value = line.decode("latin-1").partition(":")
-            answer_headers[name.strip().lower()] = value.strip()
-        if answer_headers.get("transfer-encoding", "").lower() == "chunked":
-            answer = await _read_chunked(reader)
-        else:
-            answer = await reader.readexactly(int(answer_headers.get("content-length", "0")))
-        return int(parts[1]), answer_headers, answer
+        return await read_answer(reader)
 
     async def get_json(self, path: str, timeout_s: float | None = None) -> Any:
         _, body = await self.request("GET", path, timeout_s=timeout_s)
@@ -187,6 +170,28 @@ def decode_infer_response(headers: Mapping[str, str], body: bytes,
     if missing:
         raise ValueError(f"the answer has no output {', '.join(map(repr, missing))}")
     return {name: found[name] for name in names}
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers by lower-case name, body) of the next HTTP/1.1 answer on `reader`."""
+    status_line = await reader.readline()
+    parts = status_line.split(None, 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ConnectionError(f"not an HTTP answer: {status_line[:80]!r}")
+    headers = {}
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("connection closed in the answer's headers")
+        if line in (b"\r\n", b"\n"):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = await _read_chunked(reader)
+    else:
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(parts[1]), headers, body
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:

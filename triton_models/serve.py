@@ -52,6 +52,10 @@ if TYPE_CHECKING:
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# the request guard's cap for an exposed server: far above any request of the served models
+# (an SDXL UNet call of 8 rows is about 7 MB) and far below what would strain the host
+DEFAULT_GUARD_BYTES = 64 << 20
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver"
 NGC_TAG = "24.10-py3"  # Triton 2.51, the version of the embedded server
 # In the container: install the project (read-only at /src) so the python-backend models can
@@ -157,7 +161,8 @@ class EmbeddedServer:
                  grpc_port: int = DEFAULT_PORTS["grpc"], http_port: int = DEFAULT_PORTS["http"],
                  metrics_port: int = DEFAULT_PORTS["metrics"], log_path: Path | None = None,
                  startup_timeout_s: float = STARTUP_TIMEOUT_S, verbose: bool = False,
-                 allow_shared_memory: bool = False) -> None:
+                 allow_shared_memory: bool = False,
+                 request_guard_bytes: int | None = None) -> None:
         try:
             self.repository = validate_repository(repository)
         except ValueError as error:
@@ -171,6 +176,13 @@ class EmbeddedServer:
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
         self.cancel = threading.Event()  # set it (e.g. from a signal handler) to abort start()
+        # with a request guard (triton_models/guard.py) on the public gRPC and HTTP ports,
+        # Triton itself listens on loopback ports of its own
+        self.request_guard_bytes = request_guard_bytes
+        self.guard = None
+        self.triton_ports = dict(self.ports)
+        if request_guard_bytes:
+            self.triton_ports["grpc"], self.triton_ports["http"] = free_ports(2)
         self._log_file = None
 
     @property
@@ -196,8 +208,8 @@ class EmbeddedServer:
             str(binary),
             f"--model-repository={self.repository}",
             f"--backend-directory={backend_dir()}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.ports['grpc']}",
-            f"--http-address={self.host}", f"--http-port={self.ports['http']}",
+            f"--grpc-address={self.triton_host}", f"--grpc-port={self.triton_ports['grpc']}",
+            f"--http-address={self.triton_host}", f"--http-port={self.triton_ports['http']}",
             "--allow-metrics=true", f"--metrics-address={self.host}",
             f"--metrics-port={self.ports['metrics']}",
             "--allow-gpu-metrics=false", "--exit-timeout-secs=10",
@@ -205,6 +217,11 @@ class EmbeddedServer:
             f"--log-verbose={1 if self.verbose else 0}",
             *self._restrictions(),
         ]
+
+    @property
+    def triton_host(self) -> str:
+        """Where tritonserver's gRPC and HTTP listen: loopback behind a request guard."""
+        return "127.0.0.1" if self.request_guard_bytes else self.host
 
     def _restrictions(self) -> list[str]:
         """Close Triton's shared-memory, trace and logging APIs to every client.
@@ -234,10 +251,25 @@ class EmbeddedServer:
         )
         try:
             self._wait_ready()
+            if self.request_guard_bytes:
+                self._start_guard()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_guard(self) -> None:
+        from triton_models.guard import RequestGuard
+
+        self.guard = RequestGuard(
+            host=self.host, grpc_port=self.ports["grpc"], http_port=self.ports["http"],
+            upstream_grpc_port=self.triton_ports["grpc"],
+            upstream_http_port=self.triton_ports["http"],
+            max_request_bytes=self.request_guard_bytes)
+        try:
+            self.guard.start()
+        except RuntimeError as error:
+            raise ServerError(str(error)) from error
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -255,8 +287,10 @@ class EmbeddedServer:
 
     def is_ready(self) -> bool:
         """True once the server and all its models are ready (HTTP /v2/health/ready)."""
+        host = "127.0.0.1" if self.request_guard_bytes else self._client_host
+        url = f"http://{host}:{self.triton_ports['http']}/v2/health/ready"
         try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as reply:
+            with urllib.request.urlopen(url, timeout=2) as reply:
                 return reply.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -279,6 +313,9 @@ class EmbeddedServer:
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM the server (it unloads models and stops stubs), then SIGKILL any leftover."""
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            guard.stop()
         process, self.process = self.process, None
         if process is None:
             return
@@ -408,6 +445,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--allow-shared-memory", action="store_true",
                         help="let clients register system/CUDA shared memory (off by default: "
                         "only local, trusted clients should map server memory)")
+    parser.add_argument("--request-guard-bytes", type=int, default=None, metavar="BYTES",
+                        help="hold the public gRPC and HTTP ports with a request guard that "
+                        "refuses requests over BYTES, compressed and chunked HTTP bodies before "
+                        "Triton reads them, and says 'server busy' on overload; Triton then "
+                        "listens on loopback. 0: off, Triton on the public ports. Default: "
+                        f"{DEFAULT_GUARD_BYTES} (64 MiB) when --host is not a loopback address, "
+                        "else off (a local user could reach Triton's loopback ports anyway; "
+                        "each guarded call costs one more local hop, 0.3-1 ms here)")
     for kind, port in DEFAULT_PORTS.items():
         parser.add_argument(f"--{kind}-port", type=int, default=port,
                             help=f"{kind} port (default %(default)s)")
@@ -557,12 +602,25 @@ def prepare_model(options: RepositoryOptions, log=print) -> RepositoryOptions:
                                       backend=outcome.backend))
 
 
+def request_guard_bytes(given: int | None, host: str) -> int:
+    """The guard's byte cap: as given, else DEFAULT_GUARD_BYTES for a server reachable from
+    other hosts and 0 (no guard) for one bound to loopback."""
+    if given is not None:
+        return given
+    return 0 if host in LOOPBACK_HOSTS else DEFAULT_GUARD_BYTES
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from engines.build import EngineBuildError
     from export.presets import ModelSourceError
     from export.specs import UnsupportedModelError
 
     options = options_from_args(args)
+    guard_bytes = request_guard_bytes(args.request_guard_bytes, args.host)
+    if guard_bytes < 0:
+        print(f"error: --request-guard-bytes must be >= 0 (0: off); got {guard_bytes}",
+              file=sys.stderr)
+        return 2
     if args.print_docker and args.per_gpu:
         options.devices = 1  # each container sees only its own GPU, as device 0
     try:
@@ -580,7 +638,8 @@ def run_serve(args: argparse.Namespace) -> int:
         server = EmbeddedServer(repository.path, host=args.host, grpc_port=args.grpc_port,
                                 http_port=args.http_port, metrics_port=args.metrics_port,
                                 log_path=args.log_file, verbose=args.verbose,
-                                allow_shared_memory=args.allow_shared_memory)
+                                allow_shared_memory=args.allow_shared_memory,
+                                request_guard_bytes=guard_bytes or None)
     except ServerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -618,7 +677,10 @@ def serve_forever(server: EmbeddedServer, example: str = "--label 3") -> int:
         server.start()
         print(f"Triton ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics "
               f"{server.metrics_url}\n"
-              f"try: driffusion generate --endpoints {server.http_url} {example} --compare\n"
+              + (f"request guard on the gRPC and HTTP ports: at most "
+                 f"{server.request_guard_bytes} bytes a request, compressed bodies refused\n"
+                 if server.request_guard_bytes else "")
+              + f"try: driffusion generate --endpoints {server.http_url} {example} --compare\n"
               f"server log: {server.log_path}  (Ctrl-C stops)", flush=True)
         while not stop.wait(0.5):
             if server.process is None or server.process.poll() is not None:
