@@ -169,10 +169,12 @@ def test_an_overload_burst_says_the_server_is_busy(guarded):
     assert image(guarded.grpc_url, LABEL=3, STEPS=4).shape == (8, 8, 3)
 
 
-def test_the_guard_is_on_by_default_only_for_a_server_other_hosts_can_reach():
-    from triton_models.serve import DEFAULT_GUARD_BYTES, request_guard_bytes
+def test_serve_puts_the_guard_on_by_default():
+    from cli import build_parser
+    from triton_models.serve import DEFAULT_GUARD_BYTES
 
-    assert request_guard_bytes(None, "127.0.0.1") == 0
-    assert request_guard_bytes(None, "0.0.0.0") == DEFAULT_GUARD_BYTES
-    assert request_guard_bytes(0, "0.0.0.0") == 0  # asked off
-    assert request_guard_bytes(4096, "127.0.0.1") == 4096  # asked on
+    args = build_parser("serve").parse_args(["serve", "--model", "sim"])
+    assert args.request_guard_bytes == DEFAULT_GUARD_BYTES
+    off = build_parser("serve").parse_args(["serve", "--model", "sim",
+                                            "--request-guard-bytes", "0"])
+    assert off.request_guard_bytes == 0
