@@ -9,7 +9,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from triton_models.serve import EmbeddedServer, free_ports
+from triton_models.serve import EmbeddedServer, free_ports, group_members
 
 
 class Cluster:
@@ -52,3 +52,15 @@ def metric(server: EmbeddedServer, name: str, **labels) -> float:
         if match and all(f'{key}="{value}"' in match.group(1) for key, value in labels.items()):
             total += float(match.group(2))
     return total
+
+
+def group_rss_mb(server: EmbeddedServer) -> float:
+    """Resident memory of tritonserver and its stubs together, in MB."""
+    total = 0
+    for pid in group_members(server.process.pid):
+        try:
+            status = (Path("/proc") / str(pid) / "status").read_text()
+        except OSError:
+            continue
+        total += int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
+    return total / 1024

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpc_client
+from servers import group_rss_mb
 from tritonclient.utils import InferenceServerException
 
 from triton_models.repository import RepositoryOptions, write_repository
@@ -83,17 +84,6 @@ def text_server(triton_server, tmp_path_factory):
                                                   max_batch=8))
     repository = write_repository(home / "repo", options)
     return triton_server(repository.path)
-
-
-def group_rss_mb(server) -> float:
-    total = 0
-    for pid in group_members(server.process.pid):
-        try:
-            status = (Path("/proc") / str(pid) / "status").read_text()
-        except OSError:
-            continue
-        total += int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
-    return total / 1024
 
 
 def oversized(model: str) -> list:

@@ -5,23 +5,21 @@ from __future__ import annotations
 
 import json
 import queue
-import re
 import socket
 import time
 import urllib.error
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpc_client
+from servers import group_rss_mb
 from tritonclient.utils import InferenceServerException
 
 from cli import main as driffusion
 from triton_models.repository import RepositoryOptions, write_repository
-from triton_models.serve import group_members
 
 pytestmark = pytest.mark.triton
 CAP = 1 << 20  # the guard's byte cap in these tests
@@ -67,17 +65,6 @@ def image(url: str, **fields) -> np.ndarray:
         return client.infer("driffusion", tensors(**fields)).as_numpy("IMAGE")
     finally:
         client.close()
-
-
-def rss_mb(server) -> float:
-    total = 0
-    for pid in group_members(server.process.pid):
-        try:
-            status = (Path("/proc") / str(pid) / "status").read_text()
-        except OSError:
-            continue
-        total += int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
-    return total / 1024
 
 
 def post(server, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, float]:
@@ -128,17 +115,17 @@ def test_a_streamed_request_goes_through(guarded):
 
 
 def test_an_oversized_grpc_request_is_refused_before_triton_reads_it(guarded):
-    before = rss_mb(guarded)
+    before = group_rss_mb(guarded)
     with pytest.raises(InferenceServerException) as caught:
         image(guarded.grpc_url, PROMPT=b"x" * (100 << 20))  # 100 MB, the cap is 1 MB
     assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     assert "larger than max" in caught.value.message()
-    assert rss_mb(guarded) - before < 100  # Triton never saw it
+    assert group_rss_mb(guarded) - before < 100  # Triton never saw it
     assert image(guarded.grpc_url, LABEL=1, STEPS=4).shape == (8, 8, 3)
 
 
 def test_compressed_oversized_and_chunked_http_bodies_are_refused_from_their_headers(guarded):
-    before = rss_mb(guarded)
+    before = group_rss_mb(guarded)
     bomb = zlib.compress(b" " * (256 << 20))  # 256 MB of JSON whitespace in 260 KB
     status, answer, seconds = post(guarded, bomb, {"Content-Encoding": "deflate"})
     assert status == 415 and b"uncompressed" in answer and seconds < 0.5
@@ -149,7 +136,7 @@ def test_compressed_oversized_and_chunked_http_bodies_are_refused_from_their_hea
         connection.sendall(b"POST /v2/models/driffusion/infer HTTP/1.1\r\nHost: x\r\n"
                            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
         assert connection.recv(64).startswith(b"HTTP/1.1 411")
-    assert rss_mb(guarded) - before < 100
+    assert group_rss_mb(guarded) - before < 100
 
 
 def test_an_overload_burst_says_the_server_is_busy(guarded):
