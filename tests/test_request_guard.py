@@ -165,3 +165,23 @@ def test_serve_puts_the_guard_on_by_default():
     off = build_parser("serve").parse_args(["serve", "--model", "sim",
                                             "--request-guard-bytes", "0"])
     assert off.request_guard_bytes == 0
+
+
+def test_a_client_that_gives_up_through_the_guard_stops_its_request(guarded):
+    from servers import metric
+
+    def cancelled() -> float:
+        return metric(guarded, "driffusion_requests_total", outcome="cancelled")
+
+    before = cancelled()
+    client = grpc_client.InferenceServerClient(guarded.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException, match="Deadline"):
+            client.infer("driffusion", tensors(LABEL=3, STEPS=1000, MODE="sequential"),
+                         client_timeout=1.0)
+    finally:
+        client.close()
+    gave_up = time.monotonic()
+    while cancelled() == before and time.monotonic() - gave_up < 5.0:
+        time.sleep(0.02)
+    assert cancelled() == before + 1  # the guard passed the cancellation on to Triton
