@@ -53,6 +53,20 @@ def sigterm_as_interrupt() -> Iterator[None]:
 T = TypeVar("T")
 
 
+def infer_inputs(fields: dict[str, Any]) -> list:
+    """tritonclient gRPC inputs (the aio client takes the same) of named numpy arrays, each
+    typed by its dtype."""
+    from tritonclient.grpc import InferInput
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, value in fields.items():
+        tensor = InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
+
+
 def run_stopping_servers(work: Callable[[], T],
                          errors: tuple[type[Exception], ...]) -> T | int:
     """`work()` with SIGTERM taken as Ctrl-C: its result, or the exit code after an interrupt

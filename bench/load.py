@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine_info
+from bench.common import infer_inputs, machine_info
 from runtime.devices import parse_endpoint
 from runtime.driffusion import MODES
 from runtime.generate import PIPELINE_MODEL
@@ -261,9 +261,6 @@ MIXED = (("aggressive", None), ("sequential", None), ("conservative", 2), ("aggr
 
 
 async def _request(client, setup: LoadSetup, prompts: bool, number: int, seed: int) -> None:
-    from tritonclient.grpc import InferInput
-    from tritonclient.utils import np_to_triton_dtype
-
     mode, window = MIXED[number % len(MIXED)] if setup.mixed else (setup.mode, setup.window)
     condition = ({"PROMPT": np.array([PROMPTS[number % len(PROMPTS)].encode()], dtype=object)}
                  if prompts else {"LABEL": np.array([number % 10], np.int32)})
@@ -273,12 +270,7 @@ async def _request(client, setup: LoadSetup, prompts: bool, number: int, seed: i
               "GUIDANCE": np.array([setup.guidance], np.float32)}
     if window is not None:
         fields["WINDOW"] = np.array([window], np.int32)
-    inputs = []
-    for name, value in fields.items():
-        tensor = InferInput(name, [1], np_to_triton_dtype(value.dtype))
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    await client.infer(PIPELINE_MODEL, inputs, client_timeout=setup.timeout_s)
+    await client.infer(PIPELINE_MODEL, infer_inputs(fields), client_timeout=setup.timeout_s)
 
 
 async def _client_loop(client, index: int, setup: LoadSetup, end: float,

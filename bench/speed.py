@@ -457,28 +457,20 @@ def measure_sim(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
 def driffusion_inputs(spec, setup: SpeedSetup, mode: str, window: int, steps: int) -> list:
     """A plain tritonclient request for one image of digit `setup.label`: by prompt for a
     text-to-image model, by label for a class-conditional one."""
-    import tritonclient.grpc as grpc_client
-
+    from bench.common import infer_inputs
     from models.reference import prompt_for
 
-    values: dict[str, tuple[np.ndarray, str]] = {
-        "STEPS": (np.array([steps], np.int32), "INT32"),
-        "MODE": (np.array([mode.encode()], np.object_), "BYTES"),
-        "WINDOW": (np.array([window], np.int32), "INT32"),
-        "SEED": (np.array([setup.seed], np.int64), "INT64"),
-        "GUIDANCE": (np.array([setup.guidance], np.float32), "FP32"),
-        "SCHEDULER": (np.array([setup.scheduler.encode()], np.object_), "BYTES"),
-    }
-    if spec.uses_prompts:
-        values["PROMPT"] = (np.array([prompt_for(setup.label).encode()], np.object_), "BYTES")
-    else:
-        values["LABEL"] = (np.array([setup.label], np.int32), "INT32")
-    inputs = []
-    for name, (value, datatype) in values.items():
-        tensor = grpc_client.InferInput(name, list(value.shape), datatype)
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    return inputs
+    condition = ({"PROMPT": np.array([prompt_for(setup.label).encode()], np.object_)}
+                 if spec.uses_prompts else {"LABEL": np.array([setup.label], np.int32)})
+    return infer_inputs({
+        **condition,
+        "STEPS": np.array([steps], np.int32),
+        "MODE": np.array([mode.encode()], np.object_),
+        "WINDOW": np.array([window], np.int32),
+        "SEED": np.array([setup.seed], np.int64),
+        "GUIDANCE": np.array([setup.guidance], np.float32),
+        "SCHEDULER": np.array([setup.scheduler.encode()], np.object_),
+    })
 
 
 def time_server_runs(client, spec, setup: SpeedSetup, progress: Callable[[], None],

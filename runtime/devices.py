@@ -403,7 +403,7 @@ class TritonHttpModel:
             raise DeviceError(self.name, error.message, lost=error.status != 400) from error
         except asyncio.TimeoutError as error:
             raise DeviceError(self.name, f"no answer within {timeout_s} s") from error
-        except (OSError, EOFError, ConnectionError, asyncio.IncompleteReadError) as error:
+        except (OSError, EOFError) as error:  # refused, reset, closed mid-answer
             raise DeviceError(self.name, f"connection failed: {error!r}") from error
         except ValueError as error:  # an answer without the outputs asked for
             raise DeviceError(self.name, str(error), lost=False) from error
@@ -411,7 +411,7 @@ class TritonHttpModel:
     async def is_ready(self) -> bool:
         try:
             return await self.http.is_model_ready(self.model_name, HEALTH_TIMEOUT_S)
-        except (OSError, EOFError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        except (OSError, EOFError, asyncio.TimeoutError):
             return False
 
 
@@ -571,8 +571,7 @@ class TritonEndpoints:
         try:
             await http.is_live(self.timeout_s)
             index = await http.repository_index(self.timeout_s)
-        except (HttpError, OSError, EOFError, ValueError, asyncio.TimeoutError,
-                asyncio.IncompleteReadError) as error:
+        except (HttpError, OSError, EOFError, ValueError, asyncio.TimeoutError) as error:
             raise DiscoveryError(
                 f"{endpoint} does not answer as a Triton HTTP server: {error!r}") from error
         return sorted(m["name"] for m in index if m.get("state") == "READY")

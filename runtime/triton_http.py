@@ -3,9 +3,10 @@
 The device pool's calls are small and many. Measured on the 2-core dev box (`driffusion bench
 floor`, docs/BENCHMARKS.md), a call over gRPC aio costs the client about 1.3 ms of CPU when calls
 are 20 ms apart, most of it in gRPC's own threads; the same call as one HTTP/1.1 request on a
-kept-alive connection, with tensors as binary data, costs about half and returns sooner. This client speaks just what the runtime needs: health, the repository index,
-model configs and inference with binary tensors (the binary tensor data extension), one request
-per connection at a time, connections kept for the next call.
+kept-alive connection, with tensors as binary data, costs about half and returns sooner. This
+client speaks just what the runtime needs: health, the repository index, model configs and
+inference with binary tensors (the binary tensor data extension), one request per connection at
+a time, connections kept for the next call.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class HttpTriton:
         try:
             status, answer_headers, answer = await asyncio.wait_for(
                 self._exchange(connection, method, path, body, headers or {}), timeout_s)
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, EOFError):  # EOFError: an IncompleteReadError
             connection[1].close()
             if not reused:
                 raise
@@ -178,20 +179,31 @@ async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]
     parts = status_line.split(None, 2)
     if len(parts) < 2 or not parts[1].isdigit():
         raise ConnectionError(f"not an HTTP answer: {status_line[:80]!r}")
-    headers = {}
-    while True:
-        line = await reader.readline()
-        if not line:
-            raise ConnectionError("connection closed in the answer's headers")
-        if line in (b"\r\n", b"\n"):
-            break
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
+    headers = await read_headers(reader)
     if headers.get("transfer-encoding", "").lower() == "chunked":
         body = await _read_chunked(reader)
     else:
         body = await reader.readexactly(int(headers.get("content-length", "0")))
     return int(parts[1]), headers, body
+
+
+async def read_headers(reader: asyncio.StreamReader,
+                       max_bytes: int | None = None) -> dict[str, str]:
+    """The header lines of an HTTP/1.1 message up to the blank line, by lower-case name
+    (ValueError past `max_bytes`, ConnectionError if the connection ends first)."""
+    headers: dict[str, str] = {}
+    size = 0
+    while True:
+        line = await reader.readline()
+        size += len(line)
+        if max_bytes is not None and size > max_bytes:
+            raise ValueError(f"headers over {max_bytes} bytes")
+        if not line:
+            raise ConnectionError("connection closed in the headers")
+        if line in (b"\r\n", b"\n"):
+            return headers
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:

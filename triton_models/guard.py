@@ -2,8 +2,9 @@
 
 Triton 2.51 takes any request size on both ports (gRPC up to 2 GB, HTTP unbounded, and it
 inflates gzip/deflate bodies without a cap), and copies a request whole before any model can
-look at it. With `driffusion serve --request-guard-bytes N`, Triton listens on loopback ports of
-its own and this guard holds the public ones, in a thread of the serving process:
+look at it. Under `driffusion serve` (`--request-guard-bytes N`, default 64 MiB, 0: off),
+Triton listens on loopback ports of its own and this guard holds the public ones, in a thread
+of the serving process:
 - gRPC: messages over N bytes are refused by gRPC itself (RESOURCE_EXHAUSTED) before they are
   read whole; every other call, unary or streaming, goes through unchanged (metadata,
   deadline, cancellation, status and trailers);
@@ -167,10 +168,11 @@ class _GrpcForward:
             import grpc
 
             try:
-                return await call(request, metadata=_metadata(context),
+                return await call(request, metadata=_passed_on(context.invocation_metadata()),
                                   timeout=context.time_remaining())
             except grpc.aio.AioRpcError as error:
-                await context.abort(error.code(), _details(error), _trailers(error))
+                await context.abort(error.code(), _details(error),
+                                    _passed_on(error.trailing_metadata()))
 
         return forward
 
@@ -181,23 +183,20 @@ class _GrpcForward:
             import grpc
 
             try:
-                async for response in call(requests, metadata=_metadata(context),
+                async for response in call(requests, metadata=_passed_on(context.invocation_metadata()),
                                            timeout=context.time_remaining()):
                     yield response
             except grpc.aio.AioRpcError as error:
-                await context.abort(error.code(), _details(error), _trailers(error))
+                await context.abort(error.code(), _details(error),
+                                    _passed_on(error.trailing_metadata()))
 
         return forward
 
 
-def _metadata(context) -> tuple[tuple[str, str | bytes], ...]:
-    return tuple((key, value) for key, value in (context.invocation_metadata() or ())
+def _passed_on(metadata) -> tuple[tuple[str, str | bytes], ...]:
+    """The metadata pairs one gRPC side hands to the other (gRPC sets its own)."""
+    return tuple((key, value) for key, value in (metadata or ())
                  if not key.startswith(("grpc-", ":")) and key != "user-agent")
-
-
-def _trailers(error) -> tuple[tuple[str, str | bytes], ...]:
-    return tuple((key, value) for key, value in (error.trailing_metadata() or ())
-                 if not key.startswith(("grpc-", ":")))
 
 
 def _details(error) -> str:
@@ -221,22 +220,12 @@ async def _drop_until_end(reader: asyncio.StreamReader) -> None:
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str]] | None:
     """(request line, headers by lower-case name) of the next request; None at a clean end."""
+    from runtime.triton_http import read_headers
+
     line = await reader.readline()
     if not line:
         return None
-    headers: dict[str, str] = {}
-    size = len(line)
-    while True:
-        header = await reader.readline()
-        size += len(header)
-        if size > MAX_HEADER_BYTES:
-            raise ValueError("request head too large")
-        if header in (b"\r\n", b"\n"):
-            return line.rstrip(b"\r\n"), headers
-        if not header:
-            raise ConnectionError("connection closed in the request head")
-        name, _, value = header.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
+    return line.rstrip(b"\r\n"), await read_headers(reader, MAX_HEADER_BYTES - len(line))
 
 
 async def _forward(upstream, line: bytes, headers: dict[str, str],

@@ -201,7 +201,7 @@ class EmbeddedServer:
 
     @property
     def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return _reachable(self.host)
 
     def command(self) -> list[str]:
         binary = pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
@@ -288,8 +288,7 @@ class EmbeddedServer:
 
     def is_ready(self) -> bool:
         """True once the server and all its models are ready (HTTP /v2/health/ready)."""
-        host = "127.0.0.1" if self.request_guard_bytes else self._client_host
-        url = f"http://{host}:{self.triton_ports['http']}/v2/health/ready"
+        url = f"http://{_reachable(self.triton_host)}:{self.triton_ports['http']}/v2/health/ready"
         try:
             with urllib.request.urlopen(url, timeout=2) as reply:
                 return reply.status == 200
@@ -337,6 +336,11 @@ class EmbeddedServer:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def _reachable(host: str) -> str:
+    """The address a local client connects to for a server bound to `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
 
 def free_ports(count: int) -> list[int]:
