@@ -19,8 +19,15 @@ SPEC_FILE = "pipeline.json"
 CLASS_CONDITIONAL = "class"  # LABEL -> label encoder -> encoder_hidden_states
 STABLE_DIFFUSION = "sd"  # one CLIP encoder, last hidden state
 STABLE_DIFFUSION_XL = "sdxl"  # two CLIP encoders, penultimate states, pooled text_embeds, time_ids
-STABLE_DIFFUSION_3 = "sd3"  # two CLIP encoders (+ absent T5 as zeros), pooled projections
-FAMILIES = (CLASS_CONDITIONAL, STABLE_DIFFUSION, STABLE_DIFFUSION_XL, STABLE_DIFFUSION_3)
+STABLE_DIFFUSION_3 = "sd3"  # two CLIP encoders + T5 (or zeros in its place), pooled projections
+FLUX = "flux"  # CLIP pooled projection + T5 states, guidance embedding, 2x2-packed latents
+FAMILIES = (CLASS_CONDITIONAL, STABLE_DIFFUSION, STABLE_DIFFUSION_XL, STABLE_DIFFUSION_3, FLUX)
+# text encoder classes by what they give: CLIP (last/penultimate states, pooled) or T5 (states)
+CLIP_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
+T5_ENCODERS = ("T5EncoderModel",)
+# network precisions: a network's floating-point type inside (bf16 networks keep fp32 inputs
+# and outputs, cast at their edges; fp16 networks take and give fp16)
+NETWORK_PRECISIONS = ("fp32", "fp16", "bf16")
 DECODERS = ("pixels", "vae")
 
 
@@ -30,9 +37,13 @@ class TextEncoder:
 
     network: str  # Triton model name, e.g. "text_encoder_2"
     tokenizer: str  # Triton model name of its tokenizer, e.g. "tokenizer_2"
-    kind: str  # CLIPTextModel or CLIPTextModelWithProjection
-    max_length: int = 77
+    kind: str  # a class of CLIP_ENCODERS or T5_ENCODERS
+    max_length: int = 77  # tokens: CLIP's 77, T5's max_sequence_length of the family
     hidden_size: int = 768
+
+    @property
+    def is_t5(self) -> bool:
+        return self.kind in T5_ENCODERS
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,10 @@ class PipelineSpec:
     # SD3: tokens of the T5 encoder (absent: zeros) and the joint attention width
     t5_tokens: int = 256
     joint_attention_dim: int = 0
+    # Flux: a guidance-distilled transformer takes GUIDANCE as an input (`guidance` [B])
+    guidance_embeds: bool = False
+    # each network's precision (NETWORK_PRECISIONS) as exported, by network name
+    precisions: dict[str, str] = field(default_factory=dict)
     # class-conditional models
     num_labels: int = 0
     null_label: int = 0  # the "empty prompt" of classifier-free guidance
@@ -76,6 +91,10 @@ class PipelineSpec:
             raise ValueError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder {self.decoder!r} is not one of {', '.join(DECODERS)}")
+        for network, precision in self.precisions.items():
+            if precision not in NETWORK_PRECISIONS:
+                raise ValueError(f"{network}: precision {precision!r} is not one of "
+                                 f"{', '.join(NETWORK_PRECISIONS)}")
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

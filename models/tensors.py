@@ -9,20 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# denoisers (UNet, UNet2D, SD3 transformer)
+# denoisers (UNet, UNet2D, SD3 and Flux transformers)
 SAMPLE = "sample"
 TIMESTEP = "timestep"
 OUT_SAMPLE = "out_sample"
 ENCODER_HIDDEN_STATES = "encoder_hidden_states"
 TEXT_EMBEDS = "text_embeds"  # SDXL: pooled text embedding
 TIME_IDS = "time_ids"  # SDXL: original size, crop corner, target size
-POOLED_PROJECTIONS = "pooled_projections"  # SD3: pooled CLIP embeddings
+POOLED_PROJECTIONS = "pooled_projections"  # SD3, Flux: pooled CLIP embeddings
+GUIDANCE = "guidance"  # Flux-dev: the guidance scale the transformer embeds, [B]
 CLASS_LABELS = "class_labels"  # class-conditional UNet2DModel
 
 # text encoders
 INPUT_IDS = "input_ids"
 LABEL = "label"
-TEXT_EMBEDDINGS = "text_embeddings"  # last hidden state
+TEXT_EMBEDDINGS = "text_embeddings"  # last hidden state (CLIP and T5)
 PENULTIMATE_HIDDEN_STATES = "penultimate_hidden_states"  # SDXL / SD3 use the layer before last
 POOLED = "pooled"  # CLIPTextModel pooler output, or CLIPTextModelWithProjection text_embeds
 
