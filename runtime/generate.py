@@ -81,7 +81,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timesteps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
     parser.add_argument("--guidance", type=float, default=None,
-                        help="classifier-free guidance scale (default: the model's)")
+                        help="guidance scale (default: the model's): classifier-free guidance, "
+                        "or for guidance-distilled Flux models the scale they embed")
+    parser.add_argument("--true-cfg", type=float, default=None,
+                        help="Flux only: true classifier-free guidance scale (diffusers' "
+                        "true_cfg_scale; runs with a --negative-prompt when > 1; default 1: off)")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="mode verified: accept drafts within this RMS distance over the "
                         "noise level (0 = sequential result)")
@@ -140,6 +144,7 @@ async def generate_command(args: argparse.Namespace) -> int:
         seed=args.seed, steps=args.steps, mode=args.mode, window=args.window,
         guidance=args.guidance, scheduler=args.scheduler, tolerance=args.tolerance,
         draft_order=args.draft_order, height=args.height, width=args.width,
+        true_cfg=args.true_cfg,
     )
     async with TritonEndpoints(endpoints) as connection:
         pipeline = await connect_pipeline(connection, spec_file=args.spec, pattern=args.devices,

@@ -1,16 +1,12 @@
 """Prompt or label -> image: tokenize, encode, sample with DRiffusion over a device pool, decode.
 
-The same `Pipeline` runs in the `generate` client (model clients over gRPC) and inside the
-Triton `driffusion` model (model clients over BLS). Its `PipelineSpec` says how the served
-model turns a request into the denoiser's conditioning, by family, the way diffusers' own
-pipelines do it (so sequential mode gives diffusers' image):
-- class-conditional: LABEL -> label encoder -> encoder_hidden_states (null label = negative);
-- SD 1.x/2.x: CLIP last hidden state;
-- SDXL: both encoders' penultimate states concatenated, pooled `text_embeds` of the second,
-  `time_ids` = (height, width, 0, 0, height, width); zeros as the negative when none is given
-  and the model asks for it (force_zeros_for_empty_prompt);
-- SD3: both encoders' penultimate states concatenated and padded to the joint attention width,
-  the absent T5 encoder's tokens as zeros, pooled projections of both.
+The same `Pipeline` runs in the `generate` client (model clients over gRPC or HTTP) and inside
+the Triton `driffusion` model (model clients over BLS). It does what every model family shares
+(request checks, transport to the tokenizers, encoders and decoder, the sampler, the uint8
+image) and asks the request's family (`runtime/families/`: SD, SDXL, SD3, Flux,
+class-conditional) for what diffusers' pipeline of that family does its own way: the
+conditioning, the latents' shape and draw, the scheduler's timesteps and the decoder's input.
+So sequential mode gives diffusers' image.
 """
 from __future__ import annotations
 
@@ -23,17 +19,17 @@ import numpy as np
 import torch
 
 from models import tensors
-from models.limits import MAX_GUIDANCE
-from models.pipeline_spec import (
-    CLASS_CONDITIONAL,
-    STABLE_DIFFUSION,
-    STABLE_DIFFUSION_3,
-    STABLE_DIFFUSION_XL,
-    PipelineSpec,
-    TextEncoder,
-)
+from models.pipeline_spec import PipelineSpec, TextEncoder
 from runtime.devices import DEFAULT_DEADLINE_S, Conditioning, DevicePool, ModelClient
 from runtime.driffusion import DRAFT_ORDERS, MODES, VP_SCHEDULERS, sample
+from runtime.families import Family, check_scale, family_of
+from runtime.request import (
+    Cancelled,
+    GenerationRequest,
+    RequestError,
+    ResolvedRequest,
+)
+from runtime.request import shown as _shown
 from runtime.schedulers import (
     compatible,
     make_scheduler,
@@ -50,62 +46,6 @@ __all__ = ["Cancelled", "CountingDenoise", "GenerationRequest", "GenerationResul
 TOKENIZER_TEXT = "TEXT"
 TOKENIZER_DROPPED = "DROPPED"
 log = logging.getLogger("driffusion")
-
-
-class Cancelled(RuntimeError):
-    """The caller gave up on the request; no further rounds were issued after `rounds`."""
-
-    def __init__(self, rounds: int) -> None:
-        super().__init__(f"cancelled after {rounds} rounds")
-        self.rounds = rounds
-
-
-class RequestError(ValueError):
-    """A generation request with a bad field; `field` names it (e.g. "steps")."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-        self.detail = message
-
-
-@dataclass
-class GenerationRequest:
-    """One image to generate; None fields take the spec's defaults."""
-
-    label: int | None = None
-    prompt: str | None = None
-    negative_prompt: str | None = None
-    seed: int = 0
-    steps: int | None = None
-    mode: str = "aggressive"
-    window: int | None = None
-    guidance: float | None = None
-    scheduler: str | None = None
-    tolerance: float | None = None  # mode "verified" only
-    draft_order: int = 1
-    height: int | None = None
-    width: int | None = None
-
-
-@dataclass(frozen=True)
-class ResolvedRequest:
-    """A validated request with every default filled in."""
-
-    prompt: str | None
-    negative_prompt: str | None
-    label: int | None
-    negative_label: int | None
-    seed: int
-    steps: int
-    mode: str
-    window: int
-    guidance: float
-    scheduler: str
-    tolerance: float | None = None
-    draft_order: int = 1
-    height: int = 0
-    width: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,9 +66,9 @@ def resolve(request: GenerationRequest, spec: PipelineSpec, default_window: int)
     window = min(default_window, spec.max_window) if request.window is None else request.window
     if not 1 <= window <= spec.max_window:
         raise RequestError("window", f"must be in 1..{spec.max_window}; got {window}")
-    guidance = spec.default_guidance if request.guidance is None else request.guidance
-    if not (np.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
-        raise RequestError("guidance", f"must be a number in 0..{MAX_GUIDANCE:g}; got {guidance}")
+    guidance = check_scale("guidance",
+                           spec.default_guidance if request.guidance is None else request.guidance,
+                           0.0)
     scheduler = _resolve_scheduler(request.scheduler, spec)
     steps = _resolve_steps(request.steps, scheduler, spec)
     if not 0 <= request.seed < 2**63:
@@ -142,17 +82,13 @@ def resolve(request: GenerationRequest, spec: PipelineSpec, default_window: int)
                                           f"(ddim, dpmpp2m, unipc, ddpm, pndm); got {scheduler}")
     height = _resolve_size("height", request.height, spec.image_size[0], spec.height_range, spec)
     width = _resolve_size("width", request.width, spec.image_size[1], spec.width_range, spec)
+    family_of(spec).check(request, spec)
     prompt = request.prompt if spec.uses_prompts else None
     negative = request.negative_prompt if spec.uses_prompts else None
+    true_cfg = 1.0 if request.true_cfg is None else float(request.true_cfg)
     return ResolvedRequest(prompt, negative, label, negative_label, request.seed, steps,
-                           request.mode, window, float(guidance), scheduler, request.tolerance,
-                           request.draft_order, height, width)
-
-
-def _shown(value: object, limit: int = 64) -> str:
-    """A client value for an error message, cut to `limit` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+                           request.mode, window, guidance, scheduler, request.tolerance,
+                           request.draft_order, height, width, true_cfg)
 
 
 def _check_prompt_sizes(request: GenerationRequest, limit: int) -> None:
@@ -263,6 +199,7 @@ class Pipeline:
             raise ValueError(f"{spec.model} needs the models {', '.join(needed)}; "
                              f"missing: {', '.join(missing)}")
         self.spec = spec
+        self.family: Family = family_of(spec)
         self.pool = pool
         self.models = dict(models)
         self.deadline_s = deadline_s  # of each tokenizer, encoder and decoder call
@@ -283,40 +220,23 @@ class Pipeline:
                      outputs: list[str]) -> dict[str, np.ndarray]:
         return await self.models[name].infer(inputs, outputs, self.deadline_s)
 
-    # -- conditioning ----------------------------------------------------------------------
+    # -- conditioning: the family asks the encoders through `texts` and `labels` -------------
 
     async def encode(self, request: ResolvedRequest) -> Conditioning:
-        """The denoiser's conditioning for the request (and its negative, for guidance > 1)."""
-        cfg = request.guidance > 1.0
-        if self.spec.family == CLASS_CONDITIONAL:
-            return await self._encode_labels(request, cfg)
-        prompts = [request.prompt or ""]
-        zero_negative = (request.negative_prompt is None
-                         and self.spec.force_zeros_for_empty_prompt)
-        if cfg and not zero_negative:
-            prompts.append(request.negative_prompt or "")
-        encoded = [await self._encode_texts(encoder, prompts)
-                   for encoder in self.spec.text_encoders]
-        cond, uncond = self._conditioning(encoded, request)
-        if cfg and zero_negative:
-            uncond = {name: np.zeros_like(value) if name != tensors.TIME_IDS else value
-                      for name, value in cond.items()}
-        return Conditioning(cond, uncond if cfg else None, request.guidance)
+        """The denoiser's conditioning for the request (and its negative, for guidance)."""
+        return await self.family.conditioning(self, request, self.spec)
 
-    async def _encode_labels(self, request: ResolvedRequest, cfg: bool) -> Conditioning:
-        labels = [request.label, request.negative_label] if cfg else [request.label]
+    async def labels(self, labels: list[int]) -> np.ndarray:
+        """The label encoder's embeddings [N, 1, D] (float32) of class labels."""
         # one row per label: encoders take [rows, 1] on the wire (a batching model's per-row
         # scalar), which Triton reshapes to the network's [rows]
         result = await self._infer("text_encoder",
                                    {tensors.LABEL: np.array(labels, np.int64).reshape(-1, 1)},
                                    [tensors.TEXT_EMBEDDINGS])
-        embeddings = result[tensors.TEXT_EMBEDDINGS].astype(np.float32)
-        cond = {tensors.ENCODER_HIDDEN_STATES: embeddings[:1]}
-        uncond = {tensors.ENCODER_HIDDEN_STATES: embeddings[1:]} if cfg else None
-        return Conditioning(cond, uncond, request.guidance)
+        return result[tensors.TEXT_EMBEDDINGS].astype(np.float32)
 
-    async def _encode_texts(self, encoder: TextEncoder, texts: list[str]) -> dict[str, np.ndarray]:
-        """Every output of one text encoder for `texts` ([N, ...] each)."""
+    async def texts(self, encoder: TextEncoder, texts: list[str]) -> dict[str, np.ndarray]:
+        """Every output of one text encoder for `texts` ([N, ...] each, float32)."""
         tokens = await self._infer(encoder.tokenizer,
                                    {TOKENIZER_TEXT: np.array([[t.encode()] for t in texts],
                                                              dtype=np.object_)},
@@ -325,62 +245,26 @@ class Pipeline:
             if dropped > 0:
                 log.warning("%s: the prompt was truncated to %d tokens, %d token(s) dropped: %s",
                             encoder.tokenizer, encoder.max_length, int(dropped), _shown(text))
-        names = [tensors.TEXT_EMBEDDINGS, tensors.PENULTIMATE_HIDDEN_STATES, tensors.POOLED]
+        names = ([tensors.TEXT_EMBEDDINGS] if encoder.is_t5 else
+                 [tensors.TEXT_EMBEDDINGS, tensors.PENULTIMATE_HIDDEN_STATES, tensors.POOLED])
         result = await self._infer(encoder.network,
                                    {tensors.INPUT_IDS: tokens[tensors.INPUT_IDS].astype(np.int64)},
                                    names)
         return {name: value.astype(np.float32) for name, value in result.items()}
 
-    def _conditioning(self, encoded: list[dict[str, np.ndarray]],
-                      request: ResolvedRequest) -> tuple[dict, dict]:
-        """(cond, uncond) inputs of the denoiser from the encoders' outputs (rows: prompt,
-        negative)."""
-        family = self.spec.family
-        if family == STABLE_DIFFUSION:
-            inputs = {tensors.ENCODER_HIDDEN_STATES: encoded[0][tensors.TEXT_EMBEDDINGS]}
-        elif family == STABLE_DIFFUSION_XL:
-            size = [request.height, request.width]
-            rows = encoded[0][tensors.POOLED].shape[0]
-            inputs = {
-                tensors.ENCODER_HIDDEN_STATES: np.concatenate(
-                    [e[tensors.PENULTIMATE_HIDDEN_STATES] for e in encoded], axis=-1),
-                tensors.TEXT_EMBEDS: encoded[-1][tensors.POOLED],
-                tensors.TIME_IDS: np.tile(np.array([size + [0, 0] + size], np.float32), (rows, 1)),
-            }
-        elif family == STABLE_DIFFUSION_3:
-            inputs = self._sd3_conditioning(encoded)
-        else:
-            raise ValueError(f"family {family!r} has no text conditioning")
-        cond = {name: value[:1] for name, value in inputs.items()}
-        uncond = {name: value[1:] for name, value in inputs.items()}
-        return cond, uncond
-
-    def _sd3_conditioning(self, encoded: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        clip = np.concatenate([e[tensors.PENULTIMATE_HIDDEN_STATES] for e in encoded], axis=-1)
-        width = self.spec.joint_attention_dim
-        if clip.shape[-1] > width:
-            raise ValueError(f"CLIP states of width {clip.shape[-1]} exceed the joint attention "
-                             f"width {width}")
-        clip = np.pad(clip, ((0, 0), (0, 0), (0, width - clip.shape[-1])))
-        t5 = np.zeros((clip.shape[0], self.spec.t5_tokens, width), np.float32)
-        return {
-            tensors.ENCODER_HIDDEN_STATES: np.concatenate([clip, t5], axis=1),
-            tensors.POOLED_PROJECTIONS: np.concatenate([e[tensors.POOLED] for e in encoded],
-                                                       axis=-1),
-        }
-
     # -- sampling and decoding ---------------------------------------------------------------
+
+    def scheduler(self, request: ResolvedRequest):
+        """The request's scheduler with its timesteps set as the family's pipeline sets them."""
+        return make_scheduler(request.scheduler, request.steps, self.spec.scheduler_config,
+                              **self.family.timestep_options(request, self.spec))
 
     def initial_latents(self, request: ResolvedRequest, scheduler) -> tuple[torch.Tensor,
                                                                              torch.Generator]:
         """Latents [1, C, h, w] drawn as diffusers draws them for SEED, and the generator that
         stochastic schedulers go on drawing from."""
-        factor = self.spec.vae_scale_factor
-        shape = (1, self.spec.latent_channels, request.height // factor, request.width // factor)
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        noise = torch.randn(shape, generator=generator)
-        # flow-matching schedulers have no init_noise_sigma: SD3 starts from the noise itself
-        return noise * getattr(scheduler, "init_noise_sigma", 1.0), generator
+        return self.family.initial_latents(request, self.spec, scheduler, generator), generator
 
     async def latents(self, request: ResolvedRequest,
                       progress: Callable[[int], None] | None = None,
@@ -392,7 +276,7 @@ class Pipeline:
         `Cancelled` and no further device call is made.
         """
         conditioning = await self.encode(request)
-        scheduler = make_scheduler(request.scheduler, request.steps, self.spec.scheduler_config)
+        scheduler = self.scheduler(request)
         latents, generator = self.initial_latents(request, scheduler)
         counter = CountingDenoise(self.pool.denoiser(conditioning), conditioning.batch,
                                   should_stop)
@@ -407,9 +291,7 @@ class Pipeline:
         """uint8 image [H, W, 3] of latents [1, C, h, w]."""
         images = latents
         if self.spec.decoder == "vae":
-            scaled = latents / self.spec.scaling_factor
-            if self.spec.shift_factor is not None:
-                scaled = scaled + self.spec.shift_factor
+            scaled = self.family.decoder_input(latents, self.spec)
             result = await self._infer("vae_decoder",
                                        {tensors.LATENT: scaled.numpy().astype(np.float32)},
                                        [tensors.IMAGES])

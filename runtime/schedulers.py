@@ -52,8 +52,9 @@ def compatible(name: str, config: dict[str, Any]) -> bool:
 
 
 def make_scheduler(name: str, num_steps: int, config: dict[str, Any], *,
-                   class_name: str | None = None):
-    """Scheduler `name` (or the diffusers `class_name`) from `config`, `set_timesteps` done."""
+                   class_name: str | None = None, **timestep_options: Any):
+    """Scheduler `name` (or the diffusers `class_name`) from `config`, `set_timesteps` done
+    (with `timestep_options` such as the custom sigmas and shift `mu` a model family sets)."""
     import diffusers
 
     class_name = class_name or scheduler_class_name(name, config)
@@ -65,7 +66,7 @@ def make_scheduler(name: str, num_steps: int, config: dict[str, Any], *,
     if not 1 <= num_steps <= limit:
         raise ValueError(f"num_steps must be in 1..{limit}; got {num_steps}")
     scheduler = klass.from_config({**config, **options})
-    scheduler.set_timesteps(num_steps)
+    scheduler.set_timesteps(num_steps, **timestep_options)
     return scheduler
 
 
@@ -90,13 +91,19 @@ def _max_steps(name: str, config_json: str, limit: int) -> int:
                      "steps for this model")
 
 
+def _probe_options(config: dict[str, Any]) -> dict[str, Any]:
+    """Timestep options for a dry run: a scheduler that shifts its sigmas by the image size
+    needs a shift `mu`; the step limit does not depend on which."""
+    return {"mu": 1.0} if config.get("use_dynamic_shifting") else {}
+
+
 def _runs(name: str, steps: int, config: dict[str, Any]) -> bool:
     """True if `steps` updates of the scheduler run on a zero model output without an error and
     keep the latents finite."""
     import torch
 
     try:
-        scheduler = make_scheduler(name, steps, config)
+        scheduler = make_scheduler(name, steps, config, **_probe_options(config))
         accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
         options = {"generator": torch.Generator().manual_seed(0)} if accepts_generator else {}
         x = torch.ones(1, 1, 1, 1)

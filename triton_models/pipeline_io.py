@@ -22,6 +22,7 @@ DRIFFUSION_INPUTS: dict[str, tuple[str, str]] = {
     "DRAFT_ORDER": ("TYPE_INT32", "draft_order"),
     "HEIGHT": ("TYPE_INT32", "height"),
     "WIDTH": ("TYPE_INT32", "width"),
+    "TRUE_CFG": ("TYPE_FP32", "true_cfg"),
 }
 # outputs: the image, and what DRiffusion did to make it
 DRIFFUSION_OUTPUTS: dict[str, tuple[str, list[int]]] = {

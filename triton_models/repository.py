@@ -28,7 +28,7 @@ import numpy as np
 from engines.torch_build import TORCH_SUFFIX
 from models import paths, tensors
 from models.limits import SERVING_LIMITS, check_limit
-from models.pipeline_spec import SPEC_FILE, PipelineSpec
+from models.pipeline_spec import SPEC_FILE, PipelineSpec, TextEncoder
 from models.sim import sim_spec
 from runtime.pipeline import TOKENIZER_DROPPED, TOKENIZER_TEXT
 from triton_models.device_endpoints import (
@@ -338,12 +338,14 @@ def _write_engines(repository: Repository, options: RepositoryOptions, directory
             _write_network(repository, network, directory, networks[network], options, gpu=0,
                            batching=Batching(rows, dynamic=False), max_batch=rows)
     for encoder in repository.spec.text_encoders:
-        _write_tokenizer(repository, directory, encoder.tokenizer, options)
+        _write_tokenizer(repository, directory, encoder, options)
 
 
-def _write_tokenizer(repository: Repository, directory: Path, name: str,
+def _write_tokenizer(repository: Repository, directory: Path, encoder: TextEncoder,
                      options: RepositoryOptions) -> None:
-    """A python-backend `tokenizer` model on the tokenizer files beside the engines."""
+    """A python-backend `tokenizer` model on the tokenizer files beside the engines, padding and
+    truncating to its encoder's token count."""
+    name = encoder.tokenizer
     source = directory / name
     if not (source / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"{source} holds no tokenizer (tokenizer_config.json); build the "
@@ -354,7 +356,8 @@ def _write_tokenizer(repository: Repository, directory: Path, name: str,
         name, inputs=[(TOKENIZER_TEXT, "TYPE_STRING", [-1, 1])],
         outputs=[(tensors.INPUT_IDS, "TYPE_INT64", [-1, -1]),
                  (TOKENIZER_DROPPED, "TYPE_INT32", [-1, 1])],
-        parameters={"max_prompt_bytes": options.max_prompt_bytes},
+        parameters={"max_prompt_bytes": options.max_prompt_bytes,
+                    "max_length": encoder.max_length},
         batching=Batching(ENCODER_ROWS, dynamic=False),
     ))
 

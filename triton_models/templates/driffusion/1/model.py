@@ -28,7 +28,7 @@ import triton_python_backend_utils as pb_utils
 
 from runtime.devices import DenoiserIO, Device, DeviceError, DevicePool, PoolError
 from runtime.pipeline import Cancelled, Pipeline, PipelineSpec, RequestError
-from runtime.schedulers import make_scheduler, max_steps
+from runtime.schedulers import max_steps
 from triton_models.backend import ThrottledCheck, model_parameters
 from triton_models.device_endpoints import describe, devices_from_parameters
 from triton_models.pipeline_io import DRIFFUSION_INPUTS, request_from_tensors
@@ -120,7 +120,6 @@ class TritonPythonModel:
         self.metrics = Metrics()
         self._executor_loop = None
         # import the schedulers and find the default one's step limit now, not in a request
-        make_scheduler(self.spec.default_scheduler, 1, self.spec.scheduler_config)
         max_steps(self.spec.default_scheduler, self.spec.scheduler_config, self.spec.max_steps)
 
     async def execute(self, requests):

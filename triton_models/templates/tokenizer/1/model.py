@@ -1,9 +1,12 @@
-"""Triton python-backend model `tokenizer`: prompts in, CLIP token ids out, as diffusers tokenizes.
+"""Triton python-backend model `tokenizer`: prompts in, token ids out, as diffusers tokenizes.
 
 TEXT (BYTES [N, 1], UTF-8; N at most 2: a prompt and its negative) -> input_ids (INT64
-[N, max_length]: padded to the tokenizer's model_max_length, truncated there) and DROPPED
-(INT32 [N, 1]: tokens truncation dropped, so the caller can warn). The tokenizer files (vocab.json, merges.txt, ...) sit in the version
-directory's `tokenizer/`, copied from the engines by the repository generator.
+[N, max_length]: padded to `max_length`, truncated there, special tokens added) and DROPPED
+(INT32 [N, 1]: tokens truncation dropped, so the caller can warn). `max_length` is the
+encoder's token count (a parameter: CLIP's 77, the family's T5 max_sequence_length), else the
+tokenizer's model_max_length. The tokenizer files (CLIP's vocab.json and merges.txt, T5's
+tokenizer.json, ...) sit in the version directory's `tokenizer/`, copied from the engines by the
+repository generator, and load with transformers' AutoTokenizer.
 """
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -19,7 +22,7 @@ class TritonPythonModel:
         self.max_bytes = int(parameters.get("max_prompt_bytes", "2048"))
         self.tokenizer = AutoTokenizer.from_pretrained(str(version_dir(args) / "tokenizer"),
                                                        local_files_only=True)
-        self.max_length = int(self.tokenizer.model_max_length)
+        self.max_length = int(parameters.get("max_length", self.tokenizer.model_max_length))
 
     def execute(self, requests):
         return [self._run(request) for request in requests]

@@ -1,0 +1,131 @@
+"""Model families: how each turns a request into conditioning, latents, timesteps and pixels.
+
+One module per family, as diffusers has one pipeline per family; the generic
+`runtime.pipeline.Pipeline` asks the request's family for each of these and does the rest
+(transport, sampling, the uint8 image). A module of this package that defines `FAMILY`, a
+`Family` whose `name` is a `PipelineSpec.family`, is found by `family_of`: adding a family means
+adding its module here (and its export spec and tests), nothing else.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from models.limits import MAX_GUIDANCE
+from models.pipeline_spec import PipelineSpec, TextEncoder
+from runtime.devices import Conditioning
+from runtime.request import GenerationRequest, RequestError, ResolvedRequest
+
+
+class TextEncoding(Protocol):
+    """What a family may ask the pipeline's encoders (over gRPC, HTTP or BLS)."""
+
+    async def texts(self, encoder: TextEncoder, texts: list[str]) -> dict[str, np.ndarray]:
+        """Every output of one text encoder (and its tokenizer) for `texts`, [N, ...] each."""
+
+    async def labels(self, labels: list[int]) -> np.ndarray:
+        """The label encoder's embeddings [N, 1, D] of class labels."""
+
+
+class Family:
+    """Stable Diffusion-style defaults; each family module overrides what its pipeline does
+    differently."""
+
+    name = ""
+
+    def check(self, request: GenerationRequest, spec: PipelineSpec) -> None:
+        """Refuse request fields this family does not take (RequestError naming the field)."""
+        if request.true_cfg is not None:
+            raise RequestError("true_cfg", f"TRUE_CFG is for Flux models; {spec.model} is a "
+                                           f"{self.name} model: use GUIDANCE")
+
+    async def conditioning(self, encoding: TextEncoding, request: ResolvedRequest,
+                           spec: PipelineSpec) -> Conditioning:
+        raise NotImplementedError
+
+    def latent_shape(self, request: ResolvedRequest, spec: PipelineSpec) -> tuple[int, ...]:
+        """[1, C, h, w] of the request's latents, as the family's pipeline draws them."""
+        factor = spec.vae_scale_factor
+        return (1, spec.latent_channels, request.height // factor, request.width // factor)
+
+    def initial_latents(self, request: ResolvedRequest, spec: PipelineSpec, scheduler,
+                        generator: torch.Generator) -> torch.Tensor:
+        """The starting latents drawn from `generator` (seeded with SEED) as diffusers draws
+        them, scaled by the scheduler's initial sigma."""
+        noise = torch.randn(self.latent_shape(request, spec), generator=generator)
+        # flow-matching schedulers have no init_noise_sigma: they start from the noise itself
+        return noise * getattr(scheduler, "init_noise_sigma", 1.0)
+
+    def timestep_options(self, request: ResolvedRequest, spec: PipelineSpec) -> dict[str, Any]:
+        """Extra arguments of the scheduler's `set_timesteps` (custom sigmas, shift `mu`)."""
+        return dynamic_shift(spec, self.latent_shape(request, spec))
+
+    def decoder_input(self, latents: torch.Tensor, spec: PipelineSpec) -> torch.Tensor:
+        """What the VAE decoder takes for the final latents (diffusers' scaling and shift)."""
+        scaled = latents / spec.scaling_factor
+        return scaled if spec.shift_factor is None else scaled + spec.shift_factor
+
+
+def dynamic_shift(spec: PipelineSpec, latent_shape: tuple[int, ...],
+                  max_shift_default: float = 1.16) -> dict[str, Any]:
+    """`mu` for a flow-matching scheduler that shifts its sigmas by the image's token count
+    (`use_dynamic_shifting`), as diffusers' SD3 and Flux pipelines compute it; {} otherwise."""
+    config = spec.scheduler_config
+    if not config.get("use_dynamic_shifting"):
+        return {}
+    patch = max(1, spec.size_multiple // spec.vae_scale_factor)
+    tokens = (latent_shape[-2] // patch) * (latent_shape[-1] // patch)
+    base_tokens = config.get("base_image_seq_len", 256)
+    max_tokens = config.get("max_image_seq_len", 4096)
+    base_shift = config.get("base_shift", 0.5)
+    max_shift = config.get("max_shift", max_shift_default)
+    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+    return {"mu": tokens * slope + base_shift - slope * base_tokens}
+
+
+def prompt_rows(request: ResolvedRequest, negative: bool) -> list[str]:
+    """The texts to encode: the prompt, and the negative prompt ("" if none) when `negative`."""
+    rows = [request.prompt or ""]
+    return rows + [request.negative_prompt or ""] if negative else rows
+
+
+def split_rows(inputs: dict[str, np.ndarray], guidance: float,
+               negative: bool) -> Conditioning:
+    """Conditioning from inputs whose row 0 is the prompt's and row 1 (if `negative`) the
+    negative prompt's."""
+    cond = {name: value[:1] for name, value in inputs.items()}
+    uncond = {name: value[1:] for name, value in inputs.items()} if negative else None
+    return Conditioning(cond, uncond, guidance)
+
+
+def check_scale(field_name: str, value: float, low: float) -> float:
+    """`value` if it is a finite number in low..MAX_GUIDANCE, else RequestError."""
+    if not (np.isfinite(value) and low <= value <= MAX_GUIDANCE):
+        raise RequestError(field_name, f"must be a number in {low:g}..{MAX_GUIDANCE:g}; "
+                                       f"got {value}")
+    return float(value)
+
+
+@functools.cache
+def families() -> dict[str, Family]:
+    """Every family of this package, by name."""
+    found = {}
+    for module in pkgutil.iter_modules(__path__):
+        family = getattr(importlib.import_module(f"{__name__}.{module.name}"), "FAMILY", None)
+        if isinstance(family, Family):
+            found[family.name] = family
+    return found
+
+
+def family_of(spec: PipelineSpec) -> Family:
+    """The family of a served model; ValueError names the families this runtime knows."""
+    known = families()
+    if spec.family not in known:
+        raise ValueError(f"{spec.model}: family {spec.family!r} has no runtime module; known: "
+                         f"{', '.join(sorted(known))}")
+    return known[spec.family]
