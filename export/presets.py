@@ -213,7 +213,7 @@ def tiny_sd(seed: int = 0) -> ModelBundle:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    modules = {"text_encoder": text_encoder, "unet": unet, "vae_decoder": vae}
+    modules = {"text_encoder": text_encoder, "unet": unet, "vae_decoder": vae, "vae_encoder": vae}
     return ModelBundle(
         name="tiny-sd",
         source="tiny-sd",
@@ -291,7 +291,9 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
     }
     network_of = {key: EXPORTED_COMPONENTS.get(key, key) for key in present}
     if networks:
-        _check_known(networks, list(network_of.values()), path.name)
+        known = list(network_of.values())
+        _check_known(networks, known + (["vae_encoder"] if "vae_decoder" in known else []),
+                     path.name)
     else:
         unsupported = [key for key in present if key not in EXPORTED_COMPONENTS]
         if unsupported:
@@ -302,13 +304,15 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
     components: dict[str, nn.Module] = {}
     for component, (library, class_name) in present.items():
         network = network_of[component]
-        if networks and network not in networks:
+        if networks and network not in networks and not (
+                network == "vae_decoder" and "vae_encoder" in networks):
             continue
         spec_class_named(class_name, component)
         model_class = _component_class(library, class_name, component)
         components[network] = model_class.from_pretrained(path / component)
     if not components:
         raise ModelSourceError(f"{path}/model_index.json names no exportable component")
+    _add_vae_encoder(components, networks)
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     tokenizers = {name: functools.partial(_copy_tree, path / name)
                   for name in TOKENIZER_OF_ENCODER.values() if (path / name).is_dir()}
@@ -324,12 +328,24 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
     )
 
 
+def _add_vae_encoder(components: dict[str, nn.Module], networks: list[str] | None) -> None:
+    """The VAE serves twice: `vae_decoder` (latents -> images) and `vae_encoder` (images -> the
+    posterior, for INIT_IMAGE), unless --networks left the encoder out."""
+    vae = components.get("vae_decoder")
+    if vae is None:
+        return
+    if not networks or "vae_encoder" in networks:
+        components["vae_encoder"] = vae
+    if networks and "vae_decoder" not in networks:
+        del components["vae_decoder"]
+
+
 def _copy_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target, dirs_exist_ok=True)
 
 
 def _pipeline_context(components: dict[str, nn.Module]) -> SpecContext:
-    vae = components.get("vae_decoder")
+    vae = components.get("vae_decoder") or components.get("vae_encoder")
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
     encoder = components.get("text_encoder")
     sequence = encoder.config.max_position_embeddings if encoder is not None else 77
@@ -396,7 +412,7 @@ def pipeline_spec(bundle: ModelBundle, height=None, width=None) -> PipelineSpec 
     return PipelineSpec(
         model=bundle.name,
         family=family,
-        latent_channels=denoiser.config.in_channels,
+        latent_channels=network.in_channels,
         latent_size=(ranges[LATENT_HEIGHT][1], ranges[LATENT_WIDTH][1]),
         scheduler_config=dict(bundle.scheduler_config),
         vae_scale_factor=network.vae_scale_factor,
@@ -405,6 +421,8 @@ def pipeline_spec(bundle: ModelBundle, height=None, width=None) -> PipelineSpec 
         shift_factor=getattr(vae.config, "shift_factor", None) if vae else None,
         text_encoders=tuple(encoders),
         force_zeros_for_empty_prompt=bool(forced) and family == "sdxl",
+        image_encoder="vae_encoder" in bundle.modules,
+        masked_inputs=getattr(network, "masked_inputs", False),
         joint_attention_dim=getattr(denoiser.config, "joint_attention_dim", 0) or 0,
         t5_tokens=SD3_T5_TOKENS,
         height_range=_range(ranges[IMAGE_HEIGHT]),

@@ -249,6 +249,8 @@ class UNetSpec(_LatentDenoiser, NetworkSpec):
     cross_attention_dim: int = 768
     text_embeds_dim: int | None = None
     time_ids_count: int | None = None
+    # a 9-channel inpainting UNet: `mask` and `masked_image_latents` join the latents
+    masked_inputs: bool = False
 
     @classmethod
     def from_model(
@@ -278,14 +280,17 @@ class UNetSpec(_LatentDenoiser, NetworkSpec):
         if addition == "text_time":
             text_embeds_dim, time_ids_count = _sdxl_added_dims(config, text_embeds_dim)
         cross_dim = config.cross_attention_dim
+        # inpainting UNets take [latents, mask, masked image latents] along the channels
+        masked = config.in_channels == 2 * config.out_channels + 1
         return cls(
             name=name,
             precision=checked_precision(precision),
             vae_scale_factor=vae_scale_factor,
             image_size=_image_size(config.sample_size, vae_scale_factor),
             latent_multiple=_downsampling_factor(config),
-            in_channels=config.in_channels,
+            in_channels=config.out_channels if masked else config.in_channels,
             out_channels=config.out_channels,
+            masked_inputs=masked,
             sequence_length=sequence_length,
             cross_attention_dim=cross_dim if isinstance(cross_dim, int) else cross_dim[0],
             text_embeds_dim=text_embeds_dim,
@@ -308,27 +313,48 @@ class UNetSpec(_LatentDenoiser, NetworkSpec):
                 TensorSpec(tensors.TEXT_EMBEDS, act, (BATCH, self.text_embeds_dim)),
                 TensorSpec(tensors.TIME_IDS, "float32", (BATCH, self.time_ids_count)),
             ]
+        if self.masked_inputs:
+            latent = (LATENT_HEIGHT, LATENT_WIDTH)
+            specs += [
+                TensorSpec(tensors.MASK, act, (BATCH, 1, *latent)),
+                TensorSpec(tensors.MASKED_IMAGE_LATENTS, act, (BATCH, self.in_channels, *latent)),
+            ]
         return specs
 
     def wrap(self, module: nn.Module) -> nn.Module:
-        return _UNetForward(module)
+        return _UNetForward(module, self.input_names)
 
     def sample_value(self, tensor, shape, generator):
         if tensor.name == tensors.TIME_IDS:
             height, width = self.image_size
             row = [height, width, 0, 0, height, width][: shape[1]]
             return torch.tensor([row] * shape[0], dtype=torch.float32)
+        if tensor.name == tensors.MASK:
+            return (torch.rand(shape, generator=generator) > 0.5).to(torch.float32)
         return super().sample_value(tensor, shape, generator)
 
 
 class _UNetForward(_Wrapper):
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        added_cond = (
-            None if text_embeds is None else {tensors.TEXT_EMBEDS: text_embeds, tensors.TIME_IDS: time_ids}
-        )
-        output = self.module(
-            sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond, return_dict=False
-        )
+    """The UNet call of diffusers' SD/SDXL pipelines; an inpainting UNet's mask and masked image
+    latents are joined to the latents along the channels, as the inpaint pipeline does."""
+
+    def __init__(self, module: nn.Module, input_names: list[str]) -> None:
+        super().__init__(module)
+        self.input_names = input_names
+
+    def forward(self, *inputs):
+        named = dict(zip(self.input_names, inputs))
+        sample = named[tensors.SAMPLE]
+        if tensors.MASK in named:
+            sample = torch.cat([sample, named[tensors.MASK], named[tensors.MASKED_IMAGE_LATENTS]],
+                               dim=1)
+        added_cond = None
+        if tensors.TEXT_EMBEDS in named:
+            added_cond = {tensors.TEXT_EMBEDS: named[tensors.TEXT_EMBEDS],
+                          tensors.TIME_IDS: named[tensors.TIME_IDS]}
+        output = self.module(sample, named[tensors.TIMESTEP],
+                             named[tensors.ENCODER_HIDDEN_STATES], added_cond_kwargs=added_cond,
+                             return_dict=False)
         return _first(output)
 
 
@@ -572,6 +598,41 @@ class _VAEDecoderForward(_Wrapper):
 
 
 @dataclass
+class VAEEncoderSpec(VAEDecoderSpec):
+    """AutoencoderKL encoder: `images` in [-1, 1] -> `latent_parameters`, the posterior's mean
+    and log-variance along channels ([B, 2C, h, w], `latent_dist.parameters`). Sampling from the
+    posterior is the pipeline's, with the request's generator."""
+
+    @classmethod
+    def from_model(cls, vae: nn.Module, *, precision: str = "fp32",
+                   latent_size: tuple[int, int] | None = None,
+                   name: str = "vae_encoder") -> VAEEncoderSpec:
+        decoder = VAEDecoderSpec.from_model(vae, precision=precision, latent_size=latent_size,
+                                            name=name)
+        return cls(**vars(decoder))
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        act = float_dtype(self.precision)
+        return [TensorSpec(tensors.IMAGES, act, (BATCH, self.out_channels, IMAGE_HEIGHT,
+                                                 IMAGE_WIDTH))]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        act = float_dtype(self.precision)
+        return [TensorSpec(tensors.LATENT_PARAMETERS, act,
+                           (BATCH, 2 * self.latent_channels, LATENT_HEIGHT, LATENT_WIDTH))]
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return _VAEEncoderForward(module)
+
+
+class _VAEEncoderForward(_Wrapper):
+    def forward(self, images):
+        return _first(self.module.encode(images, return_dict=False)).parameters
+
+
+@dataclass
 class SD3TransformerSpec(_LatentDenoiser, NetworkSpec):
     """SD3Transformer2DModel (MMDiT): sample, timestep, text states and pooled projections."""
 
@@ -691,6 +752,10 @@ def spec_for(module: nn.Module, component: str, context: SpecContext) -> Network
         )
     if spec_class is TextEncoderSpec:
         return TextEncoderSpec.from_model(module, precision=precision, name=component)
+    if spec_class is VAEDecoderSpec and component == "vae_encoder":
+        return VAEEncoderSpec.from_model(
+            module, precision=precision, latent_size=context.latent_size
+        )
     if spec_class is VAEDecoderSpec:
         return VAEDecoderSpec.from_model(
             module, precision=precision, latent_size=context.latent_size

@@ -69,6 +69,10 @@ class PipelineSpec:
     guidance_embeds: bool = False
     # each network's precision (NETWORK_PRECISIONS) as exported, by network name
     precisions: dict[str, str] = field(default_factory=dict)
+    # image inputs: a `vae_encoder` network is served (INIT_IMAGE), and the denoiser is a
+    # 9-channel inpainting UNet taking `mask` and `masked_image_latents`
+    image_encoder: bool = False
+    masked_inputs: bool = False
     # class-conditional models
     num_labels: int = 0
     null_label: int = 0  # the "empty prompt" of classifier-free guidance

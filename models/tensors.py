@@ -18,6 +18,8 @@ TEXT_EMBEDS = "text_embeds"  # SDXL: pooled text embedding
 TIME_IDS = "time_ids"  # SDXL: original size, crop corner, target size
 POOLED_PROJECTIONS = "pooled_projections"  # SD3, Flux: pooled CLIP embeddings
 GUIDANCE = "guidance"  # Flux-dev: the guidance scale the transformer embeds, [B]
+MASK = "mask"  # 9-channel inpainting UNet: the repaint mask at latent size, [B, 1, h, w]
+MASKED_IMAGE_LATENTS = "masked_image_latents"  # and the kept region's latents, [B, C, h, w]
 CLASS_LABELS = "class_labels"  # class-conditional UNet2DModel
 
 # text encoders
@@ -27,9 +29,11 @@ TEXT_EMBEDDINGS = "text_embeddings"  # last hidden state (CLIP and T5)
 PENULTIMATE_HIDDEN_STATES = "penultimate_hidden_states"  # SDXL / SD3 use the layer before last
 POOLED = "pooled"  # CLIPTextModel pooler output, or CLIPTextModelWithProjection text_embeds
 
-# VAE decoder
+# VAE decoder (latent -> images) and encoder (images -> latent_parameters: the posterior's
+# mean and log-variance along channels)
 LATENT = "latent"
 IMAGES = "images"
+LATENT_PARAMETERS = "latent_parameters"
 
 
 @dataclass(frozen=True)

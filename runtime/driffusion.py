@@ -26,6 +26,7 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], Awaitable[torch.Tensor]]
 Progress = Callable[[int], None]
 Callback = Callable[[dict], None]
 DraftHook = Callable[[dict], list[torch.Tensor]]
+Blend = Callable[[int, torch.Tensor], torch.Tensor]  # (step i, refined x_{i+1}) -> x_{i+1}
 Indexed = list[tuple[int, torch.Tensor]]  # (step, tensor) pairs: a round's items, x0s
 
 MODES = ("sequential", "conservative", "aggressive", "verified")
@@ -240,6 +241,8 @@ class Run:
     progress: Progress | None = None
     callback: Callback | None = None
     draft: DraftHook | None = None
+    blend: Blend | None = None
+    start: int = 0  # the first step to refine (img2img: the steps strength keeps)
     rounds: int = 0  # rounds evaluated so far
     predictions: Indexed = field(default_factory=list)  # last two accepted (step, x0), aggressive
     anchor_predictions: Indexed = field(default_factory=list)  # last two exact (step, x0)
@@ -265,7 +268,7 @@ class Evaluated:
 
 async def sample_sequential(run: Run) -> torch.Tensor:
     """One model evaluation per round, at the refined state: the scheduler's own loop."""
-    for step in range(run.num_steps):
+    for step in range(run.start, run.num_steps):
         refine(run, await evaluate(run, [(step, run.x)]))
     return run.x
 
@@ -277,9 +280,9 @@ async def sample_aggressive(run: Run, window: int) -> torch.Tensor:
     each draft stays within the tolerance of its refined state.
     """
     predict = run.draft_order == 2
-    (guide,) = await evaluate(run, [(0, run.x)])
+    (guide,) = await evaluate(run, [(run.start, run.x)])
     refine(run, [guide], predict=predict)
-    anchor = 1
+    anchor = run.start + 1
     while anchor < run.num_steps:
         drafts = aggressive_drafts(run, guide.output, anchor, min(window, run.num_steps - anchor))
         evaluated = await evaluate(run, apply_draft_hook(run, anchor, drafts))
@@ -291,7 +294,7 @@ async def sample_aggressive(run: Run, window: int) -> torch.Tensor:
 
 async def sample_conservative(run: Run, window: int) -> torch.Tensor:
     """Pairs of rounds: the anchor evaluated exactly, then up to `window` drafts guided by it."""
-    anchor = 0
+    anchor = run.start
     while anchor < run.num_steps:
         (fresh,) = await evaluate(run, [(anchor, run.x)])
         if run.draft_order == 2:
@@ -357,6 +360,8 @@ def refine(run: Run, evaluated: list[Evaluated], *, predict: bool = False) -> in
             break
         previous = run.x
         run.x = run.refiner(item.output, run.schedule.timesteps[item.step], previous)
+        if run.blend is not None:
+            run.x = run.blend(item.step, run.x)
         if predict:
             x0 = refined_prediction(run.schedule, item, previous)
             run.predictions = [*run.predictions[-1:], (item.step, x0)]
@@ -495,6 +500,8 @@ async def sample(
     progress: Progress | None = None,
     callback: Callback | None = None,
     draft: DraftHook | None = None,
+    start: int = 0,
+    blend: Blend | None = None,
 ) -> torch.Tensor:
     """Sample with DRiffusion draft-and-refine; returns the final latents.
 
@@ -519,6 +526,12 @@ async def sample(
         "round", "anchor" (the step of the refined state the drafts start from), "x" (that
         state), "steps" and "drafts" (the method's drafts, one per step), it returns the
         latents to evaluate instead, one per step.
+    start: the index of the first timestep to run (img2img and inpainting keep the last steps,
+        as many as their strength says); `latents` are the state at that step. The scheduler's
+        begin index is set to it, as diffusers' image-to-image pipelines do.
+    blend: optional, applied to every refined state: given (step i, x_{i+1}), it returns the
+        state the run goes on from (inpainting with a plain model re-noises the known region to
+        the next timestep and pastes it in). Drafts are not blended; the refined states are.
     """
     _check_mode_and_window(mode, window)
     _check_tolerance(mode, tolerance)
@@ -532,9 +545,15 @@ async def sample(
             "draft_order=2 needs a VP scheduler (e.g. DPMSolverMultistepScheduler, "
             f"UniPCMultistepScheduler); got {type(scheduler).__name__}"
         )
+    if not 0 <= start < len(schedule.timesteps):
+        raise ValueError(f"start must be in 0..{len(schedule.timesteps) - 1} (a timestep "
+                         f"index); got {start}")
+    if start and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
     run = Run(
         denoise, schedule, Refiner(scheduler, generator), latents, draft_order=draft_order,
-        tolerance=tolerance, progress=progress, callback=callback, draft=draft,
+        tolerance=tolerance, progress=progress, callback=callback, draft=draft, blend=blend,
+        start=start,
     )
     if mode == "sequential":
         return await sample_sequential(run)

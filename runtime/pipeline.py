@@ -22,7 +22,7 @@ from models import tensors
 from models.pipeline_spec import PipelineSpec, TextEncoder
 from runtime.devices import DEFAULT_DEADLINE_S, Conditioning, DevicePool, ModelClient
 from runtime.driffusion import DRAFT_ORDERS, MODES, VP_SCHEDULERS, sample
-from runtime.families import Family, check_scale, family_of
+from runtime.families import Family, StartState, check_scale, family_of
 from runtime.request import (
     Cancelled,
     GenerationRequest,
@@ -80,15 +80,71 @@ def resolve(request: GenerationRequest, spec: PipelineSpec, default_window: int)
     if request.draft_order == 2 and scheduler_class not in VP_SCHEDULERS:
         raise RequestError("draft_order", f"2 needs a noise-prediction multistep scheduler "
                                           f"(ddim, dpmpp2m, unipc, ddpm, pndm); got {scheduler}")
-    height = _resolve_size("height", request.height, spec.image_size[0], spec.height_range, spec)
-    width = _resolve_size("width", request.width, spec.image_size[1], spec.width_range, spec)
-    family_of(spec).check(request, spec)
+    family = family_of(spec)
+    default_size = _image_size(request, spec)
+    height = _resolve_size("height", request.height, default_size[0], spec.height_range, spec)
+    width = _resolve_size("width", request.width, default_size[1], spec.width_range, spec)
+    family.check(request, spec)
+    strength = _resolve_strength(request, steps, family)
     prompt = request.prompt if spec.uses_prompts else None
     negative = request.negative_prompt if spec.uses_prompts else None
     true_cfg = 1.0 if request.true_cfg is None else float(request.true_cfg)
     return ResolvedRequest(prompt, negative, label, negative_label, request.seed, steps,
                            request.mode, window, guidance, scheduler, request.tolerance,
-                           request.draft_order, height, width, true_cfg)
+                           request.draft_order, height, width, true_cfg, request.init_image,
+                           request.mask, strength)
+
+
+def _image_size(request: GenerationRequest, spec: PipelineSpec) -> tuple[int, int]:
+    """The default image size: the init image's (checked here with the mask), else the
+    model's; HEIGHT and WIDTH, when given, must equal the init image's."""
+    image = request.init_image
+    if image is None:
+        for name in ("mask", "strength"):
+            if getattr(request, name) is not None:
+                raise RequestError(name, "needs an INIT_IMAGE (image-to-image or inpainting)")
+        return spec.image_size
+    if not spec.image_encoder:
+        raise RequestError("init_image", f"{spec.model} is served without a VAE encoder; "
+                                         "rebuild its engines with `driffusion build-engines` "
+                                         "to take INIT_IMAGE")
+    _check_pixels("init_image", image, 3)
+    size = image.shape[:2]
+    for name, value, side in (("height", request.height, size[0]),
+                              ("width", request.width, size[1])):
+        if value is not None and value != side:
+            raise RequestError(name, f"must equal INIT_IMAGE's {name} {side} (images are not "
+                                     f"resized); got {_shown(value)}")
+    if request.mask is not None:
+        _check_pixels("mask", request.mask, 2)
+        if request.mask.shape != size:
+            raise RequestError("mask", f"must be the size of INIT_IMAGE {list(size)}; got "
+                                       f"{list(request.mask.shape)}")
+    return size
+
+
+def _check_pixels(name: str, image: object, rank: int) -> None:
+    shape = "[H, W, 3]" if rank == 3 else "[H, W]"
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == rank
+            and (rank == 2 or image.shape[2] == 3)):
+        got = (f"{image.dtype} {list(image.shape)}" if isinstance(image, np.ndarray)
+               else type(image).__name__)
+        raise RequestError(name, f"must be UINT8 {shape}; got {got}")
+
+
+def _resolve_strength(request: GenerationRequest, steps: int, family: Family) -> float:
+    """STRENGTH, or the family's default (inpainting: 1.0, as diffusers' inpaint pipeline);
+    it must keep at least one of the steps."""
+    if request.init_image is None:
+        return 1.0
+    default = 1.0 if request.mask is not None else family.default_strength
+    strength = default if request.strength is None else request.strength
+    if not (np.isfinite(strength) and 0 < strength <= 1):
+        raise RequestError("strength", f"must be in (0, 1]; got {strength}")
+    if family.first_kept_step(steps, strength) >= steps:
+        raise RequestError("strength", f"{strength:g} keeps none of the {steps} steps; use at "
+                                       f"least {1 / steps:.3g} or more steps")
+    return float(strength)
 
 
 def _check_prompt_sizes(request: GenerationRequest, limit: int) -> None:
@@ -211,7 +267,8 @@ class Pipeline:
             names = [name for e in spec.text_encoders for name in (e.tokenizer, e.network)]
         else:
             names = ["text_encoder"]
-        return names + (["vae_decoder"] if spec.decoder == "vae" else [])
+        names += ["vae_decoder"] if spec.decoder == "vae" else []
+        return names + (["vae_encoder"] if spec.image_encoder else [])
 
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
         return resolve(request, self.spec, self.pool.width)
@@ -252,6 +309,12 @@ class Pipeline:
                                    names)
         return {name: value.astype(np.float32) for name, value in result.items()}
 
+    async def image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE encoder's posterior parameters [1, 2C, h, w] of pixels [1, 3, H, W]."""
+        result = await self._infer("vae_encoder", {tensors.IMAGES: pixels.numpy()},
+                                   [tensors.LATENT_PARAMETERS])
+        return torch.from_numpy(np.array(result[tensors.LATENT_PARAMETERS], np.float32))
+
     # -- sampling and decoding ---------------------------------------------------------------
 
     def scheduler(self, request: ResolvedRequest):
@@ -259,12 +322,14 @@ class Pipeline:
         return make_scheduler(request.scheduler, request.steps, self.spec.scheduler_config,
                               **self.family.timestep_options(request, self.spec))
 
-    def initial_latents(self, request: ResolvedRequest, scheduler) -> tuple[torch.Tensor,
-                                                                             torch.Generator]:
-        """Latents [1, C, h, w] drawn as diffusers draws them for SEED, and the generator that
-        stochastic schedulers go on drawing from."""
+    async def start_state(self, request: ResolvedRequest,
+                          scheduler) -> tuple[StartState, torch.Generator]:
+        """Where sampling starts (latents [1, C, h, w] drawn as diffusers draws them for SEED,
+        the first timestep, inpainting's blend or inputs), and the generator that stochastic
+        schedulers go on drawing from."""
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        return self.family.initial_latents(request, self.spec, scheduler, generator), generator
+        state = await self.family.start_state(self, request, self.spec, scheduler, generator)
+        return state, generator
 
     async def latents(self, request: ResolvedRequest,
                       progress: Callable[[int], None] | None = None,
@@ -277,13 +342,14 @@ class Pipeline:
         """
         conditioning = await self.encode(request)
         scheduler = self.scheduler(request)
-        latents, generator = self.initial_latents(request, scheduler)
+        state, generator = await self.start_state(request, scheduler)
+        conditioning = with_inputs(conditioning, state.inputs)
         counter = CountingDenoise(self.pool.denoiser(conditioning), conditioning.batch,
                                   should_stop)
         result = await sample(
-            counter, scheduler, latents, mode=request.mode, window=request.window,
+            counter, scheduler, state.latents, mode=request.mode, window=request.window,
             generator=generator, progress=progress, tolerance=request.tolerance,
-            draft_order=request.draft_order,
+            draft_order=request.draft_order, start=state.start, blend=state.blend,
         )
         return result, counter.rounds, counter.evaluations
 
@@ -309,6 +375,14 @@ class Pipeline:
         """The image for a resolved request (`Cancelled` once `should_stop()` answers True)."""
         latents, rounds, evaluations = await self.latents(request, progress, should_stop)
         return GenerationResult(await self.decode(latents), rounds, evaluations)
+
+
+def with_inputs(conditioning: Conditioning, inputs: Mapping[str, np.ndarray]) -> Conditioning:
+    """The conditioning with more denoiser inputs, the same for the prompt and its negative."""
+    if not inputs:
+        return conditioning
+    uncond = None if conditioning.uncond is None else {**conditioning.uncond, **inputs}
+    return Conditioning({**conditioning.cond, **inputs}, uncond, conditioning.guidance)
 
 
 class CountingDenoise:

@@ -1,7 +1,9 @@
 """A generation request as a client states it, as the pipeline resolved it, and its errors."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 __all__ = ["Cancelled", "GenerationRequest", "RequestError", "ResolvedRequest", "shown"]
 
@@ -41,6 +43,11 @@ class GenerationRequest:
     height: int | None = None
     width: int | None = None
     true_cfg: float | None = None  # Flux: diffusers' true_cfg_scale (needs a negative prompt)
+    # uint8 [H, W, 3]: img2img / inpainting
+    init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # uint8 [H, W]: 255 repaints, 0 keeps (needs init_image)
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    strength: float | None = None  # how much of the schedule runs from init_image, in (0, 1]
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,9 @@ class ResolvedRequest:
     height: int = 0
     width: int = 0
     true_cfg: float = 1.0
+    init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    strength: float = 1.0
 
 
 def shown(value: object, limit: int = 64) -> str:

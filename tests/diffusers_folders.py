@@ -1,4 +1,4 @@
-"""Tiny random-weight diffusers pipeline folders (SD, SDXL, SD3 without T5), built from configs.
+"""Tiny random-weight diffusers pipeline folders (SD, SD inpainting, SDXL, SD3), built from configs.
 
 Each builder seeds torch, builds every component from a small config, and writes the pipeline
 with diffusers' own `save_pretrained`, so that `<Pipeline>.from_pretrained(folder)` loads it
@@ -48,6 +48,24 @@ def sd_folder(path: Path, prediction_type: str = "epsilon", scheduler: str = "PN
         tokenizer=_tokenizer(),
         unet=unet,
         scheduler=_sd_scheduler(scheduler, prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _save(pipeline, path)
+
+
+def sd_inpaint_folder(path: Path, seed: int = 0) -> Path:
+    """A StableDiffusionInpaintPipeline: its UNet takes 9 channels (latents, mask, masked-image
+    latents), as runwayml's and stabilityai's inpainting checkpoints do; DDIM."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipeline = StableDiffusionInpaintPipeline(
+        vae=_vae(seed + 2),
+        text_encoder=_clip(seed, hidden_size=32),
+        tokenizer=_tokenizer(),
+        unet=_unet(seed + 1, cross_attention_dim=32, in_channels=9),
+        scheduler=_sd_scheduler("DDIMScheduler", "epsilon"),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

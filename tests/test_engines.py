@@ -74,6 +74,7 @@ def test_build_writes_ort_engines_with_a_manifest(built):
         "tokenizer",
         "unet.onnx",
         "vae_decoder.onnx",
+        "vae_encoder.onnx",
     ]
     manifest = json.loads((cpu / "manifest.json").read_text())
     assert manifest["model"] == "tiny-sd"
@@ -135,7 +136,7 @@ def test_auto_without_tensorrt_keeps_engines_and_says_why_in_one_line(built, cap
     why = [line for line in lines if "no TensorRT plan" in line]
     assert len(why) == 1
     assert why[0].startswith("built ONNX Runtime")
-    assert "0 built, 3 up to date: text_encoder, unet, vae_decoder" in why[0]
+    assert "0 built, 4 up to date: text_encoder, unet, vae_decoder, vae_encoder" in why[0]
     assert str(built.engines / "tiny-sd" / "cpu") in why[0]
     assert "TensorRT is not installed" in why[0] or "GPU" in why[0]
 
@@ -181,11 +182,12 @@ def test_changed_onnx_rebuilds_only_that_engine(built, tmp_path):
     onnx.save(model, str(exported))
     outcome = build_engines(request, **QUIET)
     assert outcome.built == ["text_encoder"]
-    assert outcome.kept == ["unet", "vae_decoder"]
+    assert outcome.kept == ["unet", "vae_decoder", "vae_encoder"]
     (engine_set,) = outcome.engine_sets()
     assert engine_set.networks["text_encoder"].onnx_sha256 == onnx_sha256(exported)
     forced = build_engines(BuildRequest(**{**request.__dict__, "force": True}), **QUIET)
-    assert forced.built == ["text_encoder", "unet", "vae_decoder"] and forced.kept == []
+    assert forced.built == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    assert forced.kept == []
 
 
 def test_deleted_engine_file_is_rebuilt(built, tmp_path):

@@ -58,7 +58,7 @@ def tiny_sd_export(tmp_path_factory):
 
 def test_tiny_sd_exports_every_network_validated(tiny_sd_export):
     _bundle, result = tiny_sd_export
-    assert list(result.networks) == ["text_encoder", "unet", "vae_decoder"]
+    assert list(result.networks) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
     for name, exported in result.networks.items():
         assert exported.path.name == f"{name}.onnx"
         onnx.checker.check_model(str(exported.path), full_check=True)
@@ -231,7 +231,7 @@ def test_label_encoder_export_matches_the_embedding(tmp_path):
 
 def test_reference_preset_is_the_bundled_diffusers_folder(tmp_path):
     bundle = load_bundle("reference")
-    assert sorted(bundle.modules) == ["text_encoder", "unet", "vae_decoder"]
+    assert sorted(bundle.modules) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
     specs = bundle.specs("fp32")
     assert isinstance(specs["text_encoder"], TextEncoderSpec)
     assert isinstance(specs["vae_decoder"], VAEDecoderSpec)
@@ -304,7 +304,7 @@ def test_local_pipeline_folder_loads_like_the_preset(tmp_path):
     folder = write_pipeline_folder(tmp_path / "my-model", preset)
     bundle = load_bundle(str(folder))
     assert bundle.name == "my-model"
-    assert list(bundle.modules) == ["text_encoder", "unet", "vae_decoder"]
+    assert list(bundle.modules) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
     assert bundle.context.vae_scale_factor == 8 and bundle.context.sequence_length == 77
     assert bundle.scheduler_config["beta_schedule"] == "scaled_linear"
     preset_profile = preset.specs("fp32")["unet"].profile((1, 2, 8))

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers_folders import load_pipeline, sd3_folder, sd_folder, sdxl_folder
+from PIL import Image
 
 pytestmark = pytest.mark.triton
 
@@ -40,7 +41,8 @@ INPUT_TYPES = {
     "SEED": ("INT64", np.int64), "STEPS": ("INT32", np.int32), "WINDOW": ("INT32", np.int32),
     "DRAFT_ORDER": ("INT32", np.int32), "HEIGHT": ("INT32", np.int32),
     "WIDTH": ("INT32", np.int32), "GUIDANCE": ("FP32", np.float32),
-    "TOLERANCE": ("FP32", np.float32),
+    "TOLERANCE": ("FP32", np.float32), "STRENGTH": ("FP32", np.float32),
+    "TRUE_CFG": ("FP32", np.float32),
 }
 
 
@@ -85,6 +87,11 @@ def generate(served: Served, **fields) -> Generated:
 
     inputs = []
     for name, value in fields.items():
+        if isinstance(value, np.ndarray):  # INIT_IMAGE, MASK
+            tensor = grpc_client.InferInput(name, list(value.shape), "UINT8")
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+            continue
         triton_type, dtype = INPUT_TYPES[name]
         array = np.array([value.encode() if isinstance(value, str) else value], dtype=dtype)
         tensor = grpc_client.InferInput(name, [1], triton_type)
@@ -227,3 +234,124 @@ def test_pipeline_spec_reads_the_folder(tmp_path, forced):
     assert (sd3.shift_factor, sd3.scaling_factor) == (0.0609, 1.5305)
     assert not sd3.force_zeros_for_empty_prompt
     assert sd3.scheduler_config["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+
+
+# ---------------------------------------------------------------------------------------------
+# Image inputs: img2img on every family, inpainting on SD (here: plain 4-channel UNets; the
+# 9-channel inpainting UNet in test_inpainting.py)
+
+
+def init_image(size: int = 64, seed: int = 0) -> np.ndarray:
+    """A uint8 RGB picture with structure at every scale: gradients, a disc and noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    disc = ((x - 0.6) ** 2 + (y - 0.4) ** 2 < 0.08).astype(np.float64)
+    channels = [x, y, disc * 0.8 + 0.2 * (1 - x)]
+    image = np.stack(channels, -1) * 220 + rng.normal(0, 12, (size, size, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def half_mask(size: int = 64) -> np.ndarray:
+    """Repaint the right half (255), keep the left (0), as diffusers' white-is-repaint."""
+    mask = np.zeros((size, size), np.uint8)
+    mask[:, size // 2:] = 255
+    return mask
+
+
+def image_reference(served: Served, image: np.ndarray, strength: float, seed: int,
+                    mask: np.ndarray | None = None, negative: str | None = NEGATIVE,
+                    **call) -> np.ndarray:
+    """diffusers' image-to-image (or inpainting) pipeline of the folder, from its components."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    pipeline_class = AutoPipelineForInpainting if mask is not None else AutoPipelineForImage2Image
+    pipeline = pipeline_class.from_pipe(served.pipeline)
+    pipeline.set_progress_bar_config(disable=True)
+    if mask is not None:
+        call["mask_image"] = Image.fromarray(mask)
+    with torch.no_grad():
+        images = pipeline(
+            PROMPT, image=Image.fromarray(image), strength=strength, negative_prompt=negative,
+            num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np",
+            generator=torch.Generator("cpu").manual_seed(seed), **call,
+        ).images
+    return (images[0] * 255).round().astype(np.uint8)
+
+
+def served_image(served: Served, image: np.ndarray, strength: float | None, seed: int,
+                 mode: str = "sequential", window: int | None = None,
+                 mask: np.ndarray | None = None) -> Generated:
+    fields = {"PROMPT": PROMPT, "NEGATIVE_PROMPT": NEGATIVE, "STEPS": STEPS,
+              "GUIDANCE": GUIDANCE, "SEED": seed, "MODE": mode, "INIT_IMAGE": image}
+    if strength is not None:
+        fields["STRENGTH"] = strength
+    if window is not None:
+        fields["WINDOW"] = window
+    if mask is not None:
+        fields["MASK"] = mask
+    return generate(served, **fields)
+
+
+@pytest.mark.parametrize("strength", [0.6, 0.35])
+def test_image_to_image_matches_diffusers(served, strength):
+    """Timesteps cut by strength as the family's Img2Img pipeline cuts them, the init image's
+    posterior sampled and noised with the request's generator in diffusers' order."""
+    image = init_image()
+    expected = image_reference(served, image, strength, 21)
+    result = served_image(served, image, strength, 21)
+    assert_matches(result.image, expected, f"{served.family} img2img strength={strength}")
+    scheduler = served.pipeline.scheduler
+    assert result.rounds == len(img2img_timesteps(served, strength)) < len(scheduler.timesteps)
+
+
+def img2img_timesteps(served: Served, strength: float) -> list:
+    """The timesteps diffusers' image-to-image pipeline runs at `strength`."""
+    from diffusers import AutoPipelineForImage2Image
+
+    pipeline = AutoPipelineForImage2Image.from_pipe(served.pipeline)
+    seen = []
+    with torch.no_grad():
+        pipeline(PROMPT, image=Image.fromarray(init_image()), strength=strength, output_type="latent",
+                 num_inference_steps=STEPS, guidance_scale=1.0,
+                 callback_on_step_end=lambda pipe, i, t, kwargs: seen.append(t) or kwargs)
+    return seen
+
+
+def test_image_to_image_init_image_matters(served):
+    """The parity bounds tell init images apart: diffusers' result from another picture lies
+    beyond them, so the parity test would catch an init image dropped or mis-scaled."""
+    one = image_reference(served, init_image(seed=0), 0.6, 22)
+    other = image_reference(served, init_image(seed=0)[::-1].copy(), 0.6, 22)
+    diff = np.abs(one.astype(np.int16) - other.astype(np.int16))
+    assert diff.max() > MAX_DIFF and diff.mean() > MEAN_DIFF
+
+
+def test_image_to_image_in_parallel(served):
+    """DRiffusion runs over the kept steps: window 1 is the sequential image bit for bit,
+    windows 2 and 4 take fewer rounds for the same evaluations."""
+    image, strength = init_image(), 0.75
+    sequential = served_image(served, image, strength, 23)
+    one = served_image(served, image, strength, 23, "aggressive", 1)
+    np.testing.assert_array_equal(one.image, sequential.image)
+    for window in (2, 4):
+        parallel = served_image(served, image, strength, 23, "aggressive", window)
+        assert parallel.rounds < sequential.rounds
+        assert parallel.evaluations == sequential.evaluations == sequential.rounds
+
+
+def test_inpainting_a_plain_model_matches_diffusers(served):
+    """A 4-channel SD UNet inpaints as StableDiffusionInpaintPipeline does: after each step the
+    kept half is the init image noised to the next timestep; other families refuse MASK."""
+    image, mask = init_image(), half_mask()
+    if not served.family.startswith("sd-"):
+        with pytest.raises(Exception, match="MASK: inpainting is served for SD 1.x/2.x"):
+            served_image(served, image, None, 24, mask=mask)
+        return
+    for strength in (1.0, 0.7):
+        expected = image_reference(served, image, strength, 24, mask=mask)
+        result = served_image(served, image, strength, 24, mask=mask)
+        assert_matches(result.image, expected, f"{served.family} inpaint strength={strength}")
+    one = served_image(served, image, None, 25, "aggressive", 1, mask=mask)
+    np.testing.assert_array_equal(one.image, served_image(served, image, None, 25,
+                                                          mask=mask).image)
+    assert served_image(served, image, None, 25, "aggressive", 4, mask=mask).rounds < STEPS

@@ -1,7 +1,7 @@
 """Inputs and outputs of the `driffusion` pipeline model, and parsing its inputs into a request."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -23,6 +23,12 @@ DRIFFUSION_INPUTS: dict[str, tuple[str, str]] = {
     "HEIGHT": ("TYPE_INT32", "height"),
     "WIDTH": ("TYPE_INT32", "width"),
     "TRUE_CFG": ("TYPE_FP32", "true_cfg"),
+    "STRENGTH": ("TYPE_FP32", "strength"),
+}
+# image inputs (optional): name -> (dims, request field); UINT8, RGB pixels and the repaint mask
+DRIFFUSION_IMAGE_INPUTS: dict[str, tuple[list[int], str]] = {
+    "INIT_IMAGE": ([-1, -1, 3], "init_image"),
+    "MASK": ([-1, -1], "mask"),
 }
 # outputs: the image, and what DRiffusion did to make it
 DRIFFUSION_OUTPUTS: dict[str, tuple[str, list[int]]] = {
@@ -36,15 +42,34 @@ MAX_NAME_BYTES = 64
 EMPTY_IS_DEFAULT = ("mode", "scheduler")
 
 
+def check_image_shape(name: str, shape: Sequence[int], max_side: int) -> None:
+    """RequestError unless an image input's shape fits its dims and `max_side` pixels a side;
+    called on the shape alone, before the pixels are copied."""
+    dims, field_name = DRIFFUSION_IMAGE_INPUTS[name]
+    expected = "[H, W, 3]" if len(dims) == 3 else "[H, W]"
+    if len(shape) != len(dims) or (len(dims) == 3 and shape[2] != 3):
+        raise RequestError(field_name, f"must be UINT8 {expected}; got shape {list(shape)}")
+    if not all(0 < side <= max_side for side in shape[:2]):
+        raise RequestError(field_name, f"must be 1..{max_side} pixels a side "
+                                       f"(--max-resolution); got {list(shape[:2])}")
+
+
 def request_from_tensors(tensors: Mapping[str, np.ndarray | None],
                          max_prompt_bytes: int = 2048) -> GenerationRequest:
     """A GenerationRequest from the `driffusion` model's input tensors (absent ones are None).
 
-    Each present input must hold exactly one value; RequestError names the input otherwise.
-    Strings are size-checked before they are decoded. An empty MODE or SCHEDULER means the
-    default, as an absent one does; an empty PROMPT is a prompt (as in diffusers).
+    Each present scalar input must hold exactly one value; RequestError names the input
+    otherwise. Strings are size-checked before they are decoded. An empty MODE or SCHEDULER
+    means the default, as an absent one does; an empty PROMPT is a prompt (as in diffusers).
+    Image inputs (shapes checked by `check_image_shape` before they were read) must be UINT8.
     """
     values: dict[str, object] = {}
+    for name, (_, field_name) in DRIFFUSION_IMAGE_INPUTS.items():
+        image = tensors.get(name)
+        if image is not None:
+            if image.dtype != np.uint8:
+                raise RequestError(field_name, f"must be UINT8; got {image.dtype}")
+            values[field_name] = image
     for name, (dtype, field_name) in DRIFFUSION_INPUTS.items():
         tensor = tensors.get(name)
         if tensor is None:

@@ -6,7 +6,7 @@ Models written (docs/ARCHITECTURE.md names them):
   or with `--backend torch` the python-backend `torch_model` (FP16 + CUDA graphs on GPU i, FP32
   on a machine without a GPU); a one-GPU server writes one batched device model or several on
   GPU 0 (`gpu_layout`);
-- `text_encoder` and `vae_decoder` where the model has them;
+- `text_encoder[_2|_3]`, `vae_decoder` and `vae_encoder` where the model has them;
 - `unet_sim` (with `--model sim`): the closed-form model, one instance per simulated device;
 - `driffusion`: the python-backend pipeline model (label/prompt -> image) over the devices.
 The `driffusion` config carries the PipelineSpec (JSON) that gRPC clients read, with the serving
@@ -38,7 +38,11 @@ from triton_models.device_endpoints import (
     parse_endpoints,
     signature,
 )
-from triton_models.pipeline_io import DRIFFUSION_INPUTS, DRIFFUSION_OUTPUTS
+from triton_models.pipeline_io import (
+    DRIFFUSION_IMAGE_INPUTS,
+    DRIFFUSION_INPUTS,
+    DRIFFUSION_OUTPUTS,
+)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MARKER = ".driffusion-repository"
@@ -135,8 +139,9 @@ class Batching:
 
 # rows a request of the encoders and tokenizers may hold: a prompt and its negative
 ENCODER_ROWS = 2
-# rows of a VAE decoder request: one image
+# rows of a VAE decoder or encoder request: one image
 DECODER_ROWS = 1
+VAE_NETWORKS = ("vae_decoder", "vae_encoder")
 
 
 def _batching(options: RepositoryOptions, max_batch: int) -> Batching | None:
@@ -333,8 +338,8 @@ def _write_engines(repository: Repository, options: RepositoryOptions, directory
         dtypes = {tensor["name"]: tensor["dtype"] for tensor in unet["inputs"]}
         repository.devices.append(DeviceModel(name, 1, max_batch, batching is not None, dtypes))
     for network in networks:
-        if network.startswith("text_encoder") or network == "vae_decoder":
-            rows = DECODER_ROWS if network == "vae_decoder" else ENCODER_ROWS
+        if network.startswith("text_encoder") or network in VAE_NETWORKS:
+            rows = DECODER_ROWS if network in VAE_NETWORKS else ENCODER_ROWS
             _write_network(repository, network, directory, networks[network], options, gpu=0,
                            batching=Batching(rows, dynamic=False), max_batch=rows)
     for encoder in repository.spec.text_encoders:
@@ -542,6 +547,7 @@ def _link_or_copy(source: Path, destination: Path) -> None:
 def _write_driffusion(repository: Repository, options: RepositoryOptions) -> None:
     model_dir = _model_dir(repository, "driffusion", "driffusion")
     inputs = [(name, dtype, [1]) for name, (dtype, _) in DRIFFUSION_INPUTS.items()]
+    inputs += [(name, "TYPE_UINT8", dims) for name, (dims, _) in DRIFFUSION_IMAGE_INPUTS.items()]
     _write_config(model_dir, _python_config(
         "driffusion", inputs,
         [(name, dtype, dims) for name, (dtype, dims) in DRIFFUSION_OUTPUTS.items()],
@@ -553,6 +559,7 @@ def _write_driffusion(repository: Repository, options: RepositoryOptions) -> Non
             "devices": json.dumps([asdict(device) for device in repository.devices]),
             "deadline_s": options.deadline_s,
             "cfg_parallel": "true" if options.cfg_parallel else "false",
+            "max_resolution": options.max_resolution,
             **_endpoint_parameters(repository, options),
             **_layout_parameters(options),
         },

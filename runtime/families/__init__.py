@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from models.limits import MAX_GUIDANCE
 from models.pipeline_spec import PipelineSpec, TextEncoder
 from runtime.devices import Conditioning
+from runtime.driffusion import Blend
 from runtime.request import GenerationRequest, RequestError, ResolvedRequest
 
 
@@ -31,18 +33,49 @@ class TextEncoding(Protocol):
     async def labels(self, labels: list[int]) -> np.ndarray:
         """The label encoder's embeddings [N, 1, D] of class labels."""
 
+    async def image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE encoder's posterior parameters [1, 2C, h, w] (mean, log-variance) of pixels
+        [1, 3, H, W] in [-1, 1]."""
+
+
+@dataclass(frozen=True)
+class StartState:
+    """Where sampling starts: the latents at timestep index `start`, a blend applied after
+    every refined step (inpainting with a plain model), and denoiser inputs the request adds
+    to its conditioning (a 9-channel inpainting UNet's mask and masked-image latents)."""
+
+    latents: torch.Tensor
+    start: int = 0
+    blend: Blend | None = None
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+
 
 class Family:
     """Stable Diffusion-style defaults; each family module overrides what its pipeline does
     differently."""
 
     name = ""
+    default_strength = 0.8  # diffusers' img2img default for the family
+    # how strength cuts the schedule: int(steps * strength) steps kept (SD, SDXL), or the
+    # first int(steps - steps * strength) steps dropped (SD3, Flux)
+    strength_rounds_kept_steps = True
 
     def check(self, request: GenerationRequest, spec: PipelineSpec) -> None:
         """Refuse request fields this family does not take (RequestError naming the field)."""
         if request.true_cfg is not None:
             raise RequestError("true_cfg", f"TRUE_CFG is for Flux models; {spec.model} is a "
                                            f"{self.name} model: use GUIDANCE")
+        if request.mask is not None:
+            raise RequestError("mask", f"inpainting is served for SD 1.x/2.x folders; "
+                                       f"{spec.model} is a {self.name} model: send INIT_IMAGE "
+                                       "without MASK (image-to-image)")
+
+    def first_kept_step(self, steps: int, strength: float) -> int:
+        """The first of `steps` timesteps an image request runs at `strength`, as the family's
+        image-to-image pipeline's get_timesteps cuts them."""
+        if self.strength_rounds_kept_steps:
+            return steps - min(int(steps * strength), steps)
+        return int(max(steps - min(steps * strength, steps), 0))
 
     async def conditioning(self, encoding: TextEncoding, request: ResolvedRequest,
                            spec: PipelineSpec) -> Conditioning:
@@ -61,6 +94,32 @@ class Family:
         # flow-matching schedulers have no init_noise_sigma: they start from the noise itself
         return noise * getattr(scheduler, "init_noise_sigma", 1.0)
 
+    async def start_state(self, encoding: TextEncoding, request: ResolvedRequest,
+                          spec: PipelineSpec, scheduler,
+                          generator: torch.Generator) -> StartState:
+        """Text-to-image: noise at the first timestep. Image-to-image: the init image's
+        latents (a posterior sample), noised to the first timestep that strength keeps; the
+        draws from `generator` come in diffusers' order (posterior, then noise)."""
+        if request.init_image is None:
+            return StartState(self.initial_latents(request, spec, scheduler, generator))
+        start = self.begin_at(scheduler, request)
+        parameters = await encoding.image(to_pixels(request.init_image))
+        image_latents = self.image_latents(posterior_sample(parameters, generator), spec)
+        noise = torch.randn(image_latents.shape, generator=generator)
+        return StartState(noised(scheduler, image_latents, noise, start), start)
+
+    def begin_at(self, scheduler, request: ResolvedRequest) -> int:
+        """The index of the first timestep an image request runs, set as the scheduler's begin
+        index where it keeps one (as diffusers' get_timesteps does)."""
+        start = self.first_kept_step(request.steps, request.strength) * scheduler.order
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        return start
+
+    def image_latents(self, sample: torch.Tensor, spec: PipelineSpec) -> torch.Tensor:
+        """Latents of a VAE posterior sample, as the family's pipeline scales them."""
+        return sample * spec.scaling_factor
+
     def timestep_options(self, request: ResolvedRequest, spec: PipelineSpec) -> dict[str, Any]:
         """Extra arguments of the scheduler's `set_timesteps` (custom sigmas, shift `mu`)."""
         return dynamic_shift(spec, self.latent_shape(request, spec))
@@ -69,6 +128,28 @@ class Family:
         """What the VAE decoder takes for the final latents (diffusers' scaling and shift)."""
         scaled = latents / spec.scaling_factor
         return scaled if spec.shift_factor is None else scaled + spec.shift_factor
+
+
+def to_pixels(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 [1, 3, H, W] in [-1, 1], as diffusers' image processor."""
+    pixels = image.astype(np.float32) / 255.0
+    return torch.from_numpy(2.0 * pixels - 1.0).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def posterior_sample(parameters: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A sample of the VAE's diagonal Gaussian posterior (mean, log-variance along channels),
+    drawn from `generator` as diffusers' DiagonalGaussianDistribution.sample draws it."""
+    mean, logvar = torch.chunk(parameters, 2, dim=1)
+    std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+    return mean + std * torch.randn(mean.shape, generator=generator)
+
+
+def noised(scheduler, latents: torch.Tensor, noise: torch.Tensor, step: int) -> torch.Tensor:
+    """`latents` noised to the scheduler's timestep `step` (flow matching: scale_noise)."""
+    timestep = scheduler.timesteps[step:step + 1]
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(latents, timestep, noise)
+    return scheduler.add_noise(latents, noise, timestep)
 
 
 def dynamic_shift(spec: PipelineSpec, latent_shape: tuple[int, ...],

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from models import tensors
 from models.pipeline_spec import FLUX, PipelineSpec
@@ -37,6 +38,8 @@ FLUX_MAX_SHIFT = 1.15  # FluxPipeline's default when the scheduler config has no
 
 class Flux(Family):
     name = FLUX
+    default_strength = 0.6  # FluxImg2ImgPipeline
+    strength_rounds_kept_steps = False
 
     def check(self, request: GenerationRequest, spec: PipelineSpec) -> None:
         if request.true_cfg is not None:
@@ -63,6 +66,9 @@ class Flux(Family):
         packed = 2 * spec.vae_scale_factor
         return (1, spec.latent_channels, 2 * (request.height // packed),
                 2 * (request.width // packed))
+
+    def image_latents(self, sample: torch.Tensor, spec: PipelineSpec) -> torch.Tensor:
+        return (sample - (spec.shift_factor or 0.0)) * spec.scaling_factor
 
     def timestep_options(self, request: ResolvedRequest, spec: PipelineSpec) -> dict[str, Any]:
         options = dynamic_shift(spec, self.latent_shape(request, spec), FLUX_MAX_SHIFT)

@@ -31,7 +31,12 @@ from runtime.pipeline import Cancelled, Pipeline, PipelineSpec, RequestError
 from runtime.schedulers import max_steps
 from triton_models.backend import ThrottledCheck, model_parameters
 from triton_models.device_endpoints import describe, devices_from_parameters
-from triton_models.pipeline_io import DRIFFUSION_INPUTS, request_from_tensors
+from triton_models.pipeline_io import (
+    DRIFFUSION_IMAGE_INPUTS,
+    DRIFFUSION_INPUTS,
+    check_image_shape,
+    request_from_tensors,
+)
 
 # executor threads beyond one per device lane: encoders, the VAE, health checks, failover calls
 EXTRA_THREADS = 4
@@ -115,6 +120,7 @@ class TritonPythonModel:
         self.cfg_parallel = parameters.get("cfg_parallel", "false") == "true"
         self.batched_rounds = parameters.get("batched_rounds", "false") == "true"
         self.window = int(parameters["window"]) if "window" in parameters else None
+        self.max_resolution = int(parameters["max_resolution"])
         self.models = {name: BlsModel(name) for name in Pipeline.needed_models(self.spec)}
         self.log = pb_utils.Logger
         self.metrics = Metrics()
@@ -141,18 +147,25 @@ class TritonPythonModel:
                                                      thread_name_prefix="driffusion-bls"))
         self._executor_loop = loop
 
-    async def _respond(self, request):
+    def _inputs(self, request):
+        """The request's input tensors by name (None where absent); image shapes are checked
+        against the resolution limit before their pixels are read."""
         tensors = {}
-        for name in DRIFFUSION_INPUTS:
+        for name in [*DRIFFUSION_INPUTS, *DRIFFUSION_IMAGE_INPUTS]:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None and name in DRIFFUSION_IMAGE_INPUTS:
+                check_image_shape(name, tensor.shape(), self.max_resolution)
             tensors[name] = None if tensor is None else tensor.as_numpy()
+        return request_from_tensors(tensors, self.spec.max_prompt_bytes)
+
+    async def _respond(self, request):
         pool = DevicePool(self.devices, cfg_parallel=self.cfg_parallel,
                           batched=self.batched_rounds, window=self.window)
         pipeline = Pipeline(self.spec, pool, self.models, self.deadline_s)
         rejoins_before = [device.rejoins for device in self.devices]
         mode = "unknown"
         try:
-            resolved = pipeline.resolve(request_from_tensors(tensors, self.spec.max_prompt_bytes))
+            resolved = pipeline.resolve(self._inputs(request))
             mode = resolved.mode
             cancelled = ThrottledCheck(request.is_cancelled)
             result = await pipeline.run(resolved, should_stop=cancelled)
