@@ -81,9 +81,11 @@ def resolve(request: GenerationRequest, spec: PipelineSpec, default_window: int)
         raise RequestError("draft_order", f"2 needs a noise-prediction multistep scheduler "
                                           f"(ddim, dpmpp2m, unipc, ddpm, pndm); got {scheduler}")
     family = family_of(spec)
-    default_size = _image_size(request, spec)
-    height = _resolve_size("height", request.height, default_size[0], spec.height_range, spec)
-    width = _resolve_size("width", request.width, default_size[1], spec.width_range, spec)
+    image_height, image_width = _image_size(request, spec)  # checked against HEIGHT/WIDTH
+    height = _resolve_size("height", request.height if image_height is None else image_height,
+                           spec.image_size[0], spec.height_range, spec)
+    width = _resolve_size("width", request.width if image_width is None else image_width,
+                          spec.image_size[1], spec.width_range, spec)
     family.check(request, spec)
     strength = _resolve_strength(request, steps, family)
     prompt = request.prompt if spec.uses_prompts else None
@@ -95,15 +97,16 @@ def resolve(request: GenerationRequest, spec: PipelineSpec, default_window: int)
                            request.mask, strength)
 
 
-def _image_size(request: GenerationRequest, spec: PipelineSpec) -> tuple[int, int]:
-    """The default image size: the init image's (checked here with the mask), else the
-    model's; HEIGHT and WIDTH, when given, must equal the init image's."""
+def _image_size(request: GenerationRequest,
+                spec: PipelineSpec) -> tuple[int | None, int | None]:
+    """The init image's size (checked here with the mask; HEIGHT and WIDTH, when given, must
+    equal it), or (None, None) without one."""
     image = request.init_image
     if image is None:
         for name in ("mask", "strength"):
             if getattr(request, name) is not None:
                 raise RequestError(name, "needs an INIT_IMAGE (image-to-image or inpainting)")
-        return spec.image_size
+        return None, None
     if not spec.image_encoder:
         raise RequestError("init_image", f"{spec.model} is served without a VAE encoder; "
                                          "rebuild its engines with `driffusion build-engines` "

@@ -29,7 +29,7 @@ from runtime.families import (
     split_rows,
     to_pixels,
 )
-from runtime.request import GenerationRequest, ResolvedRequest
+from runtime.request import GenerationRequest, RequestError, ResolvedRequest
 
 
 class StableDiffusion(Family):
@@ -38,6 +38,9 @@ class StableDiffusion(Family):
     name = STABLE_DIFFUSION
 
     def check(self, request: GenerationRequest, spec: PipelineSpec) -> None:
+        if spec.masked_inputs and request.mask is None:
+            raise RequestError("mask", f"{spec.model} is an inpainting model (its UNet takes a "
+                                       "mask and the masked image): send INIT_IMAGE and MASK")
         if request.mask is None:
             super().check(request, spec)
 
