@@ -69,6 +69,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     condition.add_argument("--label", type=int, help="class label of a class-conditional model")
     parser.add_argument("--negative-prompt", default=None,
                         help="what to guide away from (default: the empty prompt)")
+    parser.add_argument("--image", type=Path, default=None,
+                        help="init image (PNG/JPEG, RGB): image-to-image, or inpainting with "
+                        "--mask; HEIGHT and WIDTH are its size, which the engines must accept")
+    parser.add_argument("--mask", type=Path, default=None,
+                        help="inpainting mask, the image's size: white (>= 128) is repainted, "
+                        "black kept")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="with --image: the share of the schedule run from the noised image, "
+                        "in (0, 1] (default: diffusers' for the family; 1 for inpainting)")
     parser.add_argument("--height", type=int, default=None,
                         help="image height in pixels (default: the model's)")
     parser.add_argument("--width", type=int, default=None,
@@ -144,7 +153,8 @@ async def generate_command(args: argparse.Namespace) -> int:
         seed=args.seed, steps=args.steps, mode=args.mode, window=args.window,
         guidance=args.guidance, scheduler=args.scheduler, tolerance=args.tolerance,
         draft_order=args.draft_order, height=args.height, width=args.width,
-        true_cfg=args.true_cfg,
+        true_cfg=args.true_cfg, init_image=read_image(args.image, "RGB"),
+        mask=read_image(args.mask, "L"), strength=args.strength,
     )
     async with TritonEndpoints(endpoints) as connection:
         pipeline = await connect_pipeline(connection, spec_file=args.spec, pattern=args.devices,
@@ -220,11 +230,24 @@ async def timed_run(pipeline: Pipeline, request: ResolvedRequest, *, quiet: bool
     from tqdm import tqdm
 
     label = f"{request.mode} w={request.window}"
-    with tqdm(total=request.steps, desc=label, unit="step", disable=quiet, leave=False) as bar:
+    with tqdm(total=pipeline.steps_to_run(request), desc=label, unit="step", disable=quiet, leave=False) as bar:
         start = time.perf_counter()
         result = await pipeline.run(request, progress=bar.update)
         seconds = time.perf_counter() - start
     return Run(request, result.image, seconds, result.rounds)
+
+
+def read_image(path: Path | None, mode: str) -> np.ndarray | None:
+    """A picture file as uint8 pixels in PIL `mode` (RGB: [H, W, 3]; L: [H, W])."""
+    if path is None:
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert(mode), dtype=np.uint8).copy()
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"cannot read the image {path}: {error}") from error
 
 
 def save_image(image: np.ndarray, path: Path) -> None:

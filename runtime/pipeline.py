@@ -276,6 +276,12 @@ class Pipeline:
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
         return resolve(request, self.spec, self.pool.width)
 
+    def steps_to_run(self, request: ResolvedRequest) -> int:
+        """The steps a resolved request refines (an image request: those strength keeps)."""
+        if request.init_image is None:
+            return request.steps
+        return request.steps - self.family.first_kept_step(request.steps, request.strength)
+
     async def _infer(self, name: str, inputs: dict[str, np.ndarray],
                      outputs: list[str]) -> dict[str, np.ndarray]:
         return await self.models[name].infer(inputs, outputs, self.deadline_s)
