@@ -9,8 +9,9 @@ from pathlib import Path
 from engines.build import BACKEND_CHOICES, BuildRequest, EngineBuildError, build_engines
 from engines.tensorrt_build import OPTIMIZATION_LEVELS
 from export.cli import add_export_arguments, add_model_arguments, export_options
+from export.precision import PRECISIONS
 from export.presets import ModelSourceError, model_name
-from export.specs import PRECISIONS, UnsupportedModelError
+from export.specs import UnsupportedModelError
 from export.validate import ValidationError
 from models import paths
 
