@@ -32,6 +32,8 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 # polygraphy constant folding leaves tensors above this unfolded (e.g. Expand of a weight)
 FOLD_SIZE_THRESHOLD = 64 * 1024**2
 EXPORT_INDEX = "export.json"
+# ONNX ops without bfloat16 in any opset: bf16 networks run them in float32
+FLOAT_ONLY_OPS = ("Einsum",)
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,8 @@ def export_network(
         )
         trace_to_onnx(spec, export_module, trace_inputs, raw_path, exporter, opset)
         model = onnx.load(str(raw_path))
+    if precision == "bf16":
+        run_float_only_ops_in_fp32(model.graph)
     log(f"{spec.name}: folding constants and cleaning up the graph")
     model = clean_graph(model)
     name_dynamic_dims(model, spec)
@@ -226,6 +230,27 @@ def trace_to_onnx(
             **(_dynamo_arguments(spec, wrapped) if exporter == "dynamo"
                else {"dynamic_axes": spec.dynamic_axes}),
         )
+
+
+def run_float_only_ops_in_fp32(graph: onnx.GraphProto) -> None:
+    """Wrap the nodes of FLOAT_ONLY_OPS in casts to float32 and back (CastLike their first
+    input), so a bf16 graph stays valid ONNX (e.g. SD3's unpatchify einsum)."""
+    nodes = []
+    for node in graph.node:
+        if node.op_type not in FLOAT_ONLY_OPS:
+            nodes.append(node)
+            continue
+        like, result = node.input[0], node.output[0]
+        widened = [f"{node.name}/float32_input_{i}" for i in range(len(node.input))]
+        nodes += [onnx.helper.make_node("Cast", [name], [cast], name=cast,
+                                        to=onnx.TensorProto.FLOAT)
+                  for name, cast in zip(node.input, widened)]
+        node.input[:] = widened
+        node.output[0] = f"{node.name}/float32_output"
+        nodes += [node, onnx.helper.make_node("CastLike", [node.output[0], like], [result],
+                                              name=f"{node.name}/cast_back")]
+    graph.ClearField("node")
+    graph.node.extend(nodes)
 
 
 def _dynamo_arguments(spec: NetworkSpec, wrapped: nn.Module) -> dict[str, Any]:

@@ -426,22 +426,23 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
         if class_name in T5_ENCODERS:
             _check_t5_tokenizer(path, component)
         model_class = _component_class(library, class_name, component)
-        components[network] = model_class.from_pretrained(path / component)
+        components[network] = model_class.from_pretrained(str(path / component))
     if not components:
         raise ModelSourceError(f"{path}/model_index.json names no exportable component")
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     tokenizers = {name: functools.partial(_copy_tree, path / name)
                   for name in TOKENIZER_OF_ENCODER.values() if (path / name).is_dir()}
     classes = {network_of[key]: class_name for key, (_, class_name) in present.items()}
+    configs = {network_of[key]: _read_json(path / key / "config.json") for key in present
+               if (path / key / "config.json").is_file()}
     family = family_of(classes)
-    transformer_config = path / "transformer" / "config.json"
     guidance_embeds = family == FLUX and bool(
-        _read_json(transformer_config).get("guidance_embeds", False))
+        configs.get("transformer", {}).get("guidance_embeds", False))
     return ModelBundle(
         name=model_name(str(path)),
         source=str(path),
         modules={k: m.eval() for k, m in components.items()},
-        context=_pipeline_context(components, family_defaults(family, guidance_embeds)),
+        context=_pipeline_context(classes, configs, family_defaults(family, guidance_embeds)),
         scheduler_config=_read_json(scheduler_file) if scheduler_file.is_file() else {},
         selected=bool(networks),
         tokenizers=tokenizers,
@@ -474,16 +475,19 @@ def _copy_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target, dirs_exist_ok=True)
 
 
-def _pipeline_context(components: dict[str, nn.Module], defaults: FamilyDefaults) -> SpecContext:
-    vae = components.get("vae_decoder")
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-    encoder = components.get("text_encoder")
-    sequence = encoder.config.max_position_embeddings if encoder is not None else 77
-    second = components.get("text_encoder_2")
-    text_embeds_dim = getattr(second.config, "projection_dim", None) if second is not None else None
-    denoiser = components.get("unet") or components.get("transformer")
-    latent = getattr(denoiser.config, "sample_size", None) if denoiser is not None else None
-    if isinstance(denoiser, nn.Module) and type(denoiser).__name__ == "FluxTransformer2DModel":
+def _pipeline_context(
+    classes: dict[str, str], configs: dict[str, dict[str, Any]], defaults: FamilyDefaults
+) -> SpecContext:
+    """The facts specs need from the other networks' configs (`configs`: every network's, loaded
+    or not, so that a partial export's specs are the full export's)."""
+    vae = configs.get(VAE_NETWORK)
+    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae is not None else 1
+    encoder = configs.get("text_encoder")
+    sequence = encoder.get("max_position_embeddings", 77) if encoder is not None else 77
+    second = configs.get("text_encoder_2") or {}
+    denoiser = next((n for n in ("unet", "transformer") if n in configs), None)
+    latent = configs[denoiser].get("sample_size") if denoiser is not None else None
+    if denoiser is not None and classes[denoiser] == "FluxTransformer2DModel":
         latent = FLUX_DEFAULT_SAMPLE_SIZE  # FluxPipeline's default, not a config value
     if isinstance(latent, int):
         latent = (latent, latent)
@@ -491,7 +495,7 @@ def _pipeline_context(components: dict[str, nn.Module], defaults: FamilyDefaults
         vae_scale_factor=vae_scale,
         sequence_length=sequence,
         t5_tokens=defaults.t5_tokens or SpecContext.t5_tokens,
-        text_embeds_dim=text_embeds_dim,
+        text_embeds_dim=second.get("projection_dim"),
         latent_size=tuple(latent) if latent is not None else None,
     )
 
@@ -503,13 +507,13 @@ def _load_model_folder(path: Path) -> ModelBundle:
         raise ModelSourceError(f"{path}/config.json names no model class (_class_name)")
     library = "diffusers" if "_class_name" in config else "transformers"
     spec_class = spec_class_named(class_name, path.name)
-    module = _component_class(library, class_name, path.name).from_pretrained(path)
+    module = _component_class(library, class_name, path.name).from_pretrained(str(path))
     network = NETWORK_OF_SPEC[spec_class]
     return ModelBundle(
         name=model_name(str(path)),
         source=str(path),
         modules={network: module.eval()},
-        context=_pipeline_context({network: module}, family_defaults(None)),
+        context=_pipeline_context({network: class_name}, {network: config}, family_defaults(None)),
     )
 
 
