@@ -45,9 +45,9 @@ def add_precision_arguments(parser: argparse.ArgumentParser, default: str | None
         "--precision",
         choices=PRECISIONS,
         default=default,
-        help=f"precision asked for; each network gets its own by the rule in README.md (Precision per network) "
-        f"(bf16: SD3/Flux transformers and T5; fp16 for the rest; SDXL's force_upcast VAE "
-        f"fp32) ({default_help})",
+        help="precision asked for; each network gets its own by the rule in README.md, "
+        "'Precision per network' (bf16: SD3/Flux transformers and T5, fp16 for the rest; "
+        f"SDXL's force_upcast VAE stays fp32) ({default_help})",
     )
     parser.add_argument(
         "--network-precision",
