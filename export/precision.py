@@ -40,7 +40,9 @@ UPCAST_VAE_FAMILIES = (STABLE_DIFFUSION_XL,)
 BF16_MIN_OPSET = 22
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # torch dtype names ("bfloat16") -> precision names ("bf16")
-PRECISION_OF_DTYPE = {str(dtype).removeprefix("torch."): name for name, dtype in TORCH_DTYPES.items()}
+PRECISION_OF_DTYPE = {
+    str(dtype).removeprefix("torch."): name for name, dtype in TORCH_DTYPES.items()
+}
 
 
 def checked_precision(precision: str) -> str:

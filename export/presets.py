@@ -545,7 +545,7 @@ def pipeline_spec(
         return None
     t5_tokens = bundle.t5_tokens(max_sequence_length)
     encoders = _text_encoders(bundle, t5_tokens)
-    if not encoders:
+    if not encoders or bundle.family is None:
         raise UnsupportedModelError(
             f"{bundle.name}: a pipeline without a text encoder cannot be served; supported: "
             "SD 1.x/2.x, SDXL, SD3/SD3.5 and Flux.1 pipelines")
@@ -555,7 +555,8 @@ def pipeline_spec(
     network = bundle.specs("fp32", max_sequence_length=t5_tokens)[denoiser_name]
     ranges = network.dim_ranges(1, height, width)
     defaults = family_defaults(family, bundle.guidance_embeds)
-    forced = bundle.pipeline_config.get("force_zeros_for_empty_prompt", family == STABLE_DIFFUSION_XL)
+    sdxl = family == STABLE_DIFFUSION_XL
+    forced = bundle.pipeline_config.get("force_zeros_for_empty_prompt", sdxl)
     return PipelineSpec(
         model=bundle.name,
         family=family,
@@ -567,7 +568,7 @@ def pipeline_spec(
         scaling_factor=float(getattr(vae.config, "scaling_factor", 1.0)) if vae else 1.0,
         shift_factor=getattr(vae.config, "shift_factor", None) if vae else None,
         text_encoders=tuple(encoders),
-        force_zeros_for_empty_prompt=bool(forced) and family == STABLE_DIFFUSION_XL,
+        force_zeros_for_empty_prompt=bool(forced) and sdxl,
         joint_attention_dim=getattr(denoiser.config, "joint_attention_dim", 0) or 0,
         t5_tokens=t5_tokens,
         guidance_embeds=bundle.guidance_embeds,

@@ -259,7 +259,9 @@ class _LatentDenoiser:
     @property
     def outputs(self) -> list[TensorSpec]:
         return [
-            self.activation(tensors.OUT_SAMPLE, (BATCH, self.out_channels, LATENT_HEIGHT, LATENT_WIDTH))
+            self.activation(
+                tensors.OUT_SAMPLE, (BATCH, self.out_channels, LATENT_HEIGHT, LATENT_WIDTH)
+            )
         ]
 
 
@@ -321,7 +323,8 @@ class UNetSpec(_LatentDenoiser, NetworkSpec):
         specs = [
             *self.latent_inputs(),
             self.activation(
-                tensors.ENCODER_HIDDEN_STATES, (BATCH, self.sequence_length, self.cross_attention_dim)
+                tensors.ENCODER_HIDDEN_STATES,
+                (BATCH, self.sequence_length, self.cross_attention_dim),
             ),
         ]
         if self.time_ids_count is not None:
@@ -572,7 +575,9 @@ class VAEDecoderSpec(NetworkSpec):
     @property
     def inputs(self) -> list[TensorSpec]:
         return [
-            self.activation(tensors.LATENT, (BATCH, self.latent_channels, LATENT_HEIGHT, LATENT_WIDTH))
+            self.activation(
+                tensors.LATENT, (BATCH, self.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
+            )
         ]
 
     @property
@@ -629,7 +634,8 @@ class SD3TransformerSpec(_LatentDenoiser, NetworkSpec):
         return [
             *self.latent_inputs(),
             self.activation(
-                tensors.ENCODER_HIDDEN_STATES, (BATCH, self.sequence_length, self.joint_attention_dim)
+                tensors.ENCODER_HIDDEN_STATES,
+                (BATCH, self.sequence_length, self.joint_attention_dim),
             ),
             self.activation(tensors.POOLED_PROJECTIONS, (BATCH, self.pooled_projection_dim)),
         ]
@@ -713,7 +719,8 @@ class FluxTransformerSpec(_LatentDenoiser, NetworkSpec):
         specs = [
             *self.latent_inputs(),
             self.activation(
-                tensors.ENCODER_HIDDEN_STATES, (BATCH, self.sequence_length, self.joint_attention_dim)
+                tensors.ENCODER_HIDDEN_STATES,
+                (BATCH, self.sequence_length, self.joint_attention_dim),
             ),
             self.activation(tensors.POOLED_PROJECTIONS, (BATCH, self.pooled_projection_dim)),
         ]

@@ -264,7 +264,8 @@ def _widen_graph(graph: onnx.GraphProto) -> None:
             graph.initializer[index].CopyFrom(_widened_tensor(tensor))
     for node in graph.node:
         for attribute in node.attribute:
-            if node.op_type == "Cast" and attribute.name == "to" and attribute.i == TensorProto.BFLOAT16:
+            casts_to_bf16 = node.op_type == "Cast" and attribute.name == "to"
+            if casts_to_bf16 and attribute.i == TensorProto.BFLOAT16:
                 attribute.i = TensorProto.FLOAT
             if attribute.HasField("t") and attribute.t.data_type == TensorProto.BFLOAT16:
                 attribute.t.CopyFrom(_widened_tensor(attribute.t))

@@ -10,7 +10,7 @@ Sizes are chosen so that a folder builds and exports in seconds on a CPU: 64-pix
 8x8 latents (a 4-block VAE), CLIP encoders of 2 layers and widths of a few dozen. The two
 encoders of SDXL and SD3 have different widths, so that a swapped or misread encoder output
 fails on its shape instead of passing silently. T5 encoders are 2-layer gated-GELU T5 v1.1
-models (as SD3 and Flux ship) over a few hundred Unigram pieces, tokenized by a T5 tokenizer
+models (as SD3 and Flux ship) over about 150 Unigram pieces, tokenized by a T5 tokenizer
 built offline with the `tokenizers` library (`t5_tokenizer`); T5 max lengths stay the families'
 (256 or 512 tokens).
 
@@ -31,7 +31,15 @@ from models.clip_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, write_
 IMAGE_SIZE = 64  # pixels: 8x8 latents under a 4-block (factor 8) VAE
 LATENT_SIZE = 8
 CONTEXT_GAIN = 8.0  # the SD3/Flux context embedder's weights are scaled by this
-T5_VOCAB_WORDS = ["a", "an", "the", "of", "in", "on", "at", "with", "and", "or", "to", "from", "by", "for", "is", "are", "photo", "painting", "picture", "drawing", "portrait", "landscape", "cat", "dog", "fox", "bird", "horse", "lighthouse", "house", "tree", "forest", "mountain", "river", "sea", "sky", "sun", "moon", "star", "city", "street", "car", "boat", "red", "green", "blue", "yellow", "white", "black", "orange", "purple", "dusk", "dawn", "night", "day", "snowy", "rainy", "sunny", "watercolor", "oil", "detailed", "blurry", "low", "high", "quality", "very", "small", "large", "old", "young", "beautiful", "dark", "bright"]
+T5_VOCAB_WORDS = [
+    "a", "an", "the", "of", "in", "on", "at", "with", "and", "or", "to", "from", "by", "for",
+    "is", "are", "photo", "painting", "picture", "drawing", "portrait", "landscape", "cat",
+    "dog", "fox", "bird", "horse", "lighthouse", "house", "tree", "forest", "mountain",
+    "river", "sea", "sky", "sun", "moon", "star", "city", "street", "car", "boat", "red",
+    "green", "blue", "yellow", "white", "black", "orange", "purple", "dusk", "dawn", "night",
+    "day", "snowy", "rainy", "sunny", "watercolor", "oil", "detailed", "blurry", "low", "high",
+    "quality", "very", "small", "large", "old", "young", "beautiful", "dark", "bright",
+]
 SD_SCHEDULERS = ("PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler")
 # the scheduler settings the released SD 1.x / 2.x / SDXL checkpoints ship
 SD_SCHEDULER_CONFIG = {

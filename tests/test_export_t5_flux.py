@@ -344,7 +344,8 @@ def test_flux_dev_exports_validated_with_its_guidance_input(flux_dev_engines):
 def test_flux_dev_engines_and_pipeline_json(flux_dev_engines):
     directory = flux_dev_engines / "engines" / "flux-dev" / "cpu"
     manifest = read_manifest(directory)
-    assert {name: entry["precision"] for name, entry in manifest["networks"].items()} == dict.fromkeys(
+    precisions = {name: entry["precision"] for name, entry in manifest["networks"].items()}
+    assert precisions == dict.fromkeys(
         ["text_encoder", "text_encoder_2", "transformer", "vae_decoder"], "fp32")
     spec = PipelineSpec.from_json((directory / "pipeline.json").read_text())
     assert spec.family == "flux" and spec.guidance_embeds and spec.latent_size == (8, 8)
