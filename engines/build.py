@@ -29,7 +29,6 @@ from engines.tensorrt_build import build_plan, tensorrt_status
 from export.onnx_export import (
     ExportOptions,
     export_model,
-    onnx_filename,
     onnx_sha256,
     read_export_index,
     settings_change,
@@ -39,6 +38,7 @@ from models import paths
 from models.pipeline_spec import SPEC_FILE, PipelineSpec
 
 BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "torch")
+GPU_PRECISION = "fp16"  # what GPU engines are built at unless another precision is asked
 TIMING_CACHE_DIR = ".timing-cache"
 
 
@@ -55,7 +55,9 @@ class BuildRequest:
     engines_root: Path = field(default_factory=paths.engines_root)
     onnx_dir: Path | None = None
     backend: str = "auto"
-    precision: str = "fp16"
+    # the precision asked for (each network gets its own, export/precision.py); None: fp16 for
+    # GPU engines, fp32 for ONNX Runtime CPU engines
+    precision: str | None = None
     optimization_level: int = 3
     force: bool = False
     networks: tuple[str, ...] = ()
@@ -89,10 +91,11 @@ class ExportedOnnx:
     name: str
     path: Path
     sha256: str
-    precision: str
+    precision: str  # this network's, as exported
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     profile: dict[str, Any]
+    model_class: str = ""
 
 
 def choose_backend(requested: str) -> tuple[str, list[GpuInfo], str | None, str | None]:
@@ -132,13 +135,13 @@ def _torch_gpus(gpus: list[GpuInfo]) -> list[GpuInfo]:
 def build_engines(request: BuildRequest, log: Callable[[str], None] = print) -> BuildOutcome:
     """Build (or keep) every engine of the model for every device; print one summary line."""
     backend, gpus, trt_version, no_plan_reason = choose_backend(request.backend)
-    precision = request.precision if backend == "tensorrt" else "fp32"
-    exported = ensure_exported(request, precision, log)
+    exported = ensure_exported(request, export_options_for(request, backend), log)
     if backend == "torch":
         from engines.torch_build import build_torch_engines, torch_backend_version
 
         outcome = build_torch_engines(request, exported, gpus, log)
-        where = f"{len(gpus)} GPU(s), {request.precision}" if gpus else "no GPU: fp32 on the CPU"
+        where = (f"{len(gpus)} GPU(s), {request.precision or GPU_PRECISION} asked" if gpus
+                 else "no GPU: fp32 on the CPU")
         outcome.summary = (
             f"built {torch_backend_version()} engines for {request.name} ({where}) in "
             f"{outcome.directories[0]} ({_counts(outcome)}); no TensorRT plan: {no_plan_reason}"
@@ -146,11 +149,12 @@ def build_engines(request: BuildRequest, log: Callable[[str], None] = print) -> 
     elif backend == "tensorrt":
         outcome = _build_tensorrt(request, exported, gpus, trt_version, log)
         outcome.summary = (
-            f"built TensorRT {trt_version} plans ({precision}) for {request.name} on "
+            f"built TensorRT {trt_version} plans ({_described(exported)}) for {request.name} on "
             f"{len(gpus)} GPU(s) in {', '.join(str(d) for d in outcome.directories)} "
             f"({_counts(outcome)})"
         )
     else:
+        _check_onnxruntime_precisions(exported)
         outcome = _build_onnxruntime(request, exported, log)
         outcome.summary = (
             f"built ONNX Runtime {onnxruntime_version()} CPU engines for {request.name} in "
@@ -162,8 +166,37 @@ def build_engines(request: BuildRequest, log: Callable[[str], None] = print) -> 
     return outcome
 
 
+def export_options_for(request: BuildRequest, backend: str) -> ExportOptions:
+    """How the ONNX is exported for `backend`: at the asked precision (default fp16 for TensorRT
+    plans, fp32 for ONNX Runtime CPU engines); all fp32 for the torch backend (its encoders and
+    decoder run in ONNX Runtime on the CPU, the denoiser in torch at its own precision)."""
+    if backend == "torch":
+        return replace(request.export, precision="fp32", network_precisions={})
+    precision = request.precision or (GPU_PRECISION if backend == "tensorrt" else "fp32")
+    return replace(request.export, precision=precision)
+
+
+def _check_onnxruntime_precisions(exported: list[ExportedOnnx]) -> None:
+    """EngineBuildError naming the bf16 networks: ONNX Runtime has no bf16 CPU kernels."""
+    bf16 = [onnx.name for onnx in exported if onnx.precision == "bf16"]
+    if bf16:
+        raise EngineBuildError(
+            f"ONNX Runtime has no bf16 CPU kernels (MatMul, Add, Softmax ...), so "
+            f"{', '.join(bf16)} cannot run as ONNX Runtime engines; build bf16 with TensorRT or "
+            f"--backend torch on a GPU, or ask --precision fp16/fp32 (or "
+            f"{' '.join(f'--network-precision {name}=fp32' for name in bf16)})"
+        )
+
+
+def _described(exported: list[ExportedOnnx]) -> str:
+    """`unet fp16, vae_decoder fp32`: each network's precision."""
+    return ", ".join(f"{onnx.name} {onnx.precision}" for onnx in exported)
+
+
 def copy_pipeline_files(export_dir: Path, directory: Path) -> None:
-    """Put the export's pipeline spec and the tokenizers it names beside the engines."""
+    """Put the export's pipeline spec and the tokenizers it names beside the engines; the spec's
+    `precisions` become the engines' (the manifest's, where it differs from the export's: a
+    torch denoiser runs at its own precision on a GPU)."""
     spec_file = export_dir / SPEC_FILE
     if not spec_file.is_file():
         return
@@ -174,7 +207,11 @@ def copy_pipeline_files(export_dir: Path, directory: Path) -> None:
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(export_dir / encoder.tokenizer, target)
-    shutil.copyfile(spec_file, directory / SPEC_FILE)
+    manifest = read_manifest(directory)
+    if manifest is not None:
+        engines = {name: entry["precision"] for name, entry in manifest["networks"].items()}
+        spec = spec.with_defaults(precisions={**spec.precisions, **engines})
+    (directory / SPEC_FILE).write_text(spec.to_json() + "\n")
 
 
 def _counts(outcome: BuildOutcome) -> str:
@@ -185,13 +222,13 @@ def _counts(outcome: BuildOutcome) -> str:
 
 
 def ensure_exported(
-    request: BuildRequest, precision: str, log: Callable[[str], None]
+    request: BuildRequest, options: ExportOptions, log: Callable[[str], None]
 ) -> list[ExportedOnnx]:
-    """The exported ONNX of every network at `precision`, exporting first when missing or stale."""
-    options = replace(request.export, precision=precision)
+    """The exported ONNX of every network for `options`, exporting first when missing or stale."""
+    precision = options.precision
     stale = export_staleness(request.export_dir, options, request.networks, request.source)
     if stale:
-        log(f"exporting {request.name} ({precision}) to {request.export_dir}: {stale}")
+        log(f"exporting {request.name} ({precision} asked) to {request.export_dir}: {stale}")
         from export.presets import load_bundle
 
         bundle = load_bundle(request.source, list(request.networks) or None)
@@ -199,9 +236,7 @@ def ensure_exported(
         export_model(bundle, request.export_dir, options, log)
     entry = read_export_index(request.export_dir)["exports"][precision]
     wanted = request.networks or tuple(entry["networks"])
-    return [
-        _exported(request.export_dir, name, entry["networks"][name], precision) for name in wanted
-    ]
+    return [_exported(request.export_dir, name, entry["networks"][name]) for name in wanted]
 
 
 def export_staleness(
@@ -226,22 +261,23 @@ def export_staleness(
         return f"networks {', '.join(missing)} not exported yet"
     if not networks and not entry.get("complete"):
         return f"only {', '.join(entry.get('networks', {}))} exported so far"
-    for name in entry.get("networks", {}):
-        if not (directory / onnx_filename(name, options.precision)).is_file():
-            return f"{onnx_filename(name, options.precision)} is missing"
+    for network in entry.get("networks", {}).values():
+        if not (directory / network["file"]).is_file():
+            return f"{network['file']} is missing"
     return None
 
 
-def _exported(directory: Path, name: str, entry: dict[str, Any], precision: str) -> ExportedOnnx:
+def _exported(directory: Path, name: str, entry: dict[str, Any]) -> ExportedOnnx:
     path = directory / entry["file"]
     return ExportedOnnx(
         name=name,
         path=path,
         sha256=onnx_sha256(path),
-        precision=precision,
+        precision=entry["precision"],
         inputs=entry["inputs"],
         outputs=entry["outputs"],
         profile=entry["profile"],
+        model_class=entry.get("model_class", ""),
     )
 
 

@@ -8,9 +8,14 @@ from pathlib import Path
 
 from engines.build import BACKEND_CHOICES, BuildRequest, EngineBuildError, build_engines
 from engines.tensorrt_build import OPTIMIZATION_LEVELS
-from export.cli import add_export_arguments, add_model_arguments, export_options
+from export.cli import (
+    add_export_arguments,
+    add_model_arguments,
+    add_precision_arguments,
+    export_options,
+)
 from export.presets import ModelSourceError, model_name
-from export.specs import PRECISIONS, UnsupportedModelError
+from export.specs import UnsupportedModelError
 from export.validate import ValidationError
 from models import paths
 
@@ -23,8 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "for every visible GPU (engines/<model>/<gpu-key>/) with a manifest.json. Without "
         "TensorRT or a GPU, build ONNX Runtime CPU engines (engines/<model>/cpu/) instead. "
         "--backend torch (auto's choice on a GPU without TensorRT) saves the denoiser for PyTorch "
-        "(FP16 + CUDA graphs on a GPU, FP32 on the CPU) in engines/<model>/torch-<gpu-key|cpu>/, "
-        "with ONNX Runtime engines for the text encoders and the VAE decoder. "
+        "(FP16 or BF16 + CUDA graphs on a GPU, FP32 on the CPU) in "
+        "engines/<model>/torch-<gpu-key|cpu>/, with ONNX Runtime engines for the text encoders "
+        "and the VAE decoder. "
         "Engines whose manifest entry matches are kept; anything that differs is rebuilt.",
     )
     add_model_arguments(parser)
@@ -49,12 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="auto: TensorRT where TensorRT and a GPU exist, torch where a GPU exists without "
         "TensorRT, else ONNX Runtime (default auto)",
     )
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="fp16",
-        help="TensorRT plan / torch GPU precision (default fp16); ONNX Runtime CPU engines and "
-        "torch on the CPU are always fp32",
+    add_precision_arguments(
+        parser, None, "default: fp16 for TensorRT plans and the torch denoiser on a GPU, fp32 "
+        "for ONNX Runtime CPU engines, which cannot run bf16; torch on the CPU is always fp32",
     )
     parser.add_argument(
         "--opt-level",
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             optimization_level=args.opt_level,
             force=args.force,
             networks=tuple(args.networks or ()),
-            export=export_options(args, args.precision),
+            export=export_options(args, "fp32"),  # build_engines sets the precision
         )
         build_engines(request)
     except ValidationError as error:

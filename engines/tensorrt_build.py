@@ -1,7 +1,12 @@
 """TensorRT plan builds: strongly typed network from ONNX, one profile, per-arch timing cache.
 
 Written against the TensorRT 10/11 Python API. TensorRT 11 builds strongly typed networks
-only, so precision comes from the ONNX dtypes: an fp16 plan needs an fp16 export.
+only, so precision comes from the ONNX dtypes: an fp16 plan needs an fp16 export, and a bf16
+network (float32 boundary, bfloat16 inside, casts between) builds as bf16 with its casts.
+Not run here (no TensorRT builder on this machine): bf16 files are opset 22, which the
+TensorRT ONNX parser in use must accept (unverified), and Flux's rotary embedding is computed
+in float64 (diffusers' FluxPosEmbed on CPU and CUDA), which TensorRT may refuse; see
+export/specs.py, _FluxForward.
 """
 
 from __future__ import annotations

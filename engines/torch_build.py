@@ -2,21 +2,23 @@
 
 `driffusion build-engines --backend torch` writes `engines/<model>/torch-<GPU key|cpu>/`:
 - `<denoiser>.safetensors`: the denoiser's fp32 weights; the file's metadata says how to rebuild
-  the module (library, class, config JSON) and which inputs run in half precision at fp16 (the
-  export spec's dtypes at fp16: `timestep` and SDXL's `time_ids` stay fp32);
+  the module (library, class, config JSON) and which inputs run in the compute dtype (the export
+  spec's activations: `timestep`, `guidance` and SDXL's `time_ids` stay fp32);
 - the text encoders and the VAE decoder as ONNX Runtime CPU engines (`.onnx`), as
   `--backend onnxruntime` builds them;
 - `manifest.json` in the engines' format (engines/manifest.py), one `network_entry` per network:
   inputs, outputs and profile are the export spec's (export/specs.py, as export.json records
   them, shared names from models/tensors.py); the denoiser's entry is keyed by the sha256 of the
-  ONNX exported from the same weights, its `precision` (fp16 on a GPU, fp32 on the CPU) and its
-  `optimization_level` (`cuda-graphs` on a GPU, `eager` on the CPU);
+  ONNX exported from the same weights, its `precision` (on a GPU the precision rule's for the
+  asked precision, export/precision.py: fp16, or bf16 for SD3/Flux transformers; fp32 on the
+  CPU) and its `optimization_level` (`cuda-graphs` on a GPU, `eager` on the CPU);
 - `pipeline.json` and the tokenizers (engines/build.py copies them, as for every backend).
 The denoiser is still exported to ONNX: that export derives the pipeline spec, and the saved
 network is checked against it (same names, same outputs) before the manifest records it.
 
 The device model (`triton_models/templates/torch_model`) rebuilds the network with
-`load_network`: FP16 with CUDA graphs on `cuda:<i>`, FP32 eager on a machine without a GPU.
+`load_network`: at the recorded precision (fp16/bf16) with CUDA graphs on `cuda:<i>`, FP32 eager
+on a machine without a GPU. Its inputs and outputs stay float32 on the wire either way.
 """
 
 from __future__ import annotations
@@ -62,9 +64,9 @@ class LoadedNetwork:
 
     module: Any  # torch.nn.Module: the export spec's wrapper around the diffusers model
     class_name: str
-    half_inputs: frozenset[str]  # inputs that run in the compute dtype when it is fp16
+    half_inputs: frozenset[str]  # inputs cast to the compute dtype (the spec's activations)
     device: str
-    dtype: str  # compute dtype: float16 or float32
+    dtype: str  # compute dtype: float16, bfloat16 or float32
 
 
 def torch_device_key(gpu: GpuInfo | None) -> str:
@@ -159,6 +161,7 @@ def load_network(path: Path, device: str = "cpu", dtype: str = "float32") -> Loa
     import torch
     from safetensors.torch import load_model
 
+    from export.precision import PRECISION_OF_DTYPE, cast_module
     from export.specs import spec_class_named
 
     metadata = read_metadata(path)
@@ -169,8 +172,8 @@ def load_network(path: Path, device: str = "cpu", dtype: str = "float32") -> Loa
     with torch.device(device):
         module = model_class.from_config(json.loads(metadata["config"]))
     load_model(module, str(path), strict=True, device=device)
-    if dtype != "float32":  # built on `device` in fp32 (diffusers warns about a no-op cast)
-        module = module.to(dtype=getattr(torch, dtype))
+    if dtype != "float32":  # built on `device` in fp32; cast as diffusers loads it
+        cast_module(module, PRECISION_OF_DTYPE[dtype])
     module = module.eval()
     spec_class = spec_class_named(metadata["class_name"], path.stem)
     wrapped = spec_class.from_model(module).wrap(module).eval()
@@ -203,7 +206,7 @@ def build_torch_engines(request: BuildRequest, exported: list[ExportedOnnx], gpu
                         log: Callable[[str], None]) -> BuildOutcome:
     """The denoiser as a torch engine, every other network as an ONNX Runtime engine, in one
     `torch-<GPU key|cpu>` directory (the first GPU's key: the weights run on any GPU)."""
-    from engines.build import BuildOutcome
+    from engines.build import GPU_PRECISION, BuildOutcome
     from engines.manifest import (
         manifest_mismatch,
         network_entry,
@@ -213,8 +216,10 @@ def build_torch_engines(request: BuildRequest, exported: list[ExportedOnnx], gpu
         write_manifest,
     )
     from engines.ort_build import ORT_OPTIMIZATION_LEVEL, build_ort_engine
+    from export.precision import network_precision
 
     gpu = gpus[0] if gpus else None
+    asked = request.precision or GPU_PRECISION
     directory = request.engines_root / request.name / torch_device_key(gpu)
     version = torch_backend_version()
     manifest = read_manifest(directory)
@@ -226,7 +231,11 @@ def build_torch_engines(request: BuildRequest, exported: list[ExportedOnnx], gpu
     for onnx in exported:
         denoiser = is_denoiser(onnx.inputs, onnx.outputs)
         if denoiser:
-            file, precision = f"{onnx.name}{TORCH_SUFFIX}", request.precision if gpu else "fp32"
+            precision = "fp32"
+            if gpu:
+                precision = request.export.network_precisions.get(
+                    onnx.name, network_precision(asked, onnx.model_class))
+            file = f"{onnx.name}{TORCH_SUFFIX}"
             level, what = (GPU_LEVEL if gpu else CPU_LEVEL), "torch engine"
         else:
             file, precision = f"{onnx.name}.onnx", onnx.precision
@@ -267,8 +276,8 @@ def build_torch_engine(source: str, onnx: ExportedOnnx, path: Path) -> TorchBuil
     started = time.perf_counter()
     bundle = load_bundle(source, [onnx.name])
     module = bundle.modules[onnx.name]
-    half = {t.name for t in bundle.specs("fp16")[onnx.name].inputs if t.dtype == "float16"}
-    save_network(module, path, half)
+    activations = {t.name for t in bundle.specs()[onnx.name].inputs if t.activation}
+    save_network(module, path, activations)
     del bundle, module
     difference = check_against_onnx(path, onnx)
     return TorchBuild(path, time.perf_counter() - started, difference)

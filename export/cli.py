@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from export.onnx_export import EXPORTERS, MIN_OPSET, ExportOptions
+from export.precision import PRECISIONS, parse_network_precision
 from export.presets import PRESETS, ModelSourceError, model_name
-from export.specs import PRECISIONS, UnsupportedModelError
+from export.specs import UnsupportedModelError
 from export.validate import ValidationError
 from models import paths
 
@@ -26,6 +27,44 @@ def parse_size(text: str) -> int | tuple[int, int, int]:
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"{text!r} is not N or MIN,OPT,MAX (three integers)")
     return tuple(parts)
+
+
+def network_precision_argument(text: str) -> tuple[str, str]:
+    """`NETWORK=PRECISION` for --network-precision."""
+    try:
+        return parse_network_precision(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_precision_arguments(parser: argparse.ArgumentParser, default: str | None,
+                            default_help: str) -> None:
+    """--precision, --network-precision and --max-sequence-length (export, build-engines,
+    serve and triton-repo): what decides each network's ONNX besides the profile."""
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=default,
+        help="precision asked for; each network gets its own by the rule in README.md, "
+        "'Precision per network' (bf16: SD3/Flux transformers and T5, fp16 for the rest; "
+        f"SDXL's force_upcast VAE stays fp32) ({default_help})",
+    )
+    parser.add_argument(
+        "--network-precision",
+        type=network_precision_argument,
+        action="append",
+        default=[],
+        metavar="NETWORK=PRECISION",
+        help="override one network's precision, e.g. vae_decoder=fp32 (repeatable)",
+    )
+    parser.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="T5 tokens (default: the family's, as diffusers: SD3 256, Flux-dev 512, "
+        "Flux-schnell 256)",
+    )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +147,8 @@ def export_options(
         validate=validate,
         atol=args.atol,
         rtol=args.rtol,
+        network_precisions=dict(args.network_precision),
+        max_sequence_length=args.max_sequence_length,
     )
 
 
@@ -124,14 +165,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="output folder (default: out/onnx/<model>); fp16 files are named <network>.fp16.onnx",
+        help="output folder (default: out/onnx/<model>); reduced-precision files are named "
+        "<network>.fp16.onnx / <network>.bf16.onnx",
     )
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="fp32, or fp16 for strongly typed fp16 TensorRT engines (default fp32)",
-    )
+    add_precision_arguments(parser, "fp32", "default fp32")
     add_export_arguments(parser)
     parser.add_argument(
         "--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch comparison"
@@ -157,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as error:
         print(f"error: validation failed: {error}", file=sys.stderr)
         return 1
+    except (ModelSourceError, UnsupportedModelError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(
         f"exported {len(result.networks)} network(s) of {name} ({options.precision}) to {out_dir}"
     )

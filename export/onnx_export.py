@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
+import inspect
 import json
 import tempfile
 import time
@@ -19,31 +19,35 @@ import onnx
 import torch
 from torch import nn
 
+from export.precision import checked_precision, export_opset, reduced_precision_copy
 from export.presets import source_fingerprint, write_pipeline_files
-from export.specs import (
-    IMAGE_HEIGHT,
-    IMAGE_WIDTH,
-    NetworkSpec,
-    Range,
-    as_range,
-    checked_precision,
-)
+from export.specs import IMAGE_HEIGHT, IMAGE_WIDTH, NetworkSpec, Range, as_range
 from export.validate import ValidationReport, validate_onnx
 
 EXPORTERS = ("torchscript", "dynamo")
 MIN_OPSET = 17
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter down-converts from 18 and wrote an invalid Split at 17
 # protobuf cannot serialise one message above 2 GiB: bigger models keep weights in a side file
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 # polygraphy constant folding leaves tensors above this unfolded (e.g. Expand of a weight)
 FOLD_SIZE_THRESHOLD = 64 * 1024**2
 EXPORT_INDEX = "export.json"
+# ONNX ops without bfloat16 in any opset: bf16 networks run them in float32
+FLOAT_ONLY_OPS = ("Einsum",)
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """How to export: precision, opset, exporter, profile ranges and validation tolerances."""
+    """How to export: precision, opset, exporter, profile ranges and validation tolerances.
+
+    `precision` is the one asked for; each network gets its own from the rule of
+    export/precision.py, then from `network_precisions` (network name -> precision).
+    `max_sequence_length` overrides the family's T5 tokens (SD3 256, Flux-dev 512, schnell 256).
+    """
 
     precision: str = "fp32"
+    network_precisions: dict[str, str] = field(default_factory=dict)
+    max_sequence_length: int | None = None
     opset: int = 18
     exporter: str = "torchscript"
     batch_range: Range = (1, 2, 8)
@@ -56,18 +60,26 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         checked_precision(self.precision)
+        for precision in self.network_precisions.values():
+            checked_precision(precision)
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
         as_range(self.batch_range, "batch_range")
         if self.exporter not in EXPORTERS:
             raise ValueError(f"exporter {self.exporter!r} is not supported; use one of {EXPORTERS}")
         if self.opset < MIN_OPSET:
             raise ValueError(f"opset {self.opset} is too old; use {MIN_OPSET} or newer")
-        if self.exporter == "dynamo" and self.opset < 18:
-            # the dynamo exporter down-converts from 18 and wrote an invalid Split node at 17
+        if self.exporter == "dynamo" and self.opset < DYNAMO_MIN_OPSET:
             raise ValueError("the dynamo exporter needs opset >= 18 (opset 17 gives invalid Split)")
 
     def profile_args(self) -> dict[str, Any]:
         """The options that decide the engine profile, as stored in export.json."""
         return {"batch_range": list(self.batch_range), "height": self.height, "width": self.width}
+
+    def network_args(self) -> dict[str, Any]:
+        """The options besides the profile that decide what each network's ONNX is."""
+        return {"network_precisions": dict(sorted(self.network_precisions.items())),
+                "max_sequence_length": self.max_sequence_length}
 
 
 @dataclass
@@ -80,11 +92,13 @@ class ExportedNetwork:
     profile: dict[str, tuple]
     seconds: float
     validation: ValidationReport | None = None
+    opset: int = 0  # bf16 networks are exported at BF16_MIN_OPSET or newer
 
     def to_json(self) -> dict[str, Any]:
         return {
             **self.spec.to_json(),
             "file": self.path.name,
+            "opset": self.opset,
             "sha256": self.sha256,
             "profile": {k: [list(s) for s in v] for k, v in self.profile.items()},
             "export_seconds": round(self.seconds, 3),
@@ -94,7 +108,7 @@ class ExportedNetwork:
 
 @dataclass
 class ExportResult:
-    """All networks of one model exported at one precision into one directory."""
+    """All networks of one model exported for one requested precision into one directory."""
 
     model: str
     directory: Path
@@ -103,7 +117,8 @@ class ExportResult:
 
 
 def onnx_filename(network: str, precision: str) -> str:
-    """`unet.onnx` for fp32 and `unet.fp16.onnx` for fp16, so both live in one directory."""
+    """`unet.onnx` for fp32, `unet.fp16.onnx` / `unet.bf16.onnx` for the network's reduced
+    precision, so every precision of a network lives in one directory."""
     return (
         f"{network}.onnx"
         if checked_precision(precision) == "fp32"
@@ -133,24 +148,33 @@ def export_network(
     options: ExportOptions,
     log: Callable[[str], None] = print,
 ) -> ExportedNetwork:
-    """Export one network to `path`, clean and check the graph, then validate it (by default)."""
+    """Export one network at its spec's precision to `path`, clean and check the graph, then
+    validate it (by default); `options.precision` is the requested one, not this network's."""
     started = time.perf_counter()
+    precision = spec.precision
+    opset = export_opset(options.opset, precision)
+    exporter = options.exporter
+    if spec.needs_dynamo and exporter != "dynamo":
+        log(f"{spec.name}: the torchscript exporter bakes the batch into this network's "
+            "reshapes; exporting with the dynamo exporter")
+        exporter, opset = "dynamo", max(opset, DYNAMO_MIN_OPSET)
     batch_low, batch_opt, batch_high = options.batch_range
     profile = spec.profile(options.batch_range, options.height, options.width)
     # trace and validate at the profile's optimal image size
     dims = spec.dim_ranges(options.batch_range, options.height, options.width)
     height, width = dims[IMAGE_HEIGHT][1], dims[IMAGE_WIDTH][1]
-    export_module = module if options.precision == "fp32" else half_precision_copy(module)
+    export_module = module if precision == "fp32" else reduced_precision_copy(module, precision)
     trace_inputs = spec.sample_inputs(batch_opt, height, width, seed=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="driffusion-export-") as scratch:
         raw_path = Path(scratch) / "raw.onnx"
         log(
-            f"{spec.name}: tracing with the {options.exporter} exporter (opset {options.opset}, "
-            f"{options.precision})"
+            f"{spec.name}: tracing with the {exporter} exporter (opset {opset}, {precision})"
         )
-        trace_to_onnx(spec, export_module, trace_inputs, raw_path, options)
+        trace_to_onnx(spec, export_module, trace_inputs, raw_path, exporter, opset)
         model = onnx.load(str(raw_path))
+    if precision == "bf16":
+        run_float_only_ops_in_fp32(model.graph)
     log(f"{spec.name}: folding constants and cleaning up the graph")
     model = clean_graph(model)
     name_dynamic_dims(model, spec)
@@ -158,7 +182,7 @@ def export_network(
     del model
     onnx.shape_inference.infer_shapes_path(str(path), str(path))
     onnx.checker.check_model(str(path), full_check=True)
-    exported = ExportedNetwork(spec, path, onnx_sha256(path), profile, 0.0)
+    exported = ExportedNetwork(spec, path, onnx_sha256(path), profile, 0.0, opset=opset)
     if options.validate:
         # validate at a batch other than the traced one, so baked-in shapes cannot pass;
         # the smallest such batch keeps validating big models on a CPU affordable
@@ -172,6 +196,7 @@ def export_network(
             width=width,
             atol=options.atol,
             rtol=options.rtol,
+            reduced_module=export_module if precision == "bf16" else None,
         )
         log(
             f"{spec.name}: validated against PyTorch at batch {batch}: "
@@ -181,25 +206,16 @@ def export_network(
     return exported
 
 
-def half_precision_copy(module: nn.Module) -> nn.Module:
-    """An fp16 copy of `module` (the fp32 original stays the validation reference)."""
-    half = copy.deepcopy(module).half()
-    if hasattr(half, "set_attn_implementation"):
-        # transformers' SDPA path traced in fp16 on the CPU records fp32 casts that leave
-        # LayerNormalization with mixed input types (an invalid graph); eager attention does not
-        half.set_attn_implementation("eager")
-    return half
-
-
 def trace_to_onnx(
     spec: NetworkSpec,
     module: nn.Module,
     inputs: dict[str, torch.Tensor],
     path: Path,
-    options: ExportOptions,
+    exporter: str,
+    opset: int,
 ) -> None:
-    """Run torch.onnx.export with the spec's names and dynamic axes."""
-    wrapped = spec.wrap(module).eval()
+    """Run torch.onnx.export on the spec's export wrapper with its names and dynamic axes."""
+    wrapped = spec.wrap_for_export(module).eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -208,12 +224,46 @@ def trace_to_onnx(
             str(path),
             input_names=spec.input_names,
             output_names=spec.output_names,
-            dynamic_axes=spec.dynamic_axes,
-            opset_version=options.opset,
-            dynamo=options.exporter == "dynamo",
+            opset_version=opset,
+            dynamo=exporter == "dynamo",
             do_constant_folding=True,
-            **({"verbose": False, "optimize": True} if options.exporter == "dynamo" else {}),
+            **(_dynamo_arguments(spec, wrapped) if exporter == "dynamo"
+               else {"dynamic_axes": spec.dynamic_axes}),
         )
+
+
+def run_float_only_ops_in_fp32(graph: onnx.GraphProto) -> None:
+    """Wrap the nodes of FLOAT_ONLY_OPS in casts to float32 and back (CastLike their first
+    input), so a bf16 graph stays valid ONNX (e.g. SD3's unpatchify einsum)."""
+    nodes = []
+    for node in graph.node:
+        if node.op_type not in FLOAT_ONLY_OPS:
+            nodes.append(node)
+            continue
+        like, result = node.input[0], node.output[0]
+        widened = [f"{node.name}/float32_input_{i}" for i in range(len(node.input))]
+        nodes += [onnx.helper.make_node("Cast", [name], [cast], name=cast,
+                                        to=onnx.TensorProto.FLOAT)
+                  for name, cast in zip(node.input, widened)]
+        node.input[:] = widened
+        node.output[0] = f"{node.name}/float32_output"
+        nodes += [node, onnx.helper.make_node("CastLike", [node.output[0], like], [result],
+                                              name=f"{node.name}/cast_back")]
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+
+
+def _dynamo_arguments(spec: NetworkSpec, wrapped: nn.Module) -> dict[str, Any]:
+    """The dynamo exporter's options: dynamic dims by input position, nested in one tuple for a
+    wrapper that takes its inputs as *args (bf16 boundary casts), which dynamic_axes cannot be
+    matched against by name."""
+    dims = tuple(
+        {axis: name for axis, name in enumerate(tensor.shape) if isinstance(name, str)}
+        for tensor in spec.inputs
+    )
+    parameters = inspect.signature(wrapped.forward).parameters.values()
+    varargs = any(parameter.kind is parameter.VAR_POSITIONAL for parameter in parameters)
+    return {"dynamic_shapes": (dims,) if varargs else dims, "verbose": False, "optimize": True}
 
 
 def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -287,15 +337,24 @@ def export_model(
     """Export every network of a ModelBundle into `out_dir` and record them in export.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     result = ExportResult(bundle.name, out_dir, options)
-    specs = bundle.specs(options.precision)
+    specs = bundle.specs(
+        options.precision, options.network_precisions, options.max_sequence_length
+    )
     for step, (name, spec) in enumerate(specs.items(), start=1):
-        path = out_dir / onnx_filename(name, options.precision)
+        path = out_dir / onnx_filename(name, spec.precision)
         prefix = f"[{step}/{len(specs)}] "
         step_log = functools.partial(_prefixed, log, prefix)
         exported = export_network(spec, bundle.modules[name], path, options, step_log)
         result.networks[name] = exported
         log(f"{prefix}{name}: wrote {path} ({exported.seconds:.1f} s)")
-    servable = write_pipeline_files(bundle, out_dir, options.height, options.width)
+    servable = write_pipeline_files(
+        bundle,
+        out_dir,
+        options.height,
+        options.width,
+        precisions={name: spec.precision for name, spec in specs.items()},
+        max_sequence_length=options.max_sequence_length,
+    )
     write_export_index(result, bundle.source, complete=not bundle.selected, servable=servable)
     return result
 
@@ -341,6 +400,12 @@ def settings_change(entry: dict[str, Any], options: ExportOptions) -> str | None
             return f"{key} changed ({recorded.get(key)} -> {getattr(options, key)})"
     if entry.get("profile_args") != json.loads(json.dumps(options.profile_args())):
         return "profile ranges changed"
+    recorded_networks = {key: recorded.get(key) for key in options.network_args()}
+    recorded_networks["network_precisions"] = dict(
+        sorted((recorded_networks["network_precisions"] or {}).items())
+    )
+    if recorded_networks != options.network_args():
+        return "network precisions or T5 sequence length changed"
     return None
 
 

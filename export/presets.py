@@ -16,16 +16,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from export.precision import UPCAST_VAE_FAMILIES, apply_overrides, network_precision
 from export.specs import (
+    FLUX_DEFAULT_SAMPLE_SIZE,
     IMAGE_HEIGHT,
     IMAGE_WIDTH,
     LATENT_HEIGHT,
     LATENT_WIDTH,
-    SD3_T5_TOKENS,
+    FluxTransformerSpec,
     LabelEncoderSpec,
     NetworkSpec,
     SD3TransformerSpec,
     SpecContext,
+    T5EncoderSpec,
     TextEncoderSpec,
     UNet2DSpec,
     UNetSpec,
@@ -34,7 +37,16 @@ from export.specs import (
     spec_class_named,
     spec_for,
 )
-from models.pipeline_spec import SPEC_FILE, PipelineSpec, TextEncoder
+from models.pipeline_spec import (
+    FLUX,
+    SPEC_FILE,
+    STABLE_DIFFUSION,
+    STABLE_DIFFUSION_3,
+    STABLE_DIFFUSION_XL,
+    T5_ENCODERS,
+    PipelineSpec,
+    TextEncoder,
+)
 
 PRESETS = ("tiny-sd", "reference")
 # the network name a single-model folder gets, by the spec its model class uses
@@ -42,19 +54,34 @@ NETWORK_OF_SPEC: dict[type[NetworkSpec], str] = {
     UNetSpec: "unet",
     UNet2DSpec: "unet",
     TextEncoderSpec: "text_encoder",
+    T5EncoderSpec: "text_encoder",
     VAEDecoderSpec: "vae_decoder",
     SD3TransformerSpec: "transformer",
+    FluxTransformerSpec: "transformer",
 }
 # pipeline components that become networks, and the network name each gets
 EXPORTED_COMPONENTS = {
     "text_encoder": "text_encoder",
     "text_encoder_2": "text_encoder_2",
+    "text_encoder_3": "text_encoder_3",
     "unet": "unet",
     "transformer": "transformer",
     "vae": "vae_decoder",
 }
+VAE_NETWORK = EXPORTED_COMPONENTS["vae"]
 # the tokenizer that feeds each text encoder
-TOKENIZER_OF_ENCODER = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+TOKENIZER_OF_ENCODER = {
+    "text_encoder": "tokenizer",
+    "text_encoder_2": "tokenizer_2",
+    "text_encoder_3": "tokenizer_3",
+}
+# the files a T5 tokenizer folder needs: transformers' fast tokenizer and its settings
+T5_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# the prompt family of a pipeline by its transformer's class (UNet pipelines: SD or SDXL)
+FAMILY_OF_TRANSFORMER = {"SD3Transformer2DModel": STABLE_DIFFUSION_3,
+                         "FluxTransformer2DModel": FLUX}
+FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.check_inputs refuses more T5 tokens
+FLUX_SCHNELL = "flux-schnell"  # the FAMILY_DEFAULTS key of Flux without guidance embedding
 # components a pipeline folder may hold that are not networks to export
 IGNORED_COMPONENTS = {
     "tokenizer",
@@ -65,6 +92,51 @@ IGNORED_COMPONENTS = {
     "safety_checker",
     "image_encoder",
 }
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """What diffusers' pipeline of a family defaults to: its __call__'s steps and guidance, and
+    its max_sequence_length of T5 tokens (0: no T5)."""
+
+    steps: int
+    guidance: float
+    t5_tokens: int = 0
+
+
+# the one table of per-family defaults, keyed by family_variant
+FAMILY_DEFAULTS = {
+    STABLE_DIFFUSION: FamilyDefaults(50, 7.5),
+    STABLE_DIFFUSION_XL: FamilyDefaults(50, 5.0),
+    STABLE_DIFFUSION_3: FamilyDefaults(28, 7.0, t5_tokens=256),
+    FLUX: FamilyDefaults(28, 3.5, t5_tokens=512),  # FluxPipeline.__call__ (Flux-dev)
+    # Flux-schnell is timestep-distilled and has no guidance embedding: FluxPipeline's defaults
+    # are Flux-dev's, so these are the schnell model card's settings (4 steps, guidance 0,
+    # max_sequence_length 256)
+    FLUX_SCHNELL: FamilyDefaults(4, 0.0, t5_tokens=256),
+}
+
+
+def family_variant(family: str | None, guidance_embeds: bool = False) -> str | None:
+    """The FAMILY_DEFAULTS key: the family, or flux-schnell for Flux without guidance embedding."""
+    return FLUX_SCHNELL if family == FLUX and not guidance_embeds else family
+
+
+def family_defaults(family: str | None, guidance_embeds: bool = False) -> FamilyDefaults:
+    """A family's defaults (None, a model outside the prompt families: SD's)."""
+    return FAMILY_DEFAULTS[family_variant(family, guidance_embeds) or STABLE_DIFFUSION]
+
+
+def family_of(network_classes: dict[str, str]) -> str | None:
+    """The prompt family of a model from its networks' classes: by the transformer's class
+    (SD3, Flux), or SDXL / SD for a UNet with / without a second text encoder; None for
+    anything else (class-conditional or unconditional UNets, single networks)."""
+    transformer = network_classes.get("transformer")
+    if transformer is not None:
+        return FAMILY_OF_TRANSFORMER.get(transformer)
+    if network_classes.get("unet") == "UNet2DConditionModel":
+        return STABLE_DIFFUSION_XL if "text_encoder_2" in network_classes else STABLE_DIFFUSION
+    return None
 
 
 class ModelSourceError(ValueError):
@@ -85,18 +157,64 @@ class ModelBundle:
     # tokenizer name -> writer of its files into a directory
     tokenizers: dict[str, Callable[[Path], None]] = field(default_factory=dict)
     pipeline_config: dict[str, Any] = field(default_factory=dict)  # model_index.json
+    # every network of the model (loaded or not) -> its model class name
+    network_classes: dict[str, str] = field(default_factory=dict)
+    family: str | None = None  # a prompt family of models.pipeline_spec, None for the others
+    guidance_embeds: bool = False  # Flux-dev: the transformer embeds the guidance scale
 
-    def specs(self, precision: str) -> dict[str, NetworkSpec]:
-        """{network name: spec} at `precision`, in export order."""
-        context = replace(self.context, precision=precision)
+    def __post_init__(self) -> None:
+        if not self.network_classes:
+            self.network_classes = {name: type(m).__name__ for name, m in self.modules.items()}
+        if self.family is None:
+            self.family = family_of(self.network_classes)
+
+    def precisions(
+        self, requested: str = "fp32", overrides: dict[str, str] | None = None
+    ) -> dict[str, str]:
+        """{network name: precision} of the loaded networks when `requested` is asked, by the
+        rule of export/precision.py, then `overrides` (network name -> precision)."""
+        rule = {
+            name: network_precision(requested, self.network_classes[name],
+                                    upcast=self._upcasts(name))
+            for name in self.modules
+        }
+        return apply_overrides(rule, overrides or {}, list(self.network_classes))
+
+    def _upcasts(self, network: str) -> bool:
+        """True for a VAE its family's pipeline decodes in fp32 (SDXL with force_upcast)."""
+        return (network == VAE_NETWORK and self.family in UPCAST_VAE_FAMILIES
+                and bool(getattr(self.modules[network].config, "force_upcast", False)))
+
+    def t5_tokens(self, max_sequence_length: int | None = None) -> int:
+        """T5 tokens: `max_sequence_length` when given, else the family's diffusers default."""
+        if max_sequence_length is None:
+            return self.context.t5_tokens
+        if max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
+        if self.family == FLUX and max_sequence_length > FLUX_MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"Flux takes at most {FLUX_MAX_SEQUENCE_LENGTH} T5 tokens "
+                             f"(FluxPipeline refuses more); got {max_sequence_length}")
+        return max_sequence_length
+
+    def specs(
+        self,
+        precision: str = "fp32",
+        overrides: dict[str, str] | None = None,
+        max_sequence_length: int | None = None,
+    ) -> dict[str, NetworkSpec]:
+        """{network name: spec} in export order, each at its precision (`precisions`), T5 and
+        the transformer at `max_sequence_length` T5 tokens (default: the family's)."""
+        precisions = self.precisions(precision, overrides)
+        context = replace(self.context, t5_tokens=self.t5_tokens(max_sequence_length))
         specs: dict[str, NetworkSpec] = {}
         for name, module in self.modules.items():
             if name in self.label_encoders:
-                specs[name] = LabelEncoderSpec.from_model(module, precision=precision, name=name)
+                spec = LabelEncoderSpec.from_model(module, precision=precisions[name], name=name)
             else:
-                spec = spec_for(module, name, context)
+                spec = spec_for(module, name, context, precisions[name])
                 spec.name = name
-                specs[name] = spec
+            spec.model_class = type(module).__name__
+            specs[name] = spec
         return specs
 
 
@@ -308,23 +426,34 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
                 network == "vae_decoder" and "vae_encoder" in networks):
             continue
         spec_class_named(class_name, component)
+        if class_name in T5_ENCODERS:
+            _check_t5_tokenizer(path, component)
         model_class = _component_class(library, class_name, component)
-        components[network] = model_class.from_pretrained(path / component)
+        components[network] = model_class.from_pretrained(str(path / component))
     if not components:
         raise ModelSourceError(f"{path}/model_index.json names no exportable component")
     _add_vae_encoder(components, networks)
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     tokenizers = {name: functools.partial(_copy_tree, path / name)
                   for name in TOKENIZER_OF_ENCODER.values() if (path / name).is_dir()}
+    classes = {network_of[key]: class_name for key, (_, class_name) in present.items()}
+    configs = {network_of[key]: _read_json(path / key / "config.json") for key in present
+               if (path / key / "config.json").is_file()}
+    family = family_of(classes)
+    guidance_embeds = family == FLUX and bool(
+        configs.get("transformer", {}).get("guidance_embeds", False))
     return ModelBundle(
         name=model_name(str(path)),
         source=str(path),
         modules={k: m.eval() for k, m in components.items()},
-        context=_pipeline_context(components),
+        context=_pipeline_context(classes, configs, family_defaults(family, guidance_embeds)),
         scheduler_config=_read_json(scheduler_file) if scheduler_file.is_file() else {},
         selected=bool(networks),
         tokenizers=tokenizers,
         pipeline_config=index,
+        network_classes=classes,
+        family=family,
+        guidance_embeds=guidance_embeds,
     )
 
 
@@ -340,25 +469,49 @@ def _add_vae_encoder(components: dict[str, nn.Module], networks: list[str] | Non
         del components["vae_decoder"]
 
 
+def _check_t5_tokenizer(path: Path, component: str) -> None:
+    """ModelSourceError unless the T5 encoder `component` has its tokenizer folder with the
+    files transformers' fast tokenizer loads."""
+    tokenizer = TOKENIZER_OF_ENCODER.get(component)
+    if tokenizer is None:
+        raise UnsupportedModelError(
+            f"{path}: {component} is a T5 encoder, which is served only as one of "
+            f"{', '.join(TOKENIZER_OF_ENCODER)}"
+        )
+    missing = [name for name in T5_TOKENIZER_FILES if not (path / tokenizer / name).is_file()]
+    if missing:
+        raise ModelSourceError(
+            f"{path}: {component} (T5EncoderModel) needs its tokenizer in {tokenizer}/ with "
+            f"{' and '.join(T5_TOKENIZER_FILES)} (a transformers fast tokenizer); "
+            f"{tokenizer}/ lacks {', '.join(missing)}"
+        )
+
+
 def _copy_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target, dirs_exist_ok=True)
 
 
-def _pipeline_context(components: dict[str, nn.Module]) -> SpecContext:
-    vae = components.get("vae_decoder") or components.get("vae_encoder")
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-    encoder = components.get("text_encoder")
-    sequence = encoder.config.max_position_embeddings if encoder is not None else 77
-    second = components.get("text_encoder_2")
-    text_embeds_dim = getattr(second.config, "projection_dim", None) if second is not None else None
-    denoiser = components.get("unet") or components.get("transformer")
-    latent = denoiser.config.sample_size if denoiser is not None else None
+def _pipeline_context(
+    classes: dict[str, str], configs: dict[str, dict[str, Any]], defaults: FamilyDefaults
+) -> SpecContext:
+    """The facts specs need from the other networks' configs (`configs`: every network's, loaded
+    or not, so that a partial export's specs are the full export's)."""
+    vae = configs.get(VAE_NETWORK)
+    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae is not None else 1
+    encoder = configs.get("text_encoder")
+    sequence = encoder.get("max_position_embeddings", 77) if encoder is not None else 77
+    second = configs.get("text_encoder_2") or {}
+    denoiser = next((n for n in ("unet", "transformer") if n in configs), None)
+    latent = configs[denoiser].get("sample_size") if denoiser is not None else None
+    if denoiser is not None and classes[denoiser] == "FluxTransformer2DModel":
+        latent = FLUX_DEFAULT_SAMPLE_SIZE  # FluxPipeline's default, not a config value
     if isinstance(latent, int):
         latent = (latent, latent)
     return SpecContext(
         vae_scale_factor=vae_scale,
         sequence_length=sequence,
-        text_embeds_dim=text_embeds_dim,
+        t5_tokens=defaults.t5_tokens or SpecContext.t5_tokens,
+        text_embeds_dim=second.get("projection_dim"),
         latent_size=tuple(latent) if latent is not None else None,
     )
 
@@ -370,13 +523,13 @@ def _load_model_folder(path: Path) -> ModelBundle:
         raise ModelSourceError(f"{path}/config.json names no model class (_class_name)")
     library = "diffusers" if "_class_name" in config else "transformers"
     spec_class = spec_class_named(class_name, path.name)
-    module = _component_class(library, class_name, path.name).from_pretrained(path)
+    module = _component_class(library, class_name, path.name).from_pretrained(str(path))
     network = NETWORK_OF_SPEC[spec_class]
     return ModelBundle(
         name=model_name(str(path)),
         source=str(path),
         modules={network: module.eval()},
-        context=_pipeline_context({network: module}),
+        context=_pipeline_context({network: class_name}, {network: config}, family_defaults(None)),
     )
 
 
@@ -384,15 +537,20 @@ def _load_model_folder(path: Path) -> ModelBundle:
 # The pipeline spec of a model
 
 
-# diffusers' own defaults per family: steps and guidance of their pipelines' __call__
-FAMILY_DEFAULTS = {"sd": (50, 7.5), "sdxl": (50, 5.0), "sd3": (28, 7.0)}
-
-
-def pipeline_spec(bundle: ModelBundle, height=None, width=None) -> PipelineSpec | None:
+def pipeline_spec(
+    bundle: ModelBundle,
+    height=None,
+    width=None,
+    *,
+    precisions: dict[str, str] | None = None,
+    max_sequence_length: int | None = None,
+) -> PipelineSpec | None:
     """The spec that serving `bundle` needs, derived from its networks' configs; None when the
     bundle is not a servable pipeline (a single network, or some networks only).
 
-    `height` / `width` are the export's image-size ranges (pixels), which the engines accept.
+    `height` / `width` are the export's image-size ranges (pixels), which the engines accept;
+    `precisions` each network's exported precision (default: all fp32);
+    `max_sequence_length` the T5 tokens (default: the family's).
     """
     if bundle.selected:
         return None
@@ -401,14 +559,20 @@ def pipeline_spec(bundle: ModelBundle, height=None, width=None) -> PipelineSpec 
     denoiser_name = next((n for n in ("unet", "transformer") if n in bundle.modules), None)
     if denoiser_name is None:
         return None
+    t5_tokens = bundle.t5_tokens(max_sequence_length)
+    encoders = _text_encoders(bundle, t5_tokens)
+    if not encoders or bundle.family is None:
+        raise UnsupportedModelError(
+            f"{bundle.name}: a pipeline without a text encoder cannot be served; supported: "
+            "SD 1.x/2.x, SDXL, SD3/SD3.5 and Flux.1 pipelines")
+    family = bundle.family
     denoiser = bundle.modules[denoiser_name]
-    encoders = _text_encoders(bundle)
-    family = _family(denoiser_name, encoders, bundle.name)
-    vae = bundle.modules.get("vae_decoder")
-    network = bundle.specs("fp32")[denoiser_name]
+    vae = bundle.modules.get(VAE_NETWORK)
+    network = bundle.specs("fp32", max_sequence_length=t5_tokens)[denoiser_name]
     ranges = network.dim_ranges(1, height, width)
-    steps, guidance = FAMILY_DEFAULTS[family]
-    forced = bundle.pipeline_config.get("force_zeros_for_empty_prompt", family == "sdxl")
+    defaults = family_defaults(family, bundle.guidance_embeds)
+    sdxl = family == STABLE_DIFFUSION_XL
+    forced = bundle.pipeline_config.get("force_zeros_for_empty_prompt", sdxl)
     return PipelineSpec(
         model=bundle.name,
         family=family,
@@ -420,16 +584,18 @@ def pipeline_spec(bundle: ModelBundle, height=None, width=None) -> PipelineSpec 
         scaling_factor=float(getattr(vae.config, "scaling_factor", 1.0)) if vae else 1.0,
         shift_factor=getattr(vae.config, "shift_factor", None) if vae else None,
         text_encoders=tuple(encoders),
-        force_zeros_for_empty_prompt=bool(forced) and family == "sdxl",
+        force_zeros_for_empty_prompt=bool(forced) and sdxl,
         image_encoder="vae_encoder" in bundle.modules,
         masked_inputs=getattr(network, "masked_inputs", False),
         joint_attention_dim=getattr(denoiser.config, "joint_attention_dim", 0) or 0,
-        t5_tokens=SD3_T5_TOKENS,
+        t5_tokens=t5_tokens,
+        guidance_embeds=bundle.guidance_embeds,
+        precisions=dict(precisions or dict.fromkeys(bundle.modules, "fp32")),
         height_range=_range(ranges[IMAGE_HEIGHT]),
         width_range=_range(ranges[IMAGE_WIDTH]),
         size_multiple=network.vae_scale_factor * network.latent_multiple,
-        default_steps=steps,
-        default_guidance=guidance,
+        default_steps=defaults.steps,
+        default_guidance=defaults.guidance,
     )
 
 
@@ -438,7 +604,9 @@ def _range(triple: tuple[int, int, int]) -> tuple[int, int] | None:
     return None if triple[0] == triple[2] else (triple[0], triple[2])
 
 
-def _text_encoders(bundle: ModelBundle) -> list[TextEncoder]:
+def _text_encoders(bundle: ModelBundle, t5_tokens: int) -> list[TextEncoder]:
+    """Every text encoder in component order: CLIP's max_position_embeddings tokens and
+    hidden_size, T5's `t5_tokens` and d_model."""
     encoders = []
     for network, tokenizer in TOKENIZER_OF_ENCODER.items():
         module = bundle.modules.get(network)
@@ -446,27 +614,29 @@ def _text_encoders(bundle: ModelBundle) -> list[TextEncoder]:
             continue
         if tokenizer not in bundle.tokenizers:
             raise ModelSourceError(f"{bundle.name}: {network} has no {tokenizer} to feed it")
+        kind, config = type(module).__name__, module.config
+        t5 = kind in T5_ENCODERS
         encoders.append(TextEncoder(
-            network=network, tokenizer=tokenizer, kind=type(module).__name__,
-            max_length=module.config.max_position_embeddings,
-            hidden_size=module.config.hidden_size,
+            network=network, tokenizer=tokenizer, kind=kind,
+            max_length=t5_tokens if t5 else config.max_position_embeddings,
+            hidden_size=config.d_model if t5 else config.hidden_size,
         ))
     return encoders
 
 
-def _family(denoiser: str, encoders: list[TextEncoder], model: str) -> str:
-    if not encoders:
-        raise UnsupportedModelError(f"{model}: a pipeline without a text encoder cannot be "
-                                    "served; supported: SD 1.x/2.x, SDXL, SD3-style pipelines")
-    if denoiser == "transformer":
-        return "sd3"
-    return "sdxl" if len(encoders) == 2 else "sd"
-
-
-def write_pipeline_files(bundle: ModelBundle, directory: Path, height=None, width=None) -> bool:
+def write_pipeline_files(
+    bundle: ModelBundle,
+    directory: Path,
+    height=None,
+    width=None,
+    *,
+    precisions: dict[str, str] | None = None,
+    max_sequence_length: int | None = None,
+) -> bool:
     """`pipeline.json` and the tokenizers of a servable bundle into `directory`; False when the
     bundle is not a servable pipeline."""
-    spec = pipeline_spec(bundle, height, width)
+    spec = pipeline_spec(bundle, height, width, precisions=precisions,
+                         max_sequence_length=max_sequence_length)
     if spec is None:
         return False
     for name, write in bundle.tokenizers.items():

@@ -12,11 +12,12 @@ sizes are given in *image pixels*; a spec converts them to latent sizes with its
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from export.precision import boundary_dtype, checked_precision
 from models import tensors
 
 BATCH = "batch"
@@ -24,8 +25,6 @@ LATENT_HEIGHT = "latent_height"
 LATENT_WIDTH = "latent_width"
 IMAGE_HEIGHT = "image_height"
 IMAGE_WIDTH = "image_width"
-
-PRECISIONS = ("fp32", "fp16")
 
 Range = tuple[int, int, int]
 Shape = tuple[int | str, ...]
@@ -43,21 +42,12 @@ class TensorSpec:
     name: str
     dtype: str
     shape: Shape
+    # a network activation: float16 in and out of an fp16 network, float32 at a bf16 network's
+    # boundary and cast to bf16 inside; timesteps, guidance, time ids and ids are not
+    activation: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-
-def checked_precision(precision: str) -> str:
-    """`precision` itself when it is one of PRECISIONS, else a ValueError naming them."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not supported; use one of {PRECISIONS}")
-    return precision
-
-
-def float_dtype(precision: str) -> str:
-    """The ONNX/torch dtype name of a network's floating activations at `precision`."""
-    return "float16" if checked_precision(precision) == "fp16" else "float32"
 
 
 def as_range(value: int | Range | tuple[int, ...] | list[int], what: str) -> Range:
@@ -90,6 +80,9 @@ class NetworkSpec:
     vae_scale_factor: int
     image_size: tuple[int, int]
     latent_multiple: int
+    model_class: str = ""  # the diffusers/transformers class it exports (set by the bundle)
+    # True where the torchscript exporter cannot keep the dynamic dims (export uses dynamo)
+    needs_dynamo: ClassVar[bool] = False
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -100,7 +93,22 @@ class NetworkSpec:
         raise NotImplementedError
 
     def wrap(self, module: nn.Module) -> nn.Module:
+        """The module as a forward over the spec's inputs, in the module's own dtype."""
         raise NotImplementedError
+
+    def wrap_for_export(self, module: nn.Module) -> nn.Module:
+        """What is traced: `wrap(module)` for a module already at this spec's precision; at
+        bf16, float32 activations are cast to bf16 on the way in and outputs to float32 on the
+        way out, so the ONNX boundary stays float32."""
+        wrapped = self.wrap(module)
+        if self.precision != "bf16":
+            return wrapped
+        cast = tuple(tensor.activation for tensor in self.inputs)
+        return _BoundaryCasts(wrapped, cast, torch.bfloat16)
+
+    def activation(self, name: str, shape: Shape) -> TensorSpec:
+        """An activation input or output of this network at its precision's boundary dtype."""
+        return TensorSpec(name, boundary_dtype(self.precision), shape, activation=True)
 
     @property
     def input_names(self) -> list[str]:
@@ -195,6 +203,7 @@ class NetworkSpec:
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": type(self).__name__,
+            "model_class": self.model_class,
             "name": self.name,
             "precision": self.precision,
             "inputs": [t.to_json() for t in self.inputs],
@@ -213,6 +222,23 @@ class _Wrapper(nn.Module):
         self.module = module
 
 
+class _BoundaryCasts(nn.Module):
+    """Casts the activation inputs to `dtype` before `wrapped` and every output to float32."""
+
+    def __init__(self, wrapped: nn.Module, cast: tuple[bool, ...], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.wrapped = wrapped
+        self.cast = cast
+        self.dtype = dtype
+
+    def forward(self, *inputs: torch.Tensor):
+        inner = [x.to(self.dtype) if cast else x for x, cast in zip(inputs, self.cast)]
+        outputs = self.wrapped(*inner)
+        if isinstance(outputs, (tuple, list)):
+            return tuple(output.float() for output in outputs)
+        return outputs.float()
+
+
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -225,17 +251,17 @@ class _LatentDenoiser:
     """What every denoising network shares: `sample` and `timestep` in, `out_sample` out."""
 
     def latent_inputs(self) -> list[TensorSpec]:
-        act = float_dtype(self.precision)
         return [
-            TensorSpec(tensors.SAMPLE, act, (BATCH, self.in_channels, LATENT_HEIGHT, LATENT_WIDTH)),
+            self.activation(tensors.SAMPLE, (BATCH, self.in_channels, LATENT_HEIGHT, LATENT_WIDTH)),
             TensorSpec(tensors.TIMESTEP, "float32", (BATCH,)),
         ]
 
     @property
     def outputs(self) -> list[TensorSpec]:
-        act = float_dtype(self.precision)
         return [
-            TensorSpec(tensors.OUT_SAMPLE, act, (BATCH, self.out_channels, LATENT_HEIGHT, LATENT_WIDTH))
+            self.activation(
+                tensors.OUT_SAMPLE, (BATCH, self.out_channels, LATENT_HEIGHT, LATENT_WIDTH)
+            )
         ]
 
 
@@ -299,25 +325,23 @@ class UNetSpec(_LatentDenoiser, NetworkSpec):
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        act = float_dtype(self.precision)
         specs = [
             *self.latent_inputs(),
-            TensorSpec(
+            self.activation(
                 tensors.ENCODER_HIDDEN_STATES,
-                act,
                 (BATCH, self.sequence_length, self.cross_attention_dim),
             ),
         ]
         if self.time_ids_count is not None:
             specs += [
-                TensorSpec(tensors.TEXT_EMBEDS, act, (BATCH, self.text_embeds_dim)),
+                self.activation(tensors.TEXT_EMBEDS, (BATCH, self.text_embeds_dim)),
                 TensorSpec(tensors.TIME_IDS, "float32", (BATCH, self.time_ids_count)),
             ]
         if self.masked_inputs:
             latent = (LATENT_HEIGHT, LATENT_WIDTH)
             specs += [
-                TensorSpec(tensors.MASK, act, (BATCH, 1, *latent)),
-                TensorSpec(tensors.MASKED_IMAGE_LATENTS, act, (BATCH, self.in_channels, *latent)),
+                self.activation(tensors.MASK, (BATCH, 1, *latent)),
+                self.activation(tensors.MASKED_IMAGE_LATENTS, (BATCH, self.in_channels, *latent)),
             ]
         return specs
 
@@ -468,12 +492,11 @@ class TextEncoderSpec(NetworkSpec):
 
     @property
     def outputs(self) -> list[TensorSpec]:
-        act = float_dtype(self.precision)
         states = (BATCH, self.sequence_length, self.hidden_size)
         return [
-            TensorSpec(tensors.TEXT_EMBEDDINGS, act, states),
-            TensorSpec(tensors.PENULTIMATE_HIDDEN_STATES, act, states),
-            TensorSpec(tensors.POOLED, act, (BATCH, self.pooled_size)),
+            self.activation(tensors.TEXT_EMBEDDINGS, states),
+            self.activation(tensors.PENULTIMATE_HIDDEN_STATES, states),
+            self.activation(tensors.POOLED, (BATCH, self.pooled_size)),
         ]
 
     def wrap(self, module: nn.Module) -> nn.Module:
@@ -525,8 +548,7 @@ class LabelEncoderSpec(NetworkSpec):
 
     @property
     def outputs(self) -> list[TensorSpec]:
-        act = float_dtype(self.precision)
-        return [TensorSpec(tensors.TEXT_EMBEDDINGS, act, (BATCH, 1, self.embedding_dim))]
+        return [self.activation(tensors.TEXT_EMBEDDINGS, (BATCH, 1, self.embedding_dim))]
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return _LabelEncoderForward(module)
@@ -578,15 +600,17 @@ class VAEDecoderSpec(NetworkSpec):
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        act = float_dtype(self.precision)
         return [
-            TensorSpec(tensors.LATENT, act, (BATCH, self.latent_channels, LATENT_HEIGHT, LATENT_WIDTH))
+            self.activation(
+                tensors.LATENT, (BATCH, self.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
+            )
         ]
 
     @property
     def outputs(self) -> list[TensorSpec]:
-        act = float_dtype(self.precision)
-        return [TensorSpec(tensors.IMAGES, act, (BATCH, self.out_channels, IMAGE_HEIGHT, IMAGE_WIDTH))]
+        return [
+            self.activation(tensors.IMAGES, (BATCH, self.out_channels, IMAGE_HEIGHT, IMAGE_WIDTH))
+        ]
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return _VAEDecoderForward(module)
@@ -613,15 +637,13 @@ class VAEEncoderSpec(VAEDecoderSpec):
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        act = float_dtype(self.precision)
-        return [TensorSpec(tensors.IMAGES, act, (BATCH, self.out_channels, IMAGE_HEIGHT,
-                                                 IMAGE_WIDTH))]
+        return [self.activation(tensors.IMAGES,
+                                (BATCH, self.out_channels, IMAGE_HEIGHT, IMAGE_WIDTH))]
 
     @property
     def outputs(self) -> list[TensorSpec]:
-        act = float_dtype(self.precision)
-        return [TensorSpec(tensors.LATENT_PARAMETERS, act,
-                           (BATCH, 2 * self.latent_channels, LATENT_HEIGHT, LATENT_WIDTH))]
+        return [self.activation(tensors.LATENT_PARAMETERS,
+                                (BATCH, 2 * self.latent_channels, LATENT_HEIGHT, LATENT_WIDTH))]
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return _VAEEncoderForward(module)
@@ -668,15 +690,13 @@ class SD3TransformerSpec(_LatentDenoiser, NetworkSpec):
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        act = float_dtype(self.precision)
         return [
             *self.latent_inputs(),
-            TensorSpec(
+            self.activation(
                 tensors.ENCODER_HIDDEN_STATES,
-                act,
                 (BATCH, self.sequence_length, self.joint_attention_dim),
             ),
-            TensorSpec(tensors.POOLED_PROJECTIONS, act, (BATCH, self.pooled_projection_dim)),
+            self.activation(tensors.POOLED_PROJECTIONS, (BATCH, self.pooled_projection_dim)),
         ]
 
     def wrap(self, module: nn.Module) -> nn.Module:
@@ -695,16 +715,206 @@ class _SD3Forward(_Wrapper):
         return _first(output)
 
 
-# SD3 pipelines concatenate the CLIP tokens with 256 T5 tokens (their max_sequence_length default)
-SD3_T5_TOKENS = 256
+# FluxPipeline.default_sample_size: 128 latents (1024 pixels under an 8x VAE)
+FLUX_DEFAULT_SAMPLE_SIZE = 128
+
+
+@dataclass
+class FluxTransformerSpec(_LatentDenoiser, NetworkSpec):
+    """FluxTransformer2DModel behind the denoiser contract: `sample` [B, C, h, w] latents (C =
+    in_channels / 4), `timestep` t (sigma x 1000, FluxPipeline's loop variable), T5 states,
+    pooled CLIP projections and, for guidance-distilled models (Flux-dev), `guidance` [B].
+
+    The wrapper does FluxPipeline's work around its transformer call: 2x2-packs the latents,
+    builds the image ids of the (h/2, w/2) grid and zero text ids, divides t by 1000, and
+    unpacks the output, so the runtime handles Flux latents as any other [B, C, h, w] latents.
+    """
+
+    in_channels: int = 16
+    out_channels: int = 16
+    sequence_length: int = 512
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    # diffusers' Flux attention unflattens heads and reshapes by `x.shape[:-1]` for its rotary
+    # embedding; torchscript tracing records those sizes as constants (batch 2 baked in)
+    needs_dynamo: ClassVar[bool] = True
+
+    @classmethod
+    def from_model(
+        cls,
+        transformer: nn.Module,
+        *,
+        precision: str = "fp32",
+        sequence_length: int = 512,
+        vae_scale_factor: int = 8,
+        latent_size: tuple[int, int] | None = None,
+        name: str = "transformer",
+    ) -> FluxTransformerSpec:
+        config = transformer.config
+        packed = config.in_channels
+        if packed % 4:
+            raise UnsupportedModelError(
+                f"FluxTransformer2DModel with in_channels={packed} is not supported: Flux packs "
+                "2x2 latent patches, so in_channels must be a multiple of 4"
+            )
+        latent = latent_size or (FLUX_DEFAULT_SAMPLE_SIZE, FLUX_DEFAULT_SAMPLE_SIZE)
+        return cls(
+            name=name,
+            precision=checked_precision(precision),
+            vae_scale_factor=vae_scale_factor,
+            image_size=_image_size(latent, vae_scale_factor),
+            latent_multiple=2,  # 2x2 packing
+            in_channels=packed // 4,
+            out_channels=(config.out_channels or packed) // 4,
+            sequence_length=sequence_length,
+            joint_attention_dim=config.joint_attention_dim,
+            pooled_projection_dim=config.pooled_projection_dim,
+            guidance_embeds=bool(config.guidance_embeds),
+        )
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        specs = [
+            *self.latent_inputs(),
+            self.activation(
+                tensors.ENCODER_HIDDEN_STATES,
+                (BATCH, self.sequence_length, self.joint_attention_dim),
+            ),
+            self.activation(tensors.POOLED_PROJECTIONS, (BATCH, self.pooled_projection_dim)),
+        ]
+        if self.guidance_embeds:
+            specs.append(TensorSpec(tensors.GUIDANCE, "float32", (BATCH,)))
+        return specs
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return _FluxForward(module)
+
+    def sample_value(self, tensor, shape, generator):
+        if tensor.name == tensors.GUIDANCE:  # guidance scales around FluxPipeline's 3.5
+            return torch.rand(shape, generator=generator).mul(6.0).add(1.0)
+        return super().sample_value(tensor, shape, generator)
+
+
+class _FluxForward(_Wrapper):
+    """FluxPipeline's transformer call (diffusers 0.42) on unpacked latents.
+
+    TensorRT: FluxPosEmbed computes the rotary embedding of the ids in float64 on CPU and CUDA
+    (diffusers' maybe_adjust_dtype_for_device), so the graph holds float64 Sin/Cos/Mul nodes
+    between the ids and the attention; TensorRT has no float64 kernels and may refuse or narrow
+    them. The ids depend on the latent size only, so a TensorRT build that fails there can fold
+    them per profile shape or compute that embedding in float32 as diffusers does on MPS.
+    """
+
+    def forward(self, sample, timestep, encoder_hidden_states, pooled_projections, guidance=None):
+        height, width = sample.shape[2:]
+        packed = pack_latents(sample)
+        output = self.module(
+            hidden_states=packed,
+            timestep=timestep / 1000,
+            guidance=guidance,
+            pooled_projections=pooled_projections,
+            encoder_hidden_states=encoder_hidden_states,
+            txt_ids=text_ids(encoder_hidden_states),
+            img_ids=latent_image_ids(height // 2, width // 2, encoder_hidden_states.dtype),
+            return_dict=False,
+        )
+        return unpack_latents(_first(output), height, width)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B, h/2 * w/2, 4C]: FluxPipeline._pack_latents, sizes read off the tensor."""
+    batch, channels, height, width = latents.shape
+    patches = latents.view(batch, channels, height // 2, 2, width // 2, 2)
+    patches = patches.permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B, h/2 * w/2, 4C] -> [B, C, h, w] for latent height and width: FluxPipeline._unpack_latents
+    (which takes pixel sizes and the VAE factor instead)."""
+    batch, _, packed_channels = packed.shape
+    patches = packed.view(batch, height // 2, width // 2, packed_channels // 4, 2, 2)
+    patches = patches.permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(batch, packed_channels // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """[height * width, 3] ids (0, row, column) of the packed grid, row-major:
+    FluxPipeline._prepare_latent_image_ids, built without in-place writes so that it traces with
+    dynamic sizes."""
+    rows = torch.arange(height).unsqueeze(1).expand(height, width).reshape(-1)
+    columns = torch.arange(width).unsqueeze(0).expand(height, width).reshape(-1)
+    ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1)
+    return ids.to(dtype)
+
+
+def text_ids(encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """[S, 3] zeros, FluxPipeline.encode_prompt's text ids for S T5 tokens."""
+    return encoder_hidden_states.new_zeros(encoder_hidden_states.shape[1], 3)
+
+
+@dataclass
+class T5EncoderSpec(NetworkSpec):
+    """T5EncoderModel: `input_ids` [B, S] int64 -> `text_embeddings` [B, S, d_model], the last
+    hidden state, called without an attention mask as the SD3 and Flux pipelines call it.
+    S is the family's max_sequence_length (SD3 256, Flux-dev 512, Flux-schnell 256)."""
+
+    sequence_length: int = 256
+    hidden_size: int = 4096
+    vocab_size: int = 32128
+
+    @classmethod
+    def from_model(
+        cls,
+        encoder: nn.Module,
+        *,
+        precision: str = "fp32",
+        sequence_length: int = 256,
+        name: str = "text_encoder_3",
+    ) -> T5EncoderSpec:
+        config = encoder.config
+        return cls(
+            name=name,
+            precision=checked_precision(precision),
+            vae_scale_factor=1,
+            image_size=(1, 1),
+            latent_multiple=1,
+            sequence_length=sequence_length,
+            hidden_size=config.d_model,
+            vocab_size=config.vocab_size,
+        )
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [TensorSpec(tensors.INPUT_IDS, "int64", (BATCH, self.sequence_length))]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        states = (BATCH, self.sequence_length, self.hidden_size)
+        return [self.activation(tensors.TEXT_EMBEDDINGS, states)]
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return _T5EncoderForward(module)
+
+    def sample_value(self, tensor, shape, generator):
+        return torch.randint(0, self.vocab_size, shape, generator=generator)
+
+
+class _T5EncoderForward(_Wrapper):
+    def forward(self, input_ids):
+        return self.module(input_ids=input_ids)[0]
+
 
 SPEC_BY_CLASS: dict[str, type[NetworkSpec]] = {
     "UNet2DConditionModel": UNetSpec,
     "UNet2DModel": UNet2DSpec,
     "CLIPTextModel": TextEncoderSpec,
     "CLIPTextModelWithProjection": TextEncoderSpec,
+    "T5EncoderModel": T5EncoderSpec,
     "AutoencoderKL": VAEDecoderSpec,
     "SD3Transformer2DModel": SD3TransformerSpec,
+    "FluxTransformer2DModel": FluxTransformerSpec,
 }
 
 
@@ -727,17 +937,18 @@ def spec_class_named(class_name: str, component: str = "model") -> type[NetworkS
 class SpecContext:
     """Pipeline facts a spec cannot read from its own module's config."""
 
-    precision: str = "fp32"
     vae_scale_factor: int = 1
-    sequence_length: int = 77
+    sequence_length: int = 77  # CLIP tokens
+    t5_tokens: int = 256  # the family's max_sequence_length: T5 tokens (SD3: zeros without T5)
     text_embeds_dim: int | None = None
     latent_size: tuple[int, int] | None = None
 
 
-def spec_for(module: nn.Module, component: str, context: SpecContext) -> NetworkSpec:
+def spec_for(
+    module: nn.Module, component: str, context: SpecContext, precision: str = "fp32"
+) -> NetworkSpec:
     """Build the spec of one pipeline component (`unet`, `text_encoder`, `vae`, ...)."""
     spec_class = spec_class_for(module, component)
-    precision = context.precision
     if spec_class is UNetSpec:
         return UNetSpec.from_model(
             module,
@@ -752,6 +963,10 @@ def spec_for(module: nn.Module, component: str, context: SpecContext) -> Network
         )
     if spec_class is TextEncoderSpec:
         return TextEncoderSpec.from_model(module, precision=precision, name=component)
+    if spec_class is T5EncoderSpec:
+        return T5EncoderSpec.from_model(
+            module, precision=precision, sequence_length=context.t5_tokens, name=component
+        )
     if spec_class is VAEDecoderSpec and component == "vae_encoder":
         return VAEEncoderSpec.from_model(
             module, precision=precision, latent_size=context.latent_size
@@ -760,9 +975,18 @@ def spec_for(module: nn.Module, component: str, context: SpecContext) -> Network
         return VAEDecoderSpec.from_model(
             module, precision=precision, latent_size=context.latent_size
         )
+    if spec_class is FluxTransformerSpec:
+        return FluxTransformerSpec.from_model(
+            module,
+            precision=precision,
+            sequence_length=context.t5_tokens,
+            vae_scale_factor=context.vae_scale_factor,
+            latent_size=context.latent_size,
+        )
+    # SD3 pipelines concatenate the CLIP tokens with the T5 tokens (zeros without T5)
     return SD3TransformerSpec.from_model(
         module,
         precision=precision,
-        sequence_length=context.sequence_length + SD3_T5_TOKENS,
+        sequence_length=context.sequence_length + context.t5_tokens,
         vae_scale_factor=context.vae_scale_factor,
     )

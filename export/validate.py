@@ -1,18 +1,31 @@
-"""Validation of an exported ONNX file: ONNX Runtime against PyTorch on random inputs."""
+"""Validation of an exported ONNX file: ONNX Runtime against PyTorch on random inputs.
+
+fp32 and fp16 files run in ONNX Runtime against the fp32 torch module. ONNX Runtime has no
+bf16 CPU kernels (MatMul, Add, Mul, Softmax ... are not implemented for bfloat16), so a bf16
+file is validated in two parts: its graph, with every bfloat16 type widened to float32, runs in
+ONNX Runtime against the torch module holding the same bf16-rounded weights in fp32 (does the
+file compute what the module computes?), and the bf16 torch module that was traced runs
+against the fp32 one (is bf16 accurate enough for this network?). The bf16 kernels themselves
+run only where the engine is built (TensorRT, torch on a GPU).
+"""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnx import TensorProto, numpy_helper
 from torch import nn
 
+from export.precision import BF16_MODELS
 from export.specs import NetworkSpec
 
 # (atol, rtol): an output passes when max|onnx - torch| <= atol + rtol * max|torch|
-DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (5e-3, 2e-2)}
+DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (5e-3, 2e-2), "bf16": (2e-2, 6e-2)}
 
 
 @dataclass(frozen=True)
@@ -39,12 +52,13 @@ class OutputError:
 
 @dataclass(frozen=True)
 class ValidationReport:
-    """Per-output errors of one network at one input shape."""
+    """Per-output errors of one network at one input shape, and how they were measured."""
 
     network: str
     precision: str
     input_shapes: dict[str, tuple[int, ...]]
     outputs: list[OutputError]
+    method: str = "onnxruntime vs torch fp32"
 
     @property
     def ok(self) -> bool:
@@ -55,6 +69,7 @@ class ValidationReport:
 
     def to_json(self) -> dict:
         return {
+            "method": self.method,
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "outputs": {
                 o.name: {"max_abs": o.max_abs, "max_rel": o.max_rel, "allowed_abs": o.allowed_abs}
@@ -70,6 +85,27 @@ class ValidationError(RuntimeError):
         super().__init__(
             f"{path}: ONNX Runtime output differs from PyTorch ({report.precision}, inputs "
             f"{report.input_shapes}): {report.describe()}"
+        )
+        self.report = report
+
+
+class PrecisionError(ValidationError):
+    """A reduced-precision network that overflows or misses the tolerance against fp32; the
+    message names the network and the precisions that would work."""
+
+    def __init__(self, path: Path, report: ValidationReport, model_class: str) -> None:
+        failed = next(output for output in report.outputs if not output.ok)
+        overflow = not np.isfinite(failed.max_abs)
+        what = ("inf/NaN" if overflow else
+                f"an error of {failed.max_abs:.3g} (allowed {failed.allowed_abs:.3g})")
+        working = ["fp32"]
+        if overflow and report.precision == "fp16" and model_class in BF16_MODELS:
+            working.append("bf16 (fp32's range)")
+        RuntimeError.__init__(
+            self,
+            f"{report.network}: {report.precision} gives {what} in `{failed.name}`; export it "
+            f"at {' or '.join(working)} with --network-precision {report.network}=fp32 "
+            f"({path.name}, inputs {report.input_shapes}: {report.describe()})"
         )
         self.report = report
 
@@ -95,11 +131,18 @@ def compare_outputs(
     )
 
 
-def run_onnxruntime(path: Path, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
+def run_onnxruntime(
+    path: Path, inputs: dict[str, torch.Tensor], optimize: bool = True
+) -> list[np.ndarray]:
     """Outputs of the ONNX file in ONNX Runtime on the CPU, in graph output order."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"]
+    )
     return session.run(None, {name: value.numpy() for name, value in inputs.items()})
 
 
@@ -107,11 +150,21 @@ def run_onnxruntime(path: Path, inputs: dict[str, torch.Tensor]) -> list[np.ndar
 def run_torch(
     spec: NetworkSpec, module: nn.Module, inputs: dict[str, torch.Tensor]
 ) -> list[np.ndarray]:
-    """Reference outputs of the fp32 torch module; floating inputs are computed in fp32."""
-    wrapped = spec.wrap(module).eval()
+    """Outputs of the fp32 torch module; floating inputs are computed in fp32."""
     args = [v.float() if v.is_floating_point() else v for v in inputs.values()]
-    outputs = wrapped(*args)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return _outputs(spec.wrap(module).eval()(*args))
+
+
+@torch.no_grad()
+def run_torch_export_module(
+    spec: NetworkSpec, module: nn.Module, inputs: dict[str, torch.Tensor]
+) -> list[np.ndarray]:
+    """Outputs of the module as it was traced (at the spec's precision, with its casts)."""
+    return _outputs(spec.wrap_for_export(module).eval()(*inputs.values()))
+
+
+def _outputs(outputs) -> list[np.ndarray]:
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     return [o.float().numpy() for o in outputs]
 
 
@@ -126,23 +179,99 @@ def validate_onnx(
     atol: float | None = None,
     rtol: float | None = None,
     seed: int = 0,
+    reduced_module: nn.Module | None = None,
 ) -> ValidationReport:
-    """Run the ONNX file and the fp32 torch module on the same random inputs; raise if too far."""
+    """Run the ONNX file and the fp32 torch module on the same random inputs; raise if too far
+    (PrecisionError for a reduced-precision network, naming the precisions that would work).
+
+    bf16 (see the module docstring) needs `reduced_module`, the bf16 module that was traced;
+    it is widened to fp32 in place as the reference of the widened graph.
+    """
     default_atol, default_rtol = DEFAULT_TOLERANCES[spec.precision]
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
     inputs = spec.sample_inputs(batch, height, width, seed=seed)
-    actual = run_onnxruntime(path, inputs)
     reference = run_torch(spec, module, inputs)
-    report = ValidationReport(
+    if spec.precision == "bf16":
+        if reduced_module is None:
+            raise ValueError(f"{spec.name}: validating bf16 needs the traced bf16 module")
+        report = _validate_bf16(path, spec, reduced_module, inputs, reference, (atol, rtol))
+    else:
+        actual = run_onnxruntime(path, inputs)
+        report = _report(spec, inputs, [
+            compare_outputs(name, a, r, atol, rtol)
+            for name, a, r in zip(spec.output_names, actual, reference)
+        ])
+    if not report.ok:
+        if spec.precision == "fp32":
+            raise ValidationError(path, report)
+        raise PrecisionError(path, report, type(module).__name__)
+    return report
+
+
+def _report(spec: NetworkSpec, inputs: dict[str, torch.Tensor], outputs: list[OutputError],
+            method: str = ValidationReport.method) -> ValidationReport:
+    return ValidationReport(
         network=spec.name,
         precision=spec.precision,
         input_shapes={name: tuple(value.shape) for name, value in inputs.items()},
-        outputs=[
-            compare_outputs(name, a, r, atol, rtol)
-            for name, a, r in zip(spec.output_names, actual, reference)
-        ],
+        outputs=outputs,
+        method=method,
     )
-    if not report.ok:
-        raise ValidationError(path, report)
-    return report
+
+
+def _validate_bf16(path: Path, spec: NetworkSpec, reduced: nn.Module,
+                   inputs: dict[str, torch.Tensor], reference: list[np.ndarray],
+                   tolerance: tuple[float, float]) -> ValidationReport:
+    """The bf16 torch module against fp32 (at the bf16 tolerance), then the graph widened to
+    float32 in ONNX Runtime against the module with the same weights in fp32 (at fp32's)."""
+    bf16 = run_torch_export_module(spec, reduced, inputs)
+    errors = [compare_outputs(f"{name} (torch bf16 vs fp32)", a, r, *tolerance)
+              for name, a, r in zip(spec.output_names, bf16, reference)]
+    rounded = run_torch(spec, reduced.float(), inputs)
+    with tempfile.TemporaryDirectory(prefix="driffusion-widened-") as scratch:
+        widened = Path(scratch) / "widened.onnx"
+        widen_bf16(path, widened)
+        # ORT's cast elimination drops the widened float->float casts and leaves their
+        # consumers dangling; the unoptimised graph is the file's own computation anyway
+        graph = run_onnxruntime(widened, inputs, optimize=False)
+    graph_errors = [compare_outputs(f"{name} (ONNX graph widened to fp32)", a, r,
+                                    *DEFAULT_TOLERANCES["fp32"])
+                    for name, a, r in zip(spec.output_names, graph, rounded)]
+    method = ("torch bf16 vs torch fp32; ONNX graph with bfloat16 widened to float32 in "
+              "onnxruntime vs torch fp32 with the bf16-rounded weights (onnxruntime has no "
+              "bf16 CPU kernels)")
+    graph_report = _report(spec, inputs, graph_errors, method)
+    if not graph_report.ok:  # the file computes something else: an export fault, not precision
+        raise ValidationError(path, graph_report)
+    return _report(spec, inputs, errors + graph_errors, method)
+
+
+def widen_bf16(source: Path, target: Path) -> None:
+    """Copy an ONNX file with every bfloat16 type, weight, constant and cast made float32."""
+    model = onnx.load(str(source))
+    _widen_graph(model.graph)
+    onnx.save_model(model, str(target), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=target.name + ".data")
+
+
+def _widen_graph(graph: onnx.GraphProto) -> None:
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if value.type.tensor_type.elem_type == TensorProto.BFLOAT16:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    for index, tensor in enumerate(graph.initializer):
+        if tensor.data_type == TensorProto.BFLOAT16:
+            graph.initializer[index].CopyFrom(_widened_tensor(tensor))
+    for node in graph.node:
+        for attribute in node.attribute:
+            casts_to_bf16 = node.op_type == "Cast" and attribute.name == "to"
+            if casts_to_bf16 and attribute.i == TensorProto.BFLOAT16:
+                attribute.i = TensorProto.FLOAT
+            if attribute.HasField("t") and attribute.t.data_type == TensorProto.BFLOAT16:
+                attribute.t.CopyFrom(_widened_tensor(attribute.t))
+            if attribute.HasField("g"):
+                _widen_graph(attribute.g)
+
+
+def _widened_tensor(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)

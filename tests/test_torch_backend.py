@@ -66,6 +66,8 @@ def test_placement_is_the_gpu_in_its_precision_or_fp32_on_the_cpu():
     assert on_gpu == Placement("cuda:1", "float16", True)
     assert choose_placement(0, "fp32", False, cuda_available=True, device_count=1) == Placement(
         "cuda:0", "float32", False)
+    assert choose_placement(0, "bf16", True, cuda_available=True, device_count=1) == Placement(
+        "cuda:0", "bfloat16", True)
     # no GPU at all: FP32 eager on the CPU, whatever the repository asked for
     assert choose_placement(3, "fp16", True, cuda_available=False, device_count=0) == Placement(
         "cpu", "float32", False)

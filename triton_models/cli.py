@@ -5,7 +5,12 @@ import argparse
 import sys
 
 from triton_models.repository import write_repository
-from triton_models.serve import add_repository_arguments, options_from_args, prepare_model
+from triton_models.serve import (
+    add_repository_arguments,
+    build_arguments,
+    options_from_args,
+    prepare_model,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_triton_repo(args: argparse.Namespace) -> int:
     try:
-        options = prepare_model(options_from_args(args))
+        options = prepare_model(options_from_args(args), **build_arguments(args))
         repository = write_repository(args.repository, options)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

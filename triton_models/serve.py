@@ -52,6 +52,8 @@ from triton_models.repository import (
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from export.onnx_export import ExportOptions
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 # the request guard's cap for an exposed server: far above any request of the served models
@@ -524,6 +526,11 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         "GPU. Which is faster depends on the GPU and the model and is to be "
                         "decided by measurement on the GPU (scripts/gpu_check.py); until then "
                         "batched is the one-GPU default (default %(default)s)")
+    from export.cli import add_precision_arguments  # torch: only when serve/triton-repo runs
+
+    add_precision_arguments(
+        parser, None, "for the engines built when missing; default: fp16 on a GPU, fp32 for "
+        "ONNX Runtime CPU engines")
     parser.add_argument("--repository", type=Path, default=paths.repository_dir(),
                         help="where to write the model repository (default %(default)s, "
                         f"under ${paths.HOME_VARIABLE} if set)")
@@ -584,10 +591,23 @@ def resolve_gpu_layout(options: RepositoryOptions, gpu_count: int | None = None
     return replace(options, gpu_layout=layout)
 
 
-def prepare_model(options: RepositoryOptions, log=print) -> RepositoryOptions:
+def build_arguments(args: argparse.Namespace) -> dict:
+    """prepare_model's build options from the --precision, --network-precision and
+    --max-sequence-length flags."""
+    from export.onnx_export import ExportOptions
+
+    return {"precision": args.precision,
+            "export": ExportOptions(network_precisions=dict(args.network_precision),
+                                    max_sequence_length=args.max_sequence_length)}
+
+
+def prepare_model(options: RepositoryOptions, log=print, *, precision: str | None = None,
+                  export: ExportOptions | None = None) -> RepositoryOptions:
     """Options naming built engines: a preset or diffusers folder is exported and built first
-    (engines whose manifest matches are kept); sim and engines directories pass as they are."""
+    (engines whose manifest matches are kept) at `precision` (None: the backend's default) with
+    `export`'s options; sim and engines directories pass as they are."""
     from engines.build import BuildRequest, build_engines
+    from export.onnx_export import ExportOptions
     from export.presets import PRESETS, model_name
 
     source = options.model
@@ -603,8 +623,9 @@ def prepare_model(options: RepositoryOptions, log=print) -> RepositoryOptions:
             "`driffusion build-engines`")
     name = model_name(source)
     log(f"[1/3] engines for {source}: exporting and building what is missing")
-    outcome = build_engines(BuildRequest(source=source, name=name, backend=options.backend),
-                            lambda line: log(f"      {line}"))
+    request = BuildRequest(source=source, name=name, backend=options.backend,
+                           precision=precision, export=export or ExportOptions())
+    outcome = build_engines(request, lambda line: log(f"      {line}"))
     return resolve_gpu_layout(replace(options, model=str(outcome.directories[0].parent),
                                       backend=outcome.backend))
 
@@ -623,7 +644,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.print_docker and args.per_gpu:
         options.devices = 1  # each container sees only its own GPU, as device 0
     try:
-        options = prepare_model(options)
+        options = prepare_model(options, **build_arguments(args))
         print(f"[2/3] model repository: {args.repository}", flush=True)
         repository = write_repository(args.repository, options)
     except (ValueError, FileNotFoundError, FileExistsError, ModelSourceError,

@@ -1,7 +1,8 @@
 """The torch device model's parts that need no Triton: device choice, input checks, CUDA graphs.
 
 `templates/torch_model/1/model.py` serves a torch engine (engines/torch_build.py) as
-`unet_gpu<i>`: FP16 on `cuda:<i>` with one CUDA graph per (batch, input shapes, dtypes) key,
+`unet_gpu<i>`: at its recorded precision (FP16, or BF16 for SD3/Flux transformers) on `cuda:<i>`
+with one CUDA graph per (batch, input shapes, dtypes) key,
 captured the first time the key is seen and replayed after; eager when the profile lets
 non-batch dims vary (a graph per shape would never be reused), when the cache is full, or for a
 key whose capture failed. Without any GPU it runs FP32 eager on the CPU, which is what makes the
@@ -24,6 +25,9 @@ LOG = logging.getLogger(__name__)
 DEFAULT_MAX_GRAPHS = 32  # CUDA graphs kept per model instance (one per batch size in practice)
 WARM_UP_RUNS = 2  # eager runs on a side stream before a capture (cuDNN/cuBLAS pick kernels)
 
+# a torch engine's recorded precision -> the dtype it computes in on a GPU
+COMPUTE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
 GraphKey = tuple[int, tuple[tuple[str, tuple[int, ...], str], ...], str]
 
 
@@ -36,7 +40,7 @@ class Placement:
     """Where and how a torch device model runs."""
 
     device: str  # "cuda:0" or "cpu"
-    dtype: str  # compute dtype: "float16" or "float32"
+    dtype: str  # compute dtype: "float16", "bfloat16" or "float32"
     cuda_graphs: bool
 
     def describe(self) -> str:
@@ -46,16 +50,16 @@ class Placement:
 
 def choose_placement(gpu: int, precision: str, cuda_graphs: bool, *, cuda_available: bool,
                      device_count: int) -> Placement:
-    """GPU `gpu` in `precision` (fp16/fp32) with graphs if asked; FP32 eager on the CPU when the
-    machine has no GPU. A GPU index that is not visible is an error (a misconfigured server)."""
-    if precision not in ("fp16", "fp32"):
-        raise ValueError(f"precision must be fp16 or fp32; got {precision!r}")
+    """GPU `gpu` in `precision` (fp16/bf16/fp32) with graphs if asked; FP32 eager on the CPU when
+    the machine has no GPU. A GPU index that is not visible is an error (a misconfigured server)."""
+    if precision not in COMPUTE_DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(COMPUTE_DTYPES)}; got {precision!r}")
     if not cuda_available or device_count == 0:
         return Placement("cpu", "float32", False)
     if not 0 <= gpu < device_count:
         raise ValueError(f"GPU {gpu} is not visible: this process sees {device_count} GPU(s) "
                          "(CUDA_VISIBLE_DEVICES); write the repository for the GPUs the server has")
-    return Placement(f"cuda:{gpu}", "float16" if precision == "fp16" else "float32", cuda_graphs)
+    return Placement(f"cuda:{gpu}", COMPUTE_DTYPES[precision], cuda_graphs)
 
 
 def graphs_allowed(network: Mapping[str, Any]) -> bool:
@@ -211,7 +215,7 @@ class TorchRunner:
         if len(results) != len(self.outputs):
             raise RuntimeError(f"the network returned {len(results)} outputs, the config names "
                                f"{len(self.outputs)}")
-        return {tensor.name: value.detach().to("cpu").numpy().astype(tensor.dtype, copy=False)
+        return {tensor.name: _to_numpy(value).astype(tensor.dtype, copy=False)
                 for tensor, value in zip(self.outputs, results)}
 
     def _to_device(self, name: str, value: np.ndarray):
@@ -224,6 +228,14 @@ class TorchRunner:
 
     def describe(self) -> str:
         return f"{self.network.class_name} on {self.placement.describe()}"
+
+
+def _to_numpy(value) -> np.ndarray:
+    """A device tensor on the host as numpy (which has no bfloat16: those become float32)."""
+    import torch
+
+    value = value.detach().to("cpu")
+    return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
 
 
 def load_runner(path: Path, *, gpu: int, precision: str, cuda_graphs: bool,

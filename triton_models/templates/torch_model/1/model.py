@@ -1,11 +1,13 @@
 """Triton python-backend model: a torch engine (the diffusers denoiser) on GPU i, no TensorRT.
 
-Used for `unet_gpu<i>` with `--backend torch`: the network (engines/torch_build.py) runs in FP16
-on `cuda:<gpu>` with a CUDA graph per (batch, input shapes, dtypes), captured on first use, and
-eager where shapes are dynamic or a capture fails; without any GPU, FP32 eager on the CPU.
+Used for `unet_gpu<i>` with `--backend torch`: the network (engines/torch_build.py) runs at its
+recorded precision (FP16, or BF16 for SD3/Flux transformers) on `cuda:<gpu>` with a CUDA graph
+per (batch, input shapes, dtypes), captured on first use, and eager where shapes are dynamic or a
+capture fails; without any GPU, FP32 eager on the CPU. Inputs and outputs stay FP32 on the wire.
 Parameters (config.pbtxt): `torch_file` (a plain name in the version directory), `gpu`,
-`precision` (fp16/fp32 on the GPU), `cuda_graphs`, `max_graphs`, `intra_op_threads` (CPU),
-`batching` ("true": the requests Triton hands over together run as one call), `fail_calls`.
+`precision` (the manifest's: fp16/bf16/fp32 on the GPU), `cuda_graphs`, `max_graphs`,
+`intra_op_threads` (CPU), `batching` ("true": the requests Triton hands over together run as one
+call), `fail_calls`.
 Inputs and outputs carry the shared tensor names; a request whose inputs do not fit answers
 INVALID_ARG, a failure of the network (or an injected fault) INTERNAL.
 """
