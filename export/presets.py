@@ -69,6 +69,8 @@ EXPORTED_COMPONENTS = {
     "vae": "vae_decoder",
 }
 VAE_NETWORK = EXPORTED_COMPONENTS["vae"]
+VAE_ENCODER_NETWORK = "vae_encoder"  # the same VAE, exported a second time: images -> posterior
+VAE_NETWORKS = (VAE_NETWORK, VAE_ENCODER_NETWORK)
 # the tokenizer that feeds each text encoder
 TOKENIZER_OF_ENCODER = {
     "text_encoder": "tokenizer",
@@ -182,7 +184,7 @@ class ModelBundle:
 
     def _upcasts(self, network: str) -> bool:
         """True for a VAE its family's pipeline decodes in fp32 (SDXL with force_upcast)."""
-        return (network == VAE_NETWORK and self.family in UPCAST_VAE_FAMILIES
+        return (network in VAE_NETWORKS and self.family in UPCAST_VAE_FAMILIES
                 and bool(getattr(self.modules[network].config, "force_upcast", False)))
 
     def t5_tokens(self, max_sequence_length: int | None = None) -> int:
@@ -331,7 +333,7 @@ def tiny_sd(seed: int = 0) -> ModelBundle:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    modules = {"text_encoder": text_encoder, "unet": unet, "vae_decoder": vae, "vae_encoder": vae}
+    modules = {"text_encoder": text_encoder, "unet": unet, VAE_NETWORK: vae, VAE_ENCODER_NETWORK: vae}
     return ModelBundle(
         name="tiny-sd",
         source="tiny-sd",
@@ -410,7 +412,7 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
     network_of = {key: EXPORTED_COMPONENTS.get(key, key) for key in present}
     if networks:
         known = list(network_of.values())
-        _check_known(networks, known + (["vae_encoder"] if "vae_decoder" in known else []),
+        _check_known(networks, known + ([VAE_ENCODER_NETWORK] if VAE_NETWORK in known else []),
                      path.name)
     else:
         unsupported = [key for key in present if key not in EXPORTED_COMPONENTS]
@@ -423,7 +425,7 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
     for component, (library, class_name) in present.items():
         network = network_of[component]
         if networks and network not in networks and not (
-                network == "vae_decoder" and "vae_encoder" in networks):
+                network == VAE_NETWORK and VAE_ENCODER_NETWORK in networks):
             continue
         spec_class_named(class_name, component)
         if class_name in T5_ENCODERS:
@@ -437,6 +439,8 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
     tokenizers = {name: functools.partial(_copy_tree, path / name)
                   for name in TOKENIZER_OF_ENCODER.values() if (path / name).is_dir()}
     classes = {network_of[key]: class_name for key, (_, class_name) in present.items()}
+    if VAE_NETWORK in classes:
+        classes[VAE_ENCODER_NETWORK] = classes[VAE_NETWORK]
     configs = {network_of[key]: _read_json(path / key / "config.json") for key in present
                if (path / key / "config.json").is_file()}
     family = family_of(classes)
@@ -460,13 +464,13 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
 def _add_vae_encoder(components: dict[str, nn.Module], networks: list[str] | None) -> None:
     """The VAE serves twice: `vae_decoder` (latents -> images) and `vae_encoder` (images -> the
     posterior, for INIT_IMAGE), unless --networks left the encoder out."""
-    vae = components.get("vae_decoder")
+    vae = components.get(VAE_NETWORK)
     if vae is None:
         return
-    if not networks or "vae_encoder" in networks:
-        components["vae_encoder"] = vae
-    if networks and "vae_decoder" not in networks:
-        del components["vae_decoder"]
+    if not networks or VAE_ENCODER_NETWORK in networks:
+        components[VAE_ENCODER_NETWORK] = vae
+    if networks and VAE_NETWORK not in networks:
+        del components[VAE_NETWORK]
 
 
 def _check_t5_tokenizer(path: Path, component: str) -> None:
@@ -585,7 +589,7 @@ def pipeline_spec(
         shift_factor=getattr(vae.config, "shift_factor", None) if vae else None,
         text_encoders=tuple(encoders),
         force_zeros_for_empty_prompt=bool(forced) and sdxl,
-        image_encoder="vae_encoder" in bundle.modules,
+        image_encoder=VAE_ENCODER_NETWORK in bundle.modules,
         masked_inputs=getattr(network, "masked_inputs", False),
         joint_attention_dim=getattr(denoiser.config, "joint_attention_dim", 0) or 0,
         t5_tokens=t5_tokens,

@@ -366,8 +366,8 @@ class _UNetForward(_Wrapper):
         super().__init__(module)
         self.input_names = input_names
 
-    def forward(self, *inputs):
-        named = dict(zip(self.input_names, inputs))
+    def forward(self, *inputs, **by_name):
+        named = {**dict(zip(self.input_names, inputs)), **by_name}
         sample = named[tensors.SAMPLE]
         if tensors.MASK in named:
             sample = torch.cat([sample, named[tensors.MASK], named[tensors.MASKED_IMAGE_LATENTS]],

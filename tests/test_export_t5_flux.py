@@ -234,14 +234,15 @@ def test_sd3_t5_engines_record_each_networks_precision(sd3_t5_engines):
     manifest = read_manifest(directory)
     precisions = {name: entry["precision"] for name, entry in manifest["networks"].items()}
     assert precisions == {"text_encoder": "fp16", "text_encoder_2": "fp16",
-                          "text_encoder_3": "fp16", "transformer": "fp16", "vae_decoder": "fp32"}
+                          "text_encoder_3": "fp16", "transformer": "fp16", "vae_decoder": "fp32",
+                          "vae_encoder": "fp16"}
     spec = PipelineSpec.from_json((directory / "pipeline.json").read_text())
     assert spec.precisions == precisions
     assert (directory / "tokenizer_3" / "tokenizer.json").is_file()
     exported = sd3_t5_engines / "onnx"
     assert sorted(p.name for p in exported.glob("*.onnx")) == [
         "text_encoder.fp16.onnx", "text_encoder_2.fp16.onnx", "text_encoder_3.fp16.onnx",
-        "transformer.fp16.onnx", "vae_decoder.onnx"]
+        "transformer.fp16.onnx", "vae_decoder.onnx", "vae_encoder.fp16.onnx"]
     index = json.loads((exported / "export.json").read_text())["exports"]["fp16"]
     assert index["options"]["network_precisions"] == {"vae_decoder": "fp32"}
     assert graph_types(exported / "transformer.fp16.onnx")[tensors.SAMPLE][0] == "float16"
@@ -330,7 +331,8 @@ def flux_dev_engines(folders, tmp_path_factory):
 def test_flux_dev_exports_validated_with_its_guidance_input(flux_dev_engines):
     index = json.loads((flux_dev_engines / "onnx" / "export.json").read_text())
     networks = index["exports"]["fp32"]["networks"]
-    assert sorted(networks) == ["text_encoder", "text_encoder_2", "transformer", "vae_decoder"]
+    assert sorted(networks) == ["text_encoder", "text_encoder_2", "transformer", "vae_decoder",
+                                "vae_encoder"]
     for entry in networks.values():
         assert all(error["max_abs"] <= error["allowed_abs"]
                    for error in entry["validation"]["outputs"].values())
@@ -346,7 +348,7 @@ def test_flux_dev_engines_and_pipeline_json(flux_dev_engines):
     manifest = read_manifest(directory)
     precisions = {name: entry["precision"] for name, entry in manifest["networks"].items()}
     assert precisions == dict.fromkeys(
-        ["text_encoder", "text_encoder_2", "transformer", "vae_decoder"], "fp32")
+        ["text_encoder", "text_encoder_2", "transformer", "vae_decoder", "vae_encoder"], "fp32")
     spec = PipelineSpec.from_json((directory / "pipeline.json").read_text())
     assert spec.family == "flux" and spec.guidance_embeds and spec.latent_size == (8, 8)
     assert spec.precisions == dict.fromkeys(manifest["networks"], "fp32")
@@ -371,7 +373,8 @@ def test_flux_dev_exports_at_bf16_with_a_float32_boundary(folders, tmp_path):
     assert code == 0
     spec = PipelineSpec.from_json((out / "pipeline.json").read_text())
     assert spec.precisions == {"text_encoder": "fp16", "text_encoder_2": "bf16",
-                               "transformer": "bf16", "vae_decoder": "fp16"}
+                               "transformer": "bf16", "vae_decoder": "fp16",
+                               "vae_encoder": "fp16"}
     transformer = graph_types(out / "transformer.bf16.onnx")
     assert {dtype for dtype, _ in transformer.values()} == {"float32"}
     entry = json.loads((out / "export.json").read_text())["exports"]["bf16"]["networks"]

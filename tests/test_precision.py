@@ -111,7 +111,8 @@ def test_folders_read_as_diffusers_does(tmp_path):
     sdxl = load_bundle(str(sdxl_folder(tmp_path / "sdxl")))
     assert sdxl.modules["vae_decoder"].config.force_upcast
     assert sdxl.precisions("fp16") == {"text_encoder": "fp16", "text_encoder_2": "fp16",
-                                       "unet": "fp16", "vae_decoder": "fp32"}
+                                       "unet": "fp16", "vae_decoder": "fp32",
+                                       "vae_encoder": "fp32"}
     assert sdxl.precisions("bf16") == sdxl.precisions("fp16")  # UNets run in fp16
     assert set(sdxl.precisions("fp32").values()) == {"fp32"}
     # StableDiffusionPipeline ignores force_upcast (AutoencoderKL's default): its VAE is fp16
@@ -121,7 +122,7 @@ def test_folders_read_as_diffusers_does(tmp_path):
     sd3 = load_bundle(str(sd3_t5_folder(tmp_path / "sd3-t5")))
     assert sd3.precisions("bf16") == {"text_encoder": "fp16", "text_encoder_2": "fp16",
                                       "text_encoder_3": "bf16", "transformer": "bf16",
-                                      "vae_decoder": "fp16"}
+                                      "vae_decoder": "fp16", "vae_encoder": "fp16"}
     assert sd3.precisions("bf16", {"transformer": "fp32"})["transformer"] == "fp32"
 
 
@@ -141,7 +142,7 @@ def test_sdxl_exported_at_fp16_keeps_its_vae_decoder_fp32(tmp_path):
     assert not (out / "vae_decoder.fp16.onnx").exists()
     spec = PipelineSpec.from_json((out / "pipeline.json").read_text())
     assert spec.precisions == {"text_encoder": "fp16", "text_encoder_2": "fp16",
-                               "unet": "fp16", "vae_decoder": "fp32"}
+                               "unet": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp32"}
     networks = json.loads((out / "export.json").read_text())["exports"]["fp16"]["networks"]
     assert {name: entry["precision"] for name, entry in networks.items()} == spec.precisions
 

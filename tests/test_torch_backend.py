@@ -221,7 +221,7 @@ def built(tmp_path_factory):
 def test_build_writes_the_denoiser_for_torch_and_the_rest_for_onnxruntime(built):
     names = sorted(p.name for p in built.torch_dir.iterdir())
     assert names == ["manifest.json", "pipeline.json", "text_encoder.onnx", "tokenizer",
-                     "unet.safetensors", "vae_decoder.onnx"]
+                     "unet.safetensors", "vae_decoder.onnx", "vae_encoder.onnx"]
     manifest = read_manifest(built.torch_dir)
     assert manifest["backend"] == "torch" and manifest["gpu"] is None
     assert manifest["backend_version"].startswith(f"torch {torch.__version__} + onnxruntime ")
@@ -244,7 +244,7 @@ def test_a_second_build_keeps_the_torch_engines(built, capsys):
                        "--out", str(built.root / "engines")])
     assert code == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "0 built, 3 up to date" in summary and "no GPU: fp32 on the CPU" in summary
+    assert "0 built, 4 up to date" in summary and "no GPU: fp32 on the CPU" in summary
 
 
 def unet_inputs(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
