@@ -179,7 +179,9 @@ class Device:
             tensors.TIMESTEP: timestep.reshape(-1, 1) if self.io.batching else timestep,
         }
         for name, value in conditioning.items():
-            inputs[name] = np.ascontiguousarray(value, dtype=self._dtype(name))
+            value = np.ascontiguousarray(value, dtype=self._dtype(name))
+            # a batching model takes a per-row scalar (Flux's guidance) as [N, 1], like timestep
+            inputs[name] = value.reshape(-1, 1) if self.io.batching and value.ndim == 1 else value
         result = await self.model.infer(inputs, [tensors.OUT_SAMPLE], self.deadline_s)
         output = result[tensors.OUT_SAMPLE]
         if output.shape != sample.shape:

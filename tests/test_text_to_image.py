@@ -52,6 +52,8 @@ class Served:
     folder: Path
     grpc_url: str
     pipeline: object  # the folder's diffusers pipeline
+    http_url: str = ""
+    log: Path | None = None  # the server's log
 
 
 @dataclass

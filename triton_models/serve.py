@@ -526,11 +526,17 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         "GPU. Which is faster depends on the GPU and the model and is to be "
                         "decided by measurement on the GPU (scripts/gpu_check.py); until then "
                         "batched is the one-GPU default (default %(default)s)")
-    from export.cli import add_precision_arguments  # torch: only when serve/triton-repo runs
+    from export.cli import add_precision_arguments, parse_size  # torch: only when run
 
     add_precision_arguments(
         parser, None, "for the engines built when missing; default: fp16 on a GPU, fp32 for "
         "ONNX Runtime CPU engines")
+    for side in ("height", "width"):
+        parser.add_argument(f"--{side}", type=parse_size, default=None,
+                            metavar=f"{side[0].upper()}|MIN,OPT,MAX",
+                            help=f"image {side} range in pixels of the engines built when "
+                            "missing (default: the model's native size; Flux: 1024, as "
+                            "FluxPipeline)")
     parser.add_argument("--repository", type=Path, default=paths.repository_dir(),
                         help="where to write the model repository (default %(default)s, "
                         f"under ${paths.HOME_VARIABLE} if set)")
@@ -592,13 +598,14 @@ def resolve_gpu_layout(options: RepositoryOptions, gpu_count: int | None = None
 
 
 def build_arguments(args: argparse.Namespace) -> dict:
-    """prepare_model's build options from the --precision, --network-precision and
-    --max-sequence-length flags."""
+    """prepare_model's build options from the --precision, --network-precision,
+    --max-sequence-length, --height and --width flags."""
     from export.onnx_export import ExportOptions
 
     return {"precision": args.precision,
             "export": ExportOptions(network_precisions=dict(args.network_precision),
-                                    max_sequence_length=args.max_sequence_length)}
+                                    max_sequence_length=args.max_sequence_length,
+                                    height=args.height, width=args.width)}
 
 
 def prepare_model(options: RepositoryOptions, log=print, *, precision: str | None = None,
