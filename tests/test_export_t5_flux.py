@@ -2,9 +2,9 @@
 pipeline.json contents, ONNX Runtime engines, and the bad folders that are refused.
 
 Flux's transformer exports with the dynamo exporter (about 15 s even for a tiny model), so the
-Flux-dev folder is exported and built once for the module and the schnell folder exported once;
-Flux at bf16 (the SD3 transformer and T5 cover bf16 in tests/test_precision.py) runs under
-`-m slow`.
+Flux-dev folder is exported and built once for the module; the schnell folder's full export
+(its spec is checked without one) and Flux at bf16 (the SD3 transformer and T5 cover bf16 in
+tests/test_precision.py) run under `-m slow`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from export.specs import (
     pack_latents,
     unpack_latents,
 )
+from export.validate import run_onnxruntime, run_torch
 from models import tensors
 from models.pipeline_spec import PipelineSpec, TextEncoder
 
@@ -319,10 +320,12 @@ def test_flux_pipeline_specs_follow_fluxpipeline_and_the_schnell_card(folders):
 
 @pytest.fixture(scope="module")
 def flux_dev_engines(folders, tmp_path_factory):
-    """The Flux-dev folder exported (64-pixel images) and built as ONNX Runtime engines."""
+    """The Flux-dev folder exported for 48 to 80-pixel images and built as ONNX Runtime
+    engines."""
     root = tmp_path_factory.mktemp("flux-dev-engines")
+    sizes = ["--height", "48,64,80", "--width", "48,64,80", "--batch-max", "4"]
     code = driffusion(["build-engines", "--model", str(folders["flux-dev"]), "--backend",
-                       "onnxruntime", *SMALL, "--onnx", str(root / "onnx"),
+                       "onnxruntime", *sizes, "--onnx", str(root / "onnx"),
                        "--out", str(root / "engines")])
     assert code == 0
     return root
@@ -343,6 +346,16 @@ def test_flux_dev_exports_validated_with_its_guidance_input(flux_dev_engines):
     assert networks["transformer"]["model_class"] == "FluxTransformer2DModel"
 
 
+def test_flux_onnx_runs_at_other_batches_and_sizes_like_torch(folders, flux_dev_engines):
+    bundle = load_bundle(str(folders["flux-dev"]), ["transformer"])
+    spec = bundle.specs()["transformer"]
+    inputs = spec.sample_inputs(3, 80, 48, seed=5)  # traced at batch 2, 64 x 64 pixels
+    actual = run_onnxruntime(flux_dev_engines / "onnx" / "transformer.onnx", inputs)[0]
+    expected = run_torch(spec, bundle.modules["transformer"], inputs)[0]
+    assert actual.shape == (3, 16, 10, 6)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4)
+
+
 def test_flux_dev_engines_and_pipeline_json(flux_dev_engines):
     directory = flux_dev_engines / "engines" / "flux-dev" / "cpu"
     manifest = read_manifest(directory)
@@ -351,10 +364,12 @@ def test_flux_dev_engines_and_pipeline_json(flux_dev_engines):
         ["text_encoder", "text_encoder_2", "transformer", "vae_decoder", "vae_encoder"], "fp32")
     spec = PipelineSpec.from_json((directory / "pipeline.json").read_text())
     assert spec.family == "flux" and spec.guidance_embeds and spec.latent_size == (8, 8)
+    assert spec.height_range == spec.width_range == (48, 80)
     assert spec.precisions == dict.fromkeys(manifest["networks"], "fp32")
     assert (directory / "tokenizer_2" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow  # 15 s alone, 30 s on a busy machine: the spec test covers schnell's inputs
 def test_flux_schnell_exports_validated_without_a_guidance_input(folders, tmp_path):
     out = tmp_path / "onnx"
     code = driffusion(["export", "--model", str(folders["flux-schnell"]), *SMALL,
