@@ -26,6 +26,7 @@ from engines.manifest import (
 )
 from engines.ort_build import ORT_OPTIMIZATION_LEVEL, build_ort_engine, onnxruntime_version
 from engines.tensorrt_build import build_plan, tensorrt_status
+from export.lora import Lora
 from export.onnx_export import (
     ExportOptions,
     export_model,
@@ -62,6 +63,7 @@ class BuildRequest:
     force: bool = False
     networks: tuple[str, ...] = ()
     export: ExportOptions = field(default_factory=ExportOptions)
+    loras: tuple[Lora, ...] = ()  # fused into the source's weights before export
 
     @property
     def export_dir(self) -> Path:
@@ -162,8 +164,17 @@ def build_engines(request: BuildRequest, log: Callable[[str], None] = print) -> 
         )
     for directory in outcome.directories:
         copy_pipeline_files(request.export_dir, directory)
+        _record_loras(directory, request.loras)
     log(outcome.summary)
     return outcome
+
+
+def _record_loras(directory: Path, loras: tuple[Lora, ...]) -> None:
+    """The manifest names the LoRAs fused into the engines' weights (file, sha256, scale)."""
+    manifest = read_manifest(directory)
+    if manifest is not None:
+        manifest["loras"] = [lora.to_json() for lora in loras]
+        write_manifest(directory, manifest)
 
 
 def export_options_for(request: BuildRequest, backend: str) -> ExportOptions:
@@ -226,12 +237,13 @@ def ensure_exported(
 ) -> list[ExportedOnnx]:
     """The exported ONNX of every network for `options`, exporting first when missing or stale."""
     precision = options.precision
-    stale = export_staleness(request.export_dir, options, request.networks, request.source)
+    stale = export_staleness(request.export_dir, options, request.networks, request.source,
+                             request.loras)
     if stale:
         log(f"exporting {request.name} ({precision} asked) to {request.export_dir}: {stale}")
         from export.presets import load_bundle
 
-        bundle = load_bundle(request.source, list(request.networks) or None)
+        bundle = load_bundle(request.source, list(request.networks) or None, request.loras)
         bundle.name = request.name
         export_model(bundle, request.export_dir, options, log)
     entry = read_export_index(request.export_dir)["exports"][precision]
@@ -240,7 +252,8 @@ def ensure_exported(
 
 
 def export_staleness(
-    directory: Path, options: ExportOptions, networks: tuple[str, ...], source: str
+    directory: Path, options: ExportOptions, networks: tuple[str, ...], source: str,
+    loras: tuple[Lora, ...] = (),
 ) -> str | None:
     """Why the export in `directory` cannot serve `options` for `source`, or None when it can."""
     index = read_export_index(directory)
@@ -254,8 +267,8 @@ def export_staleness(
     change = settings_change(entry, options)
     if change:
         return change
-    if entry.get("source_fingerprint") != source_fingerprint(source):
-        return "the model's weights changed since the export"
+    if entry.get("source_fingerprint") != source_fingerprint(source, loras):
+        return "the model's weights (or its LoRAs) changed since the export"
     missing = [n for n in networks if n not in entry.get("networks", {})]
     if missing:
         return f"networks {', '.join(missing)} not exported yet"

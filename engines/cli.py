@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         request = BuildRequest(
             source=args.model,
-            name=args.name or model_name(args.model),
+            name=args.name or model_name(args.model, tuple(args.lora)),
             engines_root=args.out,
             onnx_dir=args.onnx,
             backend=args.backend,
@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
             networks=tuple(args.networks or ()),
             export=export_options(args, "fp32"),  # build_engines sets the precision
+            loras=tuple(args.lora),
         )
         build_engines(request)
     except ValidationError as error:

@@ -255,7 +255,7 @@ def build_torch_engines(request: BuildRequest, exported: list[ExportedOnnx], gpu
             continue
         log(f"{onnx.name}: building {what} ({reason})")
         if denoiser:
-            built = build_torch_engine(request.source, onnx, directory / file)
+            built = build_torch_engine(request.source, onnx, directory / file, request.loras)
             seconds, path, difference = built.seconds, built.path, built.max_abs_difference
         else:
             ort = build_ort_engine(onnx.path, directory / file, onnx.profile, onnx.inputs)
@@ -269,12 +269,14 @@ def build_torch_engines(request: BuildRequest, exported: list[ExportedOnnx], gpu
     return outcome
 
 
-def build_torch_engine(source: str, onnx: ExportedOnnx, path: Path) -> TorchBuild:
-    """Save the denoiser of `source` to `path` and check it computes what its ONNX export does."""
+def build_torch_engine(source: str, onnx: ExportedOnnx, path: Path,
+                       loras: tuple = ()) -> TorchBuild:
+    """Save the denoiser of `source` (with `loras` fused) to `path` and check it computes what
+    its ONNX export does."""
     from export.presets import load_bundle
 
     started = time.perf_counter()
-    bundle = load_bundle(source, [onnx.name])
+    bundle = load_bundle(source, [onnx.name], loras)
     module = bundle.modules[onnx.name]
     activations = {t.name for t in bundle.specs()[onnx.name].inputs if t.activation}
     save_network(module, path, activations)

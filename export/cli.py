@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from export.lora import Lora, parse_lora
 from export.onnx_export import EXPORTERS, MIN_OPSET, ExportOptions
 from export.precision import PRECISIONS, parse_network_precision
 from export.presets import PRESETS, ModelSourceError, model_name
@@ -58,6 +59,16 @@ def add_precision_arguments(parser: argparse.ArgumentParser, default: str | None
         help="override one network's precision, e.g. vae_decoder=fp32 (repeatable)",
     )
     parser.add_argument(
+        "--lora",
+        type=lora_argument,
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="fuse a LoRA into the weights before export (diffusers' load_lora_weights + "
+        "fuse_lora(lora_scale=SCALE), default scale 1; repeatable); the LoRA set gets exports "
+        "and engines of its own, keyed by each file's sha256 and scale",
+    )
+    parser.add_argument(
         "--max-sequence-length",
         type=int,
         default=None,
@@ -65,6 +76,14 @@ def add_precision_arguments(parser: argparse.ArgumentParser, default: str | None
         help="T5 tokens (default: the family's, as diffusers: SD3 256, Flux-dev 512, "
         "Flux-schnell 256)",
     )
+
+
+def lora_argument(text: str) -> Lora:
+    """`FILE[:SCALE]` for --lora."""
+    try:
+        return parse_lora(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -182,8 +201,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         options = export_options(args, args.precision, validate=not args.no_validate)
-        name = args.name or model_name(args.model)
-        bundle = load_bundle(args.model, args.networks)
+        loras = tuple(args.lora)
+        name = args.name or model_name(args.model, loras)
+        bundle = load_bundle(args.model, args.networks, loras)
     except (ModelSourceError, UnsupportedModelError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -355,7 +355,8 @@ def export_model(
         precisions={name: spec.precision for name, spec in specs.items()},
         max_sequence_length=options.max_sequence_length,
     )
-    write_export_index(result, bundle.source, complete=not bundle.selected, servable=servable)
+    write_export_index(result, bundle.source, complete=not bundle.selected, servable=servable,
+                       loras=bundle.loras)
     return result
 
 
@@ -364,7 +365,7 @@ def _prefixed(log: Callable[[str], None], prefix: str, message: str) -> None:
 
 
 def write_export_index(result: ExportResult, source: str, *, complete: bool,
-                       servable: bool = False) -> Path:
+                       servable: bool = False, loras: tuple = ()) -> Path:
     """Record this export in `<dir>/export.json`, one entry per precision.
 
     Networks exported with the same settings as the existing entry are merged into it;
@@ -385,7 +386,8 @@ def write_export_index(result: ExportResult, source: str, *, complete: bool,
         "profile_args": result.options.profile_args(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "complete": complete,
-        "source_fingerprint": source_fingerprint(source),
+        "source_fingerprint": source_fingerprint(source, loras),
+        "loras": [lora.to_json() for lora in loras],
         "networks": networks,
     }
     index_path.write_text(json.dumps(index, indent=2) + "\n")

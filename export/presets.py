@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from export.lora import Lora, fuse_loras, lora_key
 from export.precision import UPCAST_VAE_FAMILIES, apply_overrides, network_precision
 from export.specs import (
     FLUX_DEFAULT_SAMPLE_SIZE,
@@ -159,6 +160,8 @@ class ModelBundle:
     # tokenizer name -> writer of its files into a directory
     tokenizers: dict[str, Callable[[Path], None]] = field(default_factory=dict)
     pipeline_config: dict[str, Any] = field(default_factory=dict)  # model_index.json
+    folder: str = ""  # the diffusers folder the networks were loaded from
+    loras: tuple[Lora, ...] = ()  # fused into the networks' weights
     # every network of the model (loaded or not) -> its model class name
     network_classes: dict[str, str] = field(default_factory=dict)
     family: str | None = None  # a prompt family of models.pipeline_spec, None for the others
@@ -220,27 +223,46 @@ class ModelBundle:
         return specs
 
 
-def model_name(source: str) -> str:
-    """Directory-safe name of a model source: the preset name or the folder's name."""
+def model_name(source: str, loras: tuple[Lora, ...] = ()) -> str:
+    """Directory-safe name of a model source: the preset name or the folder's name, and with
+    LoRAs a key of their files and scales (each LoRA set has exports and engines of its own)."""
+    suffix = f"-lora-{lora_key(loras)}" if loras else ""
     if source in PRESETS:
-        return source
+        return source + suffix
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source).expanduser().resolve().name).strip("-")
     if not name:
         raise ModelSourceError(f"cannot derive a model name from {source!r}; pass --name")
-    return name
+    return name + suffix
 
 
-def load_bundle(source: str, networks: list[str] | None = None) -> ModelBundle:
-    """Load a preset (`tiny-sd`, `reference`) or a local diffusers pipeline/model folder."""
+def load_bundle(source: str, networks: list[str] | None = None,
+                loras: tuple[Lora, ...] = ()) -> ModelBundle:
+    """Load a preset (`tiny-sd`, `reference`) or a local diffusers pipeline/model folder, with
+    `loras` fused into its weights (a pipeline folder or the reference preset)."""
     if source == "tiny-sd":
-        return select_networks(tiny_sd(), networks)
-    if source == "reference":
-        return reference(networks)
-    return load_folder(Path(source).expanduser(), networks)
+        bundle = select_networks(tiny_sd(), networks)
+    elif source == "reference":
+        bundle = reference(networks)
+    else:
+        bundle = load_folder(Path(source).expanduser(), networks)
+    if loras:
+        if not bundle.pipeline_config:
+            raise ModelSourceError(f"--lora needs a diffusers pipeline folder (model_index.json)"
+                                   f"; {source} is not one")
+        fuse_loras(Path(bundle.folder), bundle.modules, loras, bundle.pipeline_config)
+        bundle.loras = tuple(loras)
+        bundle.name = model_name(source, loras)
+    return bundle
 
 
-def source_fingerprint(source: str) -> str:
-    """What identifies the weights behind `source`, so an export can tell it is stale."""
+def source_fingerprint(source: str, loras: tuple[Lora, ...] = ()) -> str:
+    """What identifies the weights behind `source` (and the LoRAs fused into them), so an
+    export can tell it is stale."""
+    weights = _weights_fingerprint(source)
+    return f"{weights}+lora:{lora_key(loras)}" if loras else weights
+
+
+def _weights_fingerprint(source: str) -> str:
     if source == "tiny-sd":
         return "tiny-sd:seed0:clip-tokenizer"
     if source == "reference":
@@ -455,6 +477,7 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
         selected=bool(networks),
         tokenizers=tokenizers,
         pipeline_config=index,
+        folder=str(path),
         network_classes=classes,
         family=family,
         guidance_embeds=guidance_embeds,

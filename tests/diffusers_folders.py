@@ -191,6 +191,25 @@ def flux_folder(path: Path, guidance_embeds: bool = True, seed: int = 0) -> Path
     return _save(pipeline, path)
 
 
+def sd_lora_file(folder: Path, path: Path, seed: int = 0, gain: float = 3.0) -> Path:
+    """A LoRA for the SD folder's UNet in diffusers' format (`pytorch_lora_weights.safetensors`),
+    random and scaled by `gain` so that it visibly changes the images. (Text-encoder LoRAs load
+    through transformers' PEFT integration, which asks for a PEFT release newer than PyPI's.)"""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline = load_pipeline(folder)
+    torch.manual_seed(seed)
+    pipeline.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    state = get_peft_model_state_dict(pipeline.unet)
+    layers = {key: value * gain if "lora_B" in key else value for key, value in state.items()}
+    path.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=layers)
+    return path / "pytorch_lora_weights.safetensors"
+
+
 # ---------------------------------------------------------------------------------------------
 # components
 

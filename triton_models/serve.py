@@ -602,17 +602,18 @@ def build_arguments(args: argparse.Namespace) -> dict:
     --max-sequence-length, --height and --width flags."""
     from export.onnx_export import ExportOptions
 
-    return {"precision": args.precision,
+    return {"precision": args.precision, "loras": tuple(args.lora),
             "export": ExportOptions(network_precisions=dict(args.network_precision),
                                     max_sequence_length=args.max_sequence_length,
                                     height=args.height, width=args.width)}
 
 
 def prepare_model(options: RepositoryOptions, log=print, *, precision: str | None = None,
-                  export: ExportOptions | None = None) -> RepositoryOptions:
+                  export: ExportOptions | None = None, loras: tuple = ()) -> RepositoryOptions:
     """Options naming built engines: a preset or diffusers folder is exported and built first
     (engines whose manifest matches are kept) at `precision` (None: the backend's default) with
-    `export`'s options; sim and engines directories pass as they are."""
+    `export`'s options and `loras` fused into the weights; sim and engines directories pass as
+    they are."""
     from engines.build import BuildRequest, build_engines
     from export.onnx_export import ExportOptions
     from export.presets import PRESETS, model_name
@@ -628,10 +629,10 @@ def prepare_model(options: RepositoryOptions, log=print, *, precision: str | Non
             f"no engines for model {source!r}: give a preset ({', '.join(PRESETS)}, sim), a "
             "diffusers pipeline folder (model_index.json) or an engines directory written by "
             "`driffusion build-engines`")
-    name = model_name(source)
+    name = model_name(source, loras)
     log(f"[1/3] engines for {source}: exporting and building what is missing")
     request = BuildRequest(source=source, name=name, backend=options.backend,
-                           precision=precision, export=export or ExportOptions())
+                           precision=precision, export=export or ExportOptions(), loras=loras)
     outcome = build_engines(request, lambda line: log(f"      {line}"))
     return resolve_gpu_layout(replace(options, model=str(outcome.directories[0].parent),
                                       backend=outcome.backend))
