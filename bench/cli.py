@@ -11,6 +11,7 @@ BENCHMARKS: dict[str, str] = {
     "load": "bench.load",
     "methods": "bench.methods",
     "floor": "bench.floor",
+    "images": "bench.images",
 }
 
 

@@ -180,7 +180,7 @@ def save_grid(path: Path, rows: Sequence[Sequence[np.ndarray]], row_labels: Sequ
     axis.set_xlabel(title, fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi)
+    figure.savefig(path, dpi=dpi, bbox_inches="tight")  # long row labels stay whole
     plt.close(figure)
 
 
@@ -245,16 +245,20 @@ def gray(image: np.ndarray) -> np.ndarray:
 
 def classify(images: Sequence[DemoImage]) -> None:
     """Fill in each image's `predicted` digit with the reference model's evaluation classifier."""
+    for image, digit in zip(images, classify_pixels([image.pixels for image in images])):
+        image.predicted = digit
+
+
+def classify_pixels(images: Sequence[np.ndarray]) -> list[int]:
+    """The digit the reference model's evaluation classifier sees in each gray uint8 [8, 8]."""
     import torch
 
     from models.reference import load_classifier
 
     classifier = load_classifier()
-    pixels = torch.from_numpy(np.stack([image.pixels for image in images])).float()
+    pixels = torch.from_numpy(np.stack(images)).float()
     with torch.no_grad():
-        predicted = classifier((pixels / 127.5 - 1).unsqueeze(1)).argmax(dim=1).tolist()
-    for image, digit in zip(images, predicted):
-        image.predicted = digit
+        return classifier((pixels / 127.5 - 1).unsqueeze(1)).argmax(dim=1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from engines.ort_build import ORT_OPTIMIZATION_LEVEL, build_ort_engine, onnxrunt
 from engines.tensorrt_build import build_plan, tensorrt_status
 from export.lora import Lora
 from export.onnx_export import (
+    EXPORT_LAYOUT,
     ExportOptions,
     export_model,
     onnx_sha256,
@@ -261,6 +262,8 @@ def export_staleness(
         return "no export yet"
     if "servable" not in index:
         return "no pipeline spec yet (an export from an older version)"
+    if index.get("layout", 1) < EXPORT_LAYOUT:
+        return "an export from an older version (no VAE encoder for image inputs)"
     entry = index.get("exports", {}).get(options.precision)
     if entry is None:
         return f"no {options.precision} export yet"

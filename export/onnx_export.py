@@ -32,6 +32,9 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 # polygraphy constant folding leaves tensors above this unfolded (e.g. Expand of a weight)
 FOLD_SIZE_THRESHOLD = 64 * 1024**2
 EXPORT_INDEX = "export.json"
+# what an export holds; a lower number is an older release's export, rebuilt on first use
+# (2: the VAE encoder is exported beside the decoder, for image inputs)
+EXPORT_LAYOUT = 2
 # ONNX ops without bfloat16 in any opset: bf16 networks run them in float32
 FLOAT_ONLY_OPS = ("Einsum",)
 
@@ -376,6 +379,7 @@ def write_export_index(result: ExportResult, source: str, *, complete: bool,
     index = read_export_index(result.directory) or {"model": result.model, "exports": {}}
     index.update(model=result.model, source=source)
     index["servable"] = servable or index.get("servable", False)
+    index["layout"] = EXPORT_LAYOUT
     networks = {name: network.to_json() for name, network in result.networks.items()}
     previous = index["exports"].get(result.options.precision)
     if previous is not None and settings_change(previous, result.options) is None:

@@ -325,3 +325,20 @@ def test_quality_setup_asks_for_each_digit_by_prompt():
     assert QualitySetup(per_class=1, template="number {digit}").prompts()[7] == "number 7"
     with pytest.raises(ValueError, match="template"):
         QualitySetup(template="a digit").validate()
+
+
+def test_bench_images_reports_rounds_accuracy_and_differences_per_run(tmp_path):
+    """`bench images` tables each run against its task's sequential run and draws the grid."""
+    from bench.demo import gray
+    from bench.images import ImageSettings, Run, real_digit_images, report, write_picture
+
+    digits = [gray(image) for image in real_digit_images()]
+    shifted = digits[1:] + digits[:1]  # img2img asks for d+1: the real d+1 scores 1.0
+    runs = [Run("img2img", 1, [9] * 10, shifted), Run("img2img", 2, [5] * 10, shifted),
+            Run("inpaint", 1, [10] * 10, digits), Run("inpaint", 4, [3] * 10, digits[::-1])]
+    rows = {row["run"]: row for row in report(runs)}
+    assert rows["img2img sequential"]["accuracy"] == 1.0
+    assert rows["img2img w2"]["max_pixel_diff"] == 0 and rows["img2img w2"]["rounds"] == 5
+    assert rows["inpaint w4"]["accuracy"] < 1.0 and rows["inpaint w4"]["mean_pixel_diff"] > 0
+    write_picture(tmp_path / "grid.png", runs, ImageSettings())
+    assert (tmp_path / "grid.png").stat().st_size > 1000
