@@ -1,15 +1,37 @@
-"""Test helpers for real tritonservers: a cluster of servers that restart on their own ports,
-signals to a server's process group, and Prometheus metrics read from its endpoint."""
+"""Test helpers for real tritonservers: a diffusers folder built and served as `driffusion serve`
+serves it, a cluster of servers that restart on their own ports, signals to a server's process
+group, and Prometheus metrics read from its endpoint."""
 from __future__ import annotations
 
 import os
 import re
 import signal
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from triton_models.serve import EmbeddedServer, free_ports, group_members
+
+
+@contextmanager
+def serving_folder(folder: Path, root: Path, **build) -> Iterator[EmbeddedServer]:
+    """`folder` exported, built as fp32 ONNX Runtime engines and served on 2 devices under a
+    DRIFFUSION_HOME of `root`, as `driffusion serve --model FOLDER` does (`build`: prepare_model's
+    export and loras); the server stops on exit."""
+    from triton_models.repository import RepositoryOptions
+    from triton_models.serve import prepare_model, serving
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DRIFFUSION_HOME", str(root))
+        options = prepare_model(RepositoryOptions(model=str(folder), devices=2,
+                                                  backend="onnxruntime"),
+                                log=lambda line: None, **build)
+        with serving(options, root / "repo", root / "server.log") as (server, _):
+            yield server
 
 
 class Cluster:

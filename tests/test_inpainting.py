@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers_folders import load_pipeline, sd_inpaint_folder
 from PIL import Image
+from servers import serving_folder
 from test_text_to_image import (
     GUIDANCE,
     NEGATIVE,
@@ -29,17 +30,10 @@ pytestmark = pytest.mark.triton
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, torch_single_thread) -> Iterator[Served]:
     pytest.importorskip("pytriton", reason="needs nvidia-pytriton (the embedded tritonserver)")
-    from triton_models.repository import RepositoryOptions
-    from triton_models.serve import prepare_model, serving
-
     root = tmp_path_factory.mktemp("inpaint")
     folder = sd_inpaint_folder(root / "tiny-sd-inpaint")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DRIFFUSION_HOME", str(root))
-        options = prepare_model(RepositoryOptions(model=str(folder), devices=2,
-                                                  backend="onnxruntime"), log=lambda line: None)
-        with serving(options, root / "repo", root / "server.log") as (server, _):
-            yield Served("sd-inpaint", folder, server.grpc_url, load_pipeline(folder))
+    with serving_folder(folder, root) as server:
+        yield Served("sd-inpaint", folder, server.grpc_url, load_pipeline(folder))
 
 
 def diffusers_inpaint(served: Served, image: np.ndarray, mask: np.ndarray, strength: float,

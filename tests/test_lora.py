@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers_folders import load_pipeline, sd_folder, sd_lora_file
 from safetensors.torch import save_file
+from servers import serving_folder
 from test_text_to_image import Served, assert_matches, generate
 
 from cli import main as driffusion
@@ -86,21 +87,13 @@ def test_each_lora_set_builds_once_and_switching_back_reuses(folder_and_loras, t
 @pytest.fixture(scope="module")
 def served(folder_and_loras, tmp_path_factory, torch_single_thread) -> Iterator[Served]:
     pytest.importorskip("pytriton", reason="needs nvidia-pytriton (the embedded tritonserver)")
-    from triton_models.repository import RepositoryOptions
-    from triton_models.serve import prepare_model, serving
-
     folder, style_a, _ = folder_and_loras
     root = tmp_path_factory.mktemp("lora-serve")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DRIFFUSION_HOME", str(root))
-        options = prepare_model(RepositoryOptions(model=str(folder), devices=2,
-                                                  backend="onnxruntime"),
-                                log=lambda line: None, loras=(Lora(style_a, SCALE),))
-        with serving(options, root / "repo", root / "server.log") as (server, _):
-            pipeline = load_pipeline(folder)
-            pipeline.load_lora_weights(str(style_a))
-            pipeline.fuse_lora(lora_scale=SCALE)
-            yield Served("sd-lora", folder, server.grpc_url, pipeline)
+    with serving_folder(folder, root, loras=(Lora(style_a, SCALE),)) as server:
+        pipeline = load_pipeline(folder)
+        pipeline.load_lora_weights(str(style_a))
+        pipeline.fuse_lora(lora_scale=SCALE)
+        yield Served("sd-lora", folder, server.grpc_url, pipeline)
 
 
 def diffusers_image(pipeline, seed: int) -> np.ndarray:

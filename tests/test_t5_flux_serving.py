@@ -15,6 +15,7 @@ import pytest
 import torch
 from diffusers_folders import flux_folder, load_pipeline, sd3_t5_folder, sd35_folder
 from PIL import Image
+from servers import serving_folder
 from test_text_to_image import Generated, Served, assert_matches, generate, init_image
 
 pytestmark = pytest.mark.triton
@@ -36,20 +37,13 @@ LONG_PROMPT = "a red fox in the snow, " + "a " * 700  # 700+ T5 tokens, under 20
 def served(request, tmp_path_factory, torch_single_thread) -> Iterator[Served]:
     pytest.importorskip("pytriton", reason="needs nvidia-pytriton (the embedded tritonserver)")
     from export.onnx_export import ExportOptions
-    from triton_models.repository import RepositoryOptions
-    from triton_models.serve import prepare_model, serving
 
     family = request.param
     root = tmp_path_factory.mktemp(family)
     folder = FAMILIES[family](root / f"tiny-{family}")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DRIFFUSION_HOME", str(root))
-        options = prepare_model(
-            RepositoryOptions(model=str(folder), devices=2, backend="onnxruntime"),
-            log=lambda line: None, export=ExportOptions(height=SIZE, width=SIZE))
-        with serving(options, root / "repo", root / "server.log") as (server, _):
-            yield Served(family, folder, server.grpc_url, load_pipeline(folder),
-                         server.http_url, root / "server.log")
+    with serving_folder(folder, root, export=ExportOptions(height=SIZE, width=SIZE)) as server:
+        yield Served(family, folder, server.grpc_url, load_pipeline(folder), server.http_url,
+                     root / "server.log")
 
 
 def is_flux(served: Served) -> bool:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from diffusers_folders import load_pipeline, sd3_folder, sd_folder, sdxl_folder
 from PIL import Image
+from servers import serving_folder
 
 pytestmark = pytest.mark.triton
 
@@ -68,19 +69,12 @@ def served(request, tmp_path_factory, torch_single_thread) -> Iterator[Served]:
     """One family's folder, exported and served on fp32 ONNX Runtime engines (under a temporary
     DRIFFUSION_HOME): the parity bounds are for fp32, not for fp16 TensorRT plans."""
     pytest.importorskip("pytriton", reason="needs nvidia-pytriton (the embedded tritonserver)")
-    from triton_models.repository import RepositoryOptions
-    from triton_models.serve import prepare_model, serving
-
     family = request.param
     root = tmp_path_factory.mktemp(family)
     folder = FAMILIES[family](root / f"tiny-{family}")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DRIFFUSION_HOME", str(root))
-        options = prepare_model(RepositoryOptions(model=str(folder), devices=2,
-                                                  backend="onnxruntime"),
-                                log=lambda line: None)
-        with serving(options, root / "repo", root / "server.log") as (server, _):
-            yield Served(family, folder, server.grpc_url, load_pipeline(folder))
+    with serving_folder(folder, root) as server:
+        yield Served(family, folder, server.grpc_url, load_pipeline(folder), server.http_url,
+                     root / "server.log")
 
 
 def generate(served: Served, **fields) -> Generated:
