@@ -19,6 +19,7 @@ from servers import group_rss_mb
 from tritonclient.utils import InferenceServerException
 
 from cli import main as driffusion
+from triton_models.guard import GuardLimits
 from triton_models.repository import RepositoryOptions, write_repository
 
 pytestmark = pytest.mark.triton
@@ -35,7 +36,8 @@ def guarded(tmp_path_factory):
     repository = write_repository(tmp_path_factory.mktemp("guard") / "repo", options)
     grpc_port, http_port, metrics_port = free_ports(3)
     server = EmbeddedServer(repository.path, grpc_port=grpc_port, http_port=http_port,
-                            metrics_port=metrics_port, request_guard_bytes=CAP,
+                            metrics_port=metrics_port,
+                            request_guard=GuardLimits(max_request_bytes=CAP),
                             log_path=tmp_path_factory.mktemp("log") / "server.log")
     with server:
         yield server
@@ -158,13 +160,14 @@ def test_an_overload_burst_says_the_server_is_busy(guarded):
 
 def test_serve_puts_the_guard_on_by_default():
     from cli import build_parser
-    from triton_models.serve import DEFAULT_GUARD_BYTES
+    from triton_models.serve import guard_limits_from_args
 
     args = build_parser("serve").parse_args(["serve", "--model", "sim"])
-    assert args.request_guard_bytes == DEFAULT_GUARD_BYTES
+    assert guard_limits_from_args(args) == GuardLimits()
+    assert GuardLimits().max_request_bytes == 64 << 20
     off = build_parser("serve").parse_args(["serve", "--model", "sim",
                                             "--request-guard-bytes", "0"])
-    assert off.request_guard_bytes == 0
+    assert guard_limits_from_args(off) is None
 
 
 def test_a_client_that_gives_up_through_the_guard_stops_its_request(guarded):
