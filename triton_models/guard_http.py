@@ -147,6 +147,8 @@ class HttpGuard:
                 await connection.serve()
         except (ConnectionError, asyncio.TimeoutError, h11.LocalProtocolError):
             pass
+        except asyncio.CancelledError:  # stop(): the task ends quietly, as its stream expects
+            pass
         finally:
             self._connections.discard(task)
             connection.close()
@@ -227,7 +229,8 @@ class PublicConnection:
         body = Body(length, budget)
         try:
             if self.http.they_are_waiting_for_100_continue:
-                await self._send(h11.InformationalResponse(status_code=100, reason=b"Continue"))
+                await self._send(h11.InformationalResponse(status_code=100, headers=[],
+                                                             reason=b"Continue"))
             started = self.loop.time()
             while True:
                 event = self._next_event()
@@ -243,18 +246,17 @@ class PublicConnection:
 
     async def _receive_body(self, started: float, received: int) -> None:
         """Feed h11 the next bytes of a body, or refuse one that stalls or trickles."""
-        silence = self.loop.time() + self.limits.body_timeout_s
-        deadline = silence
+        now = self.loop.time()
+        pause = self.limits.body_timeout_s
+        deadline = now + pause
         if self.limits.min_rate:
-            deadline = min(silence, started + self.limits.body_timeout_s
-                           + received / self.limits.min_rate)
+            deadline = min(deadline, started + pause + received / self.limits.min_rate)
         data = await self._receive(deadline)
         if data is not None:
             self.http.receive_data(data)
-        elif deadline == silence:
-            raise Refusal(408, f"no byte of the request body came for "
-                          f"{self.limits.body_timeout_s} s ({guard_flag('body_timeout_s')})",
-                          linger=False)
+        elif deadline - now > pause - 0.01:
+            raise Refusal(408, f"no byte of the request body came for {pause} s "
+                          f"({guard_flag('body_timeout_s')})", linger=False)
         else:
             raise Refusal(408, f"the request body came at under {self.limits.min_rate} "
                           f"bytes/s ({guard_flag('min_rate')})", linger=False)
