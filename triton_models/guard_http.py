@@ -39,6 +39,11 @@ VERSIONS = (b"1.0", b"1.1")
 FRAMING = (b"content-length", b"transfer-encoding", b"content-encoding")
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
               b"upgrade", b"expect", *FRAMING}
+# bytes a header name loses before it is compared with the framing names
+PUNCTUATION = bytes(sorted(set(range(256)) - set(b"0123456789abcdefghijklmnopqrstuvwxyz"
+                                                 b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")))
+LOOKALIKES = {name.translate(None, PUNCTUATION): name for name in FRAMING}
+MAPPED_BYTES = 1 << 20  # bodies from this size up are held in a mapping of their own
 ALLOWED = ("this server takes HTTP/1.1 requests with header names that are RFC 9110 tokens, a "
            f"head of at most {MAX_HEAD_BYTES} bytes, at most one Content-Length and no "
            "Transfer-Encoding")
@@ -75,23 +80,22 @@ class MemoryBudget:
 
 
 class Body:
-    """A request body on its way to Triton, in an anonymous memory mapping of its length, whose
-    pages go back to the system when it is released (a freed heap block of that size may stay
-    in the process), and counted against the memory budget until then."""
+    """A request body on its way to Triton, counted against the memory budget until it is
+    released. A large one lies in an anonymous memory mapping of its length, whose pages go back
+    to the system when it is released (a freed heap block of that size may stay in the
+    process)."""
 
     def __init__(self, length: int, budget: MemoryBudget) -> None:
         self.length = length
         self.filled = 0
         self._budget: MemoryBudget | None = budget
-        self._memory = mmap.mmap(-1, length) if length else None
+        self._memory = mmap.mmap(-1, length) if length >= MAPPED_BYTES else bytearray(length)
 
     def append(self, data: bytes) -> None:
         self._memory[self.filled:self.filled + len(data)] = data
         self.filled += len(data)
 
     def slices(self, size: int) -> Iterator[memoryview]:
-        if self._memory is None:
-            return
         with memoryview(self._memory) as view:
             for start in range(0, self.length, size):
                 yield view[start:start + size]
@@ -101,7 +105,7 @@ class Body:
             return
         self._budget.release(self.length)
         self._budget = None
-        if self._memory is not None:
+        if isinstance(self._memory, mmap.mmap):
             try:
                 self._memory.close()
             except BufferError:  # a slice still sits in a transport: unmapped when it goes
@@ -325,7 +329,8 @@ class PublicConnection:
         """Write `events`; the client must take them within the body timeout."""
         for event in events:
             self.writer.write(self.http.send(event) or b"")
-        await asyncio.wait_for(self.writer.drain(), self.limits.body_timeout_s)
+        if self.writer.transport.get_write_buffer_size():
+            await asyncio.wait_for(self.writer.drain(), self.limits.body_timeout_s)
 
     async def _linger(self) -> None:
         """Read and drop what the client still sends for a moment, so that it finishes writing
@@ -371,16 +376,11 @@ def check_framing_names(head: bytes) -> None:
         if names.count(name) > 1:
             raise Refusal(400, f"{name.decode()} is given {names.count(name)} times; send it "
                           f"at most once")
-    lookalikes = {_letters(name): name for name in FRAMING}
     for name in names:
-        if name not in FRAMING and _letters(name) in lookalikes:
-            raise Refusal(400, f"header name {name.decode()!r} reads as "
-                          f"{lookalikes[_letters(name)].decode()}; send that name exactly, "
-                          "at most once")
-
-
-def _letters(name: bytes) -> bytes:
-    return bytes(c for c in name if chr(c).isalnum())
+        framing = LOOKALIKES.get(name.translate(None, PUNCTUATION))
+        if framing is not None and name != framing:
+            raise Refusal(400, f"header name {name.decode()!r} reads as {framing.decode()}; "
+                          "send that name exactly, at most once")
 
 
 def upstream_head(request: h11.Request, length: int) -> bytes:
