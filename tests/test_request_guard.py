@@ -95,6 +95,12 @@ def test_requests_through_the_guard_are_answered_as_by_triton_itself(guarded, tm
     assert status == 200
     np.testing.assert_array_equal(np.array(output["data"], np.uint8).reshape(output["shape"]),
                                   expected)
+    # Triton's compressed answers keep their coding
+    request = urllib.request.Request(f"{guarded.http_url}/v2/models/driffusion/infer", data=body,
+                                     headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert reply.headers["Content-Encoding"] == "gzip"
+        assert json.loads(zlib.decompress(reply.read(), 31))["outputs"]
     # the generate client: discovery, configs and every device call through the guard
     out = tmp_path / "three.png"
     assert driffusion(["generate", "--endpoints", guarded.http_url, "--label", "3", "--steps",
@@ -232,6 +238,8 @@ def test_ambiguous_or_chunked_framing_is_refused_and_nothing_is_smuggled(guarded
     (b"DELETE /v2/models/driffusion HTTP/1.1", 405, b"Method Not Allowed"),  # the guard's own
     (b"GET /v2/health/ready HTTP/2.0", 505, b"HTTP Version Not Supported"),
     (b"GET /v2/health/ready", 400, b"Bad Request"),
+    (b"GET /v2/health/ready HTTP/1.1\r\nX-Pad: " + b"a" * 20_000, 431,  # heads: 16 KiB
+     b"Request Header Fields Too Large"),
     (b"GET /v2/health/ready HTTP/1.1", 200, b"OK"),
 ])
 def test_every_answer_has_its_reason_phrase_and_admin_apis_stay_closed(guarded, request_line,

@@ -7,7 +7,7 @@ writes the request line and the parsed headers itself, without hop-by-hop, frami
 headers, with one Content-Length, followed by the body once the whole of it has arrived.
 Refused before Triton sees a byte, and the connection closed:
 - malformed HTTP (h11's verdict), a framing or coding header given twice, or a header name that
-  reads as one once punctuation is dropped (Content_Encoding): 400; a head over 64 KiB: 431;
+  reads as one once punctuation is dropped (Content_Encoding): 400; a head over 16 KiB: 431;
 - a method other than GET and POST: 405; an HTTP version other than 1.0 and 1.1: 505;
 - any Transfer-Encoding: 411; a Content-Encoding other than identity: 415;
 - a body over the byte cap: 413; a body that does not fit the memory budget, or a connection
@@ -30,7 +30,7 @@ from triton_models.guard import BUSY_MESSAGE, BUSY_TRITON_TEXT, GuardLimits, gua
 
 READ_BYTES = 64 * 1024  # one read from a client
 WRITE_BYTES = 1 << 20  # one write of a body to Triton
-MAX_HEAD_BYTES = 64 * 1024
+MAX_HEAD_BYTES = 16 * 1024  # Triton clients send well under 1 KiB; nginx allows 8 KiB a line
 LINGER_S = 2.0  # how long a refused request's body is read and dropped before closing
 METHODS = (b"GET", b"POST")  # all that Triton's HTTP/REST API uses
 VERSIONS = (b"1.0", b"1.1")
@@ -38,7 +38,9 @@ VERSIONS = (b"1.0", b"1.1")
 # forwards neither coding
 FRAMING = (b"content-length", b"transfer-encoding", b"content-encoding")
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-              b"upgrade", b"expect", *FRAMING}
+              b"upgrade", b"expect"}
+NOT_FORWARDED = HOP_BY_HOP | set(FRAMING)  # of a request
+NOT_ANSWERED = HOP_BY_HOP | {b"content-length", b"transfer-encoding"}  # of Triton's answer
 # bytes a header name loses before it is compared with the framing names
 PUNCTUATION = bytes(sorted(set(range(256)) - set(b"0123456789abcdefghijklmnopqrstuvwxyz"
                                                  b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")))
@@ -307,7 +309,7 @@ class PublicConnection:
 
     async def _answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
         kept = [(name, value) for name, value in headers.items()
-                if name.encode("latin-1") not in HOP_BY_HOP]
+                if name.encode("latin-1") not in NOT_ANSWERED]
         await self._send(h11.Response(status_code=status, reason=reason(status),
                                       headers=[*kept, ("content-length", str(len(body)))]),
                          h11.Data(data=body), h11.EndOfMessage())
@@ -345,6 +347,8 @@ def checked_length(request: h11.Request, head: bytes, limits: GuardLimits) -> in
     if request.method not in METHODS:
         raise Refusal(405, f"method {request.method.decode()} is not served; this server takes "
                       "GET and POST", headers=(("allow", "GET, POST"),))
+    if len(head) > MAX_HEAD_BYTES:  # h11 bounds only heads that arrive in pieces
+        raise Refusal(431, f"the request head has {len(head)} bytes; {ALLOWED}")
     if request.http_version not in VERSIONS:
         raise Refusal(505, f"HTTP/{request.http_version.decode()} is not served; {ALLOWED}")
     check_framing_names(head)
@@ -388,7 +392,7 @@ def upstream_head(request: h11.Request, length: int) -> bytes:
     named_hop = {token.strip().lower() for name, value in request.headers
                  if name == b"connection" for token in value.split(b",")}
     kept = [name + b": " + value for name, value in request.headers
-            if name not in HOP_BY_HOP and name not in named_hop]
+            if name not in NOT_FORWARDED and name not in named_hop]
     if not any(name == b"host" for name, _ in request.headers):
         kept.append(b"host: 127.0.0.1")
     lines = [request.method + b" " + request.target + b" HTTP/1.1", *kept,
