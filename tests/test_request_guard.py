@@ -308,3 +308,33 @@ def test_a_client_that_gives_up_through_the_guard_stops_its_request(guarded):
     while cancelled() == before and time.monotonic() - gave_up < 5.0:
         time.sleep(0.02)
     assert cancelled() == before + 1  # the guard passed the cancellation on to Triton
+
+
+def test_stopping_the_guard_with_connections_open_leaves_no_pending_task(caplog):
+    import gc
+    import logging
+
+    from triton_models.guard import RequestGuard
+    from triton_models.serve import free_ports
+
+    grpc_port, http_port, triton_grpc_port, triton_http_port = free_ports(4)
+    guard = RequestGuard(host="127.0.0.1", grpc_port=grpc_port, http_port=http_port,
+                         upstream_grpc_port=triton_grpc_port,
+                         upstream_http_port=triton_http_port, limits=GuardLimits())
+    guard.start()
+    openings = [b"", b"GET /v2/health/ready HTTP/1.1\r\nHo",
+                b"POST /v2/models/driffusion/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n"
+                b"\r\n{"]
+    connections = []
+    for opening in openings:
+        connections.append(socket.create_connection(("127.0.0.1", http_port), timeout=5))
+        connections[-1].sendall(opening)
+    time.sleep(0.3)  # each is being served
+    with caplog.at_level(logging.DEBUG, logger="asyncio"):
+        guard.stop()
+        gc.collect()
+    for connection in connections:
+        assert connection.recv(1) == b""  # closed by the guard
+        connection.close()
+    assert not [record for record in caplog.records if record.name == "asyncio"], caplog.text
+
