@@ -362,7 +362,9 @@ async def _check_endpoint(client, endpoint: str) -> None:
     try:
         ready = await client.is_model_ready(PIPELINE_MODEL)
     except RequestFailed as error:
-        raise RuntimeError(f"{endpoint} does not answer as a Triton server: {error}") from error
+        protocol = "HTTP" if is_http(endpoint) else "gRPC"
+        raise RuntimeError(f"{endpoint} does not answer as a Triton {protocol} server: "
+                           f"{error}") from error
     if not ready:
         raise RuntimeError(f"{endpoint} serves no ready {PIPELINE_MODEL} model; start one with "
                            "`driffusion serve --model sim`")

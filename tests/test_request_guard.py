@@ -200,7 +200,6 @@ def test_a_bomb_under_any_malformed_or_doubled_coding_header_never_reaches_trito
     assert answer.startswith(b"HTTP/1.1 %d %s\r\n" % (status, phrase)), answer[:300]
     assert answers(answer) == 1
     assert group_rss_mb(guarded) - before < 50  # Triton inflated nothing
-    assert image(guarded.grpc_url, LABEL=1, STEPS=4).shape == (8, 8, 3)
 
 
 SMUGGLED = b"POST /v2/repository/models/driffusion/unload HTTP/1.1\r\nHost: x\r\n\r\n"
