@@ -11,6 +11,9 @@ remove. This benchmark measures them side by side in one run, on a real tritonse
 - `sampler`: the sampler and device pool in-process over a device that costs nothing: CPU per
   round.
 - `sleep`: how late `time.sleep` wakes up here (it is part of every sleeping device's time).
+With `--guard` the server runs behind the request guard (`serve`'s defaults) and `grpc-guard`,
+`http-guard` call the device through the guard's ports, `grpc`, `http` through Triton's own:
+the difference is the guard's hop (its CPU, in this process, counts in the client CPU column).
 Writes floor.json under --out.
 """
 from __future__ import annotations
@@ -33,7 +36,9 @@ from models import paths
 DEFAULT_OUT = paths.output_dir("bench", "floor")
 TEMPLATES = Path(__file__).parent / "templates"
 CALLER, CALLEE = "floor_caller", "floor_callee"
-CLIENTS = {"grpc": "runtime client, gRPC aio", "http": "runtime client, HTTP/1.1"}
+CLIENTS = {"grpc": "runtime client, gRPC aio", "http": "runtime client, HTTP/1.1",
+           "grpc-guard": "gRPC aio via the request guard",
+           "http-guard": "HTTP/1.1 via the request guard"}
 PAYLOAD = 64  # float32 values per call, as floor_caller sends (an 8x8 latent)
 CONFIGS = {
     CALLEE: ('input [ {{ name: "x" data_type: TYPE_FP32 dims: [ -1 ] }} ]\n'
@@ -51,6 +56,7 @@ class FloorSetup:
     calls: int = 4  # concurrent calls of a parallel round (the devices)
     rounds: int = 50  # rounds per measurement
     repeat: int = 5  # measurements per variant, interleaved; the median is reported
+    guard: bool = False  # serve behind the request guard; clients call through both ports
 
     def validate(self) -> None:
         if self.latency_ms < 0:
@@ -59,7 +65,7 @@ class FloorSetup:
 
 @dataclass(frozen=True)
 class FloorRecord:
-    path: str  # bls, grpc, http, sampler, sleep
+    path: str  # bls, grpc, http, grpc-guard, http-guard, sampler, sleep
     calls_per_round: int
     variant: str
     ms_per_round: float  # wall time of a round above the device's sleep
@@ -190,6 +196,7 @@ def run_benchmark(setup: FloorSetup, out: Path) -> dict[str, Any]:
     import tritonclient.grpc as grpc_client
 
     from bench.common import machine_info
+    from triton_models.guard import GuardLimits
     from triton_models.serve import EmbeddedServer, free_ports
 
     setup.validate()
@@ -197,13 +204,16 @@ def run_benchmark(setup: FloorSetup, out: Path) -> dict[str, Any]:
     repository = write_floor_repository(out / "floor-repository", setup.calls)
     grpc_port, http_port, metrics_port = free_ports(3)
     with EmbeddedServer(repository, grpc_port=grpc_port, http_port=http_port,
-                        metrics_port=metrics_port,
-                        log_path=out / "floor-tritonserver.log") as server:
-        client = grpc_client.InferenceServerClient(server.grpc_url)
+                        metrics_port=metrics_port, log_path=out / "floor-tritonserver.log",
+                        request_guard=GuardLimits() if setup.guard else None) as server:
+        own = server.triton_ports
+        endpoints = {"grpc": f"127.0.0.1:{own['grpc']}", "http": f"http://127.0.0.1:{own['http']}"}
+        if setup.guard:
+            endpoints |= {"grpc-guard": server.grpc_url, "http-guard": server.http_url}
+        client = grpc_client.InferenceServerClient(endpoints["grpc"])
         records = measure_bls(client, setup)
         client.close()
-        records += asyncio.run(measure_clients({"grpc": server.grpc_url,
-                                                "http": server.http_url}, setup))
+        records += asyncio.run(measure_clients(endpoints, setup))
     records += measure_sampler(setup)
     records.append(measure_sleep(setup))
     report = {"setup": asdict(setup), "machine": machine_info(),
@@ -216,12 +226,13 @@ def format_report(report: dict[str, Any]) -> str:
     setup = report["setup"]
     title = (f"empty device sleeping {setup['latency_ms']:g} ms per call; {setup['rounds']} "
              f"rounds per measurement, median of {setup['repeat']}")
-    header = (f"{'path':<9}{'calls/round':>12}  {'variant':<30}{'ms/round above sleep':>21}"
+    width = max(len(record["path"]) for record in report["records"]) + 2
+    header = (f"{'path':<{width}}{'calls/round':>12}  {'variant':<30}{'ms/round above sleep':>21}"
               f"{'CPU ms/call':>13}")
     lines = [title, header]
     for record in report["records"]:
         cpu = record["cpu_ms_per_call"]
-        lines.append(f"{record['path']:<9}{record['calls_per_round']:>12}  {record['variant']:<30}"
+        lines.append(f"{record['path']:<{width}}{record['calls_per_round']:>12}  {record['variant']:<30}"
                      f"{record['ms_per_round']:>21.2f}" + (f"{cpu:>13.3f}" if cpu is not None
                                                            else ""))
     lines.append("bls: the driffusion model's path (python backend to python backend); grpc, "
@@ -250,6 +261,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="rounds per measurement")
     parser.add_argument("--repeat", type=positive_int, default=5,
                         help="measurements per variant (interleaved); the median is reported")
+    parser.add_argument("--guard", action="store_true",
+                        help="serve behind the request guard and call through its ports too")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.set_defaults(run=run)
 
@@ -258,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     from bench.common import run_stopping_servers
     from triton_models.serve import ServerError
 
-    setup = FloorSetup(args.latency_ms, args.calls, args.rounds, args.repeat)
+    setup = FloorSetup(args.latency_ms, args.calls, args.rounds, args.repeat, args.guard)
     report = run_stopping_servers(lambda: run_benchmark(setup, args.out),
                                   (ValueError, ServerError))
     if isinstance(report, int):

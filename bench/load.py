@@ -4,10 +4,13 @@ Each client sends one request after another (a prompt, or a label for class-cond
 and a fresh seed) for the duration; `--mixed` varies prompts, modes and windows from request to
 request. The run reports throughput, latency percentiles, failures, the mean time requests
 waited in the `driffusion` model's queue and, from Triton's own statistics, how many device
-calls the devices' dynamic batcher merged (requests per model execution). Without `--endpoint`
-it serves `--model` (default: the closed-form `unet_sim` devices, which measure orchestration
-and serving, not compute) on an embedded server of its own; `--compare-batching` runs the same
-load a second time with dynamic batching off and prints both side by side.
+calls the devices' dynamic batcher merged (requests per model execution). Clients speak gRPC
+to `HOST:PORT` endpoints and HTTP/1.1 (binary tensors, kept-alive connections) to
+`http://HOST:PORT` ones. Without `--endpoint` it serves `--model` (default: the closed-form
+`unet_sim` devices, which measure orchestration and serving, not compute) on an embedded server
+of its own, over `--protocol`; `--compare-batching` runs the same load a second time with
+dynamic batching off, `--compare-guard` runs it through the request guard's port and then
+through Triton's own port of one server, and each prints both side by side.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import infer_inputs, machine_info
-from runtime.devices import parse_endpoint
+from runtime.devices import is_http, parse_endpoint, split_host_port
 from runtime.driffusion import MODES
 from runtime.generate import PIPELINE_MODEL
 
@@ -71,6 +74,8 @@ class LoadResult:
     """What one load run measured."""
 
     batching: str  # "dynamic", "off" or "endpoint" (a server this benchmark did not start)
+    port: str = ""  # with --compare-guard: "guard" or "triton" (Triton's own port)
+    protocol: str = "grpc"
     requests: int = 0
     failures: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # first line of each error -> count
@@ -128,6 +133,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="vary prompts (or labels), modes and windows between requests")
     parser.add_argument("--compare-batching", action="store_true",
                         help="embedded server: run again with dynamic batching off and compare")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
+                        help="embedded server: the clients' protocol (default %(default)s; "
+                        "--endpoint says it by its form)")
+    parser.add_argument("--compare-guard", action="store_true",
+                        help="embedded server: serve with the request guard (serve's defaults) "
+                        "and run the load through its port, then through Triton's own port")
     parser.add_argument("--out", type=Path, default=Path("bench_load.json"),
                         help="JSON results (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -145,13 +156,19 @@ def run_load(args: argparse.Namespace) -> int:
     try:
         setup.validate()
         if args.endpoint is not None:
-            if args.compare_batching:
-                raise ValueError("--compare-batching needs the embedded server (no --endpoint)")
+            if args.compare_batching or args.compare_guard:
+                raise ValueError("--compare-batching and --compare-guard need the embedded "
+                                 "server (no --endpoint)")
             results = [measure(parse_endpoint(args.endpoint), setup, "endpoint", args.quiet)]
+        elif args.compare_guard:
+            if args.compare_batching:
+                raise ValueError("give --compare-guard or --compare-batching, not both")
+            results = measure_guard(setup, args.protocol, args.quiet)
         else:
             variants = [setup.dynamic_batching, False] if args.compare_batching else [
                 setup.dynamic_batching]
-            results = [measure_embedded(_with_batching(setup, on), args.quiet) for on in variants]
+            results = [measure_embedded(_with_batching(setup, on), args.protocol, args.quiet)
+                       for on in variants]
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -163,15 +180,37 @@ def _with_batching(setup: LoadSetup, on: bool) -> LoadSetup:
     return LoadSetup(**{**asdict(setup), "dynamic_batching": on})
 
 
-def measure_embedded(setup: LoadSetup, quiet: bool = False) -> LoadResult:
+def measure_embedded(setup: LoadSetup, protocol: str = "grpc",
+                     quiet: bool = False) -> LoadResult:
     """Serve unet_sim devices on an embedded server and run the load against it."""
-    with embedded_sim_server(setup) as endpoint:
+    with embedded_sim_server(setup) as server:
+        endpoint = server.http_url if protocol == "http" else server.grpc_url
         return measure(endpoint, setup, "dynamic" if setup.dynamic_batching else "off", quiet)
 
 
+def measure_guard(setup: LoadSetup, protocol: str, quiet: bool = False) -> list[LoadResult]:
+    """The same load through the request guard's port, then through Triton's own port of the
+    same server (its loopback port behind the guard)."""
+    from triton_models.guard import GuardLimits
+
+    with embedded_sim_server(setup, GuardLimits()) as server:
+        own = server.triton_ports[protocol]
+        endpoints = {"guard": server.http_url if protocol == "http" else server.grpc_url,
+                     "triton": f"http://127.0.0.1:{own}" if protocol == "http"
+                     else f"127.0.0.1:{own}"}
+        results = []
+        for port, endpoint in endpoints.items():
+            result = measure(endpoint, setup, "dynamic" if setup.dynamic_batching else "off",
+                             quiet)
+            result.port = port
+            results.append(result)
+        return results
+
+
 @contextmanager
-def embedded_sim_server(setup: LoadSetup) -> Iterator[str]:
-    """`with embedded_sim_server(setup) as endpoint`: `setup.model` served on free local ports."""
+def embedded_sim_server(setup: LoadSetup, guard=None) -> Iterator:
+    """`with embedded_sim_server(setup) as server`: `setup.model` served on free local ports
+    (behind a request guard with `guard`'s limits, if given)."""
     from triton_models.repository import RepositoryOptions
     from triton_models.serve import ServerError, prepare_model, serving
 
@@ -185,9 +224,9 @@ def embedded_sim_server(setup: LoadSetup) -> Iterator[str]:
               f"{setup.pipeline_instances} driffusion instances, dynamic batching "
               f"{'on' if setup.dynamic_batching else 'off'}) ...", flush=True)
         try:
-            with serving(options, Path(scratch) / "repository",
-                         Path(scratch) / "server.log") as (server, _):
-                yield server.grpc_url
+            with serving(options, Path(scratch) / "repository", Path(scratch) / "server.log",
+                         request_guard=guard) as (server, _):
+                yield server
         except ServerError as error:
             raise RuntimeError(str(error)) from error
 
@@ -198,9 +237,7 @@ def measure(endpoint: str, setup: LoadSetup, batching: str, quiet: bool = False)
 
 
 async def _measure(endpoint: str, setup: LoadSetup, batching: str, quiet: bool) -> LoadResult:
-    import tritonclient.grpc.aio as grpc_aio
-
-    clients = [grpc_aio.InferenceServerClient(endpoint) for _ in range(setup.clients)]
+    clients = [load_client(endpoint) for _ in range(setup.clients)]
     try:
         await _check_endpoint(clients[0], endpoint)
         prompts = await _uses_prompts(clients[0])
@@ -220,36 +257,114 @@ async def _measure(endpoint: str, setup: LoadSetup, batching: str, quiet: bool) 
         await asyncio.gather(*(client.close() for client in clients))
     samples = [sample for client_samples in outcomes for sample in client_samples]
     result = summarise(samples, seconds, batching, before, after)
+    result.protocol = "http" if is_http(endpoint) else "grpc"
     waited = queue_after[1] - queue_before[1]
     result.queue_ms = round((queue_after[0] - queue_before[0]) / 1e6 / waited, 1) if waited else 0
     return result
+
+
+class RequestFailed(Exception):
+    """A request the server refused or did not answer in time (its message)."""
+
+
+def load_client(endpoint: str) -> GrpcLoadClient | HttpLoadClient:
+    return HttpLoadClient(endpoint) if is_http(endpoint) else GrpcLoadClient(endpoint)
+
+
+class GrpcLoadClient:
+    """What a load client asks of a Triton gRPC endpoint (tritonclient's aio client)."""
+
+    def __init__(self, endpoint: str) -> None:
+        import tritonclient.grpc.aio as grpc_aio
+
+        self.client = grpc_aio.InferenceServerClient(endpoint)
+
+    async def infer(self, model: str, fields: dict[str, np.ndarray], timeout_s: float) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            await self.client.infer(model, infer_inputs(fields), client_timeout=timeout_s)
+        except InferenceServerException as error:
+            raise RequestFailed(error.message() or str(error)) from error
+
+    async def is_model_ready(self, model: str) -> bool:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return await self.client.is_model_ready(model, client_timeout=10)
+        except InferenceServerException as error:
+            raise RequestFailed(error.message()) from error
+
+    async def model_config(self, model: str) -> dict:
+        return await self.client.get_model_config(model, as_json=True)
+
+    async def statistics(self, model: str = "") -> dict:
+        return await self.client.get_inference_statistics(model, as_json=True)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class HttpLoadClient:
+    """The same over Triton's HTTP/REST API (runtime.triton_http: binary tensors, kept-alive
+    connections)."""
+
+    def __init__(self, endpoint: str) -> None:
+        from runtime.triton_http import HttpTriton
+
+        self.client = HttpTriton(*split_host_port(endpoint))
+
+    async def infer(self, model: str, fields: dict[str, np.ndarray], timeout_s: float) -> None:
+        from runtime.triton_http import HttpError
+
+        try:
+            await self.client.infer(model, fields, ["IMAGE"], timeout_s=timeout_s)
+        except HttpError as error:
+            raise RequestFailed(error.message) from error
+        except (OSError, EOFError, asyncio.TimeoutError) as error:
+            raise RequestFailed(f"{type(error).__name__}: {error}") from error
+
+    async def is_model_ready(self, model: str) -> bool:
+        try:
+            return await self.client.is_model_ready(model, timeout_s=10)
+        except (OSError, EOFError, asyncio.TimeoutError) as error:
+            raise RequestFailed(str(error)) from error
+
+    async def model_config(self, model: str) -> dict:
+        return await self.client.model_config(model)
+
+    async def statistics(self, model: str = "") -> dict:
+        return await self.client.get_json(f"/v2/models/{model}/stats" if model
+                                          else "/v2/models/stats")
+
+    async def close(self) -> None:
+        await self.client.close()
 
 
 async def _uses_prompts(client) -> bool:
     """True when the served model takes PROMPT (a text model), False for LABEL models."""
     from models.pipeline_spec import PipelineSpec
 
-    config = await client.get_model_config(PIPELINE_MODEL, as_json=True)
+    config = await client.model_config(PIPELINE_MODEL)
     spec = config.get("config", config)["parameters"]["pipeline"]["string_value"]
     return PipelineSpec.from_json(spec).uses_prompts
 
 
 async def _queue(client) -> tuple[int, int]:
     """(total ns requests waited in the driffusion model's queue, requests) so far."""
-    statistics = await client.get_inference_statistics(PIPELINE_MODEL, as_json=True)
+    statistics = await client.statistics(PIPELINE_MODEL)
     stats = [m.get("inference_stats", {}) for m in statistics.get("model_stats", [])]
     return (sum(int(s.get("queue", {}).get("ns", 0)) for s in stats),
             sum(int(s.get("queue", {}).get("count", 0)) for s in stats))
 
 
 async def _check_endpoint(client, endpoint: str) -> None:
-    from tritonclient.utils import InferenceServerException
-
     try:
-        ready = await client.is_model_ready(PIPELINE_MODEL, client_timeout=10)
-    except InferenceServerException as error:
-        raise RuntimeError(f"{endpoint} does not answer as a Triton gRPC server: "
-                           f"{error.message()}") from error
+        ready = await client.is_model_ready(PIPELINE_MODEL)
+    except RequestFailed as error:
+        protocol = "HTTP" if is_http(endpoint) else "gRPC"
+        raise RuntimeError(f"{endpoint} does not answer as a Triton {protocol} server: "
+                           f"{error}") from error
     if not ready:
         raise RuntimeError(f"{endpoint} serves no ready {PIPELINE_MODEL} model; start one with "
                            "`driffusion serve --model sim`")
@@ -270,22 +385,20 @@ async def _request(client, setup: LoadSetup, prompts: bool, number: int, seed: i
               "GUIDANCE": np.array([setup.guidance], np.float32)}
     if window is not None:
         fields["WINDOW"] = np.array([window], np.int32)
-    await client.infer(PIPELINE_MODEL, infer_inputs(fields), client_timeout=setup.timeout_s)
+    await client.infer(PIPELINE_MODEL, fields, setup.timeout_s)
 
 
 async def _client_loop(client, index: int, setup: LoadSetup, end: float,
                        prompts: bool) -> list[tuple]:
     """(latency s, error or None) of each request one client sent before `end`."""
-    from tritonclient.utils import InferenceServerException
-
     samples, sent = [], 0
     while time.perf_counter() < end:
         started = time.perf_counter()
         error = None
         try:
             await _request(client, setup, prompts, index + sent, seed=index * 1_000_000 + sent)
-        except InferenceServerException as failure:
-            error = (failure.message() or str(failure)).splitlines()[0][:200]
+        except RequestFailed as failure:
+            error = (str(failure) or type(failure).__name__).splitlines()[0][:200]
         samples.append((time.perf_counter() - started, error))
         sent += 1
     return samples
@@ -305,7 +418,7 @@ async def _progress(end: float, duration_s: float, quiet: bool) -> None:
 
 async def _device_counts(client) -> tuple[int, int]:
     """(requests, executions) of the device models (`unet_*`) so far, from Triton's statistics."""
-    statistics = await client.get_inference_statistics(as_json=True)
+    statistics = await client.statistics()
     models = [m for m in statistics.get("model_stats", [])
               if m.get("name", "").startswith(DEVICE_PREFIX)]
     requests = sum(int(m.get("inference_stats", {}).get("success", {}).get("count", 0))
@@ -343,14 +456,20 @@ def report(setup: LoadSetup, results: list[LoadResult], out: Path) -> None:
     """Print one line per run (and the batching ratio) and write the JSON file."""
     for result in results:
         latency = result.latency_ms
-        print(f"batching {result.batching:>8}: {result.requests} requests in {result.seconds:.1f} s"
+        through = f"{result.protocol} via {result.port:>6} port, " if result.port else ""
+        print(f"{through}batching {result.batching:>8}: {result.requests} requests in {result.seconds:.1f} s"
               f", {result.throughput_rps:.2f} req/s, p50 {latency.get('p50', 0):.0f} ms, "
               f"p99 {latency.get('p99', 0):.0f} ms, queue {result.queue_ms:.0f} ms, "
               f"{result.failures} failures, {result.calls_per_execution:.2f} device calls per "
               "execution")
         for message, count in result.errors.items():
             print(f"  {count} x {message}")
-    if len(results) == 2 and results[1].throughput_rps:
+    if len(results) == 2 and results[0].port and results[1].throughput_rps:
+        print(f"through the guard: {results[0].throughput_rps / results[1].throughput_rps:.2f}x "
+              f"the throughput of Triton's own port, p50 "
+              f"{results[0].latency_ms.get('p50', 0) - results[1].latency_ms.get('p50', 0):+.0f} "
+              "ms")
+    elif len(results) == 2 and results[1].throughput_rps:
         print(f"dynamic batching: {results[0].throughput_rps / results[1].throughput_rps:.2f}x "
               "the throughput without")
     document = {

@@ -30,6 +30,31 @@ SERVING_LIMITS: dict[str, Limit] = {
     "queue_timeout_s": Limit(60, 1, 86_400, "seconds a request may wait in that queue before it "
                                             "is refused"),
 }
+# name (GuardLimits field of triton_models/guard.py, `--request-guard-...` flag of `driffusion
+# serve`) -> limit of the request guard on the public gRPC and HTTP ports
+GUARD_LIMITS: dict[str, Limit] = {
+    "max_request_bytes": Limit(
+        64 << 20, 0, (1 << 31) - 1,
+        "refuse gRPC messages and HTTP bodies over N bytes before Triton reads them (far above "
+        "any request of the served models: an SDXL UNet call of 8 rows is about 7 MB); 0: no "
+        "guard, Triton on the public ports (for device servers that only fronts reach on a "
+        "trusted network)"),
+    "header_timeout_s": Limit(
+        15, 1, 3600, "seconds an HTTP request head may take to arrive, counted from the "
+        "connection's start or its previous answer; later: 408 and closed (an idle kept-alive "
+        "connection is closed without an answer)"),
+    "body_timeout_s": Limit(
+        15, 1, 3600, "seconds an HTTP body may go without a byte, and the grace before "
+        "--request-guard-min-rate applies; later: 408 and closed"),
+    "min_rate": Limit(
+        65_536, 0, 1 << 30, "bytes per second an HTTP body must average once its grace has "
+        "passed (0: no minimum); slower: 408 and closed"),
+    "memory_bytes": Limit(
+        256 << 20, 1, 1 << 40, "bytes of HTTP bodies the guard holds at once over all "
+        "connections (at least --request-guard-bytes); a body that does not fit: 503"),
+    "connections": Limit(
+        1000, 1, 100_000, "HTTP connections the guard holds at once; more: 503 and closed"),
+}
 # guidance scales a request may use (diffusers' pipelines take any float; beyond this, images
 # are noise)
 MAX_GUIDANCE = 50.0

@@ -1,20 +1,28 @@
 """Test helpers for real tritonservers: a diffusers folder built and served as `driffusion serve`
-serves it, a cluster of servers that restart on their own ports, signals to a server's process
-group, and Prometheus metrics read from its endpoint."""
+serves it, a cluster of servers that restart on their own ports, `driffusion serve` in a process
+of its own, signals to a server's process group, Prometheus metrics read from its endpoint, and
+the servers' memory."""
 from __future__ import annotations
 
 import os
 import re
 import signal
+import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from triton_models.serve import EmbeddedServer, free_ports, group_members
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 @contextmanager
@@ -78,11 +86,77 @@ def metric(server: EmbeddedServer, name: str, **labels) -> float:
 
 def group_rss_mb(server: EmbeddedServer) -> float:
     """Resident memory of tritonserver and its stubs together, in MB."""
-    total = 0
-    for pid in group_members(server.process.pid):
+    return sum(rss_mb(pid) for pid in group_members(server.process.pid))
+
+
+def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float) -> str:
+    """Read the process's output until a line contains `text` (with a deadline)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"no {text!r} from `driffusion serve`:\n{''.join(seen)}")
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(child) for child in
+            Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of one process in MB (0 once it is gone)."""
+    try:
+        status = (Path("/proc") / str(pid) / "status").read_text()
+    except OSError:
+        return 0.0
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+class ServeCommand:
+    """`driffusion serve --model sim` with `flags`, run as a user runs it, in a process of its own
+    on free ports; `with ServeCommand(tmp, ...) as serve:` waits until it is ready and stops it
+    (SIGINT, as Ctrl-C) at the end."""
+
+    def __init__(self, root: Path, *flags: str) -> None:
+        self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
+        self.command = [sys.executable, "-m", "cli", "serve", "--model", "sim", "--devices", "1",
+                        "--repository", str(root / "repo"), "--log-file", str(root / "server.log"),
+                        "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
+                        "--metrics-port", str(self.metrics_port), *flags]
+        self.process: subprocess.Popen | None = None
+        self.output = ""
+
+    def __enter__(self) -> Self:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True,
+                                        start_new_session=True)
         try:
-            status = (Path("/proc") / str(pid) / "status").read_text()
-        except OSError:
-            continue
-        total += int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
-    return total / 1024
+            self.output = wait_for_line(self.process, "Triton ready", timeout_s=240)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.output += self.process.stdout.read()
+        self.process.stdout.close()
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def memory_mb(self) -> tuple[float, float]:
+        """(the serve process, which holds the request guard; tritonserver and its stubs) RSS."""
+        (triton,) = children_of(self.process.pid)
+        return rss_mb(self.process.pid), sum(rss_mb(pid) for pid in group_members(triton))

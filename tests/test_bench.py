@@ -192,15 +192,18 @@ def test_floor_bench_measures_bls_grpc_sampler_and_sleep(tmp_path):
     from bench.floor import FloorSetup, format_report
     from bench.floor import run_benchmark as run_floor
 
-    report = run_floor(FloorSetup(latency_ms=2.0, calls=2, rounds=3, repeat=1), tmp_path)
+    report = run_floor(FloorSetup(latency_ms=2.0, calls=2, rounds=3, repeat=1, guard=True),
+                       tmp_path)
     assert json.loads((tmp_path / "floor.json").read_text()) == report
     kinds = [(r["path"], r["calls_per_round"]) for r in report["records"]]
-    assert kinds == [("bls", 1), ("bls", 1), ("bls", 2), ("bls", 2), ("grpc", 1), ("http", 1),
-                     ("grpc", 2), ("http", 2), ("sampler", 1), ("sampler", 2), ("sleep", 1)]
+    clients = ("grpc", "http", "grpc-guard", "http-guard")
+    assert kinds == [("bls", 1), ("bls", 1), ("bls", 2), ("bls", 2),
+                     *((client, calls) for calls in (1, 2) for client in clients),
+                     ("sampler", 1), ("sampler", 2), ("sleep", 1)]
     for record in report["records"]:
-        if record["path"] in ("bls", "grpc", "http"):  # a real call costs more than its sleep
+        if record["path"] in ("bls", *clients):  # a real call costs more than its sleep
             assert 0 < record["ms_per_round"] < 1000
-        if record["path"] in ("grpc", "http", "sampler"):
+        if record["path"] in (*clients, "sampler"):
             assert record["cpu_ms_per_call"] > 0
     assert "is_cancelled() each round" in format_report(report)
     assert not [pid for pid in _process_ids() if str(tmp_path) in _cmdline(pid)]

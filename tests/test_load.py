@@ -20,18 +20,37 @@ def server(triton_server, tmp_path_factory):
 
 
 @pytest.mark.triton
-def test_short_load_has_no_failures_and_device_calls_share_batches(server, tmp_path, capsys):
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_short_load_has_no_failures_and_device_calls_share_batches(server, tmp_path, capsys,
+                                                                   protocol):
     out = tmp_path / "load.json"
-    code = cli_main(["bench", "load", "--endpoint", server.grpc_url, "--clients", "8",
+    endpoint = server.http_url if protocol == "http" else server.grpc_url
+    code = cli_main(["bench", "load", "--endpoint", endpoint, "--clients", "8",
                      "--duration", "5", "--steps", "8", "--quiet", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     (result,) = json.loads(out.read_text())["results"]
     assert result["failures"] == 0 and result["requests"] >= 8, result
+    assert result["protocol"] == protocol
     assert result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
     # 2 pipeline instances x 2 drafts per round meet 2 device instances: Triton merges calls
     assert result["calls_per_execution"] > 1.0, result
     assert "0 failures" in printed and "req/s" in printed
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_compare_guard_runs_the_same_load_through_the_guard_and_tritons_own_port(tmp_path,
+                                                                               capsys):
+    out = tmp_path / "load.json"
+    code = cli_main(["bench", "load", "--compare-guard", "--protocol", "http", "--clients", "4",
+                     "--duration", "3", "--steps", "8", "--quiet", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    guard, own = json.loads(out.read_text())["results"]
+    assert (guard["port"], own["port"]) == ("guard", "triton")
+    assert guard["requests"] >= 4 and own["requests"] >= 4
+    assert "through the guard:" in printed and "the throughput of Triton's own port" in printed
 
 
 def test_summary_counts_failures_by_message_and_takes_percentiles():

@@ -8,13 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpc_client
 from PIL import Image
+from servers import children_of, wait_for_line
 from tiny_models import Conditioned
 
 from cli import main as cli_main
@@ -277,22 +277,3 @@ def test_serve_command_stops_on_sigterm_without_orphans(tmp_path, free_ports):
             os.killpg(serve.pid, signal.SIGKILL)
             serve.wait()
     assert group_members(server_pid) == [] and group_members(serve.pid) == []
-
-
-def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float) -> str:
-    """Read the process's output until a line contains `text` (with a deadline)."""
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line and process.poll() is not None:
-            break
-        seen.append(line)
-        if text in line:
-            return "".join(seen)
-    raise AssertionError(f"no {text!r} from `driffusion serve`:\n{''.join(seen)}")
-
-
-def children_of(pid: int) -> list[int]:
-    return [int(child) for child in
-            Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]

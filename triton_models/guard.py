@@ -1,47 +1,79 @@
-"""A request guard on tritonserver's public gRPC and HTTP ports: byte caps before Triton reads.
+"""A request guard on tritonserver's public gRPC and HTTP ports: byte caps, a strict HTTP
+parser, time limits and a memory budget before Triton reads a request.
 
 Triton 2.51 takes any request size on both ports (gRPC up to 2 GB, HTTP unbounded, and it
-inflates gzip/deflate bodies without a cap), and copies a request whole before any model can
-look at it. Under `driffusion serve` (`--request-guard-bytes N`, default 64 MiB, 0: off),
-Triton listens on loopback ports of its own and this guard holds the public ones, in a thread
-of the serving process:
+inflates gzip/deflate bodies without a cap, also under a header name it reads only up to a
+NUL byte), and copies a request whole before any model can look at it. Under `driffusion
+serve` (`--request-guard-bytes N`, default 64 MiB, 0: off; the other `--request-guard-*`
+flags: models/limits.py GUARD_LIMITS), Triton listens on loopback ports of its own and this
+guard holds the public ones, in a thread of the serving process:
 - gRPC: messages over N bytes are refused by gRPC itself (RESOURCE_EXHAUSTED) before they are
   read whole; every other call, unary or streaming, goes through unchanged (metadata,
   deadline, cancellation, status and trailers);
-- HTTP: a body over N bytes (413), a compressed body (415) and a chunked body (411) are refused
-  from the headers alone; everything else goes through unchanged, on kept-alive connections;
+- HTTP (triton_models/guard_http.py): requests parsed by h11 and written anew to Triton;
+  malformed, ambiguous, compressed, chunked and oversized ones are refused from their heads,
+  slow ones are cut off, and bodies wait in a bounded memory budget until they are whole;
 - an overloaded `driffusion` queue answers UNAVAILABLE (503) saying the server is busy.
 Each public request costs one more local hop; the metrics port stays Triton's own.
 """
 from __future__ import annotations
 
 import asyncio
-import json
+import resource
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, fields
+
+from models.limits import GUARD_LIMITS
 
 BUSY_TRITON_TEXT = "Exceeds maximum queue size"
 BUSY_MESSAGE = ("server busy: every driffusion instance is working and its queue is full "
                 f"(Triton: {BUSY_TRITON_TEXT}); retry later")
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
-              "upgrade", "expect", "content-length"}
-MAX_HEADER_BYTES = 64 * 1024
 START_TIMEOUT_S = 10.0
-LINGER_S = 2.0  # how long a refused HTTP body is read and dropped before the connection closes
+
+
+def guard_flag(name: str) -> str:
+    """The `driffusion serve` flag of guard limit `name`."""
+    return ("--request-guard-bytes" if name == "max_request_bytes"
+            else f"--request-guard-{name.replace('_', '-')}")
+
+
+@dataclass(frozen=True)
+class GuardLimits:
+    """What the guard allows (defaults and ranges: models/limits.py GUARD_LIMITS)."""
+
+    max_request_bytes: int = GUARD_LIMITS["max_request_bytes"].default
+    header_timeout_s: int = GUARD_LIMITS["header_timeout_s"].default
+    body_timeout_s: int = GUARD_LIMITS["body_timeout_s"].default
+    min_rate: int = GUARD_LIMITS["min_rate"].default
+    memory_bytes: int = GUARD_LIMITS["memory_bytes"].default
+    connections: int = GUARD_LIMITS["connections"].default
+
+    def __post_init__(self) -> None:
+        if self.max_request_bytes == 0:
+            raise ValueError(f"{guard_flag('max_request_bytes')} 0 means no guard; give a cap "
+                             "of 1 byte or more")
+        for field in fields(self):
+            limit, value = GUARD_LIMITS[field.name], getattr(self, field.name)
+            if not limit.low <= value <= limit.high:
+                raise ValueError(f"{guard_flag(field.name)} must be in {limit.low}.."
+                                 f"{limit.high}; got {value}")
+        if self.memory_bytes < self.max_request_bytes:
+            raise ValueError(f"{guard_flag('memory_bytes')} ({self.memory_bytes}) must be at "
+                             f"least {guard_flag('max_request_bytes')} "
+                             f"({self.max_request_bytes}): a body of the largest size must fit")
 
 
 class RequestGuard:
     """Public `host`:`grpc_port` / `http_port` in front of Triton's loopback ports."""
 
     def __init__(self, *, host: str, grpc_port: int, http_port: int, upstream_grpc_port: int,
-                 upstream_http_port: int, max_request_bytes: int) -> None:
-        if max_request_bytes < 1:
-            raise ValueError(f"max request bytes must be >= 1; got {max_request_bytes}")
+                 upstream_http_port: int, limits: GuardLimits) -> None:
         self.host = host
         self.grpc_port = grpc_port
         self.http_port = http_port
         self.upstream = ("127.0.0.1", upstream_grpc_port, upstream_http_port)
-        self.max_request_bytes = max_request_bytes
+        self.limits = limits
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Event | None = None
@@ -50,6 +82,8 @@ class RequestGuard:
         """Listen on the public ports (returns once they accept connections)."""
         started = threading.Event()
         failure: list[BaseException] = []
+        # every public HTTP connection may hold one to Triton too
+        allow_open_files(2 * self.limits.connections + 256)
 
         def serve() -> None:
             self._loop = asyncio.new_event_loop()
@@ -75,76 +109,35 @@ class RequestGuard:
     async def _serve(self, started: threading.Event) -> None:
         import grpc
 
+        from triton_models.guard_http import HttpGuard
+
         self._stopped = asyncio.Event()
-        host, grpc_upstream, _ = self.upstream
+        host, grpc_upstream, http_upstream = self.upstream
+        cap = self.limits.max_request_bytes
         channel = grpc.aio.insecure_channel(f"{host}:{grpc_upstream}", options=[
-            ("grpc.max_send_message_length", self.max_request_bytes),
-            ("grpc.max_receive_message_length", -1)])
+            ("grpc.max_send_message_length", cap), ("grpc.max_receive_message_length", -1)])
         server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", self.max_request_bytes),
-            ("grpc.max_send_message_length", -1)])
+            ("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", -1)])
         server.add_generic_rpc_handlers((_GrpcForward(channel),))
         server.add_insecure_port(f"{self.host}:{self.grpc_port}")
         await server.start()
-        http = await asyncio.start_server(self._http_connection, self.host, self.http_port,
-                                          limit=MAX_HEADER_BYTES)
-        started.set()
+        http = HttpGuard(self.limits, http_upstream)
         try:
+            await http.start(self.host, self.http_port)
+            started.set()
             await self._stopped.wait()
         finally:
-            http.close()
+            await http.stop()
             await server.stop(grace=None)
             await channel.close()
 
-    async def _http_connection(self, reader: asyncio.StreamReader,
-                               writer: asyncio.StreamWriter) -> None:
-        host, _, http_upstream = self.upstream
-        upstream = None
-        try:
-            while True:
-                request = await _read_head(reader)
-                if request is None:
-                    return
-                line, headers = request
-                refusal = self._http_refusal(headers)
-                if refusal:
-                    await _answer(writer, *refusal, close=True)
-                    await _linger(reader)
-                    return
-                if headers.get("expect", "").lower() == "100-continue":
-                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-                if upstream is None:
-                    upstream = await asyncio.open_connection(host, http_upstream)
-                status, answer_headers, answer = await _forward(upstream, line, headers, body)
-                if status == 503 and BUSY_TRITON_TEXT.encode() in answer:
-                    answer = json.dumps({"error": BUSY_MESSAGE}).encode()
-                close = headers.get("connection", "").lower() == "close"
-                _write_answer(writer, status, answer_headers, answer, close)
-                await writer.drain()
-                if close:
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
-            return
-        finally:
-            writer.close()
-            if upstream is not None:
-                upstream[1].close()
 
-    def _http_refusal(self, headers: dict[str, str]) -> tuple[int, str] | None:
-        encoding = headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            return 415, (f"compressed request bodies (Content-Encoding: {encoding[:32]}) are "
-                         "refused; send the body uncompressed")
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            return 411, "chunked request bodies are refused; send a Content-Length"
-        length = headers.get("content-length", "0").strip()
-        if not length.isdigit():
-            return 400, "Content-Length must be a number of bytes"
-        if int(length) > self.max_request_bytes:
-            return 413, (f"the request body has {length} bytes; this server takes at most "
-                         f"{self.max_request_bytes} (--request-guard-bytes)")
-        return None
+def allow_open_files(count: int) -> None:
+    """Raise this process's soft limit of open files to `count` where the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = count if hard == resource.RLIM_INFINITY else min(count, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 class _GrpcForward:
@@ -202,58 +195,3 @@ def _passed_on(metadata) -> tuple[tuple[str, str | bytes], ...]:
 def _details(error) -> str:
     details = error.details() or ""
     return BUSY_MESSAGE if BUSY_TRITON_TEXT in details else details
-
-
-async def _linger(reader: asyncio.StreamReader) -> None:
-    """Read and drop what the client still sends for a moment, so that it finishes writing the
-    refused body and reads the answer instead of meeting a reset connection."""
-    try:
-        await asyncio.wait_for(_drop_until_end(reader), LINGER_S)
-    except (asyncio.TimeoutError, ConnectionError):
-        pass
-
-
-async def _drop_until_end(reader: asyncio.StreamReader) -> None:
-    while await reader.read(1 << 16):
-        pass
-
-
-async def _read_head(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str]] | None:
-    """(request line, headers by lower-case name) of the next request; None at a clean end."""
-    from runtime.triton_http import read_headers
-
-    line = await reader.readline()
-    if not line:
-        return None
-    return line.rstrip(b"\r\n"), await read_headers(reader, MAX_HEADER_BYTES - len(line))
-
-
-async def _forward(upstream, line: bytes, headers: dict[str, str],
-                   body: bytes) -> tuple[int, dict[str, str], bytes]:
-    from runtime.triton_http import read_answer
-
-    reader, writer = upstream
-    kept = [f"{name}: {value}" for name, value in headers.items() if name not in HOP_BY_HOP]
-    head = "\r\n".join([line.decode("latin-1"), *kept, f"Content-Length: {len(body)}"])
-    writer.write(head.encode("latin-1") + b"\r\n\r\n" + body)
-    return await read_answer(reader)
-
-
-def _write_answer(writer: asyncio.StreamWriter, status: int, headers: dict[str, str],
-                  body: bytes, close: bool) -> None:
-    kept = [f"{name}: {value}" for name, value in headers.items() if name not in HOP_BY_HOP]
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", *kept,
-             f"Content-Length: {len(body)}", f"Connection: {'close' if close else 'keep-alive'}"]
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-
-
-async def _answer(writer: asyncio.StreamWriter, status: int, message: str,
-                  close: bool) -> None:
-    body = json.dumps({"error": message}).encode()
-    _write_answer(writer, status, {"content-type": "application/json"}, body, close)
-    await writer.drain()
-
-
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 411: "Length Required",
-            413: "Content Too Large", 415: "Unsupported Media Type", 500: "Internal Server Error",
-            503: "Service Unavailable"}

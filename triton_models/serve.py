@@ -38,7 +38,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from models import paths
-from models.limits import SERVING_LIMITS
+from models.limits import GUARD_LIMITS, SERVING_LIMITS
 from triton_models.device_endpoints import endpoints_argument
 from triton_models.repository import (
     BACKENDS,
@@ -53,12 +53,10 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
     from export.onnx_export import ExportOptions
+    from triton_models.guard import GuardLimits
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
-# the request guard's cap for an exposed server: far above any request of the served models
-# (an SDXL UNet call of 8 rows is about 7 MB) and far below what would strain the host
-DEFAULT_GUARD_BYTES = 64 << 20
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver"
 NGC_TAG = "24.10-py3"  # Triton 2.51, the version of the embedded server
 # In the container: install the project (read-only at /src) so the python-backend models can
@@ -165,7 +163,7 @@ class EmbeddedServer:
                  metrics_port: int = DEFAULT_PORTS["metrics"], log_path: Path | None = None,
                  startup_timeout_s: float = STARTUP_TIMEOUT_S, verbose: bool = False,
                  allow_shared_memory: bool = False,
-                 request_guard_bytes: int | None = None) -> None:
+                 request_guard: GuardLimits | None = None) -> None:
         try:
             self.repository = validate_repository(repository)
         except ValueError as error:
@@ -181,10 +179,10 @@ class EmbeddedServer:
         self.cancel = threading.Event()  # set it (e.g. from a signal handler) to abort start()
         # with a request guard (triton_models/guard.py) on the public gRPC and HTTP ports,
         # Triton itself listens on loopback ports of its own
-        self.request_guard_bytes = request_guard_bytes
+        self.request_guard = request_guard
         self.guard = None
         self.triton_ports = dict(self.ports)
-        if request_guard_bytes:
+        if request_guard is not None:
             self.triton_ports["grpc"], self.triton_ports["http"] = free_ports(2)
         self._log_file = None
 
@@ -224,7 +222,7 @@ class EmbeddedServer:
     @property
     def triton_host(self) -> str:
         """Where tritonserver's gRPC and HTTP listen: loopback behind a request guard."""
-        return "127.0.0.1" if self.request_guard_bytes else self.host
+        return "127.0.0.1" if self.request_guard is not None else self.host
 
     def _restrictions(self) -> list[str]:
         """Close Triton's shared-memory, trace and logging APIs to every client.
@@ -254,7 +252,7 @@ class EmbeddedServer:
         )
         try:
             self._wait_ready()
-            if self.request_guard_bytes:
+            if self.request_guard is not None:
                 self._start_guard()
         except BaseException:
             self.stop()
@@ -267,8 +265,7 @@ class EmbeddedServer:
         self.guard = RequestGuard(
             host=self.host, grpc_port=self.ports["grpc"], http_port=self.ports["http"],
             upstream_grpc_port=self.triton_ports["grpc"],
-            upstream_http_port=self.triton_ports["http"],
-            max_request_bytes=self.request_guard_bytes)
+            upstream_http_port=self.triton_ports["http"], limits=self.request_guard)
         try:
             self.guard.start()
         except RuntimeError as error:
@@ -452,16 +449,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--allow-shared-memory", action="store_true",
                         help="let clients register system/CUDA shared memory (off by default: "
                         "only local, trusted clients should map server memory)")
-    parser.add_argument("--request-guard-bytes", type=int, default=DEFAULT_GUARD_BYTES,
-                        metavar="BYTES",
-                        help="hold the public gRPC and HTTP ports with a request guard that "
-                        "refuses requests over BYTES, compressed and chunked HTTP bodies before "
-                        "Triton reads them, and says 'server busy' on overload; Triton then "
-                        "listens on loopback ports of its own. 0: off, Triton on the public "
-                        "ports (each guarded call costs one more local hop: 0.3 ms over HTTP, "
-                        "1 ms over gRPC on the 2-core dev box; worth it between fronts and "
-                        "device servers on a trusted network) (default "
-                        f"{DEFAULT_GUARD_BYTES}: 64 MiB)")
+    add_guard_arguments(parser)
     for kind, port in DEFAULT_PORTS.items():
         parser.add_argument(f"--{kind}-port", type=int, default=port,
                             help=f"{kind} port (default %(default)s)")
@@ -476,6 +464,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="server log (default: a new file in the temp directory)")
     parser.add_argument("--verbose", action="store_true", help="verbose server log")
     parser.set_defaults(run=run_serve)
+
+
+def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
+    """The request guard's flags: one per limit of models/limits.py GUARD_LIMITS."""
+    from triton_models.guard import guard_flag
+
+    guard = parser.add_argument_group(
+        "request guard (holds the public gRPC and HTTP ports; Triton then listens on loopback "
+        "ports of its own; each guarded call costs one more local hop: 0.7-0.9 ms on the "
+        "2-core dev box, docs/BENCHMARKS.md)")
+    for name, limit in GUARD_LIMITS.items():
+        guard.add_argument(guard_flag(name), dest=f"guard_{name}", type=int,
+                           default=limit.default,
+                           metavar="SECONDS" if name.endswith("_s") else "N",
+                           help=f"{limit.help} ({limit.low}..{limit.high}, default "
+                           "%(default)s)")
+
+
+def guard_limits_from_args(args: argparse.Namespace) -> GuardLimits | None:
+    """The guard's limits from `serve` flags; None with `--request-guard-bytes 0`."""
+    from triton_models.guard import GuardLimits
+
+    if args.guard_max_request_bytes == 0:
+        return None
+    return GuardLimits(**{name: getattr(args, f"guard_{name}") for name in GUARD_LIMITS})
 
 
 def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
@@ -644,10 +657,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from export.specs import UnsupportedModelError
 
     options = options_from_args(args)
-    guard_bytes = args.request_guard_bytes
-    if guard_bytes < 0:
-        print(f"error: --request-guard-bytes must be >= 0 (0: off); got {guard_bytes}",
-              file=sys.stderr)
+    try:
+        guard = guard_limits_from_args(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     if args.print_docker and args.per_gpu:
         options.devices = 1  # each container sees only its own GPU, as device 0
@@ -667,7 +680,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                 http_port=args.http_port, metrics_port=args.metrics_port,
                                 log_path=args.log_file, verbose=args.verbose,
                                 allow_shared_memory=args.allow_shared_memory,
-                                request_guard_bytes=guard_bytes or None)
+                                request_guard=guard)
     except ServerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -691,6 +704,15 @@ def print_docker(repository: Path, args: argparse.Namespace) -> None:
     print(f"# then: driffusion generate --endpoints {endpoints} --label 3 --compare")
 
 
+def guard_summary(limits: GuardLimits) -> str:
+    """One line saying what the request guard allows."""
+    return (f"request guard on the gRPC and HTTP ports: at most {limits.max_request_bytes} "
+            f"bytes a request; HTTP heads within {limits.header_timeout_s} s, bodies without "
+            f"a {limits.body_timeout_s} s pause and at {limits.min_rate} bytes/s or more, "
+            f"{limits.memory_bytes} bytes of bodies held at once, {limits.connections} "
+            "connections; compressed and chunked bodies refused\n")
+
+
 def serve_forever(server: EmbeddedServer, example: str = "--label 3") -> int:
     """Start `server`, print its endpoints, block until SIGINT/SIGTERM or until it dies."""
     stop = threading.Event()
@@ -705,9 +727,7 @@ def serve_forever(server: EmbeddedServer, example: str = "--label 3") -> int:
         server.start()
         print(f"Triton ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics "
               f"{server.metrics_url}\n"
-              + (f"request guard on the gRPC and HTTP ports: at most "
-                 f"{server.request_guard_bytes} bytes a request, compressed bodies refused\n"
-                 if server.request_guard_bytes else "")
+              + (guard_summary(server.request_guard) if server.request_guard else "")
               + f"try: driffusion generate --endpoints {server.http_url} {example} --compare\n"
               f"server log: {server.log_path}  (Ctrl-C stops)", flush=True)
         while not stop.wait(0.5):
