@@ -322,8 +322,8 @@ def test_stopping_the_guard_with_connections_open_leaves_no_pending_task(caplog)
                          upstream_http_port=triton_http_port, limits=GuardLimits())
     guard.start()
     openings = [b"", b"GET /v2/health/ready HTTP/1.1\r\nHo",
-                (b"POST /v2/models/driffusion/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n"
-                b"\r\n{")]
+                b"POST /v2/models/driffusion/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 9"
+                + b"\r\n\r\n{"]
     connections = []
     for opening in openings:
         connections.append(socket.create_connection(("127.0.0.1", http_port), timeout=5))
