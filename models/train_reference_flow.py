@@ -60,9 +60,9 @@ from models.train_reference import (
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     parser.add_argument("--warmup", type=int, default=100,
                         help="linear warm-up steps before the cosine decay")
     parser.add_argument("--ema-decay", type=float, default=0.995)
