@@ -46,8 +46,8 @@ build-engines: $(STAMP)  ## TensorRT plans per GPU, or ONNX Runtime engines with
 train-reference: $(STAMP)  ## retrain the bundled reference model (~12 min on 2 free cores)
 	$(BIN)/python -m models.train_reference
 
-train-reference-flow: $(STAMP)  ## retrain the bundled flow-matching reference (SD3 transformer; ~12 min on 2 free cores)
-	$(BIN)/python -m models.train_reference_flow
+train-reference-flow: $(STAMP)  ## retrain the bundled flow-matching reference (SD3 transformer; ~16 min, TRAIN_ARGS=--threads 1 on a busy box)
+	$(BIN)/python -m models.train_reference_flow $(TRAIN_ARGS)
 
 GPU_CHECK_OUT ?= out/gpu_check
 gpu-check: $(STAMP)  ## measure the GPU path here (GPU_CHECK_ARGS=--dry-run rehearses it on the CPU)

@@ -13,7 +13,9 @@ Three stages, seeded, on scikit-learn's 8x8 digits (1,797 images, pixels scaled 
    (flow-matching Euler, 20 steps), recognised by the first reference's evaluation classifier.
 Writes the diffusers folder (StableDiffusion3Pipeline without T5: model_index.json, tokenizer/,
 tokenizer_2/, text_encoder/, text_encoder_2/, transformer/, vae/, scheduler/) and training.json
-into models/assets/reference_flow/. On 2 free CPU cores the default run takes about 12 minutes.
+into models/assets/reference_flow/. The committed folder took 16 minutes with `--threads 1` on
+the shared 2-core box (its training.json); with both threads of an otherwise idle box it is less,
+but two threads on cores other jobs are busy with ran 3x slower than one.
 """
 from __future__ import annotations
 
