@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup test test-all demo export build-engines triton-repo serve bench bench-speed bench-quality bench-load train-reference gpu-check lint clean
+.PHONY: setup test test-all demo export build-engines triton-repo serve bench bench-speed bench-quality bench-load train-reference train-reference-flow gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -35,7 +35,7 @@ bench-quality: $(STAMP)  ## accuracy, digits-FD, distance to sequential per mode
 	$(BIN)/driffusion bench quality $(QUALITY_ARGS)
 
 # the model that export, build-engines, triton-repo and serve work on: a preset (reference,
-# tiny-sd; serve also takes sim) or a diffusers pipeline folder
+# reference-flow, tiny-sd; serve also takes sim) or a diffusers pipeline folder
 MODEL ?= reference
 export: $(STAMP)  ## validated ONNX of MODEL in out/onnx/<model>
 	$(BIN)/driffusion export --model $(MODEL) $(EXPORT_ARGS)
@@ -45,6 +45,9 @@ build-engines: $(STAMP)  ## TensorRT plans per GPU, or ONNX Runtime engines with
 
 train-reference: $(STAMP)  ## retrain the bundled reference model (~12 min on 2 free cores)
 	$(BIN)/python -m models.train_reference
+
+train-reference-flow: $(STAMP)  ## retrain the bundled flow-matching reference (SD3 transformer; ~16 min, TRAIN_ARGS=--threads 1 on a busy box)
+	$(BIN)/python -m models.train_reference_flow $(TRAIN_ARGS)
 
 GPU_CHECK_OUT ?= out/gpu_check
 gpu-check: $(STAMP)  ## measure the GPU path here (GPU_CHECK_ARGS=--dry-run rehearses it on the CPU)

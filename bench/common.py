@@ -26,12 +26,13 @@ def positive_int(text: str) -> int:
     return value
 
 
-def ensure_reference_engines(log: Log = print) -> EngineSet:
-    """The reference model's ONNX Runtime CPU engines, exported and built first if missing or stale."""
+def ensure_reference_engines(log: Log = print, model: str = "reference") -> EngineSet:
+    """A bundled reference model's ONNX Runtime CPU engines (`reference` or `reference-flow`),
+    exported and built first if missing or stale."""
     from engines.build import BuildRequest, build_engines
 
-    request = BuildRequest(source="reference", name="reference", engines_root=paths.engines_root(),
-                           onnx_dir=paths.onnx_dir("reference"), backend="onnxruntime")
+    request = BuildRequest(source=model, name=model, engines_root=paths.engines_root(),
+                           onnx_dir=paths.onnx_dir(model), backend="onnxruntime")
     (engine_set,) = build_engines(request, log).engine_sets()
     return engine_set
 

@@ -49,7 +49,9 @@ from models.pipeline_spec import (
     TextEncoder,
 )
 
-PRESETS = ("tiny-sd", "reference")
+PRESETS = ("tiny-sd", "reference", "reference-flow")
+# the bundled diffusers folders: preset name -> the module that owns the folder
+BUNDLED_MODELS = {"reference": "models.reference", "reference-flow": "models.reference_flow"}
 # the network name a single-model folder gets, by the spec its model class uses
 NETWORK_OF_SPEC: dict[type[NetworkSpec], str] = {
     UNetSpec: "unet",
@@ -237,12 +239,13 @@ def model_name(source: str, loras: tuple[Lora, ...] = ()) -> str:
 
 def load_bundle(source: str, networks: list[str] | None = None,
                 loras: tuple[Lora, ...] = ()) -> ModelBundle:
-    """Load a preset (`tiny-sd`, `reference`) or a local diffusers pipeline/model folder, with
-    `loras` fused into its weights (a pipeline folder or the reference preset)."""
+    """Load a preset (`tiny-sd`, `reference`, `reference-flow`) or a local diffusers
+    pipeline/model folder, with `loras` fused into its weights (a pipeline folder or a bundled
+    one)."""
     if source == "tiny-sd":
         bundle = select_networks(tiny_sd(), networks)
-    elif source == "reference":
-        bundle = reference(networks)
+    elif source in BUNDLED_MODELS:
+        bundle = bundled(source, networks)
     else:
         bundle = load_folder(Path(source).expanduser(), networks)
     if loras:
@@ -265,15 +268,14 @@ def source_fingerprint(source: str, loras: tuple[Lora, ...] = ()) -> str:
 def _weights_fingerprint(source: str) -> str:
     if source == "tiny-sd":
         return "tiny-sd:seed0:clip-tokenizer"
-    if source == "reference":
-        # the bundled folder is small: its pipeline files' contents stand for it
-        from models import reference
-
+    if source in BUNDLED_MODELS:
+        # a bundled folder is small: its pipeline files' contents stand for it
+        module = importlib.import_module(BUNDLED_MODELS[source])
         digest = hashlib.sha256()
-        for path in reference.pipeline_files(reference.ASSET_DIR):
-            digest.update(f"{path.relative_to(reference.ASSET_DIR)}:".encode())
+        for path in module.pipeline_files(module.ASSET_DIR):
+            digest.update(f"{path.relative_to(module.ASSET_DIR)}:".encode())
             digest.update(hashlib.sha256(path.read_bytes()).digest())
-        return f"reference:{digest.hexdigest()[:16]}"
+        return f"{source}:{digest.hexdigest()[:16]}"
     # a diffusers folder may hold gigabytes: its files' names, sizes and mtimes stand for them
     folder = Path(source).expanduser()
     files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
@@ -366,22 +368,24 @@ def tiny_sd(seed: int = 0) -> ModelBundle:
     )
 
 
-def reference(networks: list[str] | None = None) -> ModelBundle:
-    """The bundled reference model: models/assets/reference/, a diffusers StableDiffusionPipeline
-    folder of 8x8 digits (CLIP tokenizer and text encoder, UNet, one-block VAE, DDIM), loaded as
-    any other pipeline folder under the name `reference`."""
+def bundled(name: str, networks: list[str] | None = None) -> ModelBundle:
+    """A bundled model, `reference` (models/assets/reference/, a StableDiffusionPipeline folder
+    of 8x8 digits: CLIP, UNet, one-block VAE, DDIM) or `reference-flow` (reference_flow/, a
+    StableDiffusion3Pipeline folder without T5 of the same digits: two CLIP encoders, SD3
+    transformer, flow matching), loaded as any other pipeline folder under its preset name."""
+    module_name = BUNDLED_MODELS[name]
     try:
-        module = importlib.import_module("models.reference")
+        module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
-        if error.name != "models.reference":
+        if error.name != module_name:
             raise
         raise ModelSourceError(
-            "the `reference` preset needs models/reference.py, which is not in this checkout; "
-            "use --model tiny-sd or a diffusers folder"
+            f"the `{name}` preset needs {module_name.replace('.', '/')}.py, which is not in "
+            "this checkout; use --model tiny-sd or a diffusers folder"
         ) from error
     module.check_assets(module.ASSET_DIR)
     bundle = _load_pipeline_folder(module.ASSET_DIR, networks)
-    bundle.name = bundle.source = "reference"
+    bundle.name = bundle.source = name
     return bundle
 
 

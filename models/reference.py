@@ -15,11 +15,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from models import tensors
 from models.clip_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "reference"
@@ -179,6 +180,8 @@ class ReferenceModel:
     vae: nn.Module  # AutoencoderKL
     classifier: DigitClassifier
     scheduler_config: dict[str, Any] = field(default_factory=lambda: dict(FOLDER_SCHEDULER_CONFIG))
+    preset: ClassVar[str] = "reference"
+    denoiser_network: ClassVar[str] = "unet"  # the engine that runs the denoiser
 
     @property
     def latent_channels(self) -> int:
@@ -207,6 +210,16 @@ class ReferenceModel:
         """Standard normal latents [batch, 1, 8, 8]; scale by the scheduler's init_noise_sigma."""
         shape = (batch, self.latent_channels, self.sample_size, self.sample_size)
         return torch.randn(shape, generator=generator)
+
+    def denoiser_inputs(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning inputs for prompts, by tensor name."""
+        return {tensors.ENCODER_HIDDEN_STATES: self.encode_prompts(prompts)}
+
+    @torch.no_grad()
+    def denoise(self, sample: torch.Tensor, timestep: torch.Tensor,
+                **conditioning: torch.Tensor) -> torch.Tensor:
+        """The UNet's noise prediction for latents `sample` at `timestep`."""
+        return self.unet(sample, timestep, **conditioning).sample
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -281,10 +294,11 @@ def check_assets(asset_dir: Path = ASSET_DIR) -> None:
             "`make train-reference`")
 
 
-def pipeline_files(asset_dir: Path = ASSET_DIR) -> list[Path]:
+def pipeline_files(asset_dir: Path = ASSET_DIR,
+                   components: Sequence[str] = PIPELINE_COMPONENTS) -> list[Path]:
     """Every file of the diffusers pipeline folder (not the classifier or training record)."""
     files = [asset_dir / MODEL_INDEX]
-    for name in PIPELINE_COMPONENTS:
+    for name in components:
         files += sorted(path for path in (asset_dir / name).rglob("*") if path.is_file())
     return files
 

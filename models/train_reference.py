@@ -23,7 +23,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -187,14 +189,31 @@ def train_vae(images: torch.Tensor, args: argparse.Namespace):
 # 3. the text encoder and the UNet
 
 
+def caption_table() -> tuple[list[str], torch.Tensor]:
+    """Every training prompt (the empty prompt last) and [10, T] the prompt indices of each
+    digit."""
+    prompts = [prompt for digit in range(NUM_CLASSES) for prompt in training_prompts(digit)]
+    prompts.append(EMPTY_PROMPT)
+    per_digit = torch.arange(NUM_CLASSES * len(PROMPT_TEMPLATES)).view(NUM_CLASSES, -1)
+    return prompts, per_digit
+
+
+def sample_captions(labels: torch.Tensor, per_digit: torch.Tensor, empty: int, null_prob: float,
+                    generator: torch.Generator) -> torch.Tensor:
+    """A random caption index per label (a random template), the empty prompt's index `empty`
+    in place of it with probability `null_prob` (for classifier-free guidance)."""
+    template = torch.randint(per_digit.shape[1], labels.shape, generator=generator)
+    caption = per_digit[labels, template]
+    caption[torch.rand(labels.shape, generator=generator) < null_prob] = empty
+    return caption
+
+
 def prompt_table(tokenizer) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Token ids [P, 77] of every training prompt (the empty prompt last), the prompts, and
     [10, T] the prompt indices of each digit."""
-    prompts = [prompt for digit in range(NUM_CLASSES) for prompt in training_prompts(digit)]
-    prompts.append(EMPTY_PROMPT)
+    prompts, per_digit = caption_table()
     ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                     return_tensors="pt").input_ids
-    per_digit = torch.arange(NUM_CLASSES * len(PROMPT_TEMPLATES)).view(NUM_CLASSES, -1)
     return ids, prompts, per_digit
 
 
@@ -219,9 +238,7 @@ def train_diffusion(latent_mean: torch.Tensor, latent_std: torch.Tensor, labels:
         batch = torch.randint(len(labels), (args.batch_size,), generator=generator)
         noise_in_posterior = torch.randn(latent_mean[batch].shape, generator=generator)
         clean = (latent_mean[batch] + latent_std[batch] * noise_in_posterior) * scaling_factor
-        template = torch.randint(per_digit.shape[1], (args.batch_size,), generator=generator)
-        caption = per_digit[labels[batch], template]
-        caption[torch.rand(args.batch_size, generator=generator) < args.null_prob] = empty
+        caption = sample_captions(labels[batch], per_digit, empty, args.null_prob, generator)
         # encode each distinct caption of the batch once
         distinct, row_of = torch.unique(caption, return_inverse=True)
         context = text_encoder(ids[distinct]).last_hidden_state[row_of]
@@ -262,14 +279,16 @@ def train_diffusion(latent_mean: torch.Tensor, latent_std: torch.Tensor, labels:
 
 
 def check_samples(folder: Path, classifier: DigitClassifier, per_class: int, seed: int,
-                  guidance_scales=(1.0, 2.0), steps: int = 20) -> dict[str, float]:
-    """Classifier accuracy of digits that diffusers' own StableDiffusionPipeline draws from the
-    written folder for the first prompt template (DDIM, `steps`), per guidance scale."""
-    from models.reference import load_pipeline, prompt_for
+                  guidance_scales=(1.0, 2.0), steps: int = 20,
+                  load_pipeline: Callable[[Path], Any] | None = None) -> dict[str, float]:
+    """Classifier accuracy of digits that diffusers' own pipeline (`load_pipeline(folder)`,
+    by default StableDiffusionPipeline) draws from the written folder for the first prompt
+    template (its own scheduler, `steps`), per guidance scale."""
+    from models import reference
 
-    pipeline = load_pipeline(folder)
+    pipeline = (load_pipeline or reference.load_pipeline)(folder)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
-    prompts = [prompt_for(int(digit)) for digit in labels]
+    prompts = [reference.prompt_for(int(digit)) for digit in labels]
     accuracy = {}
     for guidance in guidance_scales:
         with torch.no_grad():

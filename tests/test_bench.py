@@ -276,25 +276,51 @@ def reference():
 
 
 def test_quality_bench_on_a_handful_of_samples(tmp_path, reference, torch_single_thread):
-    setup = QualitySetup(per_class=1, steps=(4,), windows=(1, 2), guidance=(1.0,),
-                         backend="torch")
+    """Both bundled models in one run: the UNet with DDIM and the SD3 transformer with
+    flow-matching Euler, each from the same noise."""
+    models = ("reference", "reference-flow")
+    setup = QualitySetup(models=models, per_class=1, steps=(4,), windows=(1, 2),
+                         guidance=(1.0,), backend="torch")
     report, records = run_quality(setup, tmp_path)
     written = json.loads((tmp_path / "quality.json").read_text())
     assert written == json.loads(json.dumps(report))
     assert set(written) >= {"setup", "machine", "records", "real_vs_real_fd", "target"}
-    assert len(written["records"]) == len(setup.runs())
+    assert len(written["records"]) == len(models) * len(setup.runs())
     assert (tmp_path / "quality.png").is_file()
-    records = {(r.mode, r.window): r for r in records}
-    assert list(records) == setup.runs()
-    sequential = records[("sequential", 1)]
-    assert sequential.distance_to_sequential == 0.0 and sequential.fd_ratio == 1.0
-    # window 1 aggressive is sequential sampling, bit for bit
-    assert records[("aggressive", 1)].distance_to_sequential == 0.0
-    assert records[("aggressive", 2)].rounds == len(round_pattern("aggressive", 2, 4))
-    assert records[("aggressive", 2)].distance_to_sequential > 0
-    for record in records.values():
-        assert 0.0 <= record.accuracy <= 1.0 and record.fd > 0
-    assert written["target"] is None
+    for model in models:
+        runs = {(r.mode, r.window): r for r in records if r.model == model}
+        assert list(runs) == setup.runs()
+        sequential = runs[("sequential", 1)]
+        assert sequential.distance_to_sequential == 0.0 and sequential.fd_ratio == 1.0
+        # window 1 aggressive is sequential sampling, bit for bit
+        assert runs[("aggressive", 1)].distance_to_sequential == 0.0
+        assert runs[("aggressive", 2)].rounds == len(round_pattern("aggressive", 2, 4))
+        assert runs[("aggressive", 2)].distance_to_sequential > 0
+        for record in runs.values():
+            assert 0.0 <= record.accuracy <= 1.0 and record.fd > 0
+    flow, unet = (next(r for r in records if r.model == m and r.mode == "sequential")
+                  for m in ("reference-flow", "reference"))
+    assert flow.fd != unet.fd  # two models sampled, not one twice
+    assert written["target"] == {model: None for model in models}
+
+
+def test_quality_command_measures_the_flow_model(tmp_path, torch_single_thread, capsys):
+    """`driffusion bench quality --model reference-flow` in a quick mode: its own
+    flow-matching scheduler by default; a noise-prediction scheduler is refused."""
+    from cli import main as cli_main
+
+    quick = ["--per-class", "1", "--steps", "3", "--windows", "2", "--modes", "aggressive",
+             "--guidance", "1", "--backend", "torch", "--no-plot"]
+    assert cli_main(["bench", "quality", "--model", "reference-flow", *quick,
+                     "--out", str(tmp_path)]) == 0
+    written = json.loads((tmp_path / "quality.json").read_text())
+    assert written["setup"]["models"] == ["reference-flow"]
+    assert [(r["model"], r["mode"], r["rounds"]) for r in written["records"]] == [
+        ("reference-flow", "sequential", 3), ("reference-flow", "aggressive", 2)]
+    assert "reference-flow, guidance 1, 3 steps" in capsys.readouterr().out
+    assert cli_main(["bench", "quality", "--model", "reference-flow", "--scheduler", "ddim",
+                     *quick, "--out", str(tmp_path / "ddim")]) == 1
+    assert "does not fit reference-flow" in capsys.readouterr().err
 
 
 def test_quality_target_uses_guidance_one_at_fifty_steps(reference):

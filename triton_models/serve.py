@@ -494,8 +494,9 @@ def guard_limits_from_args(args: argparse.Namespace) -> GuardLimits | None:
 def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `serve` and `triton-repo`."""
     parser.add_argument("--model", default="reference", metavar="SOURCE",
-                        help="a preset (reference, tiny-sd, sim: the closed-form model), a "
-                        "diffusers pipeline folder (model_index.json), or an engines model "
+                        help="a preset (reference, reference-flow, tiny-sd, sim: the "
+                        "closed-form model), a diffusers pipeline folder (model_index.json), or "
+                        "an engines model "
                         "directory; what is missing is exported and built first, matching "
                         "engines are reused (default %(default)s)")
     parser.add_argument("--devices", type=int, default=2,
