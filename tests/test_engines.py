@@ -225,7 +225,7 @@ def test_an_export_of_other_weights_is_stale(tmp_path, built):
     (model / "weights.bin").write_bytes(b"one")
     unchanged = ExportOptions(batch_range=(1, 2, 4))
     assert export_staleness(built.onnx, unchanged, (), str(model)) == (
-        "the model's weights changed since the export"
+        "the model's weights (or its LoRAs) changed since the export"
     )
     first = source_fingerprint(str(model))
     (model / "weights.bin").write_bytes(b"other weights")

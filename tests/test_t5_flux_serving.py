@@ -33,7 +33,14 @@ NEGATIVE = "blurry, low quality"
 LONG_PROMPT = "a red fox in the snow, " + "a " * 700  # 700+ T5 tokens, under 2048 bytes
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+# SD3-T5 and Flux-dev run in the default suite; SD3.5 and Flux-schnell (the same code paths with
+# another transformer config / no guidance embedding) with -m slow, to keep `make test` short
+SLOW_FAMILIES = ("sd35", "flux-schnell")
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(family, marks=pytest.mark.slow) if family in SLOW_FAMILIES else family
+    for family in FAMILIES])
 def served(request, tmp_path_factory, torch_single_thread) -> Iterator[Served]:
     pytest.importorskip("pytriton", reason="needs nvidia-pytriton (the embedded tritonserver)")
     from export.onnx_export import ExportOptions
@@ -179,3 +186,10 @@ def test_flux_and_sd3_image_to_image_match_diffusers(served):
     result = served_image(served, PROMPT, 47, INIT_IMAGE=image, STRENGTH=0.7)
     assert_matches(result.image, expected, f"{served.family} img2img")
     assert result.rounds < STEPS
+    one = served_image(served, PROMPT, 47, INIT_IMAGE=image, STRENGTH=0.7, MODE="aggressive",
+                       WINDOW=1)
+    np.testing.assert_array_equal(one.image, result.image)
+    for window in (2, 4):
+        parallel = served_image(served, PROMPT, 47, INIT_IMAGE=image, STRENGTH=0.7,
+                                MODE="aggressive", WINDOW=window)
+        assert parallel.rounds < result.rounds

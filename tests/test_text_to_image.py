@@ -288,7 +288,7 @@ def served_image(served: Served, image: np.ndarray, strength: float | None, seed
     return generate(served, **fields)
 
 
-@pytest.mark.parametrize("strength", [0.6, 0.35])
+@pytest.mark.parametrize("strength", [0.6, pytest.param(0.35, marks=pytest.mark.slow)])
 def test_image_to_image_matches_diffusers(served, strength):
     """Timesteps cut by strength as the family's Img2Img pipeline cuts them, the init image's
     posterior sampled and noised with the request's generator in diffusers' order."""
