@@ -331,6 +331,7 @@ def flux_dev_engines(folders, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # Flux-dev is exported and served in test_t5_flux_serving
 def test_flux_dev_exports_validated_with_its_guidance_input(flux_dev_engines):
     index = json.loads((flux_dev_engines / "onnx" / "export.json").read_text())
     networks = index["exports"]["fp32"]["networks"]
@@ -346,6 +347,7 @@ def test_flux_dev_exports_validated_with_its_guidance_input(flux_dev_engines):
     assert networks["transformer"]["model_class"] == "FluxTransformer2DModel"
 
 
+@pytest.mark.slow  # Flux-dev is exported and served in test_t5_flux_serving
 def test_flux_onnx_runs_at_other_batches_and_sizes_like_torch(folders, flux_dev_engines):
     bundle = load_bundle(str(folders["flux-dev"]), ["transformer"])
     spec = bundle.specs()["transformer"]
@@ -356,6 +358,7 @@ def test_flux_onnx_runs_at_other_batches_and_sizes_like_torch(folders, flux_dev_
     np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow  # Flux-dev is exported and served in test_t5_flux_serving
 def test_flux_dev_engines_and_pipeline_json(flux_dev_engines):
     directory = flux_dev_engines / "engines" / "flux-dev" / "cpu"
     manifest = read_manifest(directory)

@@ -44,6 +44,8 @@ def tritonservers_in(folder_prefix: str) -> list[str]:
     return found
 
 
+# the dry run takes a minute: its tests are slow-marked (make test-all; run them before a GPU
+# session with `make gpu-check GPU_CHECK_ARGS=--dry-run` too)
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory) -> dict:
     """One full dry run in a subprocess, as `make gpu-check GPU_CHECK_ARGS=--dry-run` runs it."""
@@ -63,6 +65,7 @@ def result(dry_run: dict, section: str) -> dict:
 
 
 @pytest.mark.triton
+@pytest.mark.slow
 def test_dry_run_runs_every_section_and_stops_its_server(dry_run):
     report = dry_run["report"]
     assert report["dry_run"] is True
@@ -81,6 +84,7 @@ def test_dry_run_runs_every_section_and_stops_its_server(dry_run):
 
 
 @pytest.mark.triton
+@pytest.mark.slow
 def test_environment_names_machine_and_missing_gpu(dry_run):
     env = result(dry_run, "environment")
     assert env["python"] == ".".join(map(str, sys.version_info[:3]))
@@ -91,6 +95,7 @@ def test_environment_names_machine_and_missing_gpu(dry_run):
 
 
 @pytest.mark.triton
+@pytest.mark.slow
 def test_unet_latency_per_batch_served(dry_run):
     unet = result(dry_run, "unet")
     assert unet["model"] == "unet_cpu0" and unet["backend"] == "onnxruntime"
@@ -108,6 +113,7 @@ def assert_versus(entry: dict) -> None:
 
 
 @pytest.mark.triton
+@pytest.mark.slow
 def test_layouts_serve_both_one_gpu_layouts_and_name_the_fastest(dry_run):
     from triton_models.repository import GPU_LAYOUTS
 
@@ -125,6 +131,7 @@ def test_layouts_serve_both_one_gpu_layouts_and_name_the_fastest(dry_run):
 
 
 @pytest.mark.triton
+@pytest.mark.slow
 def test_sizes_time_sd15_and_scaled_down_sdxl(dry_run):
     sizes = result(dry_run, "sizes")
     assert sizes["backend"] == "onnxruntime" and list(sizes["sizes"]) == ["sd15", "sdxl"]
@@ -150,6 +157,7 @@ def test_sdxl_size_is_sdxl_shaped_and_marked_scaled_down():
 
 
 @pytest.mark.triton
+@pytest.mark.slow
 def test_driffusion_runs_match_the_method(dry_run):
     driffusion = result(dry_run, "driffusion")
     runs = driffusion["runs"]
@@ -174,6 +182,7 @@ def test_driffusion_runs_match_the_method(dry_run):
 
 
 @pytest.mark.triton
+@pytest.mark.slow
 def test_tensorrt_builds_plans_or_says_why_not(dry_run):
     record = dry_run["report"]["sections"]["tensorrt"]
     if importlib.util.find_spec("tensorrt") is None:
@@ -184,6 +193,7 @@ def test_tensorrt_builds_plans_or_says_why_not(dry_run):
 
 
 @pytest.mark.triton
+@pytest.mark.slow
 def test_summary_tables_every_measurement(dry_run):
     summary, report = dry_run["summary"], dry_run["report"]
     assert "| batch | unet_cpu0 ms |" in summary
