@@ -60,32 +60,48 @@ from models.reference import (
 )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def training_parser(description: str, batch_size: int, eval_per_class: int,
+                    out: Path) -> argparse.ArgumentParser:
+    """The options both references' training scripts take (steps, batch, AdamW schedule, EMA,
+    prompt dropout, the final check, seed, threads, output folder)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=2000, help="diffusion optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     parser.add_argument("--warmup", type=int, default=100,
                         help="linear warm-up steps before the cosine decay")
     parser.add_argument("--ema-decay", type=float, default=0.995)
     parser.add_argument("--null-prob", type=float, default=0.1,
                         help="fraction of training captions replaced by the empty prompt (CFG)")
+    parser.add_argument("--eval-per-class", type=int, default=eval_per_class,
+                        help="samples per digit in the final check")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=out, help="output folder")
+    return parser
+
+
+def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """parser.error unless the shared options are in range."""
+    if min(args.steps, args.batch_size, args.threads, args.eval_per_class) < 1 or args.warmup < 0:
+        parser.error("--steps, --batch-size, --threads and --eval-per-class must be >= 1 and "
+                     "--warmup >= 0")
+    if not 0.0 <= args.null_prob < 1.0 or not 0.0 < args.ema_decay < 1.0:
+        parser.error("--null-prob must be in [0, 1) and --ema-decay in (0, 1)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = training_parser(__doc__.splitlines()[0], batch_size=128, eval_per_class=20,
+                             out=ASSET_DIR)
     parser.add_argument("--vae-steps", type=int, default=600, help="VAE optimizer steps")
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-3,
                         help="weight of the VAE's KL term (per latent element)")
     parser.add_argument("--classifier-epochs", type=int, default=40)
-    parser.add_argument("--eval-per-class", type=int, default=20,
-                        help="samples per digit in the final check")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=ASSET_DIR, help="output folder")
     args = parser.parse_args(argv)
-    if min(args.steps, args.batch_size, args.threads, args.vae_steps) < 1 or args.warmup < 0:
-        parser.error("--steps, --vae-steps, --batch-size and --threads must be >= 1 and "
-                     "--warmup >= 0")
-    if not 0.0 <= args.null_prob < 1.0 or not 0.0 < args.ema_decay < 1.0:
-        parser.error("--null-prob must be in [0, 1) and --ema-decay in (0, 1)")
+    check_training_args(parser, args)
+    if args.vae_steps < 1:
+        parser.error("--vae-steps must be >= 1")
     return args
 
 

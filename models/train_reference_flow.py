@@ -53,38 +53,24 @@ from models.reference_flow import (
 from models.train_reference import (
     caption_table,
     check_samples,
+    check_training_args,
     mean_every,
     sample_captions,
+    training_parser,
     weight_bytes,
     window_mean,
 )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
-    parser.add_argument("--warmup", type=int, default=100,
-                        help="linear warm-up steps before the cosine decay")
-    parser.add_argument("--ema-decay", type=float, default=0.995)
-    parser.add_argument("--null-prob", type=float, default=0.1,
-                        help="fraction of training captions replaced by the empty prompt (CFG)")
+    parser = training_parser(__doc__.splitlines()[0], batch_size=64, eval_per_class=10,
+                             out=ASSET_DIR)
     parser.add_argument("--logit-mean", type=float, default=0.0,
                         help="mean of the logit-normal noise level distribution")
     parser.add_argument("--logit-std", type=float, default=1.0,
                         help="standard deviation of the logit-normal noise level distribution")
-    parser.add_argument("--eval-per-class", type=int, default=10,
-                        help="samples per digit in the final check")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=ASSET_DIR, help="output folder")
     args = parser.parse_args(argv)
-    if min(args.steps, args.batch_size, args.threads, args.eval_per_class) < 1 or args.warmup < 0:
-        parser.error("--steps, --batch-size, --threads and --eval-per-class must be >= 1 and "
-                     "--warmup >= 0")
-    if not 0.0 <= args.null_prob < 1.0 or not 0.0 < args.ema_decay < 1.0:
-        parser.error("--null-prob must be in [0, 1) and --ema-decay in (0, 1)")
+    check_training_args(parser, args)
     if not args.logit_std > 0:
         parser.error("--logit-std must be > 0")
     return args

@@ -3,7 +3,7 @@
 Models written (docs/ARCHITECTURE.md names them):
 - `unet_cpu<i>`: python backend running the UNet ONNX with ONNX Runtime (one per device), or
   `unet_gpu<i>`: `platform: "tensorrt_plan"` on `gpus: [i]`, CUDA graphs where the profile allows,
-  or with `--backend torch` the python-backend `torch_model` (FP16 + CUDA graphs on GPU i, FP32
+  or with `--backend torch` the python-backend `torch_model` (FP16, or BF16 for a bf16 network, + CUDA graphs on GPU i, FP32
   on a machine without a GPU); a one-GPU server writes one batched device model or several on
   GPU 0 (`gpu_layout`);
 - `text_encoder[_2|_3]`, `vae_decoder` and `vae_encoder` where the model has them;
