@@ -336,6 +336,18 @@ def write_folder(out: Path, unet, text_encoder, vae, classifier: DigitClassifier
               out / CLASSIFIER_CHECKPOINT)
 
 
+def write_training_record(out: Path, record: dict, timings: dict[str, float],
+                          load_before: float) -> None:
+    """`training.json` in `out`: the record with its wall times and the machine's load average
+    (1 min) at the start and the end, since wall times on a shared machine depend on it."""
+    record = {**record,
+              "wall_seconds": {name: round(value, 1) for name, value in timings.items()},
+              "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    (out / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out} ({record['weight_bytes'] / 1e6:.2f} MB of weights, "
+          f"{sum(timings.values()) / 60:.1f} min in all)")
+
+
 def weight_bytes(out: Path) -> int:
     return sum(path.stat().st_size for path in out.rglob("*.safetensors"))
 
@@ -391,14 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         "vae": vae_stats,
         "diffusion": diffusion_stats,
         "sample_accuracy_ddim20": sample_accuracy,
-        "wall_seconds": {name: round(value, 1) for name, value in timings.items()},
-        # the machine's load average (1 min) at the start and the end: wall times on a shared
-        # machine depend on it
-        "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     }
-    (args.out / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out} ({record['weight_bytes'] / 1e6:.2f} MB of weights, "
-          f"{sum(timings.values()) / 60:.1f} min in all)")
+    write_training_record(args.out, record, timings, load_before[0])
     return 0
 
 

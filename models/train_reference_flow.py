@@ -20,7 +20,6 @@ but two threads on cores other jobs are busy with ran 3x slower than one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -38,7 +37,7 @@ from transformers import CLIPTokenizer
 
 from models import reference
 from models.clip_tokenizer import write_clip_tokenizer
-from models.reference import IMAGE_CHANNELS, MAX_TOKENS, TRAINING_RECORD, real_digits
+from models.reference import IMAGE_CHANNELS, MAX_TOKENS, real_digits
 from models.reference_flow import (
     ASSET_DIR,
     PIPELINE_COMPONENTS,
@@ -59,6 +58,7 @@ from models.train_reference import (
     training_parser,
     weight_bytes,
     window_mean,
+    write_training_record,
 )
 
 
@@ -249,14 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         "flow": flow_stats,
         "sample_accuracy_euler20": sample_accuracy,
         "eval_per_class": args.eval_per_class,
-        "wall_seconds": {name: round(value, 1) for name, value in timings.items()},
-        # the machine's load average (1 min) at the start and the end: wall times on a shared
-        # machine depend on it
-        "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     }
-    (args.out / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out} ({record['weight_bytes'] / 1e6:.2f} MB of weights, "
-          f"{sum(timings.values()) / 60:.1f} min in all)")
+    write_training_record(args.out, record, timings, load_before[0])
     return 0
 
 
