@@ -81,12 +81,8 @@ def resolve(request: GenerationRequest, spec: PipelineSpec, default_window: int)
         raise RequestError("draft_order", f"2 needs a noise-prediction multistep scheduler "
                                           f"(ddim, dpmpp2m, unipc, ddpm, pndm); got {scheduler}")
     family = family_of(spec)
-    image_height, image_width = _image_size(request, spec)  # checked against HEIGHT/WIDTH
-    height = _resolve_size("height", request.height if image_height is None else image_height,
-                           spec.image_size[0], spec.height_range, spec)
-    width = _resolve_size("width", request.width if image_width is None else image_width,
-                          spec.image_size[1], spec.width_range, spec)
     family.check(request, spec)
+    height, width = _resolve_sizes(request, spec)
     strength = _resolve_strength(request, steps, family)
     prompt = request.prompt if spec.uses_prompts else None
     negative = request.negative_prompt if spec.uses_prompts else None
@@ -97,33 +93,33 @@ def resolve(request: GenerationRequest, spec: PipelineSpec, default_window: int)
                            request.mask, strength)
 
 
-def _image_size(request: GenerationRequest,
-                spec: PipelineSpec) -> tuple[int | None, int | None]:
-    """The init image's size (checked here with the mask; HEIGHT and WIDTH, when given, must
-    equal it), or (None, None) without one."""
+def _resolve_sizes(request: GenerationRequest, spec: PipelineSpec) -> tuple[int, int]:
+    """HEIGHT and WIDTH, or the init image's size (HEIGHT and WIDTH, when given, must equal it;
+    the mask must match it; the engines must take it: RequestError names INIT_IMAGE)."""
+    if request.init_image is None:
+        return (_resolve_size("height", request.height, spec.image_size[0], spec.height_range,
+                              spec),
+                _resolve_size("width", request.width, spec.image_size[1], spec.width_range,
+                              spec))
     image = request.init_image
-    if image is None:
-        for name in ("mask", "strength"):
-            if getattr(request, name) is not None:
-                raise RequestError(name, "needs an INIT_IMAGE (image-to-image or inpainting)")
-        return None, None
-    if not spec.image_encoder:
-        raise RequestError("init_image", f"{spec.model} is served without a VAE encoder; "
-                                         "rebuild its engines with `driffusion build-engines` "
-                                         "to take INIT_IMAGE")
     _check_pixels("init_image", image, 3)
-    size = image.shape[:2]
-    for name, value, side in (("height", request.height, size[0]),
-                              ("width", request.width, size[1])):
+    height, width = size = image.shape[:2]
+    for name, value, side in (("height", request.height, height),
+                              ("width", request.width, width)):
         if value is not None and value != side:
             raise RequestError(name, f"must equal INIT_IMAGE's {name} {side} (images are not "
                                      f"resized); got {_shown(value)}")
+    if not (_size_fits(height, spec.image_size[0], spec.height_range, spec)
+            and _size_fits(width, spec.image_size[1], spec.width_range, spec)):
+        raise RequestError("init_image", f"is {height}x{width} pixels (height x width); "
+                                         f"{spec.model}'s engines take {_allowed_sizes(spec)} "
+                                         "(images are not resized)")
     if request.mask is not None:
         _check_pixels("mask", request.mask, 2)
         if request.mask.shape != size:
             raise RequestError("mask", f"must be the size of INIT_IMAGE {list(size)}; got "
                                        f"{list(request.mask.shape)}")
-    return size
+    return height, width
 
 
 def _check_pixels(name: str, image: object, rank: int) -> None:
@@ -187,8 +183,8 @@ def _resolve_size(name: str, value: int | None, default: int, allowed: tuple[int
                   spec: PipelineSpec) -> int:
     if value is None:
         return default
-    low, high = allowed or (default, default)
-    if not low <= value <= high or value % spec.size_multiple:
+    if not _size_fits(value, default, allowed, spec):
+        low, high = allowed or (default, default)
         if low == high:
             allowed_text = f"{low} pixels (the engines are built for that size only)"
         else:
@@ -196,6 +192,25 @@ def _resolve_size(name: str, value: int | None, default: int, allowed: tuple[int
                             "(the engines' profile)")
         raise RequestError(name, f"must be {allowed_text}; got {_shown(value)}")
     return value
+
+
+def _size_fits(value: int, default: int, allowed: tuple[int, int] | None,
+               spec: PipelineSpec) -> bool:
+    """Whether the engines take images `value` pixels along a side whose profile is `allowed`
+    (None: fixed at `default`)."""
+    low, high = allowed or (default, default)
+    return low <= value <= high and value % spec.size_multiple == 0
+
+
+def _allowed_sizes(spec: PipelineSpec) -> str:
+    """The image sizes the engines take, for messages: "8x8 pixels only", or the ranges."""
+    height, width = spec.image_size
+    if spec.height_range is None and spec.width_range is None:
+        return f"{height}x{width} pixels only"
+    low_h, high_h = spec.height_range or (height, height)
+    low_w, high_w = spec.width_range or (width, width)
+    return (f"heights {low_h}..{high_h} and widths {low_w}..{high_w} pixels, multiples of "
+            f"{spec.size_multiple}")
 
 
 def _check_tolerance(mode: str, tolerance: float | None) -> None:

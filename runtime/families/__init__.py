@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from models.limits import MAX_GUIDANCE
-from models.pipeline_spec import PipelineSpec, TextEncoder
+from models.pipeline_spec import FAMILIES, PipelineSpec, TextEncoder
 from runtime.devices import Conditioning
 from runtime.driffusion import Blend
 from runtime.request import GenerationRequest, RequestError, ResolvedRequest
@@ -55,20 +55,50 @@ class Family:
     differently."""
 
     name = ""
+    title = ""  # how messages name the family's models
     default_strength = 0.8  # diffusers' img2img default for the family
     # how strength cuts the schedule: int(steps * strength) steps kept (SD, SDXL), or the
     # first int(steps - steps * strength) steps dropped (SD3, Flux)
     strength_rounds_kept_steps = True
+    # the optional inputs the family serves beyond the sampler's: INIT_IMAGE and STRENGTH
+    # (image-to-image), MASK (inpainting), TRUE_CFG (Flux's true_cfg_scale)
+    takes_images = True
+    takes_masks = False
+    takes_true_cfg = False
 
     def check(self, request: GenerationRequest, spec: PipelineSpec) -> None:
-        """Refuse request fields this family does not take (RequestError naming the field)."""
+        """Refuse the optional inputs this family (or this folder) does not serve, with a
+        RequestError naming the field and what is allowed; a family that checks more extends
+        this through super().check."""
         if request.true_cfg is not None:
-            raise RequestError("true_cfg", f"TRUE_CFG is for Flux models; {spec.model} is a "
-                                           f"{self.name} model: use GUIDANCE")
-        if request.mask is not None:
-            raise RequestError("mask", f"inpainting is served for SD 1.x/2.x folders; "
-                                       f"{spec.model} is a {self.name} model: send INIT_IMAGE "
-                                       "without MASK (image-to-image)")
+            if not self.takes_true_cfg:
+                raise RequestError("true_cfg", f"TRUE_CFG is for {served_by('takes_true_cfg')} "
+                                               f"models; {self.of_family(spec)}: use GUIDANCE")
+            check_scale("true_cfg", request.true_cfg, 1.0)
+        self._check_image_inputs(request, spec)
+
+    def of_family(self, spec: PipelineSpec) -> str:
+        """How messages say which family the served model is of."""
+        return f"{spec.model} is a model of the {self.title} family"
+
+    def _check_image_inputs(self, request: GenerationRequest, spec: PipelineSpec) -> None:
+        given = [name for name in ("init_image", "mask", "strength")
+                 if getattr(request, name) is not None]
+        if given and not self.takes_images:
+            raise RequestError(given[0], f"{self.of_family(spec)}, which takes no "
+                                         "image inputs (INIT_IMAGE, MASK, STRENGTH); "
+                                         f"image-to-image is served for "
+                                         f"{served_by('takes_images')} folders")
+        if request.mask is not None and not self.takes_masks:
+            raise RequestError("mask", f"inpainting is served for {served_by('takes_masks')} "
+                                       f"folders; {self.of_family(spec)}: send "
+                                       "INIT_IMAGE without MASK (image-to-image)")
+        if request.init_image is None and given:
+            raise RequestError(given[0], "needs an INIT_IMAGE (image-to-image or inpainting)")
+        if request.init_image is not None and not spec.image_encoder:
+            raise RequestError("init_image", f"{spec.model} is served without a VAE encoder; "
+                                             "rebuild its engines with `driffusion "
+                                             "build-engines` to take INIT_IMAGE")
 
     def first_kept_step(self, steps: int, strength: float) -> int:
         """The first of `steps` timesteps an image request runs at `strength`, as the family's
@@ -190,6 +220,13 @@ def check_scale(field_name: str, value: float, low: float) -> float:
         raise RequestError(field_name, f"must be a number in {low:g}..{MAX_GUIDANCE:g}; "
                                        f"got {value}")
     return float(value)
+
+
+def served_by(ability: str) -> str:
+    """The titles of the families that have `ability` (a Family flag such as "takes_masks")."""
+    known = families()
+    return ", ".join(known[name].title for name in FAMILIES
+                     if name in known and getattr(known[name], ability))
 
 
 @functools.cache

@@ -12,6 +12,8 @@ class ClassConditional(Family):
     """The label's embedding conditions the denoiser; the null label is the negative."""
 
     name = CLASS_CONDITIONAL
+    title = "class-conditional"
+    takes_images = False  # no VAE encoder: its latents are the pixels
 
     async def conditioning(self, encoding: TextEncoding, request: ResolvedRequest,
                            spec: PipelineSpec) -> Conditioning:

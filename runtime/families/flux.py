@@ -26,24 +26,21 @@ from runtime.devices import Conditioning
 from runtime.families import (
     Family,
     TextEncoding,
-    check_scale,
     dynamic_shift,
     prompt_rows,
     split_rows,
 )
-from runtime.request import GenerationRequest, ResolvedRequest
+from runtime.request import ResolvedRequest
 
 FLUX_MAX_SHIFT = 1.15  # FluxPipeline's default when the scheduler config has none
 
 
 class Flux(Family):
     name = FLUX
+    title = "Flux"
     default_strength = 0.6  # FluxImg2ImgPipeline
     strength_rounds_kept_steps = False
-
-    def check(self, request: GenerationRequest, spec: PipelineSpec) -> None:
-        if request.true_cfg is not None:
-            check_scale("true_cfg", request.true_cfg, 1.0)
+    takes_true_cfg = True
 
     async def conditioning(self, encoding: TextEncoding, request: ResolvedRequest,
                            spec: PipelineSpec) -> Conditioning:

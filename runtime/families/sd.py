@@ -36,13 +36,14 @@ class StableDiffusion(Family):
     """One CLIP encoder; the negative prompt ("" by default) is encoded for guidance > 1."""
 
     name = STABLE_DIFFUSION
+    title = "SD 1.x/2.x"
+    takes_masks = True
 
     def check(self, request: GenerationRequest, spec: PipelineSpec) -> None:
+        super().check(request, spec)
         if spec.masked_inputs and request.mask is None:
             raise RequestError("mask", f"{spec.model} is an inpainting model (its UNet takes a "
                                        "mask and the masked image): send INIT_IMAGE and MASK")
-        if request.mask is None:
-            super().check(request, spec)
 
     async def conditioning(self, encoding: TextEncoding, request: ResolvedRequest,
                            spec: PipelineSpec) -> Conditioning:

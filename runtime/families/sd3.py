@@ -18,6 +18,7 @@ from runtime.request import ResolvedRequest
 
 class StableDiffusion3(Family):
     name = STABLE_DIFFUSION_3
+    title = "SD3/SD3.5"
     default_strength = 0.6  # StableDiffusion3Img2ImgPipeline
     strength_rounds_kept_steps = False
 

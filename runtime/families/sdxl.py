@@ -17,6 +17,7 @@ from runtime.request import ResolvedRequest
 
 class StableDiffusionXL(Family):
     name = STABLE_DIFFUSION_XL
+    title = "SDXL"
     default_strength = 0.3  # StableDiffusionXLImg2ImgPipeline
 
     async def conditioning(self, encoding: TextEncoding, request: ResolvedRequest,
