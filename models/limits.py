@@ -50,10 +50,25 @@ GUARD_LIMITS: dict[str, Limit] = {
         65_536, 0, 1 << 30, "bytes per second an HTTP body must average once its grace has "
         "passed (0: no minimum); slower: 408 and closed"),
     "memory_bytes": Limit(
-        256 << 20, 1, 1 << 40, "bytes of HTTP bodies the guard holds at once over all "
-        "connections (at least --request-guard-bytes); a body that does not fit: 503"),
+        256 << 20, 1, 1 << 40, "bytes of HTTP bodies and gRPC messages the guard holds at once "
+        "over all connections, counted as they arrive (at least --request-guard-bytes); a "
+        "request whose bytes do not fit: 503 / UNAVAILABLE"),
     "connections": Limit(
         1000, 1, 100_000, "HTTP connections the guard holds at once; more: 503 and closed"),
+    "json_bytes": Limit(
+        16 << 20, 1, (1 << 31) - 1, "bytes of JSON in one HTTP inference request (the whole "
+        "body, or the JSON header before binary tensors), which the guard parses and checks; "
+        "larger tensors go as binary data (tritonclient: binary_data=True); beyond: 413"),
+    "client_memory_bytes": Limit(
+        128 << 20, 1, 1 << 40, "bytes of HTTP bodies and gRPC messages the guard holds at once "
+        "for one client address (at least --request-guard-bytes; behind a proxy every client "
+        "shares its address: raise it to --request-guard-memory-bytes); beyond: 503"),
+    "client_connections": Limit(
+        256, 1, 100_000, "HTTP connections one client address may hold at once (behind a proxy "
+        "raise it to --request-guard-connections); more: 503 and closed"),
+    "grpc_calls": Limit(
+        256, 1, 100_000, "gRPC calls the guard runs at once; more: RESOURCE_EXHAUSTED at once "
+        "(gRPC reads a whole message before the guard sees it, so this bounds what it holds)"),
 }
 # guidance scales a request may use (diffusers' pipelines take any float; beyond this, images
 # are noise)

@@ -10,23 +10,48 @@ Refused before Triton sees a byte, and the connection closed:
   reads as one once punctuation is dropped (Content_Encoding): 400; a head over 16 KiB: 431;
 - a method other than GET and POST: 405; an HTTP version other than 1.0 and 1.1: 505;
 - any Transfer-Encoding: 411; a Content-Encoding other than identity: 415;
-- a body over the byte cap: 413; a body that does not fit the memory budget, or a connection
-  over the connection cap: 503;
+- a body over the byte cap: 413; a body whose bytes, as they arrive, do not fit the memory
+  budget (in all, or for its client address), or a connection over the connection cap (in all,
+  or for its client address): 503 with Retry-After;
 - a head not complete within the header timeout, a body that goes silent for the body timeout
   or averages under the minimum rate after it: 408 (an idle kept-alive connection is closed
   without an answer).
+A refused request's body is still read and dropped (up to its declared length, while it keeps
+coming) before the connection closes, so the client reads the answer instead of a reset.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import mmap
+import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
+from urllib.parse import unquote
 
 import h11
 
-from triton_models.guard import BUSY_MESSAGE, BUSY_TRITON_TEXT, GuardLimits, guard_flag
+from triton_models.guard import (
+    BUSY_MESSAGE,
+    BUSY_TRITON_TEXT,
+    INFER_METHOD,
+    TRIM_BYTES,
+    UNAVAILABLE_MESSAGE,
+    GuardLimits,
+    ModelSpecs,
+    give_heap_back_soon,
+    guard_flag,
+)
+from triton_models.kserve_http import http_answer, http_error
+from triton_models.request_check import (
+    BadRequest,
+    CheckLimits,
+    check_json,
+    header_length_value,
+    parse_http_infer,
+    to_grpc_request,
+)
 
 READ_BYTES = 64 * 1024  # one read from a client
 WRITE_BYTES = 1 << 20  # one write of a body to Triton
@@ -46,6 +71,7 @@ PUNCTUATION = bytes(sorted(set(range(256)) - set(b"0123456789abcdefghijklmnopqrs
                                                  b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")))
 LOOKALIKES = {name.translate(None, PUNCTUATION): name for name in FRAMING}
 MAPPED_BYTES = 1 << 20  # bodies from this size up are held in a mapping of their own
+INFER_TARGET = re.compile(rb"/v2/models/([^/?#]+)(?:/versions/([^/?#]+))?/infer(?:\?.*)?")
 ALLOWED = ("this server takes HTTP/1.1 requests with header names that are RFC 9110 tokens, a "
            f"head of at most {MAX_HEAD_BYTES} bytes, at most one Content-Length and no "
            "Transfer-Encoding")
@@ -64,38 +90,81 @@ class Refusal(Exception):
 
 
 class MemoryBudget:
-    """Bytes of request bodies the guard holds at once over all its connections (one event
-    loop uses it: no lock)."""
+    """Bytes of requests the guard holds at once, in all and per client address, counted as
+    they arrive (one event loop uses it: no lock)."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, per_client: int) -> None:
         self.total = total
+        self.per_client = per_client
         self.held = 0
+        self.by_client: dict[str, int] = {}
 
-    def reserve(self, count: int) -> bool:
+    def take(self, client: str, count: int) -> str | None:
+        """None once `count` more bytes are counted for `client`; else the name of the guard
+        limit that they would pass (nothing is counted then)."""
         if self.held + count > self.total:
-            return False
+            return "memory_bytes"
+        held = self.by_client.get(client, 0)
+        if held + count > self.per_client:
+            return "client_memory_bytes"
         self.held += count
-        return True
+        self.by_client[client] = held + count
+        return None
 
-    def release(self, count: int) -> None:
+    def full(self, client: str, count: int) -> str | None:
+        """The name of the guard limit that `count` more bytes for `client` would pass now, or
+        None (nothing is counted)."""
+        if self.take(client, count) is None:
+            self.give_back(client, count)
+            return None
+        return "memory_bytes" if self.held + count > self.total else "client_memory_bytes"
+
+    def limit(self, name: str) -> int:
+        return self.total if name == "memory_bytes" else self.per_client
+
+    def give_back(self, client: str, count: int) -> None:
         self.held -= count
+        left = self.by_client.get(client, 0) - count
+        if left > 0:
+            self.by_client[client] = left
+        else:
+            self.by_client.pop(client, None)
+
+
+def busy(limit: str, total: int) -> Refusal:
+    """The 503 for a request whose bytes do not fit the guard limit `limit` of `total` bytes."""
+    whose = "this client address's" if limit.startswith("client") else "all"
+    return Refusal(503, f"server busy: request bytes in transit fill {whose} {total} bytes of "
+                   f"the guard ({guard_flag(limit)}); retry later",
+                   headers=(("retry-after", "1"),))
 
 
 class Body:
-    """A request body on its way to Triton, counted against the memory budget until it is
-    released. A large one lies in an anonymous memory mapping of its length, whose pages go back
-    to the system when it is released (a freed heap block of that size may stay in the
-    process)."""
+    """A request body on its way to Triton, its bytes counted against the memory budget as they
+    arrive until it is released. A large one lies in an anonymous memory mapping of its
+    declared length, whose pages are taken only as bytes arrive and go back to the system when
+    it is released (a freed heap block of that size may stay in the process)."""
 
-    def __init__(self, length: int, budget: MemoryBudget) -> None:
+    def __init__(self, length: int, budget: MemoryBudget, client: str) -> None:
         self.length = length
         self.filled = 0
+        self.client = client
         self._budget: MemoryBudget | None = budget
-        self._memory = mmap.mmap(-1, length) if length >= MAPPED_BYTES else bytearray(length)
+        self._memory = mmap.mmap(-1, length) if length >= MAPPED_BYTES else bytearray()
 
     def append(self, data: bytes) -> None:
-        self._memory[self.filled:self.filled + len(data)] = data
+        """Hold `data`, the next bytes of the body; a Refusal (503) if they do not fit."""
+        full = self._budget.take(self.client, len(data))
+        if full is not None:
+            raise busy(full, self._budget.limit(full))
+        if isinstance(self._memory, mmap.mmap):
+            self._memory[self.filled:self.filled + len(data)] = data
+        else:
+            self._memory += data
         self.filled += len(data)
+
+    def view(self) -> memoryview:
+        return memoryview(self._memory)[:self.filled]
 
     def slices(self, size: int) -> Iterator[memoryview]:
         with memoryview(self._memory) as view:
@@ -105,7 +174,7 @@ class Body:
     def release(self) -> None:
         if self._budget is None:
             return
-        self._budget.release(self.length)
+        self._budget.give_back(self.client, self.filled)
         self._budget = None
         if isinstance(self._memory, mmap.mmap):
             try:
@@ -117,11 +186,18 @@ class Body:
 class HttpGuard:
     """Triton's HTTP API on a public port, behind the guard's limits."""
 
-    def __init__(self, limits: GuardLimits, upstream_port: int) -> None:
+    def __init__(self, limits: GuardLimits, upstream_port: int, budget: MemoryBudget,
+                 specs: ModelSpecs, channel) -> None:
         self.limits = limits
         self.upstream_port = upstream_port
-        self.budget = MemoryBudget(limits.memory_bytes)
+        self.budget = budget
+        self.specs = specs
+        self.infer = channel.unary_unary(INFER_METHOD)  # Triton's gRPC port: it cancels
+        # JSON is parsed one body at a time, beside the event loop: its memory is a few times
+        # the body's, so at most one such peak at once
+        self.parser = ThreadPoolExecutor(1, thread_name_prefix="guard-json")
         self._connections: set[asyncio.Task] = set()
+        self._by_client: dict[str, int] = {}
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -137,17 +213,26 @@ class HttpGuard:
         await asyncio.gather(*self._connections, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
+        self.parser.shutdown(wait=False, cancel_futures=True)
 
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._connections.add(task)
         connection = PublicConnection(self, reader, writer)
+        client = connection.client
+        self._by_client[client] = self._by_client.get(client, 0) + 1
         try:
             if len(self._connections) > self.limits.connections:
                 await connection.refuse(Refusal(
                     503, f"server busy: {self.limits.connections} HTTP connections are open "
-                    f"({guard_flag('connections')}); retry later", linger=False,
+                    f"({guard_flag('connections')}); retry later",
+                    headers=(("retry-after", "1"),)))
+            elif self._by_client[client] > self.limits.client_connections:
+                await connection.refuse(Refusal(
+                    503, f"server busy: this client address holds "
+                    f"{self.limits.client_connections} HTTP connections "
+                    f"({guard_flag('client_connections')}); retry later",
                     headers=(("retry-after", "1"),)))
             else:
                 await connection.serve()
@@ -157,6 +242,9 @@ class HttpGuard:
             pass
         finally:
             self._connections.discard(task)
+            self._by_client[client] -= 1
+            if not self._by_client[client]:
+                del self._by_client[client]
             connection.close()
 
 
@@ -172,6 +260,9 @@ class PublicConnection:
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         self.upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self.loop = asyncio.get_running_loop()
+        peer = writer.get_extra_info("peername")
+        self.client = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        self.unread = 0  # bytes of the current request's body not read yet
 
     async def serve(self) -> None:
         while True:
@@ -181,9 +272,11 @@ class PublicConnection:
                     return
                 body = await self._read_body(checked_length(*request, self.limits))
                 try:
-                    answer = await self._forward(request[0], body)
+                    answer = await self._answer_for(request[0], body)
                 finally:
                     body.release()
+                    if body.length >= TRIM_BYTES:
+                        give_heap_back_soon()
             except Refusal as refusal:
                 await self.refuse(refusal)
                 return
@@ -212,6 +305,7 @@ class PublicConnection:
             event = self._next_event()
             if isinstance(event, h11.Request):
                 unread = len(self.http.trailing_data[0])
+                self.unread = declared_length(event) - unread
                 return event, bytes(received[:len(received) - unread])
             if event is not h11.NEED_DATA:
                 return None  # the client closed the connection between requests
@@ -226,15 +320,13 @@ class PublicConnection:
             self.http.receive_data(data)
 
     async def _read_body(self, length: int) -> Body:
-        """The whole body, once it fits the memory budget and while it keeps arriving."""
-        budget = self.guard.budget
-        if not budget.reserve(length):
-            raise Refusal(503, f"server busy: request bodies in transit fill the guard's "
-                          f"{budget.total} bytes ({guard_flag('memory_bytes')}); retry later",
-                          headers=(("retry-after", "1"),))
-        body = Body(length, budget)
+        """The whole body, while it fits the memory budget and keeps arriving."""
+        body = Body(length, self.guard.budget, self.client)
         try:
             if self.http.they_are_waiting_for_100_continue:
+                full = self.guard.budget.full(self.client, length)
+                if full is not None:  # the client has not sent the body: tell it now
+                    raise busy(full, self.guard.budget.limit(full))
                 await self._send(h11.InformationalResponse(status_code=100, headers=[],
                                                              reason=b"Continue"))
             started = self.loop.time()
@@ -259,6 +351,7 @@ class PublicConnection:
             deadline = min(deadline, started + pause + received / self.limits.min_rate)
         data = await self._receive(deadline)
         if data is not None:
+            self.unread -= len(data)
             self.http.receive_data(data)
         elif deadline - now > pause - 0.01:
             raise Refusal(408, f"no byte of the request body came for {pause} s "
@@ -284,6 +377,79 @@ class PublicConnection:
             status = 431 if error.error_status_hint == 431 else 400
             raise Refusal(status, f"malformed HTTP request ({error}); {ALLOWED}") from None
 
+    async def _answer_for(self, request: h11.Request, body: Body) -> tuple[int, dict, bytes]:
+        """The answer to a whole request: inference checked and sent over gRPC, any other JSON
+        body checked and the request forwarded as HTTP."""
+        target = INFER_TARGET.fullmatch(request.target)
+        try:
+            if request.method == b"POST" and target:
+                return await self._infer(request, target, body)
+            if request.method == b"POST" and body.filled:
+                check_json(body.view(), CheckLimits())
+        except BadRequest as error:
+            return as_answer(http_error(grpc_status("INVALID_ARGUMENT"), str(error)))
+        return await self._forward(request, body)
+
+    async def _infer(self, request: h11.Request, target: re.Match, body: Body
+                     ) -> tuple[int, dict, bytes]:
+        """Triton's answer to a checked inference request, asked over gRPC; the call is
+        cancelled if the client goes away meanwhile."""
+        import grpc
+
+        headers = {name.lower(): value for name, value in request.headers}
+        model, version = (unquote(part.decode("latin-1")) for part in target.groups(b""))
+        length = headers.get(b"inference-header-content-length")
+        header_length = (None if length is None
+                         else header_length_value(length.decode("latin-1"), body.filled))
+        if (header_length or body.filled) > self.limits.json_bytes:
+            return error_answer(413, f"the request's JSON has {header_length or body.filled} "
+                                f"bytes; this server parses at most {self.limits.json_bytes} "
+                                f"({guard_flag('json_bytes')}): send large tensors as binary "
+                                "data (tritonclient: binary_data=True)")
+        try:
+            spec = await self.guard.specs.get(model)
+        except OSError:
+            raise Refusal(503, UNAVAILABLE_MESSAGE, linger=False,
+                          headers=(("retry-after", "1"),)) from None
+        with body.view() as data:
+            checked = await self.loop.run_in_executor(
+                self.guard.parser, parse_http_infer, data, header_length, model, version, spec)
+        message = to_grpc_request(checked)
+        try:
+            response = await self._until_gone(self.guard.infer(message))
+        except grpc.aio.AioRpcError as error:
+            return as_answer(http_error(error.code(), upstream_details(error)))
+        requested = [(output.name, output.binary) for output in checked.outputs]
+        return as_answer(http_answer(response, requested,
+                                     checked.parameters.get("binary_data_output") is True))
+
+    async def _until_gone(self, call):
+        """The result of `call`; cancelled (and the client's connection ended) when the client
+        closes its connection before it is done."""
+        answer = asyncio.ensure_future(call)
+        watch = asyncio.ensure_future(self._client_gone())
+        try:
+            done, _ = await asyncio.wait({answer, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if answer not in done:
+                call.cancel()  # Triton is told: the driffusion model stops within a round
+                answer.cancel()
+                raise ConnectionResetError("the client closed its connection")
+            return answer.result()
+        finally:
+            watch.cancel()
+
+    async def _client_gone(self) -> None:
+        """Returns when the client ends its connection; bytes it sends meanwhile (a pipelined
+        next request) are kept for h11, up to a head's size."""
+        kept = 0
+        while kept <= MAX_HEAD_BYTES:
+            data = await self.reader.read(READ_BYTES)
+            if not data:
+                return
+            kept += len(data)
+            self.http.receive_data(data)
+        await asyncio.Event().wait()  # enough is buffered: stop reading, never return
+
     async def _forward(self, request: h11.Request, body: Body) -> tuple[int, dict, bytes]:
         """Triton's answer (status, headers, body) to the request written anew."""
         from runtime.triton_http import read_answer
@@ -298,8 +464,9 @@ class PublicConnection:
                 writer.write(part)
                 await writer.drain()
             status, headers, answer = await read_answer(reader)
-        except (ConnectionError, EOFError) as error:
-            raise Refusal(502, f"Triton closed the connection ({error})", linger=False) from None
+        except (ConnectionError, EOFError):  # its address is the server's own business
+            raise Refusal(503, "the inference server is not answering (it may be restarting); "
+                          "retry later", linger=False, headers=(("retry-after", "1"),)) from None
         if headers.get("connection", "").lower() == "close":
             writer.close()
             self.upstream = None
@@ -335,11 +502,41 @@ class PublicConnection:
             await asyncio.wait_for(self.writer.drain(), self.limits.body_timeout_s)
 
     async def _linger(self) -> None:
-        """Read and drop what the client still sends for a moment, so that it finishes writing
-        the refused body and reads the answer instead of meeting a reset connection."""
-        deadline = self.loop.time() + LINGER_S
-        while await self._receive(deadline):
-            pass
+        """Read and drop the rest of a refused body (at most its declared length, and no more
+        than the byte cap) while it keeps coming, so that the client finishes writing it and
+        reads the answer instead of meeting a reset connection."""
+        left = min(self.unread, self.limits.max_request_bytes)
+        final = self.loop.time() + (max(LINGER_S, self.limits.body_timeout_s) if left > 0
+                                    else LINGER_S)
+        while left > 0 or self.unread <= 0:
+            data = await self._receive(min(final, self.loop.time() + LINGER_S))
+            if not data:
+                return
+            left -= len(data)
+
+
+def error_answer(status: int, message: str) -> tuple[int, dict, bytes]:
+    """An error answer in Triton's form ({"error": message}); the connection stays open."""
+    return (status, {"content-type": "application/json"},
+            json.dumps({"error": message}).encode())
+
+
+def as_answer(answer: tuple[int, list[tuple[str, str]], bytes]) -> tuple[int, dict, bytes]:
+    status, headers, body = answer
+    return status, dict(headers), body
+
+
+def grpc_status(name: str):
+    import grpc
+
+    return getattr(grpc.StatusCode, name)
+
+
+def upstream_details(error) -> str:
+    """Triton's error text for the client, less anything that names its loopback address."""
+    from triton_models.guard import _details
+
+    return _details(error)
 
 
 def checked_length(request: h11.Request, head: bytes, limits: GuardLimits) -> int:
@@ -369,6 +566,14 @@ def checked_length(request: h11.Request, head: bytes, limits: GuardLimits) -> in
         raise Refusal(413, f"the request body has {length} bytes; this server takes at most "
                       f"{limits.max_request_bytes} ({guard_flag('max_request_bytes')})")
     return length
+
+
+def declared_length(request: h11.Request) -> int:
+    """The body length a request's head declares (0 where it declares none or no number)."""
+    for name, value in request.headers:
+        if name == b"content-length" and value.strip().isdigit():
+            return int(value)
+    return 0
 
 
 def check_framing_names(head: bytes) -> None:

@@ -560,10 +560,21 @@ def _write_driffusion(repository: Repository, options: RepositoryOptions) -> Non
             "deadline_s": options.deadline_s,
             "cfg_parallel": "true" if options.cfg_parallel else "false",
             "max_resolution": options.max_resolution,
+            "max_input_dims": json.dumps(_largest_images(repository.spec, options)),
             **_endpoint_parameters(repository, options),
             **_layout_parameters(options),
         },
     ))
+
+
+def _largest_images(spec: PipelineSpec, options: RepositoryOptions) -> dict[str, list[int]]:
+    """The largest image inputs the engines take, for the request guard to refuse larger ones
+    before Triton reads them (triton_models/request_check.py)."""
+    default_height, default_width = spec.image_size
+    height = spec.height_range[1] if spec.height_range else default_height
+    width = spec.width_range[1] if spec.width_range else default_width
+    height, width = min(height, options.max_resolution), min(width, options.max_resolution)
+    return {name: [height, width, *dims[2:]] for name, (dims, _) in DRIFFUSION_IMAGE_INPUTS.items()}
 
 
 def _keep_device_signature(repository: Repository, options: RepositoryOptions) -> None:
