@@ -93,7 +93,7 @@ def http_answer(response: bytes, requested: list[tuple[str, bool | None]], binar
         outputs, blobs = _outputs(answer, binary_by_name, binary_output)
     except OutputError as error:
         return _error_answer(error.status, str(error))
-    header = b"".join((_head(answer), b'"outputs":[', b",".join(outputs), b"]}"))
+    header = b"".join((_head(answer), b'"outputs":[', *outputs, b"]}"))
     if not blobs:
         return 200, [JSON_TYPE], header
     return 200, [BINARY_TYPE, (HEADER_LENGTH, str(len(header)))], b"".join((header, *blobs))
@@ -131,18 +131,20 @@ def _head(answer: service_pb2.ModelInferResponse) -> bytes:
 
 def _outputs(answer: service_pb2.ModelInferResponse, binary_by_name: dict[str, bool],
              binary_output: bool) -> tuple[list[bytes], list[bytes]]:
-    """Each output's JSON, and the binary bytes that follow the JSON, in output order."""
-    outputs, blobs = [], []
+    """The pieces of the outputs' JSON (comma-separated objects, joined once: a JSON image is
+    megabytes), and the binary bytes that follow the JSON, in output order."""
+    pieces, blobs = [], []
     for output, raw in zip(answer.outputs, answer.raw_output_contents):
-        start = b'{"name":%s,"datatype":%s,"shape":%s,' % (
-            _json(output.name), _json(output.datatype), _json(list(output.shape)))
+        pieces.append(b'%s{"name":%s,"datatype":%s,"shape":%s,' % (
+            b"," if pieces else b"", _json(output.name), _json(output.datatype),
+            _json(list(output.shape))))
         if binary_by_name.get(output.name, binary_output):
-            outputs.append(start + b'"parameters":{"binary_data_size":%d}}' % len(raw))
+            pieces.append(b'"parameters":{"binary_data_size":%d}}' % len(raw))
             if raw:
                 blobs.append(raw)
         else:
-            outputs.append(start + b'"data":[' + _json_data(output, raw) + b"]}")
-    return outputs, blobs
+            pieces.extend((b'"data":[', _json_data(output, raw), b"]}"))
+    return pieces, blobs
 
 
 def _json_data(output: service_pb2.ModelInferResponse.InferOutputTensor, raw: bytes) -> bytes:
