@@ -182,7 +182,8 @@ def _json_kind(value: object) -> str:
 def _got(value: object) -> str:
     """A scalar the client sent, for a message ('got 300', 'got a string')."""
     if type(value) in (int, float):
-        return _quote(str(value)).strip("'")
+        text = str(value)
+        return text[:QUOTE_CHARS] + ("..." if len(text) > QUOTE_CHARS else "")
     if isinstance(value, bool):
         return str(value).lower()
     return _json_kind(value)
