@@ -321,12 +321,12 @@ def _refuse_constant(name: str) -> None:
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    mapping = dict(pairs)
-    if len(mapping) != len(pairs):
-        keys = [key for key, _ in pairs]
-        twice = next(key for key in keys if keys.count(key) > 1)
-        raise BadRequest(f"request body: key {_quote(twice)} appears twice in one object")
-    return mapping
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise BadRequest(f"request body: key {_quote(key)} appears twice in one object")
+        seen.add(key)
+    return dict(pairs)
 
 
 def _load_json(data: bytes | memoryview, limits: CheckLimits, label: str) -> object:
