@@ -20,7 +20,8 @@ inputs amplifies the one-ulp rounding of its intermediate values alike. On that 
 scale +-10, 6 nudge pairs each) ONNX Runtime vs torch was at most 4.9x the larger movement of
 two nudges (median 0.3x; one nudge alone varies 20-fold, hence two), so NOISE_FACTOR is 8. A
 well-conditioned network's noise is near 1e-6 of max|output|, so there a wrong file (an error
-of a percent or more) fails as before.
+of a percent or more) fails as before. A network whose inputs are all integers (a text
+encoder's token ids) has no input to nudge: its noise is 0 and its tolerance atol + rtol only.
 """
 
 from __future__ import annotations
