@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 DEFAULT_SCALE = 1.0
@@ -55,12 +58,21 @@ def parse_lora(text: str) -> Lora:
         except ValueError:
             path = text  # a path with a colon in it, no scale
     lora = Lora(Path(path).expanduser(), scale)
+    if lora.path.is_dir():
+        raise ValueError(f"--lora {text!r}: {str(lora.path)!r} is a directory; give the LoRA's "
+                         f".safetensors file{_files_in(lora.path)}")
     if not lora.path.is_file():
         raise ValueError(f"--lora {text!r}: no such file {str(lora.path)!r} (give FILE or "
                          "FILE:SCALE, e.g. style.safetensors:0.8)")
     if not -10.0 <= scale <= 10.0:
         raise ValueError(f"--lora {text!r}: scale must be in -10..10; got {scale}")
     return lora
+
+
+def _files_in(directory: Path) -> str:
+    """`, e.g. DIR/a.safetensors` naming the directory's own .safetensors files, if any."""
+    found = sorted(str(path) for path in directory.glob("*.safetensors"))
+    return f", e.g. {' or '.join(found[:3])}" if found else " (this one holds none)"
 
 
 def lora_key(loras: tuple[Lora, ...]) -> str:
@@ -72,7 +84,10 @@ def lora_key(loras: tuple[Lora, ...]) -> str:
 def fuse_loras(folder: Path, modules: dict[str, nn.Module], loras: tuple[Lora, ...],
                pipeline_config: dict[str, Any]) -> None:
     """Fuse `loras` into `modules` (network name -> module, loaded from `folder`) in place, as
-    the folder's diffusers pipeline fuses them; LoraError names a file that matches nothing."""
+    the folder's diffusers pipeline fuses them; LoraError names a file that is not finite or
+    matches nothing."""
+    for lora in loras:
+        check_finite(lora.path)
     pipeline = _pipeline(folder, modules, pipeline_config)
     if not hasattr(pipeline, "load_lora_weights"):
         raise LoraError(f"{type(pipeline).__name__} does not load LoRA weights in diffusers")
@@ -90,6 +105,44 @@ def fuse_loras(folder: Path, modules: dict[str, nn.Module], loras: tuple[Lora, .
     for index, lora in enumerate(loras):
         pipeline.fuse_lora(lora_scale=lora.scale, adapter_names=[f"lora{index}"])
     pipeline.unload_lora_weights()
+
+
+def check_finite(path: Path) -> None:
+    """LoraError naming the first tensor of the file at `path` with a NaN or an infinity: fused,
+    it would make every output NaN (or inf), caught only as a failed ONNX validation."""
+    for name, tensor in _tensors(path):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise LoraError(f"--lora {path}: tensor {name!r} holds {bad} NaN/inf value(s) of "
+                            f"{tensor.numel()}; a LoRA's weights must be finite (a diverged "
+                            "training run or a broken conversion wrote it: use another file)")
+
+
+def _tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a LoRA file: one tensor in memory at a time from a safetensors file, or
+    a torch-pickled state dict (pytorch_lora_weights.bin, which diffusers also reads)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        file = safe_open(str(path), framework="pt")
+    except SafetensorError as error:
+        state = _pickled_state(path, error)
+        yield from ((name, value) for name, value in state.items() if torch.is_tensor(value))
+        return
+    with file:
+        for name in sorted(file.keys()):
+            yield name, file.get_tensor(name)
+
+
+def _pickled_state(path: Path, safetensors_error: Exception) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
+        state = None
+    if not isinstance(state, dict):
+        raise LoraError(f"--lora {path}: not a LoRA weights file (a .safetensors file is "
+                        f"expected; safetensors says: {safetensors_error})")
+    return state
 
 
 def _pipeline(folder: Path, modules: dict[str, nn.Module], pipeline_config: dict[str, Any]):

@@ -156,6 +156,11 @@ class ServeCommand:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    def tritonserver(self) -> int:
+        """The process id of the tritonserver that `driffusion serve` runs now."""
+        (triton,) = children_of(self.process.pid)
+        return triton
+
     def memory_mb(self) -> tuple[float, float]:
         """(the serve process, which holds the request guard; tritonserver and its stubs) RSS."""
         (triton,) = children_of(self.process.pid)

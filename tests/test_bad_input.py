@@ -36,7 +36,8 @@ LIMITS = {"max_steps": 50, "max_window": 8, "max_prompt_bytes": 64}
 H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 9, 0, "GPU-1234")
 L4 = GpuInfo(0, "NVIDIA L4", 8, 9, "GPU-5678")
 TRITON_TYPES = {np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
-                np.dtype(np.float32): "FP32", np.dtype(object): "BYTES"}
+                np.dtype(np.float32): "FP32", np.dtype(object): "BYTES",
+                np.dtype(np.uint8): "UINT8"}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,11 @@ def server(triton_server, tmp_path_factory) -> EmbeddedServer:
 
 
 def tensor(name: str, value, dtype=None, shape=None) -> grpc_client.InferInput:
-    array = np.array(value if isinstance(value, list) else [value], dtype=dtype)
+    """An input of a scalar, a list, or an image (a numpy array, sent as it is)."""
+    if isinstance(value, np.ndarray):
+        array = value
+    else:
+        array = np.array(value if isinstance(value, list) else [value], dtype=dtype)
     if array.dtype.kind in "US":
         array = np.array([v.encode() if isinstance(v, str) else v for v in array.tolist()],
                          dtype=object)
@@ -92,6 +97,13 @@ FIELD_CASES = {
     "tolerance outside verified": ([LABEL, ("TOLERANCE", 0.1, np.float32)], "TOLERANCE:",
                                    "mode verified only"),
     "draft order": ([LABEL, ("DRAFT_ORDER", 3, np.int32)], "DRAFT_ORDER:", "one of (1, 2)"),
+    # inputs the class-conditional family does not serve
+    "init image on a class model": ([LABEL, ("INIT_IMAGE", np.zeros((8, 8, 3), np.uint8), None)],
+                                    "INIT_IMAGE:", "image-to-image is served for SD 1.x/2.x,"),
+    "strength on a class model": ([LABEL, ("STRENGTH", 0.5, np.float32)], "STRENGTH:",
+                                  "takes no image inputs (INIT_IMAGE, MASK, STRENGTH)"),
+    "true cfg on a class model": ([LABEL, ("TRUE_CFG", 2.0, np.float32)], "TRUE_CFG:",
+                                  "sim is a model of the class-conditional family: use GUIDANCE"),
 }
 
 
@@ -156,6 +168,58 @@ def test_server_is_still_ready_and_serving_after_bad_requests(server):
             infer(server.grpc_url, bad)
     assert server.is_ready()
     image = infer(server.grpc_url, [tensor("LABEL", 3, np.int32), tensor("STEPS", 4, np.int32)])
+    assert image.shape == (8, 8, 3) and image.dtype == np.uint8
+
+
+# ---------------------------------------------------------------------------------------------
+# Image inputs on the reference model (an SD folder with a VAE encoder, 8x8-pixel engines)
+
+
+@pytest.fixture(scope="module")
+def reference_server(triton_server, tmp_path_factory) -> EmbeddedServer:
+    """The bundled reference model on one ONNX Runtime device (its engines are built once and
+    shared with the bench tests)."""
+    from bench.common import ensure_reference_engines
+
+    engines = ensure_reference_engines(lambda line: None)
+    repository = write_repository(tmp_path_factory.mktemp("reference") / "repo", RepositoryOptions(
+        model=str(engines.directory.parent), devices=1, **LIMITS))
+    return triton_server(repository.path)
+
+
+PROMPT = ("PROMPT", "a handwritten three", object)
+PIXELS_8 = ("INIT_IMAGE", np.full((8, 8, 3), 128, np.uint8), None)
+REFERENCE_CASES = {
+    "init image off the engines' size": (
+        [PROMPT, ("INIT_IMAGE", np.full((16, 16, 3), 128, np.uint8), None)],
+        "INIT_IMAGE: is 16x16 pixels (height x width); reference's engines take 8x8 pixels only"),
+    "mask off the init image's size": (
+        [PROMPT, PIXELS_8, ("MASK", np.full((4, 8), 255, np.uint8), None)],
+        "MASK: must be the size of INIT_IMAGE [8, 8]; got [4, 8]"),
+    "strength without an init image": (
+        [PROMPT, ("STRENGTH", 0.5, np.float32)],
+        "STRENGTH: needs an INIT_IMAGE (image-to-image or inpainting)"),
+    "true cfg on an SD model": (
+        [PROMPT, ("TRUE_CFG", 2.0, np.float32)],
+        "TRUE_CFG: TRUE_CFG is for Flux models; reference is a model of the SD 1.x/2.x family"),
+}
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", REFERENCE_CASES)
+def test_bad_image_input_on_the_reference_model_is_invalid_argument_naming_it(
+        reference_server, case):
+    fields, starts = REFERENCE_CASES[case]
+    with pytest.raises(InferenceServerException) as error:
+        infer(reference_server.grpc_url, [tensor(*field) for field in fields])
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert error.value.message().startswith(starts), error.value.message()
+
+
+@pytest.mark.triton
+def test_an_init_image_of_the_engines_size_is_served(reference_server):
+    image = infer(reference_server.grpc_url, [tensor(*PROMPT), tensor(*PIXELS_8),
+                                              tensor("STEPS", 4, np.int32)])
     assert image.shape == (8, 8, 3) and image.dtype == np.uint8
 
 

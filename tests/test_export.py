@@ -120,6 +120,23 @@ def test_validation_fails_with_the_error_numbers(tiny_sd_export, tmp_path):
     assert caught.value.report.outputs[0].max_abs == pytest.approx(0.5, abs=1e-3)
 
 
+def test_a_one_percent_error_fails_though_the_fp32_noise_is_measured(tiny_sd_export, tmp_path):
+    """A well-conditioned network's fp32 noise is tiny, so the widened tolerance still catches
+    an error of about 1% of the outputs' range (the UNet's conv_out bias moved by 0.01)."""
+    bundle, result = tiny_sd_export
+    exported = result.networks["unet"]
+    model = onnx.load(str(exported.path))
+    bias = next(t for t in model.graph.initializer if t.name.endswith("conv_out.bias"))
+    moved = onnx.numpy_helper.to_array(bias) + 0.01
+    bias.CopyFrom(onnx.numpy_helper.from_array(moved, bias.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken))
+    with pytest.raises(ValidationError, match="fp32 noise") as caught:
+        validate_onnx(broken, exported.spec, bundle.modules["unet"], batch=2)
+    (error,) = caught.value.report.outputs
+    assert 0 < error.reference_noise < 1e-4 and error.max_abs == pytest.approx(0.01, abs=1e-4)
+
+
 def test_fp16_export_is_strongly_typed_fp16(tmp_path):
     unet = small_unet()
     spec = UNetSpec.from_model(unet, precision="fp16", sequence_length=7, vae_scale_factor=1)

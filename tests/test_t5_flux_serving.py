@@ -193,3 +193,16 @@ def test_flux_and_sd3_image_to_image_match_diffusers(served):
         parallel = served_image(served, PROMPT, 47, INIT_IMAGE=image, STRENGTH=0.7,
                                 MODE="aggressive", WINDOW=window)
         assert parallel.rounds < result.rounds
+
+
+def test_mask_is_refused_where_only_sd_inpaints(served):
+    """MASK on these folders is INVALID_ARGUMENT naming MASK and the family that inpaints, not
+    image-to-image that drops the mask."""
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as refused:
+        served_image(served, PROMPT, 48, INIT_IMAGE=init_image(SIZE),
+                     MASK=np.full((SIZE, SIZE), 255, np.uint8))
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert refused.value.message().startswith(
+        "MASK: inpainting is served for SD 1.x/2.x folders; "), refused.value.message()
