@@ -29,7 +29,10 @@ FLAGS = ("--request-guard-header-timeout-s", str(HEADER_S),
          "--request-guard-body-timeout-s", str(BODY_S),
          "--request-guard-min-rate", str(MIN_RATE), "--request-guard-bytes", str(CAP),
          "--request-guard-memory-bytes", str(BUDGET),
-         "--request-guard-connections", str(CONNECTIONS))
+         "--request-guard-connections", str(CONNECTIONS),
+         # one address (every test here is 127.0.0.1) may use all of it
+         "--request-guard-client-memory-bytes", str(BUDGET),
+         "--request-guard-client-connections", str(CONNECTIONS))
 
 
 @pytest.fixture(scope="module")
@@ -210,18 +213,22 @@ def admitted(connection: socket.socket) -> bytes:
 
 def test_bodies_beyond_the_memory_budget_get_503_until_memory_is_free(served):
     expecting = infer_head(CAP, b"Expect: 100-continue")
+    length = CAP - MIB
     held = []
     try:
-        for _ in range(BUDGET // CAP):
-            held.append(connect(served))
-            held[-1].sendall(expecting)
-            assert admitted(held[-1]) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        for _ in range(BUDGET // length):  # what they sent fills the budget (6 x 31 MiB)
+            held.append(stalled_body(served, length, sent=length - 1)[0])
+        time.sleep(0.3)  # all of it read (the body timeout closes them 2 s after)
         refused = connect(served)
-        refused.sendall(expecting)
-        refused.shutdown(socket.SHUT_WR)  # nothing more: the guard need not wait for a body
+        refused.sendall(expecting)  # told before it sends its body
+        refused.shutdown(socket.SHUT_WR)
         answer, _ = until_closed(refused)
         assert answer.startswith(b"HTTP/1.1 503 Service Unavailable"), answer[:200]
         assert b"retry-after: 1" in answer.lower() and b"--request-guard-memory-bytes" in answer
+        sending = connect(served)  # a body that did not ask is refused when its bytes come
+        sending.sendall(infer_head(16 * MIB) + b" " * 16 * MIB)
+        answer, _ = until_closed(sending)
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable"), answer[:200]
         assert served_normally(served) < 5  # a small body still fits
         held.pop().close()  # the guard drops that body: room for one more
         deadline = time.monotonic() + 5
@@ -268,7 +275,9 @@ def test_the_default_limits_close_stalled_and_slowloris_connections_within_45_s(
     from triton_models.guard import GuardLimits
 
     defaults = GuardLimits()
-    with ServeCommand(tmp_path) as serve:
+    # the default time limits; one address (127.0.0.1) may hold the whole default budget
+    with ServeCommand(tmp_path, "--request-guard-client-memory-bytes",
+                      str(defaults.memory_bytes)) as serve:
         baseline = warm_memory(serve)
         length = 30 * MIB  # 8 fit the default budget of 256 MiB
         with ThreadPoolExecutor(9) as pool:

@@ -53,6 +53,10 @@ UNAVAILABLE_MESSAGE = ("the inference server is not answering (it may be restart
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # what a model repository's names may be
 TRIM_BYTES = 4 << 20  # after dropping a request this large, give freed heap back to the system
 TRIM_DELAY_S = 0.5
+# Triton is on this host and restarted at once when it dies (triton_models/serve.py): try it
+# again every 0.1-0.5 s, not with gRPC's default backoff (1 s growing to 120 s)
+RECONNECT = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+             ("grpc.max_reconnect_backoff_ms", 500))
 _trim: asyncio.TimerHandle | None = None  # the pending give_heap_back() of the guard's loop
 
 
@@ -145,7 +149,8 @@ class RequestGuard:
         host, grpc_upstream, http_upstream = self.upstream
         cap = self.limits.max_request_bytes
         channel = grpc.aio.insecure_channel(f"{host}:{grpc_upstream}", options=[
-            ("grpc.max_send_message_length", cap), ("grpc.max_receive_message_length", -1)])
+            ("grpc.max_send_message_length", cap), ("grpc.max_receive_message_length", -1),
+            *RECONNECT])
         budget = MemoryBudget(self.limits.memory_bytes, self.limits.client_memory_bytes)
         specs = ModelSpecs(http_upstream)
         server = grpc.aio.server(maximum_concurrent_rpcs=self.limits.grpc_calls, options=[

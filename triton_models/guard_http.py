@@ -25,6 +25,7 @@ import asyncio
 import json
 import mmap
 import re
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
@@ -420,8 +421,9 @@ class PublicConnection:
         except grpc.aio.AioRpcError as error:
             return as_answer(http_error(error.code(), upstream_details(error)))
         requested = [(output.name, output.binary) for output in checked.outputs]
-        return as_answer(http_answer(response, requested,
-                                     checked.parameters.get("binary_data_output") is True))
+        answer = as_answer(http_answer(response, requested,
+                                       checked.parameters.get("binary_data_output") is True))
+        return compressed(answer, headers.get(b"accept-encoding", b""))
 
     async def _until_gone(self, call):
         """The result of `call`; cancelled (and the client's connection ended) when the client
@@ -513,6 +515,19 @@ class PublicConnection:
             if not data:
                 return
             left -= len(data)
+
+
+def compressed(answer: tuple[int, dict, bytes], accepted: bytes) -> tuple[int, dict, bytes]:
+    """`answer` in the coding the client accepts, as Triton's HTTP endpoint answers it (gzip,
+    else deflate: zlib's stream, else as it is)."""
+    status, headers, body = answer
+    codings = {token.split(b";")[0].strip().lower() for token in accepted.split(b",")}
+    for coding, wbits in ((b"gzip", 31), (b"deflate", 15)):
+        if coding in codings:
+            packer = zlib.compressobj(wbits=wbits)
+            body = packer.compress(body) + packer.flush()
+            return status, {**headers, "content-encoding": coding.decode()}, body
+    return answer
 
 
 def error_answer(status: int, message: str) -> tuple[int, dict, bytes]:
