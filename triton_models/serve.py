@@ -144,10 +144,13 @@ def server_environment() -> dict[str, str]:
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [*libs, env.get("LD_LIBRARY_PATH")]))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
-    # No malloc tunable: what stays after large requests is the python backend's shared-memory
-    # region, grown to the largest input and never shrunk, not heap. Measured, 10 refused 30 MB
-    # binary-HTTP PROMPTs: group RSS 1087 -> 1208 MB 5 s after, all RssShmem (tritonserver 60,
-    # two driffusion stubs 30 each), with and without MALLOC_MMAP_THRESHOLD_=1048576 alike.
+    # No malloc tunable: none helped. Measured (sim, 10 refused 30 MB PROMPTs, tritonserver and
+    # stubs' RSS 5 s after): binary HTTP 1087 -> 1208 MB, all the python backend's shared-memory
+    # regions (grown to the largest input, never shrunk: 60 MB in tritonserver, 30 in each of
+    # two driffusion stubs), the same with MALLOC_MMAP_THRESHOLD_=1048576 or GLIBC_TUNABLES=
+    # glibc.malloc.mmap_threshold=1048576; gRPC 1087 -> 1362-1426 MB (tritonserver heap +150 to
+    # +220 MB; 30 requests: +230, so it levels off), 1370-1413 MB with that threshold,
+    # MALLOC_ARENA_MAX=2, MALLOC_TRIM_THRESHOLD_ or --grpc-infer-allocation-pool-size 0 or 1.
     return env
 
 
