@@ -132,16 +132,9 @@ def test_serve_restarts_a_killed_tritonserver_on_its_ports_and_still_stops_clean
     assert restart.returncode == 0 and not restart.left_over
 
 
-GUARD_PENDING = pytest.mark.xfail(
-    reason="waits for the guard rewrite (triton_models/guard.py, guard_http.py): answers that "
-    "name no loopback port, and a gRPC channel to Triton that reconnects within a second")
-
-
-@GUARD_PENDING
 def test_in_the_gap_the_guard_answers_naming_none_of_tritons_ports(restart):
     status, text = restart.gap_http
-    # unavailable, or 502 where the connection the guard held to Triton broke
-    assert status in (502, 503), text
+    assert status == 503, text
     error = restart.gap_grpc
     assert error is not None and error.status() == "StatusCode.UNAVAILABLE"
     for answer in (text, error.message()):
@@ -149,7 +142,6 @@ def test_in_the_gap_the_guard_answers_naming_none_of_tritons_ports(restart):
         assert not any(str(port) in answer for port in restart.internal_ports), answer
 
 
-@GUARD_PENDING
 def test_grpc_through_the_guard_answers_again_right_after_the_restart(restart):
     assert restart.grpc_after
 

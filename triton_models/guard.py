@@ -53,6 +53,7 @@ UNAVAILABLE_MESSAGE = ("the inference server is not answering (it may be restart
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # what a model repository's names may be
 TRIM_BYTES = 4 << 20  # after dropping a request this large, give freed heap back to the system
 TRIM_DELAY_S = 0.5
+CONNECT_WAIT_S = 1.0
 # Triton is on this host and restarted at once when it dies (triton_models/serve.py): try it
 # again every 0.1-0.5 s, not with gRPC's default backoff (1 s growing to 120 s)
 RECONNECT = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
@@ -271,6 +272,8 @@ class _GrpcForward:
             client = await self._hold(request, context)
             try:
                 checked = await self._checked(method, request, context)
+                if not await upstream_ready(self.channel):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE_MESSAGE)
                 return await call(checked, metadata=_passed_on(context.invocation_metadata()),
                                   timeout=context.time_remaining())
             except grpc.aio.AioRpcError as error:
@@ -305,6 +308,20 @@ class _GrpcForward:
                                     _passed_on(error.trailing_metadata()))
 
         return forward
+
+
+async def upstream_ready(channel) -> bool:
+    """Whether the channel to Triton is connected, waiting up to CONNECT_WAIT_S while it
+    reconnects (after a restart a call would otherwise fail until the next retry)."""
+    import grpc
+
+    if channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+        return True
+    try:
+        await asyncio.wait_for(channel.channel_ready(), CONNECT_WAIT_S)
+    except asyncio.TimeoutError:
+        return False
+    return True
 
 
 def client_address(peer: str) -> str:

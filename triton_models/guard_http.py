@@ -43,6 +43,7 @@ from triton_models.guard import (
     ModelSpecs,
     give_heap_back_soon,
     guard_flag,
+    upstream_ready,
 )
 from triton_models.kserve_http import http_answer, http_error
 from triton_models.request_check import (
@@ -193,6 +194,7 @@ class HttpGuard:
         self.upstream_port = upstream_port
         self.budget = budget
         self.specs = specs
+        self.channel = channel
         self.infer = channel.unary_unary(INFER_METHOD)  # Triton's gRPC port: it cancels
         # JSON is parsed one body at a time, beside the event loop: its memory is a few times
         # the body's, so at most one such peak at once
@@ -416,6 +418,8 @@ class PublicConnection:
             checked = await self.loop.run_in_executor(
                 self.guard.parser, parse_http_infer, data, header_length, model, version, spec)
         message = to_grpc_request(checked)
+        if not await upstream_ready(self.guard.channel):
+            return error_answer(503, UNAVAILABLE_MESSAGE)
         try:
             response = await self._until_gone(self.guard.infer(message))
         except grpc.aio.AioRpcError as error:
