@@ -289,3 +289,117 @@ def test_an_http_client_that_disconnects_cancels_its_request(served):
     rounds = metric_at(served, "driffusion_rounds_total", mode="sequential") - rounds_before
     assert rounds < LONG_STEPS / 2, rounds
     served_normally(served)
+
+
+# ---------------------------------------------------------------------------------------------
+# A second hostile pass by the tests themselves: randomised request bodies over HTTP and gRPC
+
+FUZZ_EXAMPLES = 120  # per protocol: about 10 s each on the 2-core box
+NAMES = ["LABEL", "PROMPT", "SEED", "STEPS", "MODE", "WINDOW", "GUIDANCE", "INIT_IMAGE",
+         "MASK", "STRENGTH", "x", "", "IMAGE"]
+DATATYPES = ["BOOL", "UINT8", "INT8", "INT32", "INT64", "UINT64", "FP16", "FP32", "FP64",
+             "BF16", "BYTES", "int32", "TYPE_INT32", ""]
+EDGE_INTS = [0, 1, 3, -1, 255, 256, 2 ** 31 - 1, 2 ** 31, -2 ** 31 - 1, 2 ** 63, -2 ** 63 - 1,
+             2 ** 64, 100_000]
+
+
+def fuzz_strategies():
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.sampled_from(EDGE_INTS), st.integers(-8, 8), st.booleans(), st.none(),
+                       st.floats(allow_nan=False), st.text(max_size=8))
+    data = st.recursive(st.lists(scalar, max_size=12), lambda inner: st.lists(inner, max_size=3),
+                        max_leaves=24)
+    shape = st.one_of(st.lists(st.sampled_from(EDGE_INTS[:6] + [8, 0, 2]), max_size=4),
+                      st.just([1]), st.text(max_size=3))
+    tensor = st.fixed_dictionaries(
+        {"name": st.sampled_from(NAMES), "datatype": st.sampled_from(DATATYPES),
+         "shape": shape},
+        optional={"data": data, "parameters": st.dictionaries(
+            st.sampled_from(["binary_data_size", "binary_data", "shared_memory_region", "x"]),
+            scalar, max_size=2)})
+    body = st.fixed_dictionaries(
+        {"inputs": st.lists(tensor, max_size=4)},
+        optional={"outputs": st.lists(st.fixed_dictionaries({"name": st.sampled_from(NAMES)}),
+                                      max_size=2),
+                  "parameters": st.dictionaries(st.text(max_size=6), scalar, max_size=2),
+                  "id": scalar})
+    return st, body
+
+
+def test_random_http_bodies_get_no_5xx_and_the_server_stays_well(served):
+    from hypothesis import HealthCheck, given, settings
+
+    st, body = fuzz_strategies()
+    before = served.memory_mb()
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(document=body, junk=st.binary(max_size=64), cut=st.integers(-1, 200),
+           model=st.sampled_from(["driffusion", "unet_sim", "nothing"]))
+    def one(document, junk, cut, model):
+        raw = json.dumps(document, allow_nan=False).encode()
+        extra = ()
+        if cut >= 0:  # a binary-tensor request: a JSON header of (claimed) `cut` bytes + junk
+            raw, extra = raw + junk, (b"Inference-Header-Content-Length: %d" % cut,)
+        answer = exchange(served, post(f"/v2/models/{model}/infer", raw, *extra))
+        assert answer.startswith(b"HTTP/1.1 "), answer[:200]
+        assert answer[9:10] in b"24", answer[:300]  # 2xx or 4xx, never 5xx
+
+    one()
+    assert ready(served)
+    served_normally(served)
+    after = served.memory_mb()
+    assert after[0] - before[0] < 64 and after[1] - before[1] < 32, (before, after)
+
+
+def test_random_grpc_requests_get_no_server_error_and_the_server_stays_well(served):
+    import grpc
+    from hypothesis import HealthCheck, given, settings
+    from tritonclient.grpc import service_pb2
+
+    from triton_models.guard import INFER_METHOD
+
+    st, _ = fuzz_strategies()
+    channel = grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}")
+    call = channel.unary_unary(INFER_METHOD)
+    contents = ["bool_contents", "int_contents", "int64_contents", "uint_contents",
+                "uint64_contents", "fp32_contents", "fp64_contents", "bytes_contents"]
+    values = {"bool_contents": st.booleans(), "int_contents": st.integers(-2 ** 31, 2 ** 31 - 1),
+              "int64_contents": st.integers(-2 ** 63, 2 ** 63 - 1),
+              "uint_contents": st.integers(0, 2 ** 32 - 1),
+              "uint64_contents": st.integers(0, 2 ** 64 - 1),
+              "fp32_contents": st.floats(width=32), "fp64_contents": st.floats(),
+              "bytes_contents": st.binary(max_size=8)}
+    tensor = st.tuples(st.sampled_from(NAMES), st.sampled_from(DATATYPES),
+                       st.lists(st.sampled_from([value for value in EDGE_INTS + [8, 2]
+                                                 if -2 ** 63 <= value < 2 ** 63]), max_size=4),
+                       st.sampled_from(contents + ["raw"]), st.data())
+    before = served.memory_mb()
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(tensors=st.lists(tensor, max_size=4), raw=st.lists(st.binary(max_size=64), max_size=4),
+           model=st.sampled_from(["driffusion", "unet_sim", "nothing", ""]))
+    def one(tensors, raw, model):
+        request = service_pb2.ModelInferRequest(model_name=model)
+        for name, datatype, shape, kind, draw in tensors:
+            item = request.inputs.add(name=name, datatype=datatype, shape=shape)
+            if kind != "raw":
+                getattr(item.contents, kind).extend(
+                    draw.draw(st.lists(values[kind], max_size=6)))
+        request.raw_input_contents.extend(raw)
+        try:
+            call(request.SerializeToString(), timeout=30)
+        except grpc.RpcError as error:
+            assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), \
+                (error.code(), error.details())
+
+    try:
+        one()
+    finally:
+        channel.close()
+    assert ready(served)
+    served_normally(served)
+    after = served.memory_mb()
+    assert after[0] - before[0] < 64 and after[1] - before[1] < 32, (before, after)

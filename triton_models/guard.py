@@ -168,6 +168,7 @@ class RequestGuard:
             await http.stop()
             await server.stop(grace=None)
             await channel.close()
+            await specs.triton.close()  # Triton waits for open HTTP connections when it stops
 
 
 def allow_open_files(count: int) -> None:
