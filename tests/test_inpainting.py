@@ -110,7 +110,7 @@ def bad_image_error(served: Served, **fields) -> str:
     ({"INIT_IMAGE": init_image(), "MASK": half_mask(), "STRENGTH": 0.05},
      r"STRENGTH: 0.05 keeps none of the 8 steps; use at least 0.125"),
     ({"INIT_IMAGE": init_image(48), "MASK": half_mask(48)},
-     "HEIGHT: must be 64 pixels"),
+     r"INIT_IMAGE: is 48x48 pixels \(height x width\); .*engines take 64x64 pixels only"),
     ({"INIT_IMAGE": init_image(), "MASK": half_mask(), "HEIGHT": 128},
      "HEIGHT: must equal INIT_IMAGE's height 64"),
     ({"INIT_IMAGE": np.zeros((4000, 8, 3), np.uint8), "MASK": half_mask()},
