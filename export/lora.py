@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,30 +118,19 @@ def check_finite(path: Path) -> None:
 
 
 def _tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of a LoRA file: one tensor in memory at a time from a safetensors file, or
-    a torch-pickled state dict (pytorch_lora_weights.bin, which diffusers also reads)."""
+    """(name, tensor) of a safetensors LoRA file, one tensor in memory at a time. Pickled files
+    (pytorch_lora_weights.bin) are refused: this project never unpickles what it is given."""
     from safetensors import SafetensorError, safe_open
 
     try:
         file = safe_open(str(path), framework="pt")
     except SafetensorError as error:
-        state = _pickled_state(path, error)
-        yield from ((name, value) for name, value in state.items() if torch.is_tensor(value))
-        return
+        raise LoraError(f"--lora {path}: not a safetensors LoRA file ({error}); a .safetensors "
+                        "file is expected (convert a pickled .bin file with safetensors' "
+                        "save_file first)") from None
     with file:
         for name in sorted(file.keys()):
             yield name, file.get_tensor(name)
-
-
-def _pickled_state(path: Path, safetensors_error: Exception) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
-        state = None
-    if not isinstance(state, dict):
-        raise LoraError(f"--lora {path}: not a LoRA weights file (a .safetensors file is "
-                        f"expected; safetensors says: {safetensors_error})")
-    return state
 
 
 def _pipeline(folder: Path, modules: dict[str, nn.Module], pipeline_config: dict[str, Any]):

@@ -307,7 +307,8 @@ def fuzz_strategies():
     from hypothesis import strategies as st
 
     scalar = st.one_of(st.sampled_from(EDGE_INTS), st.integers(-8, 8), st.booleans(), st.none(),
-                       st.floats(allow_nan=False), st.text(max_size=8))
+                       st.floats(allow_nan=False, allow_infinity=False),
+                       st.text(max_size=8))
     data = st.recursive(st.lists(scalar, max_size=12), lambda inner: st.lists(inner, max_size=3),
                         max_leaves=24)
     shape = st.one_of(st.lists(st.sampled_from(EDGE_INTS[:6] + [8, 0, 2]), max_size=4),

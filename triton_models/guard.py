@@ -278,7 +278,7 @@ class _GrpcForward:
                 return await call(checked, metadata=_passed_on(context.invocation_metadata()),
                                   timeout=context.time_remaining())
             except grpc.aio.AioRpcError as error:
-                await context.abort(error.code(), _details(error),
+                await context.abort(error.code(), upstream_details(error),
                                     _passed_on(error.trailing_metadata()))
             finally:
                 self._drop(client, request)
@@ -305,7 +305,7 @@ class _GrpcForward:
                                            timeout=context.time_remaining()):
                     yield response
             except grpc.aio.AioRpcError as error:
-                await context.abort(error.code(), _details(error),
+                await context.abort(error.code(), upstream_details(error),
                                     _passed_on(error.trailing_metadata()))
 
         return forward
@@ -359,7 +359,7 @@ def _passed_on(metadata) -> tuple[tuple[str, str | bytes], ...]:
                  if not key.startswith(("grpc-", ":")) and key != "user-agent")
 
 
-def _details(error) -> str:
+def upstream_details(error) -> str:
     """What the client is told of Triton's error: its own text, less anything that names the
     loopback address behind the guard."""
     import grpc

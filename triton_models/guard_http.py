@@ -43,6 +43,7 @@ from triton_models.guard import (
     ModelSpecs,
     give_heap_back_soon,
     guard_flag,
+    upstream_details,
     upstream_ready,
 )
 from triton_models.kserve_http import http_answer, http_error
@@ -549,13 +550,6 @@ def grpc_status(name: str):
     import grpc
 
     return getattr(grpc.StatusCode, name)
-
-
-def upstream_details(error) -> str:
-    """Triton's error text for the client, less anything that names its loopback address."""
-    from triton_models.guard import _details
-
-    return _details(error)
 
 
 def checked_length(request: h11.Request, head: bytes, limits: GuardLimits) -> int:

@@ -430,16 +430,21 @@ def _http_inputs(entries: object, binary: memoryview, spec: ModelSpec,
     return tensors
 
 
+def _check_keys(label: str, entry: object, allowed: tuple[str, ...]) -> None:
+    """BadRequest unless `entry` is a JSON object with only `allowed` keys."""
+    if not isinstance(entry, dict):
+        raise BadRequest(f"{label}: must be an object; got {_json_kind(entry)}")
+    unknown = next((key for key in entry if key not in allowed), None)
+    if unknown is not None:
+        raise BadRequest(f"{label}: unknown key {_quote(unknown)}; allowed: "
+                         f"{', '.join(allowed)}")
+
+
 def _http_input(index: int, entry: object, spec: ModelSpec, seen: set[str],
                 limits: CheckLimits) -> tuple[TensorSpec, tuple[int, ...], bytes | int]:
     """One input object: its spec, shape, and data (bytes) or binary_data_size (int)."""
     label = f"inputs[{index}]"
-    if not isinstance(entry, dict):
-        raise BadRequest(f"{label}: must be an object; got {_json_kind(entry)}")
-    unknown = next((key for key in entry if key not in INPUT_KEYS), None)
-    if unknown is not None:
-        raise BadRequest(f"{label}: unknown key {_quote(unknown)}; allowed: "
-                         f"{', '.join(INPUT_KEYS)}")
+    _check_keys(label, entry, INPUT_KEYS)
     tensor_spec = _known_input(entry.get("name"), label, spec, seen, limits)
     label = tensor_spec.name
     if entry.get("datatype") != tensor_spec.datatype:
@@ -472,12 +477,7 @@ def _http_outputs(entries: object, spec: ModelSpec,
     pairs = []
     for index, entry in enumerate(entries):
         label = f"outputs[{index}]"
-        if not isinstance(entry, dict):
-            raise BadRequest(f"{label}: must be an object; got {_json_kind(entry)}")
-        unknown = next((key for key in entry if key not in OUTPUT_KEYS), None)
-        if unknown is not None:
-            raise BadRequest(f"{label}: unknown key {_quote(unknown)}; allowed: "
-                             f"{', '.join(OUTPUT_KEYS)}")
+        _check_keys(label, entry, OUTPUT_KEYS)
         pairs.append((entry.get("name"), _check_parameters(
             entry.get("parameters", {}), f"{label}.parameters", limits, OUTPUT_PARAMETERS)))
     return _checked_outputs(pairs, spec, limits)
