@@ -1,12 +1,17 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from triton_models.serve import free_ports
+
+# servers stopped by the tests wait 2 s, not 10, for connections a test left open (Triton counts
+# idle kept-alive HTTP connections too): about a minute of the suite
+os.environ.setdefault("DRIFFUSION_EXIT_TIMEOUT_S", "2")
 
 
 @pytest.fixture(name="free_ports")

@@ -206,6 +206,7 @@ REFERENCE_CASES = {
 
 
 @pytest.mark.triton
+@pytest.mark.slow  # one more server; the same refusals are served on an SD folder in test_inpainting
 @pytest.mark.parametrize("case", REFERENCE_CASES)
 def test_bad_image_input_on_the_reference_model_is_invalid_argument_naming_it(
         reference_server, case):
@@ -217,6 +218,7 @@ def test_bad_image_input_on_the_reference_model_is_invalid_argument_naming_it(
 
 
 @pytest.mark.triton
+@pytest.mark.slow  # img2img is served in tests/test_clients.py and test_text_to_image.py
 def test_an_init_image_of_the_engines_size_is_served(reference_server):
     image = infer(reference_server.grpc_url, [tensor(*PROMPT), tensor(*PIXELS_8),
                                               tensor("STEPS", 4, np.int32)])

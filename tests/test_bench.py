@@ -155,6 +155,7 @@ def test_cores_obtained_is_at_most_the_workers():
 
 
 @pytest.mark.triton
+@pytest.mark.slow  # 30 s; the bench's parts are tested on their own (floor, quality, load)
 def test_speed_bench_on_unet_sim_client_and_server_paths_writes_json(tmp_path):
     pytest.importorskip("pytriton", reason="needs nvidia-pytriton (the embedded tritonserver)")
     setup = SpeedSetup(steps=6, windows=(1, 2), repeat=1, sim_latency_ms=10.0)

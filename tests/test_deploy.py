@@ -253,6 +253,7 @@ def test_role_script_refuses_an_unknown_role_and_a_front_without_endpoints(tmp_p
 
 
 @pytest.mark.triton
+@pytest.mark.slow  # 30 s; fronts over device servers: tests/test_scale_out.py
 def test_role_script_starts_a_device_server_and_a_front_that_serves_images(tmp_path):
     pytest.importorskip("pytriton", reason="needs nvidia-pytriton (the embedded tritonserver)")
     device_ports = dict(zip(PORTS, free_ports(3)))

@@ -20,7 +20,7 @@ def server(triton_server, tmp_path_factory):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("protocol", [pytest.param("grpc", marks=pytest.mark.slow), "http"])
 def test_short_load_has_no_failures_and_device_calls_share_batches(server, tmp_path, capsys,
                                                                    protocol):
     out = tmp_path / "load.json"

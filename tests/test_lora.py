@@ -102,6 +102,7 @@ def test_a_lora_with_non_finite_weights_is_refused_naming_the_tensor(
     assert not (tmp_path / "onnx").exists()  # refused before anything was fused or exported
 
 
+@pytest.mark.slow  # 27 s: two more builds; engine keys by fingerprint: tests/test_engines.py
 def test_each_lora_set_builds_once_and_switching_back_reuses(folder_and_loras, tmp_path):
     from engines.build import BuildRequest, build_engines
     from export.presets import model_name

@@ -175,6 +175,7 @@ def test_served_sequential_is_diffusers_image_and_aggressive_takes_fewer_rounds(
     assert aggressive.image.shape == (8, 8, 3) and aggressive.image.dtype == np.uint8
 
 
+@pytest.mark.slow  # 9 s of training in small; the trained folder itself is tested above
 def test_training_script_writes_a_loadable_folder_and_its_record(tmp_path):
     """`make train-reference-flow` on a few steps: the folder loads with diffusers' pipeline,
     the record names what was trained, and the transformer left the adaLN-Zero start."""

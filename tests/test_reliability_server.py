@@ -209,6 +209,7 @@ def test_a_request_whose_client_gave_up_stops_within_a_round_and_the_check_inter
     assert served["IMAGE"].shape == (8, 8, 3)
 
 
+@pytest.mark.slow  # serve's own signal handling: tests/test_triton_serving.py (SIGTERM)
 def test_make_serve_stops_its_server_and_every_stub_when_make_is_terminated(free_ports):
     from triton_models.serve import group_members
 

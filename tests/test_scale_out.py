@@ -284,6 +284,7 @@ def test_a_device_server_killed_mid_image_leaves_the_image_unchanged_and_rejoins
 
 
 @pytest.mark.triton
+@pytest.mark.slow  # a frozen server's deadline: tests/test_reliability.py
 def test_a_frozen_device_server_is_replaced_after_the_deadline(servers):
     front, server_a = servers["F"], servers["A"]
     device_a = f"{server_a.grpc_url}/unet_sim"
@@ -318,6 +319,7 @@ def front_refuses(cluster: Cluster, name: str, endpoint: str) -> str:
 
 
 @pytest.mark.triton
+@pytest.mark.slow  # 26 s: three fronts that fail to start
 def test_a_front_refuses_to_start_on_an_endpoint_down_empty_or_of_another_shape(servers,
                                                                                cluster):
     (port,) = free_ports(1)

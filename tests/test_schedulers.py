@@ -35,7 +35,10 @@ def run(name: str, steps: int, config: dict, mode: str, window: int) -> torch.Te
                               tolerance=tolerance, generator=torch.Generator().manual_seed(0)))
 
 
-CASES = [(config, name) for config in CONFIGS for name in scheduler_names()
+# the reference model's config under the slow marker (90 s in all): the SD config runs the same
+# schedulers through the same VP arithmetic
+CASES = [pytest.param(config, name, marks=[pytest.mark.slow] if config == "reference" else [])
+         for config in CONFIGS for name in scheduler_names()
          if compatible(name, CONFIGS[config])]
 
 

@@ -28,6 +28,10 @@ FAMILIES: dict[str, Callable[[Path], Path]] = {
     "sdxl": sdxl_folder,
     "sd3": sd3_folder,
 }
+# served under the slow marker only (make test stays within 15 minutes): SD3 is served by
+# tests/test_t5_flux_serving.py (with T5), v-prediction shares SD's path but for the VP formulas
+# that tests/test_driffusion.py checks
+SLOW_FAMILIES = ("sd-v-ddim", "sd3")
 STEPS = 8
 GUIDANCE = 5.0
 PROMPT = "a watercolor painting of a lighthouse at dusk"
@@ -64,7 +68,9 @@ class Generated:
     evaluations: int
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=pytest.mark.slow) if name in SLOW_FAMILIES else name
+    for name in FAMILIES])
 def served(request, tmp_path_factory, torch_single_thread) -> Iterator[Served]:
     """One family's folder, exported and served on fp32 ONNX Runtime engines (under a temporary
     DRIFFUSION_HOME): the parity bounds are for fp32, not for fp16 TensorRT plans."""

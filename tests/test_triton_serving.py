@@ -172,6 +172,7 @@ def test_driffusion_model_fans_each_round_out_over_the_devices(server):
     assert aggressive < 6.5 * LATENCY_S, f"5 rounds of 2 concurrent calls took {aggressive:.2f} s"
 
 
+@pytest.mark.slow  # 21 s; concurrent rounds of 2: the test above
 def test_a_round_of_eight_device_calls_starts_them_all_at_once(triton_server, tmp_path):
     """8 devices, window 8: the `driffusion` model's BLS calls all start together. (Python's
     default executor has CPU count + 4 threads, 6 here: the last 2 calls of a round used to

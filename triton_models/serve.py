@@ -225,7 +225,7 @@ class EmbeddedServer:
             f"--http-address={self.triton_host}", f"--http-port={self.triton_ports['http']}",
             "--allow-metrics=true", f"--metrics-address={self.host}",
             f"--metrics-port={self.ports['metrics']}",
-            "--allow-gpu-metrics=false", "--exit-timeout-secs=10",
+            "--allow-gpu-metrics=false", f"--exit-timeout-secs={exit_timeout_s()}",
             "--disable-auto-complete-config",  # configs are complete; saves a stub launch
             f"--log-verbose={1 if self.verbose else 0}",
             *self._restrictions(),
@@ -378,6 +378,16 @@ class EmbeddedServer:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def exit_timeout_s() -> int:
+    """How long a stopping tritonserver waits for in-flight requests and open HTTP connections
+    (even idle kept-alive ones): $DRIFFUSION_EXIT_TIMEOUT_S, default 10 s."""
+    value = os.environ.get("DRIFFUSION_EXIT_TIMEOUT_S", "10")
+    if not value.isdigit():
+        raise ServerError(f"DRIFFUSION_EXIT_TIMEOUT_S must be a whole number of seconds; got "
+                          f"{value[:32]!r}")
+    return int(value)
 
 
 def _reachable(host: str) -> str:
@@ -753,8 +763,11 @@ def guard_summary(limits: GuardLimits) -> str:
     return (f"request guard on the gRPC and HTTP ports: at most {limits.max_request_bytes} "
             f"bytes a request; HTTP heads within {limits.header_timeout_s} s, bodies without "
             f"a {limits.body_timeout_s} s pause and at {limits.min_rate} bytes/s or more, "
-            f"{limits.memory_bytes} bytes of bodies held at once, {limits.connections} "
-            "connections; compressed and chunked bodies refused\n")
+            f"{limits.memory_bytes} bytes of requests held at once "
+            f"({limits.client_memory_bytes} per client address), {limits.connections} "
+            f"connections ({limits.client_connections} per client address); inference "
+            "requests checked against the models' configs; compressed and chunked bodies "
+            "refused\n")
 
 
 class RestartBudget:
