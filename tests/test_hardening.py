@@ -109,6 +109,7 @@ def oversized(model: str) -> list:
             tensor("encoder_hidden_states", np.zeros((rows, 77, 32), np.float32), "FP32")]
 
 
+@pytest.mark.slow  # Triton's own port; the guard refuses these first: tests/test_hostile_inputs.py
 @pytest.mark.parametrize("model", ["driffusion", "tokenizer", "text_encoder", "vae_decoder",
                                    "unet_cpu0"])
 def test_a_request_far_over_a_models_limit_is_refused_fast_without_keeping_memory(

@@ -34,6 +34,7 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.triton
+@pytest.mark.slow  # 40 s: a plain install's package data; `make demo` runs the editable install
 def test_installed_package_runs_the_demo_from_another_directory(installed, tmp_path):
     driffusion, site = installed
     before = package_files(site)

@@ -238,6 +238,7 @@ def test_the_image_is_the_same_whichever_mix_of_local_and_remote_devices(servers
 
 
 @pytest.mark.triton
+@pytest.mark.slow  # failover mid image: tests/test_reliability.py; remote devices: the test above
 def test_a_device_server_killed_mid_image_leaves_the_image_unchanged_and_rejoins(servers,
                                                                                  cluster):
     front, server_b = servers["F"], servers["B"]
