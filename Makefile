@@ -12,8 +12,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q "numpy<2" cuda-python -e ".[cpu,serve,bench,dev]"
+	$(BIN)/pip install -q --no-compile torch==$(TORCH_VERSION)  # bytecode is written on first import
+	$(BIN)/pip install -q --no-compile "numpy<2" cuda-python -e ".[cpu,serve,bench,dev]"
 	$(BIN)/pip install -q --no-deps open_clip_torch==3.3.0  # CLIP's BPE merges, for the tokenizer
 	touch $(STAMP)
 

@@ -76,6 +76,7 @@ REQUEST = {"PROMPT": "a photo of a cat", "NEGATIVE_PROMPT": "blurry", "SEED": 5,
            "MODE": "aggressive", "WINDOW": 2, "GUIDANCE": 4.0}
 
 
+@pytest.mark.slow  # one more server; failover inside driffusion: tests/test_reliability.py
 def test_a_device_that_raises_fails_over_and_the_image_is_unchanged(text_server,
                                                                      crashing_server):
     expected = infer(text_server.grpc_url, **REQUEST)

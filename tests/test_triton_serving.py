@@ -256,6 +256,7 @@ def test_a_model_that_fails_to_load_is_named_in_the_start_error(tmp_path, free_p
     assert server.process is None
 
 
+@pytest.mark.slow  # serve's clean stop is also asserted by tests/test_serve_restart.py (SIGINT)
 def test_serve_command_stops_on_sigterm_without_orphans(tmp_path, free_ports):
     grpc_port, http_port, metrics_port = free_ports(3)
     command = [sys.executable, "-m", "cli", "serve", "--model", "sim", "--devices", "2",
