@@ -525,8 +525,8 @@ def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
 
     guard = parser.add_argument_group(
         "request guard (holds the public gRPC and HTTP ports; Triton then listens on loopback "
-        "ports of its own; each guarded call costs one more local hop: 0.7-0.9 ms on the "
-        "2-core dev box, docs/BENCHMARKS.md)")
+        "ports of its own; it checks every inference request, and each guarded call costs "
+        "one more local hop: 2.5-3 ms on the 2-core dev box, docs/BENCHMARKS.md)")
     for name, limit in GUARD_LIMITS.items():
         guard.add_argument(guard_flag(name), dest=f"guard_{name}", type=int,
                            default=limit.default,
