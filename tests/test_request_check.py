@@ -253,7 +253,7 @@ HTTP_REFUSED = [
     ("unknown-key", {"inputs": [], "shared": 1}, "unknown key 'shared'; allowed: id"),
     ("repeated-key", b'{"inputs": [], "inputs": []}', "'inputs' appears twice"),
     ("inputs-object", {"inputs": {}}, "inputs: must be an array"),
-    ("input-not-object", {"inputs": [3]}, "inputs[0]: must be an object"),
+    ("input-not-object", {"inputs": [3]}, "inputs[0]: must be a JSON object"),
     ("name-not-string", {"inputs": [tensor(7, [1], "INT64", [1])]}, "inputs[0].name: must be a"),
     ("shape-string", {"inputs": [tensor("SEED", "1", "INT64", [1])]}, "SEED.shape: must be an"),
     ("datatype-missing", {"inputs": [{"name": "SEED", "shape": [1], "data": [1]}]},

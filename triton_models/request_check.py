@@ -389,12 +389,7 @@ def parse_http_infer(body: bytes | memoryview, header_length: int | None, model:
         raise BadRequest(f"Inference-Header-Content-Length: must be 1..{len(view)} (the body's "
                          f"length); got {header_length}")
     header = _load_json(view[:header_length], limits, "request body")
-    if not isinstance(header, dict):
-        raise BadRequest(f"request body: must be a JSON object; got {_json_kind(header)}")
-    unknown = next((key for key in header if key not in REQUEST_KEYS), None)
-    if unknown is not None:
-        raise BadRequest(f"request body: unknown key {_quote(unknown)}; allowed: "
-                         f"{', '.join(REQUEST_KEYS)}")
+    _check_keys("request body", header, REQUEST_KEYS)
     request_id = _check_text(header.get("id", ""), "id", limits)
     parameters = _check_parameters(header.get("parameters", {}), "parameters", limits, None)
     inputs = _http_inputs(header.get("inputs"), view[header_length:], spec, limits)
@@ -433,7 +428,7 @@ def _http_inputs(entries: object, binary: memoryview, spec: ModelSpec,
 def _check_keys(label: str, entry: object, allowed: tuple[str, ...]) -> None:
     """BadRequest unless `entry` is a JSON object with only `allowed` keys."""
     if not isinstance(entry, dict):
-        raise BadRequest(f"{label}: must be an object; got {_json_kind(entry)}")
+        raise BadRequest(f"{label}: must be a JSON object; got {_json_kind(entry)}")
     unknown = next((key for key in entry if key not in allowed), None)
     if unknown is not None:
         raise BadRequest(f"{label}: unknown key {_quote(unknown)}; allowed: "
