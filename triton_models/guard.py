@@ -37,6 +37,7 @@ from models.limits import GUARD_LIMITS
 from triton_models.request_check import (
     BadRequest,
     ModelSpec,
+    decode_grpc_infer,
     model_of_grpc_infer,
     parse_grpc_infer,
     to_grpc_request,
@@ -144,7 +145,7 @@ class RequestGuard:
     async def _serve(self, started: threading.Event) -> None:
         import grpc
 
-        from triton_models.guard_http import HttpGuard, MemoryBudget
+        from triton_models.guard_http import HttpGuard
 
         self._stopped = asyncio.Event()
         host, grpc_upstream, http_upstream = self.upstream
@@ -177,6 +178,50 @@ def allow_open_files(count: int) -> None:
     wanted = count if hard == resource.RLIM_INFINITY else min(count, hard)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+class MemoryBudget:
+    """Bytes of requests (HTTP bodies, gRPC messages) the guard holds at once, in all and per
+    client address, counted as they arrive (one event loop uses it: no lock)."""
+
+    def __init__(self, total: int, per_client: int) -> None:
+        self.total = total
+        self.per_client = per_client
+        self.held = 0
+        self.by_client: dict[str, int] = {}
+
+    def full(self, client: str, count: int) -> str | None:
+        """The name of the guard limit that `count` more bytes for `client` would pass now, or
+        None (nothing is counted)."""
+        if self.held + count > self.total:
+            return "memory_bytes"
+        if self.by_client.get(client, 0) + count > self.per_client:
+            return "client_memory_bytes"
+        return None
+
+    def take(self, client: str, count: int) -> str | None:
+        """None once `count` more bytes are counted for `client`; else the name of the guard
+        limit that they would pass (nothing is counted then)."""
+        full = self.full(client, count)
+        if full is None:
+            self.held += count
+            self.by_client[client] = self.by_client.get(client, 0) + count
+        return full
+
+    def give_back(self, client: str, count: int) -> None:
+        self.held -= count
+        left = self.by_client.get(client, 0) - count
+        if left > 0:
+            self.by_client[client] = left
+        else:
+            self.by_client.pop(client, None)
+
+    def busy_message(self, limit: str) -> str:
+        """What a client is told whose request does not fit `limit` (a `full` answer)."""
+        whose, total = (("this client address's", self.per_client)
+                        if limit == "client_memory_bytes" else ("all", self.total))
+        return (f"server busy: request bytes in transit fill {whose} {total} bytes of the "
+                f"guard ({guard_flag(limit)}); retry later")
 
 
 class ModelSpecs:
@@ -218,7 +263,7 @@ class _GrpcForward:
     checked and re-encoded first, and every message is counted against the memory budget while
     its call runs."""
 
-    def __init__(self, channel, budget, specs: ModelSpecs) -> None:
+    def __init__(self, channel, budget: MemoryBudget, specs: ModelSpecs) -> None:
         self.channel = channel
         self.budget = budget
         self.specs = specs
@@ -239,8 +284,9 @@ class _GrpcForward:
         if method not in (INFER_METHOD, STREAM_METHOD):
             return message
         try:
-            spec = await self.specs.get(model_of_grpc_infer(message))
-            return to_grpc_request(parse_grpc_infer(message, lambda name: spec))
+            request = decode_grpc_infer(message)  # once: a message may be 64 MiB
+            spec = await self.specs.get(model_of_grpc_infer(request))
+            return to_grpc_request(parse_grpc_infer(request, lambda name: spec))
         except BadRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except OSError:
@@ -254,9 +300,7 @@ class _GrpcForward:
         client = client_address(context.peer())
         full = self.budget.take(client, len(message))
         if full is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, (
-                f"server busy: request bytes in transit fill the guard's "
-                f"{self.budget.limit(full)} bytes ({guard_flag(full)}); retry later"))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.budget.busy_message(full))
         return client
 
     def _drop(self, client: str, message: bytes) -> None:

@@ -40,6 +40,7 @@ from triton_models.guard import (
     TRIM_BYTES,
     UNAVAILABLE_MESSAGE,
     GuardLimits,
+    MemoryBudget,
     ModelSpecs,
     give_heap_back_soon,
     guard_flag,
@@ -92,54 +93,9 @@ class Refusal(Exception):
         self.headers = headers
 
 
-class MemoryBudget:
-    """Bytes of requests the guard holds at once, in all and per client address, counted as
-    they arrive (one event loop uses it: no lock)."""
-
-    def __init__(self, total: int, per_client: int) -> None:
-        self.total = total
-        self.per_client = per_client
-        self.held = 0
-        self.by_client: dict[str, int] = {}
-
-    def take(self, client: str, count: int) -> str | None:
-        """None once `count` more bytes are counted for `client`; else the name of the guard
-        limit that they would pass (nothing is counted then)."""
-        if self.held + count > self.total:
-            return "memory_bytes"
-        held = self.by_client.get(client, 0)
-        if held + count > self.per_client:
-            return "client_memory_bytes"
-        self.held += count
-        self.by_client[client] = held + count
-        return None
-
-    def full(self, client: str, count: int) -> str | None:
-        """The name of the guard limit that `count` more bytes for `client` would pass now, or
-        None (nothing is counted)."""
-        if self.take(client, count) is None:
-            self.give_back(client, count)
-            return None
-        return "memory_bytes" if self.held + count > self.total else "client_memory_bytes"
-
-    def limit(self, name: str) -> int:
-        return self.total if name == "memory_bytes" else self.per_client
-
-    def give_back(self, client: str, count: int) -> None:
-        self.held -= count
-        left = self.by_client.get(client, 0) - count
-        if left > 0:
-            self.by_client[client] = left
-        else:
-            self.by_client.pop(client, None)
-
-
-def busy(limit: str, total: int) -> Refusal:
-    """The 503 for a request whose bytes do not fit the guard limit `limit` of `total` bytes."""
-    whose = "this client address's" if limit.startswith("client") else "all"
-    return Refusal(503, f"server busy: request bytes in transit fill {whose} {total} bytes of "
-                   f"the guard ({guard_flag(limit)}); retry later",
-                   headers=(("retry-after", "1"),))
+def busy(budget: MemoryBudget, limit: str) -> Refusal:
+    """The 503 for a request whose bytes do not fit the guard limit `limit`."""
+    return Refusal(503, budget.busy_message(limit), headers=(("retry-after", "1"),))
 
 
 class Body:
@@ -159,7 +115,7 @@ class Body:
         """Hold `data`, the next bytes of the body; a Refusal (503) if they do not fit."""
         full = self._budget.take(self.client, len(data))
         if full is not None:
-            raise busy(full, self._budget.limit(full))
+            raise busy(self._budget, full)
         if isinstance(self._memory, mmap.mmap):
             self._memory[self.filled:self.filled + len(data)] = data
         else:
@@ -330,7 +286,7 @@ class PublicConnection:
             if self.http.they_are_waiting_for_100_continue:
                 full = self.guard.budget.full(self.client, length)
                 if full is not None:  # the client has not sent the body: tell it now
-                    raise busy(full, self.guard.budget.limit(full))
+                    raise busy(self.guard.budget, full)
                 await self._send(h11.InformationalResponse(status_code=100, headers=[],
                                                              reason=b"Continue"))
             started = self.loop.time()
@@ -391,7 +347,9 @@ class PublicConnection:
             if request.method == b"POST" and body.filled:
                 check_json(body.view(), CheckLimits())
         except BadRequest as error:
-            return as_answer(http_error(grpc_status("INVALID_ARGUMENT"), str(error)))
+            import grpc
+
+            return as_answer(http_error(grpc.StatusCode.INVALID_ARGUMENT, str(error)))
         return await self._forward(request, body)
 
     async def _infer(self, request: h11.Request, target: re.Match, body: Body
@@ -400,7 +358,7 @@ class PublicConnection:
         cancelled if the client goes away meanwhile."""
         import grpc
 
-        headers = {name.lower(): value for name, value in request.headers}
+        headers = dict(request.headers)  # h11 gives lower-case names
         model, version = (unquote(part.decode("latin-1")) for part in target.groups(b""))
         length = headers.get(b"inference-header-content-length")
         header_length = (None if length is None
@@ -544,12 +502,6 @@ def error_answer(status: int, message: str) -> tuple[int, dict, bytes]:
 def as_answer(answer: tuple[int, list[tuple[str, str]], bytes]) -> tuple[int, dict, bytes]:
     status, headers, body = answer
     return status, dict(headers), body
-
-
-def grpc_status(name: str):
-    import grpc
-
-    return getattr(grpc.StatusCode, name)
 
 
 def checked_length(request: h11.Request, head: bytes, limits: GuardLimits) -> int:

@@ -643,23 +643,29 @@ def _check_byte_elements(label: str, count: int, raw: bytes | memoryview) -> Non
 # gRPC
 
 
-def _parse_grpc(message: bytes | memoryview) -> service_pb2.ModelInferRequest:
+GrpcInfer = bytes | memoryview | service_pb2.ModelInferRequest  # serialized, or decoded once
+
+
+def decode_grpc_infer(message: GrpcInfer) -> service_pb2.ModelInferRequest:
+    """The ModelInferRequest a gRPC message holds (decoded as given); BadRequest if none."""
+    if isinstance(message, service_pb2.ModelInferRequest):
+        return message
     try:
         return service_pb2.ModelInferRequest.FromString(bytes(message))
     except (DecodeError, ValueError, RuntimeError):
         raise BadRequest("request: not a serialized inference.ModelInferRequest") from None
 
 
-def model_of_grpc_infer(message: bytes) -> str:
-    """The model_name of a serialized ModelInferRequest."""
-    return _check_text(_parse_grpc(message).model_name, "model_name", CheckLimits())
+def model_of_grpc_infer(message: GrpcInfer) -> str:
+    """The model_name of a ModelInferRequest."""
+    return _check_text(decode_grpc_infer(message).model_name, "model_name", CheckLimits())
 
 
-def parse_grpc_infer(message: bytes, spec_of: Callable[[str], ModelSpec],
+def parse_grpc_infer(message: GrpcInfer, spec_of: Callable[[str], ModelSpec],
                      limits: CheckLimits = CheckLimits()) -> InferRequest:
-    """A serialized inference.ModelInferRequest, checked; spec_of(model_name) gives the spec
-    (it may raise BadRequest for an unknown model)."""
-    request = _parse_grpc(message)
+    """An inference.ModelInferRequest (serialized, or decoded by decode_grpc_infer), checked;
+    spec_of(model_name) gives the spec (it may raise BadRequest for an unknown model)."""
+    request = decode_grpc_infer(message)
     spec = spec_of(_check_text(request.model_name, "model_name", limits))
     version = _check_text(request.model_version, "model_version", limits)
     request_id = _check_text(request.id, "id", limits)
