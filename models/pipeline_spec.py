@@ -21,10 +21,21 @@ STABLE_DIFFUSION = "sd"  # one CLIP encoder, last hidden state
 STABLE_DIFFUSION_XL = "sdxl"  # two CLIP encoders, penultimate states, pooled text_embeds, time_ids
 STABLE_DIFFUSION_3 = "sd3"  # two CLIP encoders + T5 (or zeros in its place), pooled projections
 FLUX = "flux"  # CLIP pooled projection + T5 states, guidance embedding, 2x2-packed latents
-FAMILIES = (CLASS_CONDITIONAL, STABLE_DIFFUSION, STABLE_DIFFUSION_XL, STABLE_DIFFUSION_3, FLUX)
-# text encoder classes by what they give: CLIP (last/penultimate states, pooled) or T5 (states)
+FLUX2 = "flux2"  # one LLM encoder's stacked hidden states, 2x2-patchified batch-normed latents
+QWEN_IMAGE = "qwenimage"  # Qwen2.5-VL states after the template prefix, true CFG
+Z_IMAGE = "zimage"  # Qwen3's second-to-last states, mask-trimmed
+FAMILIES = (CLASS_CONDITIONAL, STABLE_DIFFUSION, STABLE_DIFFUSION_XL, STABLE_DIFFUSION_3, FLUX,
+            FLUX2, QWEN_IMAGE, Z_IMAGE)
+# text encoder classes by what they give: CLIP (last/penultimate states, pooled), T5 (states) or
+# an LLM (chosen hidden states, with an attention mask)
 CLIP_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
 T5_ENCODERS = ("T5EncoderModel",)
+LLM_ENCODERS = ("Qwen3ForCausalLM", "Qwen3Model", "Qwen2_5_VLForConditionalGeneration",
+                "Mistral3ForConditionalGeneration")
+# an LLM encoder's prompt template: none, the tokenizer's chat template (user message, generation
+# prompt) without or with thinking, or else a format string with one "{}"
+CHAT_TEMPLATE = "chat"
+CHAT_THINKING_TEMPLATE = "chat-thinking"
 # network precisions: a network's floating-point type inside (bf16 networks keep fp32 inputs
 # and outputs, cast at their edges; fp16 networks take and give fp16)
 NETWORK_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -37,13 +48,23 @@ class TextEncoder:
 
     network: str  # Triton model name, e.g. "text_encoder_2"
     tokenizer: str  # Triton model name of its tokenizer, e.g. "tokenizer_2"
-    kind: str  # a class of CLIP_ENCODERS or T5_ENCODERS
+    kind: str  # a class of CLIP_ENCODERS, T5_ENCODERS or LLM_ENCODERS
     max_length: int = 77  # tokens: CLIP's 77, T5's max_sequence_length of the family
     hidden_size: int = 768
+    # LLM encoders: indices into transformers' output.hidden_states (negative allowed), stacked
+    # as [B, S, len(layers) * hidden] in this order; one index gives that state alone
+    layers: tuple[int, ...] = ()
+    template: str = ""  # "", CHAT_TEMPLATE, CHAT_THINKING_TEMPLATE or a format string with "{}"
+    drop_tokens: int = 0  # prefix tokens dropped from the states (the template's own)
+    trim: bool = False  # the family conditions on the prompt's real length (mask-trimmed)
 
     @property
     def is_t5(self) -> bool:
         return self.kind in T5_ENCODERS
+
+    @property
+    def is_llm(self) -> bool:
+        return self.kind in LLM_ENCODERS
 
 
 @dataclass(frozen=True)
@@ -128,7 +149,7 @@ class PipelineSpec:
             if unknown:
                 raise TypeError(f"unknown fields {', '.join(unknown)}")
             data["latent_size"] = tuple(data["latent_size"])
-            data["text_encoders"] = tuple(TextEncoder(**e) for e in data.get("text_encoders", ()))
+            data["text_encoders"] = tuple(_text_encoder(e) for e in data.get("text_encoders", ()))
             data["label_names"] = tuple(tuple(names) for names in data.get("label_names", ()))
             for key in ("height_range", "width_range"):
                 if data.get(key) is not None:
@@ -140,6 +161,11 @@ class PipelineSpec:
 
     def with_defaults(self, **changes: Any) -> PipelineSpec:
         return replace(self, **changes)
+
+
+def _text_encoder(data: dict[str, Any]) -> TextEncoder:
+    """A TextEncoder from its JSON object (lists back to tuples)."""
+    return TextEncoder(**{**data, "layers": tuple(data.get("layers", ()))})
 
 
 def digit_names(count: int = 10) -> tuple[tuple[str, ...], ...]:

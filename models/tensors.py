@@ -24,8 +24,9 @@ CLASS_LABELS = "class_labels"  # class-conditional UNet2DModel
 
 # text encoders
 INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"  # LLM encoders: 1 for prompt tokens, 0 for padding, [N, S]
 LABEL = "label"
-TEXT_EMBEDDINGS = "text_embeddings"  # last hidden state (CLIP and T5)
+TEXT_EMBEDDINGS = "text_embeddings"  # last hidden state (CLIP and T5); an LLM's chosen states
 PENULTIMATE_HIDDEN_STATES = "penultimate_hidden_states"  # SDXL / SD3 use the layer before last
 POOLED = "pooled"  # CLIPTextModel pooler output, or CLIPTextModelWithProjection text_embeds
 
