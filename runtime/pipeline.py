@@ -317,21 +317,28 @@ class Pipeline:
         return result[tensors.TEXT_EMBEDDINGS].astype(np.float32)
 
     async def texts(self, encoder: TextEncoder, texts: list[str]) -> dict[str, np.ndarray]:
-        """Every output of one text encoder for `texts` ([N, ...] each, float32)."""
+        """Every output of one text encoder for `texts` ([N, ...] each, float32); an LLM
+        encoder's chosen hidden states come with the tokenizer's attention mask (int64)."""
+        token_names = [tensors.INPUT_IDS, TOKENIZER_DROPPED]
+        token_names += [tensors.ATTENTION_MASK] if encoder.is_llm else []
         tokens = await self._infer(encoder.tokenizer,
                                    {TOKENIZER_TEXT: np.array([[t.encode()] for t in texts],
                                                              dtype=np.object_)},
-                                   [tensors.INPUT_IDS, TOKENIZER_DROPPED])
+                                   token_names)
         for text, dropped in zip(texts, tokens[TOKENIZER_DROPPED].reshape(-1)):
             if dropped > 0:
                 log.warning("%s: the prompt was truncated to %d tokens, %d token(s) dropped: %s",
                             encoder.tokenizer, encoder.max_length, int(dropped), _shown(text))
-        names = ([tensors.TEXT_EMBEDDINGS] if encoder.is_t5 else
+        inputs = {tensors.INPUT_IDS: tokens[tensors.INPUT_IDS].astype(np.int64)}
+        if encoder.is_llm:
+            inputs[tensors.ATTENTION_MASK] = tokens[tensors.ATTENTION_MASK].astype(np.int64)
+        names = ([tensors.TEXT_EMBEDDINGS] if encoder.is_t5 or encoder.is_llm else
                  [tensors.TEXT_EMBEDDINGS, tensors.PENULTIMATE_HIDDEN_STATES, tensors.POOLED])
-        result = await self._infer(encoder.network,
-                                   {tensors.INPUT_IDS: tokens[tensors.INPUT_IDS].astype(np.int64)},
-                                   names)
-        return {name: value.astype(np.float32) for name, value in result.items()}
+        result = await self._infer(encoder.network, inputs, names)
+        outputs = {name: value.astype(np.float32) for name, value in result.items()}
+        if encoder.is_llm:
+            outputs[tensors.ATTENTION_MASK] = inputs[tensors.ATTENTION_MASK]
+        return outputs
 
     async def image(self, pixels: torch.Tensor) -> torch.Tensor:
         """The VAE encoder's posterior parameters [1, 2C, h, w] of pixels [1, 3, H, W]."""

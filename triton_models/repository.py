@@ -360,9 +360,10 @@ def _write_tokenizer(repository: Repository, directory: Path, encoder: TextEncod
     _write_config(model_dir, _python_config(
         name, inputs=[(TOKENIZER_TEXT, "TYPE_STRING", [-1, 1])],
         outputs=[(tensors.INPUT_IDS, "TYPE_INT64", [-1, -1]),
+                 (tensors.ATTENTION_MASK, "TYPE_INT64", [-1, -1]),
                  (TOKENIZER_DROPPED, "TYPE_INT32", [-1, 1])],
         parameters={"max_prompt_bytes": options.max_prompt_bytes,
-                    "max_length": encoder.max_length},
+                    "max_length": encoder.max_length, "template": encoder.template},
         batching=Batching(ENCODER_ROWS, dynamic=False),
     ))
 

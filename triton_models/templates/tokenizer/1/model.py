@@ -1,16 +1,21 @@
 """Triton python-backend model `tokenizer`: prompts in, token ids out, as diffusers tokenizes.
 
 TEXT (BYTES [N, 1], UTF-8; N at most 2: a prompt and its negative) -> input_ids (INT64
-[N, max_length]: padded to `max_length`, truncated there, special tokens added) and DROPPED
+[N, max_length]: padded on the right to `max_length`, truncated there, special tokens added),
+attention_mask (INT64 [N, max_length]: 1 for the prompt's tokens, 0 for padding) and DROPPED
 (INT32 [N, 1]: tokens truncation dropped, so the caller can warn). `max_length` is the
-encoder's token count (a parameter: CLIP's 77, the family's T5 max_sequence_length), else the
-tokenizer's model_max_length. The tokenizer files (CLIP's vocab.json and merges.txt, T5's
-tokenizer.json, ...) sit in the version directory's `tokenizer/`, copied from the engines by the
-repository generator, and load with transformers' AutoTokenizer.
+encoder's token count (a parameter: CLIP's 77, the family's T5 or LLM max_sequence_length),
+else the tokenizer's model_max_length; `template` is the encoder's prompt template (an LLM
+encoder's chat template or format string; models/prompt_tokens.py). The tokenizer files (CLIP's
+vocab.json and merges.txt, T5's or an LLM's tokenizer.json, a chat template, ...) sit in the
+version directory's `tokenizer/`, copied from the engines by the repository generator, and load
+with transformers' AutoTokenizer.
 """
-import numpy as np
+import json
+
 import triton_python_backend_utils as pb_utils
 
+from models.prompt_tokens import check_template, tokenize
 from triton_models.backend import model_parameters, version_dir
 
 
@@ -23,6 +28,8 @@ class TritonPythonModel:
         self.tokenizer = AutoTokenizer.from_pretrained(str(version_dir(args) / "tokenizer"),
                                                        local_files_only=True)
         self.max_length = int(parameters.get("max_length", self.tokenizer.model_max_length))
+        self.template = parameters.get("template", "")
+        check_template(self.tokenizer, self.template, json.loads(args["model_config"])["name"])
 
     def execute(self, requests):
         return [self._run(request) for request in requests]
@@ -40,13 +47,11 @@ class TritonPythonModel:
                 texts.append(raw.decode("utf-8"))
             except UnicodeDecodeError:
                 return _error("TEXT: must be UTF-8")
-        ids = self.tokenizer(texts, padding="max_length", max_length=self.max_length,
-                             truncation=True).input_ids
-        full = self.tokenizer(texts, truncation=False).input_ids
-        dropped = [max(0, len(tokens) - self.max_length) for tokens in full]
+        tokens = tokenize(self.tokenizer, texts, self.max_length, self.template)
         return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("input_ids", np.array(ids, dtype=np.int64)),
-            pb_utils.Tensor("DROPPED", np.array(dropped, dtype=np.int32).reshape(-1, 1)),
+            pb_utils.Tensor("input_ids", tokens.input_ids),
+            pb_utils.Tensor("attention_mask", tokens.attention_mask),
+            pb_utils.Tensor("DROPPED", tokens.dropped.reshape(-1, 1)),
         ])
 
 
