@@ -4,7 +4,7 @@ One spec object per network kind drives export (input/output names, dynamic axes
 (sample inputs) and engine builds (min/opt/max shapes of the optimisation profile).
 
 Shapes hold ints for static dims and strings for symbolic ones. The symbolic names used are
-`batch`, `latent_height`, `latent_width`, `image_height` and `image_width`. Profile and sample
+`batch`, `latent_height`, `latent_width`, `image_height`, `image_width` and `text_length`. Profile and sample
 sizes are given in *image pixels*; a spec converts them to latent sizes with its
 `vae_scale_factor` (8 for Stable Diffusion, 1 for pixel-space models such as the reference).
 """
@@ -25,6 +25,10 @@ LATENT_HEIGHT = "latent_height"
 LATENT_WIDTH = "latent_width"
 IMAGE_HEIGHT = "image_height"
 IMAGE_WIDTH = "image_width"
+# the text tokens of an LLM-conditioned denoiser's `encoder_hidden_states` (axis 1): a prompt's
+# real length, different per request and between a prompt and its negative prompt
+TEXT_LENGTH = "text_length"
+TEXT_LENGTH_OPT = 128  # the profile's optimal text length (capped by the family's maximum)
 
 Range = tuple[int, int, int]
 Shape = tuple[int | str, ...]
@@ -143,7 +147,12 @@ class NetworkSpec:
             IMAGE_WIDTH: widths,
             LATENT_HEIGHT: tuple(self._latent_size(h, "height") for h in heights),
             LATENT_WIDTH: tuple(self._latent_size(w, "width") for w in widths),
+            TEXT_LENGTH: self.text_lengths(),
         }
+
+    def text_lengths(self) -> Range:
+        """(min, opt, max) of the `text_length` dim; a spec with such an axis overrides it."""
+        return 1, 1, 1
 
     def _latent_size(self, pixels: int, what: str) -> int:
         multiple = self.vae_scale_factor * self.latent_multiple
