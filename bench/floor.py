@@ -146,8 +146,9 @@ def measure_sampler(setup: FloorSetup) -> list[FloorRecord]:
     import torch
 
     from models.reference import SCHEDULER_CONFIG
-    from runtime.devices import Conditioning, DevicePool, LocalDevice
+    from runtime.devices import DevicePool, LocalDevice
     from runtime.driffusion import sample
+    from runtime.guidance import Conditioning
     from runtime.schedulers import make_scheduler
 
     class Free:

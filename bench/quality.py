@@ -140,7 +140,8 @@ def make_denoiser(model: DigitsModel, setup: QualitySetup, prompts: Sequence[str
     """The batched local denoise for a batch of prompts (the empty prompt as the negative):
     the model's denoiser in PyTorch, or its engine in ONNX Runtime (`denoiser_onnx`), as one
     in-process device that takes each round in one call."""
-    from runtime.devices import Conditioning, DevicePool, LocalDevice
+    from runtime.devices import DevicePool, LocalDevice
+    from runtime.guidance import Conditioning
 
     if isinstance(prompts, str) or not prompts:
         raise ValueError("make_denoiser needs a non-empty list of prompts")

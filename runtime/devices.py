@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from models import tensors
+from runtime.guidance import Conditioning
 
 if TYPE_CHECKING:
     import torch
@@ -710,49 +711,6 @@ class PoolError(RuntimeError):
     """No device is left to run a round."""
 
 
-@dataclass(frozen=True)
-class Conditioning:
-    """One request's conditioning: the denoiser's inputs by name for the latent batch [B, ...],
-    for the prompt (`cond`) and the negative prompt (`uncond`), and the guidance scale.
-
-    It travels with the request (`DevicePool.denoiser(conditioning)`): nothing of a request is
-    stored on the pool, so concurrent requests share a pool safely.
-    """
-
-    cond: Mapping[str, np.ndarray]
-    uncond: Mapping[str, np.ndarray] | None = None
-    guidance: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.guidance >= 0:
-            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
-        cond = {name: as_float32(value) for name, value in self.cond.items()}
-        object.__setattr__(self, "cond", cond)
-        if self.uncond is not None:
-            uncond = {name: as_float32(value) for name, value in self.uncond.items()}
-            shapes = {name: value.shape for name, value in cond.items()}
-            if {name: value.shape for name, value in uncond.items()} != shapes:
-                raise ValueError(f"uncond conditioning must match cond {shapes}")
-            object.__setattr__(self, "uncond", uncond)
-        batches = {value.shape[0] for value in cond.values()}
-        if len(batches) != 1:
-            raise ValueError(f"conditioning inputs disagree on the batch: {sorted(batches)}")
-
-    @property
-    def batch(self) -> int:
-        return next(iter(self.cond.values())).shape[0]
-
-    @property
-    def uses_cfg(self) -> bool:
-        """Classifier-free guidance runs when there is a negative and guidance > 1 (diffusers)."""
-        return self.uncond is not None and self.guidance > 1.0
-
-
-def classifier_free_guidance(uncond, cond, guidance: float):
-    """The guided model output: uncond + guidance (cond - uncond), on numpy or torch tensors."""
-    return uncond + guidance * (cond - uncond)
-
-
 class DevicePool:
     """One round's items spread over the devices concurrently: `pool.denoiser(conditioning)` is
     the sampler's `denoise` for one request.
@@ -874,9 +832,22 @@ class DevicePool:
         return [device.name for device, ok in zip(due, back) if ok]
 
     async def _run_chunk(self, device: Device, chunk: list[_Task], sample, timestep,
-                         conditioning: Conditioning):
-        batch = conditioning.batch
+                         conditioning: Conditioning) -> dict[tuple[int, str], np.ndarray]:
+        """The outputs of a chunk's rows on one lane: rows whose conditioning shapes differ
+        (a prompt and a negative prompt of different text lengths) go in separate calls, one
+        after another, never padded."""
         rows = [(task.item, half) for task in chunk for half in task.halves]
+        outputs: dict[tuple[int, str], np.ndarray] = {}
+        for group in _groups_by_shape(rows, conditioning):
+            device, answered = await self._call(device, group, sample, timestep, conditioning)
+            outputs.update(answered)
+        return outputs
+
+    async def _call(self, device: Device, rows: list[tuple[int, str]], sample, timestep,
+                    conditioning: Conditioning):
+        """One model call on rows that stack, re-issued on a remaining device while devices
+        fail: (the device that answered, the rows' outputs)."""
+        batch = conditioning.batch
         parts = [_rows(item, half, sample, timestep, conditioning) for item, half in rows]
         stacked_sample = np.concatenate([part[0] for part in parts])
         stacked_timestep = np.concatenate([part[1] for part in parts])
@@ -895,7 +866,8 @@ class DevicePool:
                 failed, device = device, self._replacement()
                 self.failovers.append(Failover(failed.name, device.name, str(error),
                                                time.monotonic() - started))
-        return {row: output[index * batch : (index + 1) * batch] for index, row in enumerate(rows)}
+        return device, {row: output[index * batch : (index + 1) * batch]
+                        for index, row in enumerate(rows)}
 
     def _replacement(self) -> Device:
         """A remaining device to re-issue a failed chunk on (PoolError if none is left)."""
@@ -915,8 +887,8 @@ class DevicePool:
         for item in range(items):
             cond = outputs[(item, "cond")]
             if conditioning.uses_cfg:
-                cond = classifier_free_guidance(outputs[(item, "uncond")], cond,
-                                                conditioning.guidance)
+                cond = conditioning.combine(cond, outputs[(item, "uncond")],
+                                            conditioning.guidance)
             combined.append(cond)
         return np.concatenate(combined)
 
@@ -935,6 +907,18 @@ def _rows(item: int, half: str, sample: np.ndarray, timestep: np.ndarray,
     return sample[span], timestep[span], inputs
 
 
+def _groups_by_shape(rows: list[tuple[int, str]],
+                     conditioning: Conditioning) -> list[list[tuple[int, str]]]:
+    """The rows in groups of equal conditioning shapes (each group stacks into one call), in
+    the order each shape first appears."""
+    groups: dict[tuple, list[tuple[int, str]]] = {}
+    for item, half in rows:
+        inputs = conditioning.cond if half == "cond" else conditioning.uncond
+        shapes = tuple(sorted((name, value.shape) for name, value in inputs.items()))
+        groups.setdefault(shapes, []).append((item, half))
+    return list(groups.values())
+
+
 def split_evenly(tasks: Sequence, parts: int) -> list[list]:
     """Cut `tasks` into `parts` contiguous chunks whose sizes differ by at most one."""
     size, extra = divmod(len(tasks), parts)
@@ -944,10 +928,3 @@ def split_evenly(tasks: Sequence, parts: int) -> list[list]:
         chunks.append(list(tasks[start:end]))
         start = end
     return chunks
-
-
-def as_float32(value) -> np.ndarray:
-    """A numpy float32 array of a numpy array or torch tensor."""
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().numpy()
-    return np.asarray(value, dtype=np.float32)

@@ -20,9 +20,10 @@ import torch
 
 from models import tensors
 from models.pipeline_spec import PipelineSpec, TextEncoder
-from runtime.devices import DEFAULT_DEADLINE_S, Conditioning, DevicePool, ModelClient
+from runtime.devices import DEFAULT_DEADLINE_S, DevicePool, ModelClient
 from runtime.driffusion import DRAFT_ORDERS, MODES, VP_SCHEDULERS, sample
 from runtime.families import Family, StartState, check_scale, family_of
+from runtime.guidance import Conditioning
 from runtime.request import (
     Cancelled,
     GenerationRequest,

@@ -32,8 +32,9 @@ from bench.speed import run_benchmark as run_speed
 from models.reference import EMPTY_PROMPT, SCHEDULER_CONFIG, load_reference, prompt_for
 from models.sim import SimDiffusion
 from models.tensors import ENCODER_HIDDEN_STATES
-from runtime.devices import Conditioning, DevicePool, LocalDevice
+from runtime.devices import DevicePool, LocalDevice
 from runtime.driffusion import round_pattern
+from runtime.guidance import Conditioning
 
 SIM = SimDiffusion.from_scheduler_config(SCHEDULER_CONFIG)
 

@@ -12,7 +12,6 @@ from models.reference import SCHEDULER_CONFIG
 from models.sim import SimDiffusion
 from models.tensors import ENCODER_HIDDEN_STATES
 from runtime.devices import (
-    Conditioning,
     Device,
     DeviceError,
     DevicePool,
@@ -23,6 +22,7 @@ from runtime.devices import (
     split_evenly,
 )
 from runtime.driffusion import sample
+from runtime.guidance import Conditioning
 from runtime.schedulers import make_scheduler
 
 SIM = SimDiffusion.from_scheduler_config(SCHEDULER_CONFIG)
@@ -197,9 +197,14 @@ def test_pool_rejects_rounds_that_are_not_whole_items():
 def test_pool_needs_devices_and_conditioning_that_agrees():
     with pytest.raises(ValueError, match="at least one device"):
         DevicePool([])
-    with pytest.raises(ValueError, match="must match cond"):
+    with pytest.raises(ValueError, match="must match cond's .* except along axis 1"):
         Conditioning({ENCODER_HIDDEN_STATES: np.zeros((1, 1, 11))},
-                     {ENCODER_HIDDEN_STATES: np.zeros((1, 2, 11))}, 2.0)
+                     {ENCODER_HIDDEN_STATES: np.zeros((1, 1, 12))}, 2.0)
+    with pytest.raises(ValueError, match="must have cond's inputs"):
+        Conditioning({ENCODER_HIDDEN_STATES: np.zeros((1, 1, 11))}, {}, 2.0)
+    # a negative prompt of another text length is allowed
+    Conditioning({ENCODER_HIDDEN_STATES: np.zeros((1, 1, 11))},
+                 {ENCODER_HIDDEN_STATES: np.zeros((1, 2, 11))}, 2.0)
     with pytest.raises(ValueError, match="guidance must be >= 0"):
         label_conditioning(3, -1.0)
 

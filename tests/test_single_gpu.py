@@ -13,11 +13,11 @@ from models.sim import NULL_LABEL, SimDiffusion, sim_spec
 from models.tensors import ENCODER_HIDDEN_STATES
 from runtime.devices import (
     DEFAULT_BATCHED_WINDOW,
-    Conditioning,
     DevicePool,
     LocalDevice,
 )
 from runtime.driffusion import sample
+from runtime.guidance import Conditioning
 from runtime.pipeline import GenerationRequest, resolve
 from runtime.schedulers import make_scheduler
 from triton_models.repository import RepositoryOptions, device_gpus, write_repository

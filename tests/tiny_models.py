@@ -41,7 +41,7 @@ class Conditioned:
 
     def __init__(self, pool, cond, uncond=None, guidance: float = 1.0) -> None:
         from models.tensors import ENCODER_HIDDEN_STATES
-        from runtime.devices import Conditioning
+        from runtime.guidance import Conditioning
 
         uncond = None if uncond is None else {ENCODER_HIDDEN_STATES: uncond}
         self.pool = pool

@@ -19,8 +19,8 @@ import torch
 
 from models.limits import MAX_GUIDANCE
 from models.pipeline_spec import FAMILIES, PipelineSpec, TextEncoder
-from runtime.devices import Conditioning
 from runtime.driffusion import Blend
+from runtime.guidance import Conditioning
 from runtime.request import GenerationRequest, RequestError, ResolvedRequest
 
 

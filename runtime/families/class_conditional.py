@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from models import tensors
 from models.pipeline_spec import CLASS_CONDITIONAL, PipelineSpec
-from runtime.devices import Conditioning
 from runtime.families import Family, TextEncoding, split_rows
+from runtime.guidance import Conditioning
 from runtime.request import ResolvedRequest
 
 

@@ -22,7 +22,6 @@ import torch
 
 from models import tensors
 from models.pipeline_spec import FLUX, PipelineSpec
-from runtime.devices import Conditioning
 from runtime.families import (
     Family,
     TextEncoding,
@@ -30,6 +29,7 @@ from runtime.families import (
     prompt_rows,
     split_rows,
 )
+from runtime.guidance import Conditioning
 from runtime.request import ResolvedRequest
 
 FLUX_MAX_SHIFT = 1.15  # FluxPipeline's default when the scheduler config has none

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from models import tensors
 from models.pipeline_spec import STABLE_DIFFUSION, PipelineSpec
-from runtime.devices import Conditioning
 from runtime.families import (
     Family,
     StartState,
@@ -29,6 +28,7 @@ from runtime.families import (
     split_rows,
     to_pixels,
 )
+from runtime.guidance import Conditioning
 from runtime.request import GenerationRequest, RequestError, ResolvedRequest
 
 

@@ -11,8 +11,8 @@ import torch
 
 from models import tensors
 from models.pipeline_spec import STABLE_DIFFUSION_3, PipelineSpec
-from runtime.devices import Conditioning
 from runtime.families import Family, TextEncoding, prompt_rows, split_rows
+from runtime.guidance import Conditioning
 from runtime.request import ResolvedRequest
 
 

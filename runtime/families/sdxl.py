@@ -10,8 +10,8 @@ import numpy as np
 
 from models import tensors
 from models.pipeline_spec import STABLE_DIFFUSION_XL, PipelineSpec
-from runtime.devices import Conditioning
 from runtime.families import Family, TextEncoding, prompt_rows
+from runtime.guidance import Conditioning
 from runtime.request import ResolvedRequest
 
 
