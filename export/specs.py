@@ -19,6 +19,7 @@ from torch import nn
 
 from export.precision import boundary_dtype, checked_precision
 from models import tensors
+from models.pipeline_spec import LLM_ENCODERS
 
 BATCH = "batch"
 LATENT_HEIGHT = "latent_height"
@@ -915,6 +916,254 @@ class _T5EncoderForward(_Wrapper):
         return self.module(input_ids=input_ids)[0]
 
 
+@dataclass
+class LLMEncoderSpec(NetworkSpec):
+    """An LLM as a text encoder (Qwen3, Qwen2.5-VL's and Mistral3's language models):
+    `input_ids` and `attention_mask` [B, S] int64 -> `text_embeddings` [B, S, len(layers) x
+    hidden], the hidden states of `layers` (indices into transformers' `hidden_states`, the
+    embeddings' output being 0) stacked per token in that order, as Flux.2's pipelines stack
+    them; one index gives that state alone. S is the family's max_sequence_length: the tokenizer
+    pads to it on the right and the mask marks the prompt's tokens.
+
+    The language model is called without its head (no logits): the hidden states are the ones
+    the full model returns with `output_hidden_states=True, use_cache=False`.
+    """
+
+    sequence_length: int = 512
+    hidden_size: int = 4096
+    vocab_size: int = 151936
+    layers: tuple[int, ...] = (-1,)
+
+    @classmethod
+    def from_model(
+        cls,
+        encoder: nn.Module,
+        *,
+        precision: str = "fp32",
+        sequence_length: int = 512,
+        layers: tuple[int, ...] = (-1,),
+        name: str = "text_encoder",
+    ) -> LLMEncoderSpec:
+        config = encoder.config.get_text_config()
+        check_layers(layers, config.num_hidden_layers, f"{name} ({type(encoder).__name__})")
+        return cls(
+            name=name,
+            precision=checked_precision(precision),
+            vae_scale_factor=1,
+            image_size=(1, 1),
+            latent_multiple=1,
+            sequence_length=sequence_length,
+            hidden_size=config.hidden_size,
+            vocab_size=config.vocab_size,
+            layers=tuple(layers),
+        )
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        tokens = (BATCH, self.sequence_length)
+        return [TensorSpec(tensors.INPUT_IDS, "int64", tokens),
+                TensorSpec(tensors.ATTENTION_MASK, "int64", tokens)]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        states = (BATCH, self.sequence_length, len(self.layers) * self.hidden_size)
+        return [self.activation(tensors.TEXT_EMBEDDINGS, states)]
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return _LLMEncoderForward(getattr(module, "model", module), self.layers)
+
+    def sample_value(self, tensor, shape, generator):
+        if tensor.name == tensors.ATTENTION_MASK:  # a prompt of random length, right-padded
+            lengths = torch.randint(1, shape[1] + 1, (shape[0], 1), generator=generator)
+            return (torch.arange(shape[1]).unsqueeze(0) < lengths).to(torch.int64)
+        return torch.randint(0, self.vocab_size, shape, generator=generator)
+
+
+def check_layers(layers: tuple[int, ...], depth: int, component: str) -> None:
+    """UnsupportedModelError naming `component` unless `layers` index hidden states of a model
+    `depth` layers deep (depth + 1 states: the embeddings', then each layer's)."""
+    if not layers:
+        raise UnsupportedModelError(f"{component}: no hidden-state layers chosen")
+    outside = [layer for layer in layers if not -(depth + 1) <= layer <= depth]
+    if outside:
+        raise UnsupportedModelError(
+            f"{component}: hidden-state layers {', '.join(map(str, outside))} do not exist; "
+            f"the encoder has {depth} layers, so layers -{depth + 1}..{depth} are supported")
+
+
+class _LLMEncoderForward(_Wrapper):
+    def __init__(self, module: nn.Module, layers: tuple[int, ...]) -> None:
+        super().__init__(module)
+        self.layers = layers
+
+    def forward(self, input_ids, attention_mask):
+        states = self.module(input_ids=input_ids, attention_mask=attention_mask,
+                             output_hidden_states=True, use_cache=False).hidden_states
+        chosen = torch.stack([states[layer] for layer in self.layers], dim=2)  # [B, S, L, H]
+        return chosen.flatten(2)
+
+
+@dataclass
+class Flux2TransformerSpec(_LatentDenoiser, NetworkSpec):
+    """Flux2Transformer2DModel behind the denoiser contract: `sample` [B, C, h, w] (C =
+    in_channels: Flux.2's latents are already 2x2-patchified, h and w are image pixels / 16),
+    `timestep` t (sigma x 1000, the pipelines' loop variable), the LLM's stacked states and, for
+    the guidance-distilled dev model, `guidance` [B].
+
+    The wrapper does Flux2Pipeline's work around its transformer call: packs [B, C, h, w] to
+    [B, h w, C] tokens, builds the (t, h, w, l) = (0, row, column, 0) image ids and the
+    (0, 0, 0, token) text ids, divides t by 1000 and unpacks the output (the ids are row-major,
+    so the pipeline's scatter by ids is the reshape back).
+    """
+
+    in_channels: int = 128
+    out_channels: int = 128
+    sequence_length: int = 512
+    joint_attention_dim: int = 15360
+    guidance_embeds: bool = False
+    # as Flux.1's: attention reshapes by traced sizes; the dynamo exporter keeps them symbolic
+    needs_dynamo: ClassVar[bool] = True
+
+    @classmethod
+    def from_model(
+        cls,
+        transformer: nn.Module,
+        *,
+        precision: str = "fp32",
+        sequence_length: int = 512,
+        vae_scale_factor: int = 16,
+        latent_size: tuple[int, int] | None = None,
+        name: str = "transformer",
+    ) -> Flux2TransformerSpec:
+        config = transformer.config
+        if config.patch_size != 1:
+            raise UnsupportedModelError(
+                f"{name}: Flux2Transformer2DModel with patch_size={config.patch_size} is not "
+                "supported; Flux.2's pipelines patchify the latents themselves (patch_size 1)")
+        latent = latent_size or (FLUX_DEFAULT_SAMPLE_SIZE // 2,) * 2
+        return cls(
+            name=name,
+            precision=checked_precision(precision),
+            vae_scale_factor=vae_scale_factor,
+            image_size=_image_size(latent, vae_scale_factor),
+            latent_multiple=1,
+            in_channels=config.in_channels,
+            out_channels=config.out_channels or config.in_channels,
+            sequence_length=sequence_length,
+            joint_attention_dim=config.joint_attention_dim,
+            guidance_embeds=bool(config.guidance_embeds),
+        )
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        specs = [
+            *self.latent_inputs(),
+            self.activation(tensors.ENCODER_HIDDEN_STATES,
+                            (BATCH, self.sequence_length, self.joint_attention_dim)),
+        ]
+        if self.guidance_embeds:
+            specs.append(TensorSpec(tensors.GUIDANCE, "float32", (BATCH,)))
+        return specs
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return _Flux2Forward(module)
+
+    def sample_value(self, tensor, shape, generator):
+        if tensor.name == tensors.GUIDANCE:  # guidance scales around Flux2Pipeline's 4.0
+            return torch.rand(shape, generator=generator).mul(6.0).add(1.0)
+        return super().sample_value(tensor, shape, generator)
+
+
+class _Flux2Forward(_Wrapper):
+    """Flux2Pipeline's and Flux2KleinPipeline's transformer call (diffusers 0.42).
+
+    The rotary embedding is real-valued (cos and sin, no complex ops), computed from the ids in
+    float64 as Flux.1's is: see _FluxForward for what that means for TensorRT.
+    """
+
+    def forward(self, sample, timestep, encoder_hidden_states, guidance=None):
+        batch, channels, height, width = sample.shape
+        tokens = sample.reshape(batch, channels, height * width).permute(0, 2, 1)
+        output = self.module(
+            hidden_states=tokens,
+            encoder_hidden_states=encoder_hidden_states,
+            timestep=timestep / 1000,
+            img_ids=flux2_image_ids(height, width),
+            txt_ids=flux2_text_ids(encoder_hidden_states),
+            guidance=guidance,
+            return_dict=False,
+        )
+        out = _first(output)
+        return out.permute(0, 2, 1).reshape(batch, out.shape[-1], height, width)
+
+
+def flux2_image_ids(height: int, width: int) -> torch.Tensor:
+    """[h w, 4] ids (0, row, column, 0) of the latent grid, row-major (Flux2 pipelines'
+    _prepare_latent_ids), built without cartesian products so that it traces with dynamic
+    sizes."""
+    rows = torch.arange(height).unsqueeze(1).expand(height, width).reshape(-1)
+    columns = torch.arange(width).unsqueeze(0).expand(height, width).reshape(-1)
+    zeros = torch.zeros_like(rows)
+    return torch.stack([zeros, rows, columns, zeros], dim=-1)
+
+
+def flux2_text_ids(encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """[S, 4] ids (0, 0, 0, token) of S text tokens (Flux2 pipelines' _prepare_text_ids)."""
+    tokens = torch.arange(encoder_hidden_states.shape[1], device=encoder_hidden_states.device)
+    zeros = torch.zeros_like(tokens)
+    return torch.stack([zeros, zeros, zeros, tokens], dim=-1)
+
+
+@dataclass
+class Flux2VAEDecoderSpec(VAEDecoderSpec):
+    """AutoencoderKLFlux2's decoder behind Flux.2's latents: `latent` [B, 4C, h, w] as the
+    transformer denoises them (2x2-patchified, normalised by the VAE's batch-norm running
+    statistics) -> `images` [B, 3, 16h, 16w] in [-1, 1].
+
+    The wrapper does what the pipelines do after the loop: x * sqrt(running_var + eps) +
+    running_mean per channel, unpatchify to [B, C, 2h, 2w], decode. The statistics are the
+    VAE's own buffers, so they travel with its weights.
+    """
+
+    @classmethod
+    def from_model(
+        cls,
+        vae: nn.Module,
+        *,
+        precision: str = "fp32",
+        latent_size: tuple[int, int] | None = None,
+        name: str = "vae_decoder",
+    ) -> Flux2VAEDecoderSpec:
+        config = vae.config
+        factor = 2 * _downsampling_factor(config)
+        native = (FLUX_DEFAULT_SAMPLE_SIZE // 2,) * 2 if latent_size is None else latent_size
+        return cls(
+            name=name,
+            precision=checked_precision(precision),
+            vae_scale_factor=factor,
+            image_size=_image_size(native, factor),
+            latent_multiple=1,
+            latent_channels=4 * config.latent_channels,
+            out_channels=config.out_channels,
+            scaling_factor=1.0,
+        )
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return _Flux2VAEDecoderForward(module)
+
+
+class _Flux2VAEDecoderForward(_Wrapper):
+    def forward(self, latent):
+        norm = self.module.bn
+        std = torch.sqrt(norm.running_var + self.module.config.batch_norm_eps)
+        latent = latent * std.view(1, -1, 1, 1) + norm.running_mean.view(1, -1, 1, 1)
+        batch, channels, height, width = latent.shape
+        patches = latent.reshape(batch, channels // 4, 2, 2, height, width)
+        unpatched = patches.permute(0, 1, 4, 2, 5, 3).reshape(
+            batch, channels // 4, 2 * height, 2 * width)
+        return _first(self.module.decode(unpatched, return_dict=False))
+
+
 SPEC_BY_CLASS: dict[str, type[NetworkSpec]] = {
     "UNet2DConditionModel": UNetSpec,
     "UNet2DModel": UNet2DSpec,
@@ -924,6 +1173,9 @@ SPEC_BY_CLASS: dict[str, type[NetworkSpec]] = {
     "AutoencoderKL": VAEDecoderSpec,
     "SD3Transformer2DModel": SD3TransformerSpec,
     "FluxTransformer2DModel": FluxTransformerSpec,
+    "Flux2Transformer2DModel": Flux2TransformerSpec,
+    "AutoencoderKLFlux2": Flux2VAEDecoderSpec,
+    **dict.fromkeys(LLM_ENCODERS, LLMEncoderSpec),
 }
 
 
@@ -951,6 +1203,9 @@ class SpecContext:
     t5_tokens: int = 256  # the family's max_sequence_length: T5 tokens (SD3: zeros without T5)
     text_embeds_dim: int | None = None
     latent_size: tuple[int, int] | None = None
+    # LLM encoders: the hidden states the family stacks, and its max_sequence_length of tokens
+    llm_layers: tuple[int, ...] = (-1,)
+    llm_tokens: int = 512
 
 
 def spec_for(
@@ -984,6 +1239,17 @@ def spec_for(
         return VAEDecoderSpec.from_model(
             module, precision=precision, latent_size=context.latent_size
         )
+    if spec_class is LLMEncoderSpec:
+        return LLMEncoderSpec.from_model(module, precision=precision, name=component,
+                                         sequence_length=context.llm_tokens,
+                                         layers=context.llm_layers)
+    if spec_class is Flux2VAEDecoderSpec:
+        return Flux2VAEDecoderSpec.from_model(module, precision=precision,
+                                              latent_size=context.latent_size)
+    if spec_class is Flux2TransformerSpec:
+        return Flux2TransformerSpec.from_model(
+            module, precision=precision, sequence_length=context.llm_tokens,
+            vae_scale_factor=context.vae_scale_factor, latent_size=context.latent_size)
     if spec_class is FluxTransformerSpec:
         return FluxTransformerSpec.from_model(
             module,

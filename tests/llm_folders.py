@@ -1,4 +1,4 @@
-"""Tiny offline pieces of LLM-conditioned pipeline folders (Flux.2, Z-Image, Qwen-Image).
+"""Tiny offline LLM-conditioned pipeline folders (Flux.2 Klein) and their pieces.
 
 `qwen_tokenizer()` is a byte-level BPE trained with the `tokenizers` library on a few sentences
 and wrapped as transformers' Qwen2 tokenizer (the class Qwen3 and Qwen2.5-VL folders ship), with
@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
+
+import torch
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -72,3 +75,72 @@ def qwen_tokenizer(model_max_length: int = 32768, chat_template: bool = True):
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+KLEIN_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers
+# the transformer's context embedder and output projection are scaled by these, so that the
+# text moves the image: another prompt, or Klein's layers in reverse order, then move diffusers'
+# own image by about 9/255 at most and 0.7-1.0/255 on average, beyond the parity bound
+CONTEXT_GAIN = 8.0
+OUTPUT_GAIN = 4.0
+
+
+def flux2_klein_folder(path: Path, seed: int = 0, is_distilled: bool = False) -> Path:
+    """A Flux2KleinPipeline: a 28-layer Qwen3ForCausalLM 16 wide (Klein stacks layers 9, 18
+    and 27: 48-wide states) over qwen_tokenizer(), a Flux2Transformer2DModel with 16 patchified
+    channels (one double, one single block; no guidance embedding, as Klein), an
+    AutoencoderKLFlux2 of 4 latent channels (factor 8: 16 pixels per patchified latent) whose
+    batch-norm statistics are random (not 0 and 1), and Klein's flow-matching scheduler."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+
+    torch.manual_seed(seed + 1)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    with torch.no_grad():
+        transformer.context_embedder.weight.mul_(CONTEXT_GAIN)
+        transformer.proj_out.weight.mul_(OUTPUT_GAIN)
+    pipeline = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+            max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+        vae=_flux2_vae(seed + 2),
+        text_encoder=_qwen3(seed, layers=28, hidden_size=16),
+        tokenizer=qwen_tokenizer(),
+        transformer=transformer,
+        is_distilled=is_distilled,
+    )
+    pipeline.save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+def _qwen3(seed: int, *, layers: int, hidden_size: int):
+    """A tiny Qwen3ForCausalLM over qwen_tokenizer()'s vocabulary."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=len(qwen_tokenizer()), hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+        pad_token_id=0, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def _flux2_vae(seed: int):
+    """A 4-block AutoencoderKLFlux2 (factor 8), 4 latent channels, random batch-norm stats."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(
+        latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        norm_num_groups=8, sample_size=64)
+    with torch.no_grad():
+        vae.bn.running_mean.normal_(0.0, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    return vae.eval()
