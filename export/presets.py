@@ -39,12 +39,17 @@ from export.specs import (
     spec_for,
 )
 from models.pipeline_spec import (
+    CHAT_TEMPLATE,
     FLUX,
+    FLUX2,
+    LLM_ENCODERS,
+    QWEN_IMAGE,
     SPEC_FILE,
     STABLE_DIFFUSION,
     STABLE_DIFFUSION_3,
     STABLE_DIFFUSION_XL,
     T5_ENCODERS,
+    Z_IMAGE,
     PipelineSpec,
     TextEncoder,
 )
@@ -84,9 +89,16 @@ TOKENIZER_OF_ENCODER = {
 T5_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # the prompt family of a pipeline by its transformer's class (UNet pipelines: SD or SDXL)
 FAMILY_OF_TRANSFORMER = {"SD3Transformer2DModel": STABLE_DIFFUSION_3,
-                         "FluxTransformer2DModel": FLUX}
+                         "FluxTransformer2DModel": FLUX,
+                         "Flux2Transformer2DModel": FLUX2,
+                         "QwenImageTransformer2DModel": QWEN_IMAGE,
+                         "ZImageTransformer2DModel": Z_IMAGE}
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.check_inputs refuses more T5 tokens
 FLUX_SCHNELL = "flux-schnell"  # the FAMILY_DEFAULTS key of Flux without guidance embedding
+FLUX2_KLEIN = "flux2-klein"  # the FAMILY_DEFAULTS key of Flux.2 without guidance embedding
+# Flux.2's pipelines condition on reference images, never start from one: no image-to-image is
+# served for them, so their VAE is exported as a decoder only
+DECODE_ONLY_VAES = ("AutoencoderKLFlux2",)
 # components a pipeline folder may hold that are not networks to export
 IGNORED_COMPONENTS = {
     "tokenizer",
@@ -102,11 +114,15 @@ IGNORED_COMPONENTS = {
 @dataclass(frozen=True)
 class FamilyDefaults:
     """What diffusers' pipeline of a family defaults to: its __call__'s steps and guidance, and
-    its max_sequence_length of T5 tokens (0: no T5)."""
+    its max_sequence_length of T5 tokens (0: no T5); an LLM-conditioned family's token count,
+    the hidden states it stacks and its prompt template (TextEncoder's fields)."""
 
     steps: int
     guidance: float
     t5_tokens: int = 0
+    llm_tokens: int = 0
+    llm_layers: tuple[int, ...] = ()
+    template: str = ""
 
 
 # the one table of per-family defaults, keyed by family_variant
@@ -119,12 +135,21 @@ FAMILY_DEFAULTS = {
     # are Flux-dev's, so these are the schnell model card's settings (4 steps, guidance 0,
     # max_sequence_length 256)
     FLUX_SCHNELL: FamilyDefaults(4, 0.0, t5_tokens=256),
+    # Flux2Pipeline.__call__ (dev: Mistral3, embedded guidance); its prompts are formatted by its
+    # processor with a system message, which is not served yet (refused in pipeline_spec)
+    FLUX2: FamilyDefaults(50, 4.0, llm_tokens=512, llm_layers=(10, 20, 30)),
+    # Flux2KleinPipeline.__call__ (Qwen3; classifier-free guidance unless is_distilled)
+    FLUX2_KLEIN: FamilyDefaults(50, 4.0, llm_tokens=512, llm_layers=(9, 18, 27),
+                                template=CHAT_TEMPLATE),
 }
 
 
 def family_variant(family: str | None, guidance_embeds: bool = False) -> str | None:
-    """The FAMILY_DEFAULTS key: the family, or flux-schnell for Flux without guidance embedding."""
-    return FLUX_SCHNELL if family == FLUX and not guidance_embeds else family
+    """The FAMILY_DEFAULTS key: the family, or flux-schnell for Flux and flux2-klein for Flux.2
+    without guidance embedding."""
+    if not guidance_embeds and family in (FLUX, FLUX2):
+        return FLUX_SCHNELL if family == FLUX else FLUX2_KLEIN
+    return family
 
 
 def family_defaults(family: str | None, guidance_embeds: bool = False) -> FamilyDefaults:
@@ -460,17 +485,19 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
         components[network] = model_class.from_pretrained(str(path / component))
     if not components:
         raise ModelSourceError(f"{path}/model_index.json names no exportable component")
-    _add_vae_encoder(components, networks)
+    decode_only = present.get("vae", ("", ""))[1] in DECODE_ONLY_VAES
+    if not decode_only:
+        _add_vae_encoder(components, networks)
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     tokenizers = {name: functools.partial(_copy_tree, path / name)
                   for name in TOKENIZER_OF_ENCODER.values() if (path / name).is_dir()}
     classes = {network_of[key]: class_name for key, (_, class_name) in present.items()}
-    if VAE_NETWORK in classes:
+    if VAE_NETWORK in classes and not decode_only:
         classes[VAE_ENCODER_NETWORK] = classes[VAE_NETWORK]
     configs = {network_of[key]: _read_json(path / key / "config.json") for key in present
                if (path / key / "config.json").is_file()}
     family = family_of(classes)
-    guidance_embeds = family == FLUX and bool(
+    guidance_embeds = family in (FLUX, FLUX2) and bool(
         configs.get("transformer", {}).get("guidance_embeds", False))
     return ModelBundle(
         name=model_name(str(path)),
@@ -536,6 +563,10 @@ def _pipeline_context(
     latent = configs[denoiser].get("sample_size") if denoiser is not None else None
     if denoiser is not None and classes[denoiser] == "FluxTransformer2DModel":
         latent = FLUX_DEFAULT_SAMPLE_SIZE  # FluxPipeline's default, not a config value
+    if denoiser is not None and classes[denoiser] == "Flux2Transformer2DModel":
+        # Flux.2's latents are 2x2-patchified: 16 pixels each under its factor-8 VAE
+        vae_scale *= 2
+        latent = FLUX_DEFAULT_SAMPLE_SIZE // 2  # the pipelines' default_sample_size x 8 pixels
     if isinstance(latent, int):
         latent = (latent, latent)
     return SpecContext(
@@ -544,6 +575,8 @@ def _pipeline_context(
         t5_tokens=defaults.t5_tokens or SpecContext.t5_tokens,
         text_embeds_dim=second.get("projection_dim"),
         latent_size=tuple(latent) if latent is not None else None,
+        llm_layers=defaults.llm_layers or SpecContext.llm_layers,
+        llm_tokens=defaults.llm_tokens or SpecContext.llm_tokens,
     )
 
 
@@ -604,6 +637,11 @@ def pipeline_spec(
     defaults = family_defaults(family, bundle.guidance_embeds)
     sdxl = family == STABLE_DIFFUSION_XL
     forced = bundle.pipeline_config.get("force_zeros_for_empty_prompt", sdxl)
+    if family == FLUX2 and bundle.guidance_embeds:
+        raise UnsupportedModelError(
+            f"{bundle.name}: Flux.2 dev (Flux2Pipeline) is not served yet: its prompts are "
+            "formatted by its Mistral3 processor with a system message; supported: Flux.2 "
+            "Klein (Flux2KleinPipeline)")
     return PipelineSpec(
         model=bundle.name,
         family=family,
@@ -621,6 +659,7 @@ def pipeline_spec(
         joint_attention_dim=getattr(denoiser.config, "joint_attention_dim", 0) or 0,
         t5_tokens=t5_tokens,
         guidance_embeds=bundle.guidance_embeds,
+        cfg_distilled=family == FLUX2 and bool(bundle.pipeline_config.get("is_distilled")),
         precisions=dict(precisions or dict.fromkeys(bundle.modules, "fp32")),
         height_range=_range(ranges[IMAGE_HEIGHT]),
         width_range=_range(ranges[IMAGE_WIDTH]),
@@ -637,7 +676,9 @@ def _range(triple: tuple[int, int, int]) -> tuple[int, int] | None:
 
 def _text_encoders(bundle: ModelBundle, t5_tokens: int) -> list[TextEncoder]:
     """Every text encoder in component order: CLIP's max_position_embeddings tokens and
-    hidden_size, T5's `t5_tokens` and d_model."""
+    hidden_size, T5's `t5_tokens` and d_model, an LLM's family token count, hidden size, layers
+    and prompt template (its tokenizer must be able to apply it)."""
+    defaults = family_defaults(bundle.family, bundle.guidance_embeds)
     encoders = []
     for network, tokenizer in TOKENIZER_OF_ENCODER.items():
         module = bundle.modules.get(network)
@@ -646,6 +687,14 @@ def _text_encoders(bundle: ModelBundle, t5_tokens: int) -> list[TextEncoder]:
         if tokenizer not in bundle.tokenizers:
             raise ModelSourceError(f"{bundle.name}: {network} has no {tokenizer} to feed it")
         kind, config = type(module).__name__, module.config
+        if kind in LLM_ENCODERS:
+            _check_llm_tokenizer(bundle, network, tokenizer, defaults.template)
+            encoders.append(TextEncoder(
+                network=network, tokenizer=tokenizer, kind=kind,
+                max_length=bundle.context.llm_tokens,
+                hidden_size=config.get_text_config().hidden_size,
+                layers=bundle.context.llm_layers, template=defaults.template))
+            continue
         t5 = kind in T5_ENCODERS
         encoders.append(TextEncoder(
             network=network, tokenizer=tokenizer, kind=kind,
@@ -653,6 +702,27 @@ def _text_encoders(bundle: ModelBundle, t5_tokens: int) -> list[TextEncoder]:
             hidden_size=config.d_model if t5 else config.hidden_size,
         ))
     return encoders
+
+
+def _check_llm_tokenizer(bundle: ModelBundle, network: str, tokenizer: str,
+                         template: str) -> None:
+    """ModelSourceError naming the component unless the LLM encoder's tokenizer folder loads
+    with transformers' AutoTokenizer and can apply the family's prompt template."""
+    from transformers import AutoTokenizer
+
+    from models.prompt_tokens import check_template
+
+    folder = Path(bundle.folder) / tokenizer
+    try:
+        loaded = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelSourceError(f"{bundle.name}: {network} needs its tokenizer in {tokenizer}/ "
+                               f"(tokenizer.json and tokenizer_config.json); it does not load: "
+                               f"{error}") from error
+    try:
+        check_template(loaded, template, f"{bundle.name}: {tokenizer}")
+    except ValueError as error:
+        raise ModelSourceError(str(error)) from error
 
 
 def write_pipeline_files(

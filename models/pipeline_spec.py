@@ -88,6 +88,9 @@ class PipelineSpec:
     joint_attention_dim: int = 0
     # Flux: a guidance-distilled transformer takes GUIDANCE as an input (`guidance` [B])
     guidance_embeds: bool = False
+    # Flux.2 Klein: a step-distilled model (model_index.json's is_distilled) runs without
+    # classifier-free guidance, whatever GUIDANCE says
+    cfg_distilled: bool = False
     # each network's precision (NETWORK_PRECISIONS) as exported, by network name
     precisions: dict[str, str] = field(default_factory=dict)
     # image inputs: a `vae_encoder` network is served (INIT_IMAGE), and the denoiser is a
