@@ -664,6 +664,70 @@ class _VAEEncoderForward(_Wrapper):
         return _first(self.module.encode(images, return_dict=False)).parameters
 
 
+# QwenImagePipeline.default_sample_size: 128 latents (1024 pixels under an 8x VAE), and its
+# __call__'s max_sequence_length: the prompt tokens the transformer sees at most
+QWEN_IMAGE_DEFAULT_SAMPLE_SIZE = 128
+QWEN_IMAGE_MAX_TEXT_LENGTH = 512
+
+
+@dataclass
+class QwenImageVAEDecoderSpec(VAEDecoderSpec):
+    """AutoencoderKLQwenImage's decoder, a causal 3-D (video) VAE, on one frame: `latent`
+    [B, C, h, w] (already de-normalised by the VAE's latents_mean / latents_std, as
+    QwenImagePipeline does before decoding) -> `images` [B, 3, H, W] in [-1, 1]. The wrapper
+    adds and removes the frame axis; with one frame the causal convolutions' cache of earlier
+    frames is empty, so the decode is a plain function of the latent (the traced graph)."""
+
+    # the torchscript exporter has no aten::_upsample_nearest_exact2d (its upsamplers)
+    needs_dynamo: ClassVar[bool] = True
+
+    @classmethod
+    def from_model(cls, vae: nn.Module, *, precision: str = "fp32",
+                   latent_size: tuple[int, int] | None = None,
+                   name: str = "vae_decoder") -> QwenImageVAEDecoderSpec:
+        config = vae.config
+        factor = 2 ** len(config.temperal_downsample)
+        native = latent_size or (QWEN_IMAGE_DEFAULT_SAMPLE_SIZE,) * 2
+        return cls(
+            name=name,
+            precision=checked_precision(precision),
+            vae_scale_factor=factor,
+            image_size=_image_size(native, factor),
+            latent_multiple=1,
+            latent_channels=config.z_dim,
+            out_channels=config.input_channels,
+            scaling_factor=1.0,
+        )
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return _OneFrameDecoderForward(module)
+
+
+class _OneFrameDecoderForward(_Wrapper):
+    def forward(self, latent):
+        frames = _first(self.module.decode(latent.unsqueeze(2), return_dict=False))
+        return frames[:, :, 0]
+
+
+@dataclass
+class QwenImageVAEEncoderSpec(QwenImageVAEDecoderSpec):
+    """AutoencoderKLQwenImage's encoder on one frame: `images` [B, 3, H, W] in [-1, 1] ->
+    `latent_parameters` [B, 2C, h, w] (the posterior's mean and log-variance, as VAEEncoderSpec);
+    normalising a sample by latents_mean / latents_std is the family's, as the pipeline's."""
+
+    inputs = VAEEncoderSpec.inputs
+    outputs = VAEEncoderSpec.outputs
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return _OneFrameEncoderForward(module)
+
+
+class _OneFrameEncoderForward(_Wrapper):
+    def forward(self, images):
+        posterior = _first(self.module.encode(images.unsqueeze(2), return_dict=False))
+        return posterior.parameters[:, :, 0]
+
+
 @dataclass
 class SD3TransformerSpec(_LatentDenoiser, NetworkSpec):
     """SD3Transformer2DModel (MMDiT): sample, timestep, text states and pooled projections."""
@@ -862,6 +926,176 @@ def latent_image_ids(height: int, width: int, dtype: torch.dtype) -> torch.Tenso
 def text_ids(encoder_hidden_states: torch.Tensor) -> torch.Tensor:
     """[S, 3] zeros, FluxPipeline.encode_prompt's text ids for S T5 tokens."""
     return encoder_hidden_states.new_zeros(encoder_hidden_states.shape[1], 3)
+
+
+@dataclass
+class QwenImageTransformerSpec(_LatentDenoiser, NetworkSpec):
+    """QwenImageTransformer2DModel behind the denoiser contract: `sample` [B, C, h, w] latents
+    (C = in_channels / 4), `timestep` t (sigma x 1000, QwenImagePipeline's loop variable) and the
+    prompt's Qwen2.5-VL states `encoder_hidden_states` [B, text_length, D], trimmed to the
+    prompt's real length (no mask: rows of one call share their length, QwenImagePipeline's
+    case of a mask of ones).
+
+    The wrapper does QwenImagePipeline's work around its transformer call (2x2-packs the
+    latents, divides t by 1000, unpacks the output) and replaces the model's complex rotary
+    embedding (torch.polar, view_as_complex: no ONNX export) by the same rotation on cos/sin
+    tables built from the latent grid and the text length, so every size stays dynamic.
+    """
+
+    in_channels: int = 16
+    out_channels: int = 16
+    max_text_length: int = QWEN_IMAGE_MAX_TEXT_LENGTH
+    joint_attention_dim: int = 3584
+    needs_dynamo: ClassVar[bool] = True
+
+    @classmethod
+    def from_model(
+        cls,
+        transformer: nn.Module,
+        *,
+        precision: str = "fp32",
+        max_text_length: int = QWEN_IMAGE_MAX_TEXT_LENGTH,
+        vae_scale_factor: int = 8,
+        latent_size: tuple[int, int] | None = None,
+        name: str = "transformer",
+    ) -> QwenImageTransformerSpec:
+        config = transformer.config
+        unsupported = [option for option in ("guidance_embeds", "zero_cond_t",
+                                             "use_additional_t_cond", "use_layer3d_rope")
+                       if getattr(config, option, False)]
+        if unsupported or config.patch_size != 2 or config.in_channels % 4:
+            raise UnsupportedModelError(
+                f"QwenImageTransformer2DModel with {', '.join(unsupported) or 'this patching'} "
+                "is not supported; supported: Qwen-Image's text-to-image transformer (2x2 "
+                "patches, no guidance embedding, no edit-model timestep conditions)"
+            )
+        latent = latent_size or (QWEN_IMAGE_DEFAULT_SAMPLE_SIZE, QWEN_IMAGE_DEFAULT_SAMPLE_SIZE)
+        return cls(
+            name=name,
+            precision=checked_precision(precision),
+            vae_scale_factor=vae_scale_factor,
+            image_size=_image_size(latent, vae_scale_factor),
+            latent_multiple=2,  # 2x2 packing
+            in_channels=config.in_channels // 4,
+            out_channels=config.out_channels or config.in_channels // 4,
+            max_text_length=max_text_length,
+            joint_attention_dim=config.joint_attention_dim,
+        )
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        states = (BATCH, TEXT_LENGTH, self.joint_attention_dim)
+        return [*self.latent_inputs(), self.activation(tensors.ENCODER_HIDDEN_STATES, states)]
+
+    def text_lengths(self) -> Range:
+        return 1, min(TEXT_LENGTH_OPT, self.max_text_length), self.max_text_length
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return _QwenImageForward(module)
+
+
+class _QwenImageForward(_Wrapper):
+    """QwenImagePipeline's transformer call (diffusers 0.42) on unpacked latents, with the
+    rotary embedding in real arithmetic: the model's own submodules in the order of its forward
+    (for the supported config: no guidance, no edit conditions, no text mask), its blocks'
+    joint attention run by `RealRotaryJointAttention` (installed on the module's blocks)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        module.set_attn_processor(RealRotaryJointAttention())
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        model = self.module
+        height, width = sample.shape[2:]
+        image = model.img_in(pack_latents(sample))
+        text = model.txt_in(model.txt_norm(encoder_hidden_states))
+        embedding = model.time_text_embed((timestep / 1000).to(image.dtype), image)
+        rotary = qwen_rotary_tables(height // 2, width // 2, text.shape[1],
+                                    model.pos_embed.axes_dim, model.pos_embed.theta)
+        for block in model.transformer_blocks:
+            text, image = block(hidden_states=image, encoder_hidden_states=text,
+                                encoder_hidden_states_mask=None, temb=embedding,
+                                image_rotary_emb=rotary)
+        output = model.proj_out(model.norm_out(image, embedding))
+        return unpack_latents(output, height, width)
+
+
+RotaryTable = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [tokens, head_dim / 2]
+
+
+def qwen_rotary_tables(rows: int, columns: int, text_length: int, axes_dim: list[int],
+                       theta: float) -> tuple[RotaryTable, RotaryTable]:
+    """(image, text) cos/sin tables of Qwen-Image's 3-axis rotary embedding (QwenEmbedRope with
+    scale_rope, one frame): image token (r, c) of the rows x columns grid sits at (frame 0,
+    r - ceil(rows / 2), c - ceil(columns / 2)); text token j at max(rows // 2, columns // 2) + j
+    on all three axes. Angles are position x theta^(-2k / axis_dim) in float32."""
+    row = torch.arange(rows) - (rows - rows // 2)
+    column = torch.arange(columns) - (columns - columns // 2)
+    image_positions = torch.stack([
+        torch.zeros(rows, columns, dtype=row.dtype),
+        row.unsqueeze(1).expand(rows, columns),
+        column.unsqueeze(0).expand(rows, columns),
+    ], dim=-1).reshape(rows * columns, 3)
+    start = torch.maximum(torch.tensor(rows // 2), torch.tensor(columns // 2))
+    text_positions = (torch.arange(text_length) + start).unsqueeze(1).expand(text_length, 3)
+    return (_rotary_table(image_positions, axes_dim, theta),
+            _rotary_table(text_positions, axes_dim, theta))
+
+
+def _rotary_table(positions: torch.Tensor, axes_dim: list[int], theta: float) -> RotaryTable:
+    angles = torch.cat([
+        positions[:, axis:axis + 1].float()
+        * (1.0 / torch.pow(theta, torch.arange(0, dim, 2).float().div(dim)))
+        for axis, dim in enumerate(axes_dim)
+    ], dim=-1)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def rotate_pairs(x: torch.Tensor, table: RotaryTable) -> torch.Tensor:
+    """x [B, S, heads, D] with each pair (x[2k], x[2k+1]) rotated by its angle: the complex
+    product (x[2k] + i x[2k+1]) e^(i angle) of diffusers' apply_rotary_emb_qwen, in float32."""
+    cos, sin = (part[None, :, None, :] for part in table)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imaginary = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([real * cos - imaginary * sin, real * sin + imaginary * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class RealRotaryJointAttention:
+    """Qwen-Image's joint text-image attention (an Attention processor) with the rotary
+    embedding given as real cos/sin tables (`qwen_rotary_tables`): per stream, q/k/v
+    projections, per-head RMS norms of q and k, the rotation; one attention over [text, image];
+    the image part through `to_out`, the text part through `to_add_out`."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None,
+                 encoder_hidden_states_mask=None, attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states_mask is not None or attention_mask is not None:
+            raise ValueError("the exported Qwen-Image attention takes no text mask: rows of one "
+                             "call share their text length")
+        image_table, text_table = image_rotary_emb
+        head_dim = attn.inner_dim // attn.heads
+        image = self._heads(attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k,
+                            hidden_states, head_dim, image_table)
+        text = self._heads(attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q,
+                           attn.norm_added_k, encoder_hidden_states, head_dim, text_table)
+        query, key, value = (torch.cat([t, i], dim=1).transpose(1, 2) for t, i in zip(text, image))
+        joint = torch.nn.functional.scaled_dot_product_attention(query, key, value)
+        joint = joint.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        text_length = encoder_hidden_states.shape[1]
+        image_out = attn.to_out[0](joint[:, text_length:].contiguous())
+        for layer in attn.to_out[1:]:
+            image_out = layer(image_out)
+        return image_out, attn.to_add_out(joint[:, :text_length].contiguous())
+
+    @staticmethod
+    def _heads(to_q, to_k, to_v, norm_q, norm_k, states, head_dim, table):
+        query, key, value = (project(states).unflatten(-1, (-1, head_dim))
+                             for project in (to_q, to_k, to_v))
+        if norm_q is not None:
+            query = norm_q(query)
+        if norm_k is not None:
+            key = norm_k(key)
+        return rotate_pairs(query, table), rotate_pairs(key, table), value
 
 
 @dataclass
@@ -1176,6 +1410,8 @@ SPEC_BY_CLASS: dict[str, type[NetworkSpec]] = {
     "Flux2Transformer2DModel": Flux2TransformerSpec,
     "AutoencoderKLFlux2": Flux2VAEDecoderSpec,
     **dict.fromkeys(LLM_ENCODERS, LLMEncoderSpec),
+    "QwenImageTransformer2DModel": QwenImageTransformerSpec,
+    "AutoencoderKLQwenImage": QwenImageVAEDecoderSpec,
 }
 
 
@@ -1206,6 +1442,7 @@ class SpecContext:
     # LLM encoders: the hidden states the family stacks, and its max_sequence_length of tokens
     llm_layers: tuple[int, ...] = (-1,)
     llm_tokens: int = 512
+    llm_dropped_tokens: int = 0  # Qwen-Image: its template's prefix, dropped from the states
 
 
 def spec_for(
@@ -1239,6 +1476,17 @@ def spec_for(
         return VAEDecoderSpec.from_model(
             module, precision=precision, latent_size=context.latent_size
         )
+    if spec_class is QwenImageTransformerSpec:
+        return QwenImageTransformerSpec.from_model(
+            module,
+            precision=precision,
+            max_text_length=context.llm_tokens - context.llm_dropped_tokens,
+            vae_scale_factor=context.vae_scale_factor,
+            latent_size=context.latent_size,
+        )
+    if spec_class is QwenImageVAEDecoderSpec:
+        vae_spec = QwenImageVAEEncoderSpec if component == "vae_encoder" else spec_class
+        return vae_spec.from_model(module, precision=precision, latent_size=context.latent_size)
     if spec_class is LLMEncoderSpec:
         return LLMEncoderSpec.from_model(module, precision=precision, name=component,
                                          sequence_length=context.llm_tokens,
