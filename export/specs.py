@@ -1099,6 +1099,77 @@ class RealRotaryJointAttention:
 
 
 @dataclass
+class ZImageTransformerSpec(_LatentDenoiser, NetworkSpec):
+    """ZImageTransformer2DModel behind the denoiser contract: `sample` [B, C, h, w] latents,
+    `timestep` t (sigma x 1000, the scheduler's), the caption states `encoder_hidden_states`
+    [B, text_length, cap_feat_dim] of rows that share one text length (the prompt's real token
+    count; the pool stacks only rows of one shape) -> `out_sample`, the flow-matching velocity
+    the scheduler steps with. export/zimage.py (`ZImageForward`) does the pipeline's work around
+    the call: the caption and patch padding, the rotary embedding in real form, the timestep
+    map (1000 - t) / 1000 and the output's negation."""
+
+    in_channels: int = 16
+    out_channels: int = 16
+    max_text_length: int = 512  # ZImagePipeline's max_sequence_length
+    cap_feat_dim: int = 2560
+    # the paddings to multiples of 32 are sizes computed from the text length and latent size
+    needs_dynamo: ClassVar[bool] = True
+
+    @classmethod
+    def from_model(
+        cls,
+        transformer: nn.Module,
+        *,
+        precision: str = "fp32",
+        max_text_length: int = 512,
+        vae_scale_factor: int = 8,
+        latent_size: tuple[int, int] | None = None,
+        name: str = "transformer",
+    ) -> ZImageTransformerSpec:
+        from export.zimage import FRAME_PATCH, PATCH
+
+        config = transformer.config
+        if PATCH not in config.all_patch_size or FRAME_PATCH not in config.all_f_patch_size:
+            raise UnsupportedModelError(
+                f"ZImageTransformer2DModel with all_patch_size={config.all_patch_size}, "
+                f"all_f_patch_size={config.all_f_patch_size} is not supported: ZImagePipeline "
+                f"calls it with patch size {PATCH} and frame patch size {FRAME_PATCH}"
+            )
+        latent = latent_size or (ZIMAGE_DEFAULT_SAMPLE_SIZE, ZIMAGE_DEFAULT_SAMPLE_SIZE)
+        return cls(
+            name=name,
+            precision=checked_precision(precision),
+            vae_scale_factor=vae_scale_factor,
+            image_size=_image_size(latent, vae_scale_factor),
+            latent_multiple=PATCH,
+            in_channels=config.in_channels,
+            out_channels=config.in_channels,
+            max_text_length=max_text_length,
+            cap_feat_dim=config.cap_feat_dim,
+        )
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [
+            *self.latent_inputs(),
+            self.activation(tensors.ENCODER_HIDDEN_STATES,
+                            (BATCH, TEXT_LENGTH, self.cap_feat_dim)),
+        ]
+
+    def text_lengths(self) -> Range:
+        return 1, min(TEXT_LENGTH_OPT, self.max_text_length), self.max_text_length
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        from export.zimage import ZImageForward
+
+        return ZImageForward(module)
+
+
+# ZImagePipeline's default size: 1024 pixels, 128 latents under an 8x VAE
+ZIMAGE_DEFAULT_SAMPLE_SIZE = 128
+
+
+@dataclass
 class T5EncoderSpec(NetworkSpec):
     """T5EncoderModel: `input_ids` [B, S] int64 -> `text_embeddings` [B, S, d_model], the last
     hidden state, called without an attention mask as the SD3 and Flux pipelines call it.
@@ -1412,6 +1483,7 @@ SPEC_BY_CLASS: dict[str, type[NetworkSpec]] = {
     **dict.fromkeys(LLM_ENCODERS, LLMEncoderSpec),
     "QwenImageTransformer2DModel": QwenImageTransformerSpec,
     "AutoencoderKLQwenImage": QwenImageVAEDecoderSpec,
+    "ZImageTransformer2DModel": ZImageTransformerSpec,
 }
 
 
@@ -1498,6 +1570,14 @@ def spec_for(
         return Flux2TransformerSpec.from_model(
             module, precision=precision, sequence_length=context.llm_tokens,
             vae_scale_factor=context.vae_scale_factor, latent_size=context.latent_size)
+    if spec_class is ZImageTransformerSpec:
+        return ZImageTransformerSpec.from_model(
+            module,
+            precision=precision,
+            max_text_length=context.llm_tokens,
+            vae_scale_factor=context.vae_scale_factor,
+            latent_size=context.latent_size,
+        )
     if spec_class is FluxTransformerSpec:
         return FluxTransformerSpec.from_model(
             module,

@@ -1,4 +1,4 @@
-"""Tiny offline LLM-conditioned pipeline folders (Flux.2 Klein) and their pieces.
+"""Tiny offline LLM-conditioned pipeline folders (Flux.2 Klein, Z-Image) and their pieces.
 
 `qwen_tokenizer()` is a byte-level BPE trained with the `tokenizers` library on a few sentences
 and wrapped as transformers' Qwen2 tokenizer (the class Qwen3 and Qwen2.5-VL folders ship), with
@@ -119,9 +119,10 @@ def flux2_klein_folder(path: Path, seed: int = 0, is_distilled: bool = False) ->
     return Path(path)
 
 
-def _qwen3(seed: int, *, layers: int, hidden_size: int):
-    """A tiny Qwen3ForCausalLM over qwen_tokenizer()'s vocabulary."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def _qwen3(seed: int, *, layers: int, hidden_size: int, with_head: bool = True):
+    """A tiny Qwen3ForCausalLM over qwen_tokenizer()'s vocabulary (without the head: the
+    Qwen3Model that Z-Image folders ship)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     config = Qwen3Config(
         vocab_size=len(qwen_tokenizer()), hidden_size=hidden_size,
@@ -129,7 +130,7 @@ def _qwen3(seed: int, *, layers: int, hidden_size: int):
         num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
         pad_token_id=0, tie_word_embeddings=True)
     torch.manual_seed(seed)
-    return Qwen3ForCausalLM(config).eval()
+    return (Qwen3ForCausalLM if with_head else Qwen3Model)(config).eval()
 
 
 def _flux2_vae(seed: int):
@@ -144,3 +145,52 @@ def _flux2_vae(seed: int):
         vae.bn.running_mean.normal_(0.0, 0.5)
         vae.bn.running_var.uniform_(0.5, 2.0)
     return vae.eval()
+
+
+# Z-Image's caption embedder is scaled by this, so that the text moves the image: without the
+# negative prompt, with the last hidden state instead of the one before it, with the states
+# padded to 512 tokens instead of cut to the prompt's, or without the chat template, diffusers'
+# own image moves by 69/255 or more at most (tests/test_zimage_serving.py shows it)
+ZIMAGE_TEXT_GAIN = 8.0
+ZIMAGE_TEXT_WIDTH = 24  # the tiny Qwen3's hidden size: the transformer's cap_feat_dim
+
+
+def zimage_transformer(seed: int = 0):
+    """A ZImageTransformer2DModel 32 wide (2 heads of 16 = rotary axes 8 + 4 + 4), one refiner
+    layer per stream and two main layers over 16 latent channels, with random pad tokens (the
+    caption and patch padding must matter) and a scaled caption embedder."""
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2,
+        n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=ZIMAGE_TEXT_WIDTH,
+        axes_dims=[8, 4, 4], axes_lens=[1024, 32, 32])
+    with torch.no_grad():
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+        transformer.cap_embedder[1].weight.mul_(ZIMAGE_TEXT_GAIN)
+    return transformer.eval()
+
+
+def zimage_folder(path: Path, seed: int = 0, turbo: bool = False) -> Path:
+    """A ZImagePipeline: a 3-layer Qwen3Model 24 wide over qwen_tokenizer(), zimage_transformer,
+    an AutoencoderKL of 16 latent channels with Z-Image's scaling and shift factors (factor 8),
+    and a flow-matching scheduler: shifted by resolution (`mu`), or with turbo=True Z-Image-
+    Turbo's fixed shift 3.0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from diffusers_folders import _vae
+
+    dynamic = {} if turbo else {"base_shift": 0.5, "max_shift": 1.15,
+                                "base_image_seq_len": 256, "max_image_seq_len": 4096}
+    pipeline = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=not turbo, **dynamic),
+        vae=_vae(seed + 2, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                 use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=_qwen3(seed, layers=3, hidden_size=ZIMAGE_TEXT_WIDTH, with_head=False),
+        tokenizer=qwen_tokenizer(),
+        transformer=zimage_transformer(seed + 1),
+    )
+    pipeline.save_pretrained(path, safe_serialization=True)
+    return Path(path)
