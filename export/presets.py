@@ -40,6 +40,7 @@ from export.specs import (
 )
 from models.pipeline_spec import (
     CHAT_TEMPLATE,
+    CHAT_THINKING_TEMPLATE,
     FLUX,
     FLUX2,
     LLM_ENCODERS,
@@ -115,7 +116,8 @@ IGNORED_COMPONENTS = {
 class FamilyDefaults:
     """What diffusers' pipeline of a family defaults to: its __call__'s steps and guidance, and
     its max_sequence_length of T5 tokens (0: no T5); an LLM-conditioned family's token count,
-    the hidden states it stacks and its prompt template (TextEncoder's fields)."""
+    the hidden states it stacks, its prompt template and whether it cuts the states to the
+    prompt's tokens (TextEncoder's fields)."""
 
     steps: int
     guidance: float
@@ -123,6 +125,7 @@ class FamilyDefaults:
     llm_tokens: int = 0
     llm_layers: tuple[int, ...] = ()
     template: str = ""
+    trim: bool = False
 
 
 # the one table of per-family defaults, keyed by family_variant
@@ -141,6 +144,10 @@ FAMILY_DEFAULTS = {
     # Flux2KleinPipeline.__call__ (Qwen3; classifier-free guidance unless is_distilled)
     FLUX2_KLEIN: FamilyDefaults(50, 4.0, llm_tokens=512, llm_layers=(9, 18, 27),
                                 template=CHAT_TEMPLATE),
+    # ZImagePipeline.__call__ (Qwen3's second-to-last states of the chat template with thinking,
+    # cut to the prompt's tokens); Z-Image-Turbo's model card asks for 9 steps at guidance 0
+    Z_IMAGE: FamilyDefaults(50, 5.0, llm_tokens=512, llm_layers=(-2,),
+                            template=CHAT_THINKING_TEMPLATE, trim=True),
 }
 
 
@@ -693,7 +700,8 @@ def _text_encoders(bundle: ModelBundle, t5_tokens: int) -> list[TextEncoder]:
                 network=network, tokenizer=tokenizer, kind=kind,
                 max_length=bundle.context.llm_tokens,
                 hidden_size=config.get_text_config().hidden_size,
-                layers=bundle.context.llm_layers, template=defaults.template))
+                layers=bundle.context.llm_layers, template=defaults.template,
+                trim=defaults.trim))
             continue
         t5 = kind in T5_ENCODERS
         encoders.append(TextEncoder(
