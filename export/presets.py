@@ -97,6 +97,9 @@ FAMILY_OF_TRANSFORMER = {"SD3Transformer2DModel": STABLE_DIFFUSION_3,
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.check_inputs refuses more T5 tokens
 FLUX_SCHNELL = "flux-schnell"  # the FAMILY_DEFAULTS key of Flux without guidance embedding
 FLUX2_KLEIN = "flux2-klein"  # the FAMILY_DEFAULTS key of Flux.2 without guidance embedding
+# Flux.2 dev's prompt format: its chat template around Flux2Pipeline's system message and the
+# prompt, fixed at export as a format string (models/prompt_tokens.py, system_template)
+FLUX2_SYSTEM_CHAT = "flux2-system-chat"
 # Flux.2's pipelines condition on reference images, never start from one: no image-to-image is
 # served for them, so their VAE is exported as a decoder only
 DECODE_ONLY_VAES = ("AutoencoderKLFlux2",)
@@ -138,9 +141,9 @@ FAMILY_DEFAULTS = {
     # are Flux-dev's, so these are the schnell model card's settings (4 steps, guidance 0,
     # max_sequence_length 256)
     FLUX_SCHNELL: FamilyDefaults(4, 0.0, t5_tokens=256),
-    # Flux2Pipeline.__call__ (dev: Mistral3, embedded guidance); its prompts are formatted by its
-    # processor with a system message, which is not served yet (refused in pipeline_spec)
-    FLUX2: FamilyDefaults(50, 4.0, llm_tokens=512, llm_layers=(10, 20, 30)),
+    # Flux2Pipeline.__call__ (dev: Mistral3, embedded guidance, a system message)
+    FLUX2: FamilyDefaults(50, 4.0, llm_tokens=512, llm_layers=(10, 20, 30),
+                          template=FLUX2_SYSTEM_CHAT),
     # Flux2KleinPipeline.__call__ (Qwen3; classifier-free guidance unless is_distilled)
     FLUX2_KLEIN: FamilyDefaults(50, 4.0, llm_tokens=512, llm_layers=(9, 18, 27),
                                 template=CHAT_TEMPLATE),
@@ -644,11 +647,6 @@ def pipeline_spec(
     defaults = family_defaults(family, bundle.guidance_embeds)
     sdxl = family == STABLE_DIFFUSION_XL
     forced = bundle.pipeline_config.get("force_zeros_for_empty_prompt", sdxl)
-    if family == FLUX2 and bundle.guidance_embeds:
-        raise UnsupportedModelError(
-            f"{bundle.name}: Flux.2 dev (Flux2Pipeline) is not served yet: its prompts are "
-            "formatted by its Mistral3 processor with a system message; supported: Flux.2 "
-            "Klein (Flux2KleinPipeline)")
     return PipelineSpec(
         model=bundle.name,
         family=family,
@@ -695,12 +693,12 @@ def _text_encoders(bundle: ModelBundle, t5_tokens: int) -> list[TextEncoder]:
             raise ModelSourceError(f"{bundle.name}: {network} has no {tokenizer} to feed it")
         kind, config = type(module).__name__, module.config
         if kind in LLM_ENCODERS:
-            _check_llm_tokenizer(bundle, network, tokenizer, defaults.template)
+            template = _llm_template(bundle, network, tokenizer, defaults.template)
             encoders.append(TextEncoder(
                 network=network, tokenizer=tokenizer, kind=kind,
                 max_length=bundle.context.llm_tokens,
                 hidden_size=config.get_text_config().hidden_size,
-                layers=bundle.context.llm_layers, template=defaults.template,
+                layers=bundle.context.llm_layers, template=template,
                 trim=defaults.trim))
             continue
         t5 = kind in T5_ENCODERS
@@ -712,13 +710,13 @@ def _text_encoders(bundle: ModelBundle, t5_tokens: int) -> list[TextEncoder]:
     return encoders
 
 
-def _check_llm_tokenizer(bundle: ModelBundle, network: str, tokenizer: str,
-                         template: str) -> None:
-    """ModelSourceError naming the component unless the LLM encoder's tokenizer folder loads
-    with transformers' AutoTokenizer and can apply the family's prompt template."""
+def _llm_template(bundle: ModelBundle, network: str, tokenizer: str, template: str) -> str:
+    """The LLM encoder's prompt template as served (Flux.2 dev's: fixed from its chat template
+    and system message); ModelSourceError naming the component unless the tokenizer folder
+    loads with transformers' AutoTokenizer and can apply it."""
     from transformers import AutoTokenizer
 
-    from models.prompt_tokens import check_template
+    from models.prompt_tokens import check_template, system_template
 
     folder = Path(bundle.folder) / tokenizer
     try:
@@ -728,9 +726,15 @@ def _check_llm_tokenizer(bundle: ModelBundle, network: str, tokenizer: str,
                                f"(tokenizer.json and tokenizer_config.json); it does not load: "
                                f"{error}") from error
     try:
+        if template == FLUX2_SYSTEM_CHAT:
+            from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+            check_template(loaded, CHAT_TEMPLATE, f"{bundle.name}: {tokenizer}")
+            template = system_template(loaded, SYSTEM_MESSAGE)
         check_template(loaded, template, f"{bundle.name}: {tokenizer}")
     except ValueError as error:
         raise ModelSourceError(str(error)) from error
+    return template
 
 
 def write_pipeline_files(

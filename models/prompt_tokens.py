@@ -46,12 +46,31 @@ def templated(tokenizer: Any, text: str, template: str) -> str:
     return template.format(text) if template else text
 
 
+def system_template(tokenizer: Any, system_message: str) -> str:
+    """A format string of the tokenizer's chat template applied to a system message and one
+    user turn (the prompt's place is "{}"), without a generation prompt: how Flux2Pipeline
+    formats its prompts, fixed at export so that serving needs no chat-template call."""
+    marker = "\ue000"  # a private-use character no template or system message holds
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "system", "content": [{"type": "text", "text": system_message}]},
+         {"role": "user", "content": [{"type": "text", "text": marker}]}],
+        tokenize=False, add_generation_prompt=False)
+    if rendered.count(marker) != 1:
+        raise ValueError("the chat template does not place the user's text exactly once")
+    escaped = rendered.replace("{", "{{").replace("}", "}}")
+    return escaped.replace(marker, "{}")
+
+
 def tokenize(tokenizer: Any, texts: list[str], max_length: int, template: str = "") -> Tokens:
-    """Token ids and masks of `texts` padded on the right to `max_length` and truncated there."""
+    """Token ids and masks of `texts` padded on the right to `max_length` and truncated there.
+    A formatted prompt that already starts with the BOS token gets no special tokens added
+    (as transformers' processors tokenize their chat templates)."""
     formatted = [templated(tokenizer, text, template) for text in texts]
+    bos = getattr(tokenizer, "bos_token", None)
+    special = not (bos and all(text.startswith(bos) for text in formatted))
     encoded = tokenizer(formatted, padding="max_length", max_length=max_length,
-                        truncation=True)
-    full = tokenizer(formatted, truncation=False).input_ids
+                        truncation=True, add_special_tokens=special)
+    full = tokenizer(formatted, truncation=False, add_special_tokens=special).input_ids
     dropped = [max(0, len(tokens) - max_length) for tokens in full]
     return Tokens(np.array(encoded.input_ids, dtype=np.int64),
                   np.array(encoded.attention_mask, dtype=np.int64),

@@ -194,3 +194,65 @@ def zimage_folder(path: Path, seed: int = 0, turbo: bool = False) -> Path:
     )
     pipeline.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+DEV_LAYERS = (10, 20, 30)  # Flux2Pipeline's text_encoder_out_layers
+MISTRAL_TOKENS = ("<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]",
+                  "[/SYSTEM_PROMPT]", "[IMG]")
+# the shape of Mistral Small 3's chat template: BOS, the system prompt, user turns; a message's
+# content is a string or a list of text parts
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}{%- set text = message['content'][0]['text'] -%}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}{{ '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '[INST]' + text + '[/INST]' }}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def mistral_tokenizer():
+    """A byte-level BPE (qwen_tokenizer's merges) with Mistral's special tokens, a BOS-adding
+    post-processor and a Mistral-shaped chat template, as transformers' fast tokenizer. (A
+    Flux.2 dev folder ships a PixtralProcessor around its tokenizer, which needs torchvision:
+    not installed here, so the tests use the tokenizer in the processor's place.)"""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab, merges = _trained_bpe()
+    vocab = dict(vocab)
+    for token in MISTRAL_TOKENS:
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        additional_special_tokens=list(MISTRAL_TOKENS[3:]))
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def mistral3(seed: int = 0, *, layers: int = 31, hidden_size: int = 16):
+    """A tiny Mistral3ForConditionalGeneration (a one-layer Pixtral vision tower, a
+    `layers`-deep Mistral language model) over mistral_tokenizer()'s vocabulary."""
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        MistralConfig,
+        PixtralVisionConfig,
+    )
+
+    tokenizer = mistral_tokenizer()
+    text = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        pad_token_id=tokenizer.pad_token_id)
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, image_size=32, patch_size=16, head_dim=8)
+    config = Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=1,
+                            image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))
+    torch.manual_seed(seed)
+    return Mistral3ForConditionalGeneration(config).eval()

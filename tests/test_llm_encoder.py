@@ -108,3 +108,29 @@ def test_empirical_mu_is_the_pipelines(tokens, steps):
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
     assert empirical_mu(tokens, steps) == pytest.approx(compute_empirical_mu(tokens, steps))
+
+
+def test_flux2_dev_encoder_path_is_flux2_pipelines():
+    """Flux.2 dev's Mistral3: the system-message format string fixed at export, tokenized with
+    the BOS the template holds and no other, gives Flux2Pipeline's stacked states of layers
+    10, 20 and 30 (with the tokenizer in the place of the processor, which needs torchvision)."""
+    from diffusers import Flux2Pipeline
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from llm_folders import DEV_LAYERS, mistral3, mistral_tokenizer
+
+    from models.prompt_tokens import system_template
+
+    tokenizer, encoder = mistral_tokenizer(), mistral3()
+    prompts = ["a red fox in the snow", ""]
+    template = system_template(tokenizer, SYSTEM_MESSAGE)
+    tokens = tokenize(tokenizer, prompts, TOKENS * 4, template)
+    spec = LLMEncoderSpec.from_model(encoder, sequence_length=TOKENS * 4, layers=DEV_LAYERS)
+    with torch.no_grad():
+        ours = spec.wrap(encoder)(torch.from_numpy(tokens.input_ids),
+                                  torch.from_numpy(tokens.attention_mask))
+        theirs = Flux2Pipeline._get_mistral_3_small_prompt_embeds(
+            encoder, tokenizer, prompts, max_sequence_length=TOKENS * 4,
+            hidden_states_layers=DEV_LAYERS)
+    assert (tokens.input_ids[:, 0] == tokenizer.bos_token_id).all()
+    assert tokens.input_ids[0, 1] != tokenizer.bos_token_id
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
