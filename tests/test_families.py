@@ -43,7 +43,8 @@ def test_every_family_of_the_spec_has_a_runtime_module():
     spec = flux_spec(FLUX_DEV_SCHEDULER)
     assert family_of(spec).name == "flux"
     object.__setattr__(spec, "family", "hunyuan")  # as a pipeline.json of a newer release
-    with pytest.raises(ValueError, match="no runtime module; known: class, flux, sd, sd3, sdxl"):
+    known = ", ".join(sorted(FAMILIES))  # class, flux, flux2, qwenimage, sd, sd3, sdxl, zimage
+    with pytest.raises(ValueError, match=f"no runtime module; known: {known}$"):
         family_of(spec)
 
 

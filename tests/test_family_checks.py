@@ -64,7 +64,8 @@ def refuse(key: str, **fields) -> RequestError:
     return refused.value
 
 
-IMAGE_FAMILIES = r"image-to-image is served for SD 1\.x/2\.x, SDXL, SD3/SD3\.5, Flux folders"
+IMAGE_FAMILIES = (r"image-to-image is served for SD 1\.x/2\.x, SDXL, SD3/SD3\.5, Flux, "
+                  r"Qwen-Image, Z-Image folders")
 INPAINTING = r"inpainting is served for SD 1\.x/2\.x folders; .*: send INIT_IMAGE without MASK"
 NEEDS_IMAGE = r"needs an INIT_IMAGE \(image-to-image or inpainting\)"
 # (spec, the request's optional inputs, the field refused, what the message must say)
