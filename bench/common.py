@@ -29,7 +29,8 @@ def positive_int(text: str) -> int:
 def ensure_reference_engines(log: Log = print, model: str = "reference") -> EngineSet:
     """A bundled reference model's ONNX Runtime CPU engines (`reference` or `reference-flow`),
     exported and built first if missing or stale."""
-    from engines.build import BuildRequest, build_engines
+    from engines.build import build_engines
+    from engines.build_types import BuildRequest
 
     request = BuildRequest(source=model, name=model, engines_root=paths.engines_root(),
                            onnx_dir=paths.onnx_dir(model), backend="onnxruntime")

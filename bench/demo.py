@@ -212,9 +212,9 @@ async def sample_digits(endpoint: str, settings: DemoSettings,
     (the runs of one digit back to back, so that a change in the machine's load hits every mode
     alike). `spec`: the served model's pipeline spec."""
     from models.reference import prompt_for
-    from runtime.devices import TritonEndpoints
     from runtime.generate import connect_pipeline, timed_run
     from runtime.pipeline import GenerationRequest
+    from runtime.triton_clients import TritonEndpoints
 
     async with TritonEndpoints([endpoint]) as connection:
         pipeline = await connect_pipeline(connection, spec=spec)
@@ -308,8 +308,10 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
 
 def run(args: argparse.Namespace) -> int:
     from engines.build import EngineBuildError
-    from runtime.devices import DeviceError, DiscoveryError, PoolError
+    from runtime.device import DeviceError
     from runtime.pipeline import RequestError
+    from runtime.pool import PoolError
+    from runtime.triton_clients import DiscoveryError
     from triton_models.serve import ServerError
 
     try:

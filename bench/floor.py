@@ -111,7 +111,7 @@ def measure_bls(client, setup: FloorSetup) -> list[FloorRecord]:
 async def measure_clients(endpoints: dict[str, str], setup: FloorSetup) -> list[FloorRecord]:
     """Rounds of 1 and `calls` concurrent calls from this process by the runtime's client, over
     each transport (`endpoints`: transport name -> endpoint), interleaved."""
-    from runtime.devices import TritonEndpoints
+    from runtime.triton_clients import TritonEndpoints
 
     inputs = {"x": np.zeros(PAYLOAD, np.float32)}
     inputs["x"][0] = setup.latency_ms
@@ -146,9 +146,10 @@ def measure_sampler(setup: FloorSetup) -> list[FloorRecord]:
     import torch
 
     from models.reference import SCHEDULER_CONFIG
-    from runtime.devices import DevicePool, LocalDevice
     from runtime.driffusion import sample
     from runtime.guidance import Conditioning
+    from runtime.local_devices import LocalDevice
+    from runtime.pool import DevicePool
     from runtime.schedulers import make_scheduler
 
     class Free:
@@ -197,7 +198,7 @@ def run_benchmark(setup: FloorSetup, out: Path) -> dict[str, Any]:
     import tritonclient.grpc as grpc_client
 
     from bench.common import machine_info
-    from triton_models.guard import GuardLimits
+    from triton_models.guard_limits import GuardLimits
     from triton_models.serve import EmbeddedServer, free_ports
 
     setup.validate()

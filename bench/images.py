@@ -74,9 +74,9 @@ def lower_half_mask(size: int = 8) -> np.ndarray:
 async def sample_all(endpoint: str, spec, settings: ImageSettings) -> list[Run]:
     """Every (task, window) over the ten digits through the served models at `endpoint`."""
     from models.reference import prompt_for
-    from runtime.devices import TritonEndpoints
     from runtime.generate import connect_pipeline
     from runtime.pipeline import GenerationRequest
+    from runtime.triton_clients import TritonEndpoints
 
     inputs, mask = real_digit_images(), lower_half_mask()
     runs = [Run(task, window) for task in ("img2img", "inpaint") for window in WINDOWS]

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import infer_inputs, machine_info
-from runtime.devices import is_http, parse_endpoint, split_host_port
 from runtime.driffusion import MODES
 from runtime.generate import PIPELINE_MODEL
+from runtime.triton_clients import is_http, parse_endpoint, split_host_port
 
 DEVICE_PREFIX = "unet_"
 MAX_CLIENTS = 4096
@@ -191,7 +191,7 @@ def measure_embedded(setup: LoadSetup, protocol: str = "grpc",
 def measure_guard(setup: LoadSetup, protocol: str, quiet: bool = False) -> list[LoadResult]:
     """The same load through the request guard's port, then through Triton's own port of the
     same server (its loopback port behind the guard)."""
-    from triton_models.guard import GuardLimits
+    from triton_models.guard_limits import GuardLimits
 
     with embedded_sim_server(setup, GuardLimits()) as server:
         own = server.triton_ports[protocol]

@@ -140,8 +140,9 @@ def make_denoiser(model: DigitsModel, setup: QualitySetup, prompts: Sequence[str
     """The batched local denoise for a batch of prompts (the empty prompt as the negative):
     the model's denoiser in PyTorch, or its engine in ONNX Runtime (`denoiser_onnx`), as one
     in-process device that takes each round in one call."""
-    from runtime.devices import DevicePool, LocalDevice
     from runtime.guidance import Conditioning
+    from runtime.local_devices import LocalDevice
+    from runtime.pool import DevicePool
 
     if isinstance(prompts, str) or not prompts:
         raise ValueError("make_denoiser needs a non-empty list of prompts")
@@ -157,7 +158,7 @@ def make_denoiser(model: DigitsModel, setup: QualitySetup, prompts: Sequence[str
 
 def torch_device(model: DigitsModel):
     """The model's denoiser in PyTorch as an in-process device (inputs by tensor name)."""
-    from runtime.devices import LocalDevice, LocalModel
+    from runtime.local_devices import LocalDevice, LocalModel
 
     def run(**inputs):
         given = {name: torch.from_numpy(value) for name, value in inputs.items()}

@@ -349,7 +349,7 @@ def onnx_call_ms(path: Path, threads: int,
 
     `row_shapes`: the shape of one row of each input but the timestep (`denoiser_row_shapes`).
     """
-    from runtime.devices import ort_session
+    from runtime.local_devices import ort_session
 
     session = ort_session(path, threads)
 
@@ -386,8 +386,8 @@ async def encode_condition(pipeline, label: int, guidance: float):
 async def _measure_served(endpoint: str, setup: SpeedSetup, progress,
                           clock: Callable[[], tuple[float, float]],
                           spec, device_stats: DeviceStats | None = None) -> tuple[int, Timings]:
-    from runtime.devices import TritonEndpoints
     from runtime.generate import connect_pipeline
+    from runtime.triton_clients import TritonEndpoints
 
     async with TritonEndpoints([endpoint]) as connection:
         pipeline = await connect_pipeline(connection, spec=spec)
@@ -550,7 +550,7 @@ def local_pipeline(engines, pool):
     """A Pipeline over in-process models: the engine set's tokenizer (its files beside the
     engines), text encoder and VAE decoder as ONNX Runtime sessions, and `pool`."""
     from models.pipeline_spec import SPEC_FILE, PipelineSpec
-    from runtime.devices import LocalModel, ort_session, session_output_names
+    from runtime.local_devices import LocalModel, ort_session, session_output_names
     from runtime.pipeline import Pipeline
 
     spec = PipelineSpec.from_json((engines.directory / SPEC_FILE).read_text())
@@ -587,7 +587,8 @@ def _tokenize_function(directory: Path):
 def measure_cpu_local(setup: SpeedSetup, workdir: Path, progress) -> BackendResult:
     """The same engines as in-process ONNX Runtime sessions, each in its own worker thread."""
     from bench.common import ensure_reference_engines
-    from runtime.devices import DevicePool, LocalDevice
+    from runtime.local_devices import LocalDevice
+    from runtime.pool import DevicePool
 
     engines = ensure_reference_engines(lambda line: None)
     devices = [LocalDevice.from_onnx(engines.path("unet"), threads=setup.cpu_threads,
@@ -877,7 +878,9 @@ def setup_from_args(args: argparse.Namespace) -> SpeedSetup:
 def run(args: argparse.Namespace) -> int:
     from bench.common import run_stopping_servers
     from engines.build import EngineBuildError
-    from runtime.devices import DeviceError, DiscoveryError, PoolError
+    from runtime.device import DeviceError
+    from runtime.pool import PoolError
+    from runtime.triton_clients import DiscoveryError
     from triton_models.serve import ServerError
 
     setup = setup_from_args(args)

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from engines.build_types import GPU_PRECISION, BuildOutcome, BuildRequest, ExportedOnnx
 from engines.gpu import GpuInfo, list_gpus
 from engines.manifest import (
     CPU_KEY,
-    EngineSet,
-    load_engines,
     manifest_mismatch,
     network_entry,
     new_manifest,
@@ -26,6 +25,12 @@ from engines.manifest import (
 )
 from engines.ort_build import ORT_OPTIMIZATION_LEVEL, build_ort_engine, onnxruntime_version
 from engines.tensorrt_build import build_plan, tensorrt_status
+from engines.torch_build import (
+    build_torch_engines,
+    torch_backend_version,
+    torch_cuda_available,
+    torch_gpus,
+)
 from export.lora import Lora
 from export.onnx_export import (
     EXPORT_LAYOUT,
@@ -36,69 +41,14 @@ from export.onnx_export import (
     settings_change,
 )
 from export.presets import source_fingerprint
-from models import paths
 from models.pipeline_spec import SPEC_FILE, PipelineSpec
 
 BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "torch")
-GPU_PRECISION = "fp16"  # what GPU engines are built at unless another precision is asked
 TIMING_CACHE_DIR = ".timing-cache"
 
 
 class EngineBuildError(RuntimeError):
     """The requested backend cannot be built here, or a build step failed."""
-
-
-@dataclass(frozen=True)
-class BuildRequest:
-    """Everything `build-engines` needs to know."""
-
-    source: str
-    name: str
-    engines_root: Path = field(default_factory=paths.engines_root)
-    onnx_dir: Path | None = None
-    backend: str = "auto"
-    # the precision asked for (each network gets its own, export/precision.py); None: fp16 for
-    # GPU engines, fp32 for ONNX Runtime CPU engines
-    precision: str | None = None
-    optimization_level: int = 3
-    force: bool = False
-    networks: tuple[str, ...] = ()
-    export: ExportOptions = field(default_factory=ExportOptions)
-    loras: tuple[Lora, ...] = ()  # fused into the source's weights before export
-
-    @property
-    def export_dir(self) -> Path:
-        return self.onnx_dir or paths.onnx_dir(self.name)
-
-
-@dataclass
-class BuildOutcome:
-    """What was built, what was kept, and the one-line summary printed for it."""
-
-    backend: str
-    directories: list[Path]
-    built: list[str] = field(default_factory=list)
-    kept: list[str] = field(default_factory=list)
-    summary: str = ""
-
-    def engine_sets(self) -> list[EngineSet]:
-        return [
-            s for s in load_engines(self.directories[0].parent) if s.directory in self.directories
-        ]
-
-
-@dataclass(frozen=True)
-class ExportedOnnx:
-    """One exported network as recorded in export.json, with the file's current sha256."""
-
-    name: str
-    path: Path
-    sha256: str
-    precision: str  # this network's, as exported
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
-    profile: dict[str, Any]
-    model_class: str = ""
 
 
 def choose_backend(requested: str) -> tuple[str, list[GpuInfo], str | None, str | None]:
@@ -128,8 +78,6 @@ def choose_backend(requested: str) -> tuple[str, list[GpuInfo], str | None, str 
 
 def _torch_gpus(gpus: list[GpuInfo]) -> list[GpuInfo]:
     """The GPUs torch can run on: those found (when torch has CUDA), else torch's own list."""
-    from engines.torch_build import torch_cuda_available, torch_gpus
-
     if not torch_cuda_available():
         return []
     return gpus or torch_gpus()
@@ -140,8 +88,6 @@ def build_engines(request: BuildRequest, log: Callable[[str], None] = print) -> 
     backend, gpus, trt_version, no_plan_reason = choose_backend(request.backend)
     exported = ensure_exported(request, export_options_for(request, backend), log)
     if backend == "torch":
-        from engines.torch_build import build_torch_engines, torch_backend_version
-
         outcome = build_torch_engines(request, exported, gpus, log)
         where = (f"{len(gpus)} GPU(s), {request.precision or GPU_PRECISION} asked" if gpus
                  else "no GPU: fp32 on the CPU")

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from engines.build import BACKEND_CHOICES, BuildRequest, EngineBuildError, build_engines
+from engines.build import BACKEND_CHOICES, EngineBuildError, build_engines
+from engines.build_types import BuildRequest
 from engines.tensorrt_build import OPTIMIZATION_LEVELS
 from export.cli import (
     add_export_arguments,

@@ -38,7 +38,7 @@ from models import tensors
 if TYPE_CHECKING:
     import torch
 
-    from engines.build import BuildOutcome, BuildRequest, ExportedOnnx
+    from engines.build_types import BuildOutcome, BuildRequest, ExportedOnnx
 
 TORCH_BACKEND = "torch"
 TORCH_SUFFIX = ".safetensors"
@@ -206,7 +206,7 @@ def build_torch_engines(request: BuildRequest, exported: list[ExportedOnnx], gpu
                         log: Callable[[str], None]) -> BuildOutcome:
     """The denoiser as a torch engine, every other network as an ONNX Runtime engine, in one
     `torch-<GPU key|cpu>` directory (the first GPU's key: the weights run on any GPU)."""
-    from engines.build import GPU_PRECISION, BuildOutcome
+    from engines.build_types import GPU_PRECISION, BuildOutcome
     from engines.manifest import (
         manifest_mismatch,
         network_entry,

@@ -19,15 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.devices import (
-    DEFAULT_DEADLINE_S,
-    DEVICE_PATTERN,
-    DeviceError,
-    DevicePool,
-    DiscoveryError,
-    PoolError,
-    TritonEndpoints,
-)
+from runtime.device import DEFAULT_DEADLINE_S, DeviceError
 from runtime.driffusion import DRAFT_ORDERS, MODES
 from runtime.pipeline import (
     GenerationRequest,
@@ -36,7 +28,9 @@ from runtime.pipeline import (
     RequestError,
     ResolvedRequest,
 )
+from runtime.pool import DevicePool, PoolError
 from runtime.schedulers import scheduler_names
+from runtime.triton_clients import DEVICE_PATTERN, DiscoveryError, TritonEndpoints
 
 PIPELINE_MODEL = "driffusion"
 

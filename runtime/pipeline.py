@@ -20,10 +20,11 @@ import torch
 
 from models import tensors
 from models.pipeline_spec import PipelineSpec, TextEncoder
-from runtime.devices import DEFAULT_DEADLINE_S, DevicePool, ModelClient
+from runtime.device import DEFAULT_DEADLINE_S, ModelClient
 from runtime.driffusion import DRAFT_ORDERS, MODES, VP_SCHEDULERS, sample
 from runtime.families import Family, StartState, check_scale, family_of
 from runtime.guidance import Conditioning
+from runtime.pool import DevicePool
 from runtime.request import (
     Cancelled,
     GenerationRequest,

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.devices import numpy_dtype, raw_tensor_bytes, triton_datatype
+from runtime.triton_wire import numpy_dtype, raw_tensor_bytes, triton_datatype
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import positive_int
-from engines.build import BACKEND_CHOICES, BuildOutcome, BuildRequest, build_engines, choose_backend
+from engines.build import BACKEND_CHOICES, build_engines, choose_backend
+from engines.build_types import BuildOutcome, BuildRequest
 from export.onnx_export import ExportOptions
 
 LOG = logging.getLogger("gpu_check")
@@ -165,7 +166,7 @@ def section_environment(check: Check) -> dict:
 
 def section_unet(check: Check) -> dict:
     """UNet ms per batch, one warm-up call each: the first served `unet_*` model over gRPC."""
-    from runtime.devices import TritonEndpoints
+    from runtime.triton_clients import TritonEndpoints
     async def served() -> tuple[str, dict]:
         async with TritonEndpoints([check.grpc_url()]) as connection:
             device = (await connection.devices("unet_*"))[0]

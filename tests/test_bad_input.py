@@ -26,7 +26,7 @@ from cli import main as cli_main
 from engines.gpu import GpuInfo
 from engines.manifest import EngineMismatchError, check_plan_compatible, read_manifest
 from engines.ort_build import OrtBuildError, build_ort_engine
-from runtime.devices import LocalDevice
+from runtime.local_devices import LocalDevice
 from triton_models.backend import file_in_version_dir
 from triton_models.repository import RepositoryOptions, validate_repository, write_repository
 from triton_models.serve import EmbeddedServer, ServerError

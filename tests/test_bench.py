@@ -32,9 +32,10 @@ from bench.speed import run_benchmark as run_speed
 from models.reference import EMPTY_PROMPT, SCHEDULER_CONFIG, load_reference, prompt_for
 from models.sim import SimDiffusion
 from models.tensors import ENCODER_HIDDEN_STATES
-from runtime.devices import DevicePool, LocalDevice
 from runtime.driffusion import round_pattern
 from runtime.guidance import Conditioning
+from runtime.local_devices import LocalDevice
+from runtime.pool import DevicePool
 
 SIM = SimDiffusion.from_scheduler_config(SCHEDULER_CONFIG)
 

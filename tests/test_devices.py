@@ -11,19 +11,13 @@ import torch
 from models.reference import SCHEDULER_CONFIG
 from models.sim import SimDiffusion
 from models.tensors import ENCODER_HIDDEN_STATES
-from runtime.devices import (
-    Device,
-    DeviceError,
-    DevicePool,
-    LocalDevice,
-    LocalModel,
-    PoolError,
-    parse_endpoint,
-    split_evenly,
-)
+from runtime.device import Device, DeviceError
 from runtime.driffusion import sample
 from runtime.guidance import Conditioning
+from runtime.local_devices import LocalDevice, LocalModel
+from runtime.pool import DevicePool, PoolError, split_evenly
 from runtime.schedulers import make_scheduler
+from runtime.triton_clients import parse_endpoint
 
 SIM = SimDiffusion.from_scheduler_config(SCHEDULER_CONFIG)
 
@@ -86,6 +80,86 @@ def test_pool_applies_guidance_per_item_in_every_layout(cfg_parallel, batched):
     # rows per call: batched = one call with every (item, half); otherwise halves spread over lanes
     expected_calls = {(False, False): [4, 2], (True, False): [3, 3], (False, True): [6]}
     assert sorted(calls, reverse=True) == expected_calls[(cfg_parallel, batched)]
+
+
+def test_the_pool_applies_the_familys_combine_rule():
+    """A family-supplied rule (here Z-Image's `cond + g (cond - uncond)`) is what comes out, not
+    the default classifier-free guidance."""
+    def reflected(cond, uncond, guidance):
+        return cond + guidance * (cond - uncond)
+
+    x, t = round_inputs(3)
+    default = label_conditioning(3, 2.5)
+    family = Conditioning(default.cond, default.uncond, 2.5, combine=reflected)
+    output = asyncio.run(DevicePool(sim_devices(2)).denoiser(family)(x, t))
+    cond = expected_output(x, t, 1.0)
+    uncond = expected_output(x, t, 0.0)
+    torch.testing.assert_close(output, reflected(cond, uncond, 2.5), rtol=0, atol=1e-5)
+    assert not torch.allclose(output, expected_output(x, t, 2.5), atol=1e-2)
+
+
+def text_length_device(name: str, shapes: list | None = None) -> Device:
+    """A device whose output depends on its context's values and length; it records the
+    (rows, text length) of every call."""
+    def denoise(sample, timestep, context):
+        if shapes is not None:
+            shapes.append(context.shape[:2])
+        scale = 1 + context.mean(axis=(1, 2)) + 0.01 * context.shape[1]
+        return sample * scale[:, None, None, None] + 1e-3 * timestep[:, None, None, None]
+
+    return LocalDevice.from_function(name, denoise)
+
+
+def text_length_conditioning(guidance: float) -> Conditioning:
+    generator = np.random.default_rng(0)
+    return Conditioning({ENCODER_HIDDEN_STATES: generator.standard_normal((1, 5, 4))},
+                        {ENCODER_HIDDEN_STATES: generator.standard_normal((1, 2, 4))}, guidance)
+
+
+def rows_alone(x: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+    """Each item's cond and uncond row evaluated alone, then guided."""
+    device = text_length_device("alone")
+    outputs = []
+    for row in range(x.shape[0]):
+        sample, timestep = x[row : row + 1].numpy(), t[row : row + 1].numpy()
+        cond, uncond = (asyncio.run(device(sample, timestep, inputs))
+                        for inputs in (conditioning.cond, conditioning.uncond))
+        outputs.append(conditioning.combine(cond, uncond, conditioning.guidance))
+    return torch.from_numpy(np.concatenate(outputs))
+
+
+@pytest.mark.parametrize("cfg_parallel, batched, calls", [
+    (False, False, [(2, 2), (2, 5), (1, 2), (1, 5)]),  # 2 items, then 1, per lane
+    (True, False, [(2, 2), (1, 5), (1, 2), (2, 5)]),  # halves spread: (0u 1u)(0c) | (2u)(1c 2c)
+    (False, True, [(3, 2), (3, 5)]),  # the whole round on one device: one call per length
+])
+def test_rows_of_different_text_lengths_go_in_separate_calls(cfg_parallel, batched, calls):
+    """cond [1, 5, D] and uncond [1, 2, D] never stack: each length is its own call, and every
+    row's output is what it gives alone."""
+    shapes: list = []
+    devices = [text_length_device(f"dev{i}", shapes) for i in range(2)]
+    conditioning = text_length_conditioning(3.0)
+    pool = DevicePool(devices, cfg_parallel=cfg_parallel, batched=batched)
+    x, t = round_inputs(3)
+    output = asyncio.run(pool.denoiser(conditioning)(x, t))
+    torch.testing.assert_close(output, rows_alone(x, t, conditioning), rtol=0, atol=1e-6)
+    assert sorted(shapes) == sorted(calls)
+
+
+def test_rows_of_different_text_lengths_fail_over_together():
+    """A device lost mid-chunk: its calls of both lengths are re-issued on the other device."""
+    def broken(sample, timestep, context):
+        raise RuntimeError("device lost")
+
+    shapes: list = []
+    devices = [LocalDevice.from_function("broken", broken), text_length_device("ok", shapes)]
+    conditioning = text_length_conditioning(2.0)
+    pool = DevicePool(devices)
+    x, t = round_inputs(2)
+    output = asyncio.run(pool.denoiser(conditioning)(x, t))
+    torch.testing.assert_close(output, rows_alone(x, t, conditioning), rtol=0, atol=1e-6)
+    assert sorted(shapes) == [(1, 2), (1, 2), (1, 5), (1, 5)]
+    assert [failover.device for failover in pool.failovers] == ["broken"]
 
 
 def test_guidance_one_evaluates_only_the_conditional_branch():

@@ -40,7 +40,8 @@ def test_list_gpus_matches_nvidia_smi():
 
 @pytest.fixture(scope="module")
 def trt_build(tmp_path_factory):
-    from engines.build import BuildRequest, build_engines
+    from engines.build import build_engines
+    from engines.build_types import BuildRequest
     from export.onnx_export import ExportOptions
 
     root = tmp_path_factory.mktemp("trt")
@@ -83,7 +84,8 @@ def test_plans_for_every_gpu_with_manifest_and_timing_cache(trt_build):
 @needs_gpu
 @needs_tensorrt
 def test_unchanged_plans_are_kept_and_a_new_opt_level_rebuilds(trt_build):
-    from engines.build import BuildRequest, build_engines
+    from engines.build import build_engines
+    from engines.build_types import BuildRequest
 
     request, _ = trt_build
     again = build_engines(request)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from models.sim import SimDiffusion, sim_spec
-from runtime.devices import DevicePool, LocalDevice, LocalModel
+from runtime.local_devices import LocalDevice, LocalModel
 from runtime.pipeline import GenerationRequest, Pipeline, PipelineSpec, RequestError
+from runtime.pool import DevicePool
 
 SPEC = sim_spec()
 SIM = SimDiffusion.from_scheduler_config(SPEC.scheduler_config)

@@ -272,7 +272,7 @@ def test_connections_beyond_the_cap_get_503_and_the_rest_are_served(served):
 
 @pytest.mark.slow
 def test_the_default_limits_close_stalled_and_slowloris_connections_within_45_s(tmp_path):
-    from triton_models.guard import GuardLimits
+    from triton_models.guard_limits import GuardLimits
 
     defaults = GuardLimits()
     # the default time limits; one address (127.0.0.1) may hold the whole default budget

@@ -145,7 +145,7 @@ def stalled(serve: ServeCommand, length: int, sent: int, source: str) -> socket.
 
 
 def test_one_client_address_cannot_hold_the_whole_memory_budget(served):
-    from triton_models.guard import GuardLimits
+    from triton_models.guard_limits import GuardLimits
 
     per_client = GuardLimits().client_memory_bytes
     held = [stalled(served, 60 * MIB, 60 * MIB - 1, "127.0.0.5") for _ in range(2)]
@@ -163,7 +163,7 @@ def test_one_client_address_cannot_hold_the_whole_memory_budget(served):
 
 
 def test_one_client_address_cannot_hold_every_connection(served):
-    from triton_models.guard import GuardLimits
+    from triton_models.guard_limits import GuardLimits
 
     count = GuardLimits().client_connections
     opened = [socket.create_connection(("127.0.0.1", served.http_port),
@@ -356,7 +356,7 @@ def test_random_grpc_requests_get_no_server_error_and_the_server_stays_well(serv
     from hypothesis import HealthCheck, given, settings
     from tritonclient.grpc import service_pb2
 
-    from triton_models.guard import INFER_METHOD
+    from triton_models.guard_upstream import INFER_METHOD
 
     st, _ = fuzz_strategies()
     channel = grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}")

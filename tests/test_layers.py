@@ -48,6 +48,51 @@ def test_no_upward_imports(package):
     assert breaches == []
 
 
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports (inside functions too)."""
+    known = {module_name(path) for path in sources(*PACKAGES)}
+    graph = {}
+    for path in sources(*PACKAGES):
+        targets = {f"{module}.{name}" if f"{module}.{name}" in known else module
+                   for module, names in imports(path) for name in names or [""]}
+        graph[module_name(path)] = (targets & known) - {module_name(path)}
+    return graph
+
+
+def find_circle(graph: dict[str, set[str]]) -> list[str]:
+    """One import circle of the graph (its modules in order, the first repeated), or []."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str]:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return []
+        for target in sorted(graph[module]):
+            circle = visit(target, path + [module])
+            if circle:
+                return circle
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        circle = visit(module, [])
+        if circle:
+            return circle
+    return []
+
+
+def test_no_import_circles():
+    """No two modules import each other, directly or around a circle, even inside a function."""
+    assert find_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_circle(import_graph()) == []
+
+
 def test_no_module_imports_a_private_name_of_another():
     private = [f"{path.relative_to(ROOT)}: {module}.{name}"
                for path in sources(*PACKAGES, "tests", "scripts")

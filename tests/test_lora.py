@@ -104,7 +104,8 @@ def test_a_lora_with_non_finite_weights_is_refused_naming_the_tensor(
 
 @pytest.mark.slow  # 27 s: two more builds; engine keys by fingerprint: tests/test_engines.py
 def test_each_lora_set_builds_once_and_switching_back_reuses(folder_and_loras, tmp_path):
-    from engines.build import BuildRequest, build_engines
+    from engines.build import build_engines
+    from engines.build_types import BuildRequest
     from export.presets import model_name
 
     folder, style_a, style_b = folder_and_loras

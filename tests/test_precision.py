@@ -14,8 +14,9 @@ import torch
 from diffusers_folders import sd3_folder, sd3_t5_folder, sd_folder, sdxl_folder
 
 from cli import main as driffusion
-from engines.build import BuildRequest, EngineBuildError, build_engines, ensure_exported
+from engines.build import EngineBuildError, build_engines, ensure_exported
 from engines.build import export_options_for as build_export_options
+from engines.build_types import BuildRequest
 from engines.gpu import GpuInfo
 from engines.manifest import read_manifest
 from engines.torch_build import (

@@ -26,21 +26,14 @@ from tritonclient.utils import np_to_triton_dtype
 
 from models.reference import SCHEDULER_CONFIG
 from models.sim import SimDiffusion
-from runtime.devices import (
-    DEFAULT_RECHECK_S,
-    HEALTH_TIMEOUT_S,
-    Device,
-    DeviceError,
-    DevicePool,
-    LocalDevice,
-    LocalModel,
-    PoolError,
-    TritonEndpoints,
-)
+from runtime.device import DEFAULT_RECHECK_S, HEALTH_TIMEOUT_S, Device, DeviceError
 from runtime.driffusion import sample
 from runtime.generate import connect_pipeline
+from runtime.local_devices import LocalDevice, LocalModel
 from runtime.pipeline import GenerationRequest
+from runtime.pool import DevicePool, PoolError
 from runtime.schedulers import make_scheduler
+from runtime.triton_clients import TritonEndpoints
 from triton_models.repository import RepositoryOptions, write_repository
 from triton_models.serve import EmbeddedServer, group_members
 

@@ -22,7 +22,7 @@ from servers import group_rss_mb
 from tritonclient.utils import InferenceServerException
 
 from cli import main as driffusion
-from triton_models.guard import GuardLimits
+from triton_models.guard_limits import GuardLimits
 from triton_models.repository import RepositoryOptions, write_repository
 
 pytestmark = pytest.mark.triton

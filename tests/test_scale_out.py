@@ -24,7 +24,7 @@ import pytest
 from servers import Cluster, metric, signal_group
 
 from cli import main as cli_main
-from runtime.devices import DiscoveryError
+from runtime.triton_clients import DiscoveryError
 from triton_models.device_endpoints import (
     ENDPOINTS_PARAMETER,
     SIGNATURE_PARAMETER,

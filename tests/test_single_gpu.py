@@ -11,14 +11,11 @@ import torch
 
 from models.sim import NULL_LABEL, SimDiffusion, sim_spec
 from models.tensors import ENCODER_HIDDEN_STATES
-from runtime.devices import (
-    DEFAULT_BATCHED_WINDOW,
-    DevicePool,
-    LocalDevice,
-)
 from runtime.driffusion import sample
 from runtime.guidance import Conditioning
+from runtime.local_devices import LocalDevice
 from runtime.pipeline import GenerationRequest, resolve
+from runtime.pool import DEFAULT_BATCHED_WINDOW, DevicePool
 from runtime.schedulers import make_scheduler
 from triton_models.repository import RepositoryOptions, device_gpus, write_repository
 from triton_models.serve import resolve_gpu_layout

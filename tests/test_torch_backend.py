@@ -160,7 +160,7 @@ def test_failed_capture_runs_eager_and_a_full_cache_too():
 def test_auto_backend_is_torch_on_a_gpu_without_tensorrt(monkeypatch):
     monkeypatch.setattr(engines_build, "list_gpus", lambda: ([H100], None))
     monkeypatch.setattr(engines_build, "tensorrt_status", lambda: (None, "no TensorRT module"))
-    monkeypatch.setattr("engines.torch_build.torch_cuda_available", lambda: True)
+    monkeypatch.setattr(engines_build, "torch_cuda_available", lambda: True)
     backend, gpus, _, why = engines_build.choose_backend("auto")
     assert (backend, gpus, why) == ("torch", [H100], "no TensorRT module")
     # TensorRT and a GPU: plans, as before
@@ -169,13 +169,13 @@ def test_auto_backend_is_torch_on_a_gpu_without_tensorrt(monkeypatch):
     assert engines_build.choose_backend("torch")[:2] == ("torch", [H100])
     # a GPU that torch cannot use (CPU-only torch) and no TensorRT: ONNX Runtime
     monkeypatch.setattr(engines_build, "tensorrt_status", lambda: (None, "no TensorRT module"))
-    monkeypatch.setattr("engines.torch_build.torch_cuda_available", lambda: False)
+    monkeypatch.setattr(engines_build, "torch_cuda_available", lambda: False)
     assert engines_build.choose_backend("auto")[0] == "onnxruntime"
     assert engines_build.choose_backend("torch")[:2] == ("torch", [])
     # no GPU at all: ONNX Runtime, as before
     monkeypatch.setattr(engines_build, "list_gpus", lambda: ([], "no CUDA device"))
-    monkeypatch.setattr("engines.torch_build.torch_cuda_available", lambda: True)
-    monkeypatch.setattr("engines.torch_build.torch_gpus", list)
+    monkeypatch.setattr(engines_build, "torch_cuda_available", lambda: True)
+    monkeypatch.setattr(engines_build, "torch_gpus", list)
     assert engines_build.choose_backend("auto")[0] == "onnxruntime"
 
 

@@ -16,11 +16,13 @@ from tritonclient.utils import np_to_triton_dtype
 from engines.manifest import network_entry, new_manifest, write_manifest
 from models.reference import SCHEDULER_CONFIG
 from models.sim import sim_spec
-from runtime.devices import DevicePool, LocalDevice, TritonEndpoints
 from runtime.driffusion import sample
 from runtime.generate import connect_pipeline
+from runtime.local_devices import LocalDevice
 from runtime.pipeline import GenerationRequest
+from runtime.pool import DevicePool
 from runtime.schedulers import make_scheduler
+from runtime.triton_clients import TritonEndpoints
 from triton_models.repository import RepositoryOptions, write_repository
 
 pytestmark = pytest.mark.triton

@@ -16,7 +16,7 @@ from cli import main as cli_main
 from engines.gpu import GpuInfo
 from engines.manifest import network_entry, new_manifest, write_manifest
 from models.sim import sim_spec
-from runtime.devices import ort_session
+from runtime.local_devices import ort_session
 from runtime.pipeline import PipelineSpec, RequestError
 from triton_models.pipeline_io import request_from_tensors
 from triton_models.repository import (

@@ -21,18 +21,14 @@ from cli import main as cli_main
 from models.reference import SCHEDULER_CONFIG
 from models.sim import SimDiffusion
 from models.tensors import ENCODER_HIDDEN_STATES, OUT_SAMPLE, SAMPLE, TIMESTEP
-from runtime.devices import (
-    DeviceError,
-    DevicePool,
-    DiscoveryError,
-    LocalDevice,
-    TritonEndpoints,
-    discover_devices,
-)
+from runtime.device import DeviceError
 from runtime.driffusion import sample
 from runtime.generate import connect_pipeline
+from runtime.local_devices import LocalDevice
 from runtime.pipeline import GenerationRequest
+from runtime.pool import DevicePool
 from runtime.schedulers import make_scheduler
+from runtime.triton_clients import DiscoveryError, TritonEndpoints, discover_devices
 from triton_models.repository import RepositoryOptions, write_repository
 from triton_models.serve import EmbeddedServer, ServerError, group_members
 

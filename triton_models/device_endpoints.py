@@ -3,7 +3,7 @@
 A front server (`driffusion serve --device-endpoints HOST:PORT,...`, `--devices 0` for none of
 its own) runs the `driffusion` model over its local `unet_*` models (BLS) plus every ready
 `unet_*` model of each endpoint, called over gRPC with the runtime's device client
-(`runtime.devices.TritonModel`, a deadline on every call). Discovery runs once, at model
+(`runtime.triton_clients.TritonModel`, a deadline on every call). Discovery runs once, at model
 initialize: an endpoint that does not answer, serves no `unet_*` model, or serves one whose
 inputs or outputs differ from what the served pipeline feeds its devices (the *device
 signature*: tensor names, dtypes and shapes, i.e. latent channels and size and the
@@ -26,9 +26,9 @@ from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from runtime.devices import (
+from runtime.device import Device
+from runtime.triton_clients import (
     DEVICE_PATTERN,
-    Device,
     DiscoveryError,
     TritonEndpoints,
     TritonModel,

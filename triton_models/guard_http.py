@@ -33,17 +33,19 @@ from urllib.parse import unquote
 
 import h11
 
-from triton_models.guard import (
+from triton_models.guard_limits import (
+    TRIM_BYTES,
+    GuardLimits,
+    MemoryBudget,
+    give_heap_back_soon,
+    guard_flag,
+)
+from triton_models.guard_upstream import (
     BUSY_MESSAGE,
     BUSY_TRITON_TEXT,
     INFER_METHOD,
-    TRIM_BYTES,
     UNAVAILABLE_MESSAGE,
-    GuardLimits,
-    MemoryBudget,
     ModelSpecs,
-    give_heap_back_soon,
-    guard_flag,
     upstream_details,
     upstream_ready,
 )

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
     from export.onnx_export import ExportOptions
-    from triton_models.guard import GuardLimits
+    from triton_models.guard_limits import GuardLimits
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
@@ -521,7 +521,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
     """The request guard's flags: one per limit of models/limits.py GUARD_LIMITS."""
-    from triton_models.guard import guard_flag
+    from triton_models.guard_limits import guard_flag
 
     guard = parser.add_argument_group(
         "request guard (holds the public gRPC and HTTP ports; Triton then listens on loopback "
@@ -537,7 +537,7 @@ def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
 
 def guard_limits_from_args(args: argparse.Namespace) -> GuardLimits | None:
     """The guard's limits from `serve` flags; None with `--request-guard-bytes 0`."""
-    from triton_models.guard import GuardLimits
+    from triton_models.guard_limits import GuardLimits
 
     if args.guard_max_request_bytes == 0:
         return None
@@ -681,7 +681,8 @@ def prepare_model(options: RepositoryOptions, log=print, *, precision: str | Non
     (engines whose manifest matches are kept) at `precision` (None: the backend's default) with
     `export`'s options and `loras` fused into the weights; sim and engines directories pass as
     they are."""
-    from engines.build import BuildRequest, build_engines
+    from engines.build import build_engines
+    from engines.build_types import BuildRequest
     from export.onnx_export import ExportOptions
     from export.presets import PRESETS, model_name
 

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from runtime.devices import DenoiserIO, Device, DeviceError, DevicePool, PoolError
+from runtime.device import DenoiserIO, Device, DeviceError
 from runtime.pipeline import Cancelled, Pipeline, PipelineSpec, RequestError
+from runtime.pool import DevicePool, PoolError
 from runtime.schedulers import max_steps
 from triton_models.backend import ThrottledCheck, model_parameters
 from triton_models.device_endpoints import describe, devices_from_parameters

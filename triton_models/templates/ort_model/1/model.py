@@ -9,7 +9,7 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
-from runtime.devices import ort_session, session_output_names
+from runtime.local_devices import ort_session, session_output_names
 from triton_models.backend import (
     FaultInjection,
     answer_requests,
