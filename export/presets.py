@@ -24,6 +24,8 @@ from export.specs import (
     IMAGE_WIDTH,
     LATENT_HEIGHT,
     LATENT_WIDTH,
+    QWEN_IMAGE_DEFAULT_SAMPLE_SIZE,
+    QWEN_IMAGE_MAX_TEXT_LENGTH,
     FluxTransformerSpec,
     LabelEncoderSpec,
     NetworkSpec,
@@ -129,6 +131,16 @@ class FamilyDefaults:
     llm_layers: tuple[int, ...] = ()
     template: str = ""
     trim: bool = False
+    drop_tokens: int = 0  # the template's prefix tokens the pipeline drops from the states
+    true_cfg: float = 1.0  # true_cfg_scale (Qwen-Image), which needs a negative prompt
+
+
+# QwenImagePipeline's prompt_template_encode: a system message, then the prompt as the user's
+QWEN_IMAGE_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, "
+    "quantity, text, spatial relationships of the objects and background:<|im_end|>\n"
+    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
+QWEN_IMAGE_PREFIX_TOKENS = 34  # its prompt_template_encode_start_idx: the tokens it drops
 
 
 # the one table of per-family defaults, keyed by family_variant
@@ -151,6 +163,12 @@ FAMILY_DEFAULTS = {
     # cut to the prompt's tokens); Z-Image-Turbo's model card asks for 9 steps at guidance 0
     Z_IMAGE: FamilyDefaults(50, 5.0, llm_tokens=512, llm_layers=(-2,),
                             template=CHAT_THINKING_TEMPLATE, trim=True),
+    # QwenImagePipeline.__call__: true CFG at 4.0 with a negative prompt (no guidance embedding),
+    # 512 tokens after the template's 34 prefix tokens (the tokenizer gets 512 + 34)
+    QWEN_IMAGE: FamilyDefaults(50, 1.0,
+                               llm_tokens=QWEN_IMAGE_MAX_TEXT_LENGTH + QWEN_IMAGE_PREFIX_TOKENS,
+                               llm_layers=(-1,), template=QWEN_IMAGE_TEMPLATE, trim=True,
+                               drop_tokens=QWEN_IMAGE_PREFIX_TOKENS, true_cfg=4.0),
 }
 
 
@@ -565,7 +583,7 @@ def _pipeline_context(
     """The facts specs need from the other networks' configs (`configs`: every network's, loaded
     or not, so that a partial export's specs are the full export's)."""
     vae = configs.get(VAE_NETWORK)
-    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae is not None else 1
+    vae_scale = _vae_scale_factor(vae) if vae is not None else 1
     encoder = configs.get("text_encoder")
     sequence = encoder.get("max_position_embeddings", 77) if encoder is not None else 77
     second = configs.get("text_encoder_2") or {}
@@ -577,6 +595,8 @@ def _pipeline_context(
         # Flux.2's latents are 2x2-patchified: 16 pixels each under its factor-8 VAE
         vae_scale *= 2
         latent = FLUX_DEFAULT_SAMPLE_SIZE // 2  # the pipelines' default_sample_size x 8 pixels
+    if denoiser is not None and classes[denoiser] == "QwenImageTransformer2DModel":
+        latent = QWEN_IMAGE_DEFAULT_SAMPLE_SIZE  # QwenImagePipeline's default_sample_size
     if isinstance(latent, int):
         latent = (latent, latent)
     return SpecContext(
@@ -587,6 +607,7 @@ def _pipeline_context(
         latent_size=tuple(latent) if latent is not None else None,
         llm_layers=defaults.llm_layers or SpecContext.llm_layers,
         llm_tokens=defaults.llm_tokens or SpecContext.llm_tokens,
+        llm_dropped_tokens=defaults.drop_tokens,
     )
 
 
@@ -657,6 +678,7 @@ def pipeline_spec(
         decoder="vae" if vae is not None else "pixels",
         scaling_factor=float(getattr(vae.config, "scaling_factor", 1.0)) if vae else 1.0,
         shift_factor=getattr(vae.config, "shift_factor", None) if vae else None,
+        **_latent_statistics(vae),
         text_encoders=tuple(encoders),
         force_zeros_for_empty_prompt=bool(forced) and sdxl,
         image_encoder=VAE_ENCODER_NETWORK in bundle.modules,
@@ -671,7 +693,26 @@ def pipeline_spec(
         size_multiple=network.vae_scale_factor * network.latent_multiple,
         default_steps=defaults.steps,
         default_guidance=defaults.guidance,
+        default_true_cfg=defaults.true_cfg,
     )
+
+
+def _latent_statistics(vae: nn.Module | None) -> dict[str, tuple[float, ...]]:
+    """latents_mean and latents_std of a VAE whose config has both (SDXL-style VAEs, Qwen-Image's),
+    as PipelineSpec fields; {} otherwise."""
+    config = vae.config if vae is not None else {}
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    if mean is None or std is None:
+        return {}
+    return {"latents_mean": tuple(map(float, mean)), "latents_std": tuple(map(float, std))}
+
+
+def _vae_scale_factor(config: dict[str, Any]) -> int:
+    """Image pixels per latent pixel: 2 per temporal-downsample stage of a causal 3-D VAE
+    (AutoencoderKLQwenImage), 2 per block after the first of an AutoencoderKL."""
+    if "temperal_downsample" in config:
+        return 2 ** len(config["temperal_downsample"])
+    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 def _range(triple: tuple[int, int, int]) -> tuple[int, int] | None:
@@ -699,7 +740,7 @@ def _text_encoders(bundle: ModelBundle, t5_tokens: int) -> list[TextEncoder]:
                 max_length=bundle.context.llm_tokens,
                 hidden_size=config.get_text_config().hidden_size,
                 layers=bundle.context.llm_layers, template=template,
-                trim=defaults.trim))
+                trim=defaults.trim, drop_tokens=defaults.drop_tokens))
             continue
         t5 = kind in T5_ENCODERS
         encoders.append(TextEncoder(

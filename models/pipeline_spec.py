@@ -80,6 +80,10 @@ class PipelineSpec:
     decoder: str = "pixels"  # "pixels": latents are images in [-1, 1]; "vae": vae_decoder model
     scaling_factor: float = 1.0
     shift_factor: float | None = None
+    # per-channel statistics the latents are normalised by, where the VAE's config has them
+    # (SDXL-style VAEs, Qwen-Image): decoding takes latents x std / scaling_factor + mean
+    latents_mean: tuple[float, ...] = ()
+    latents_std: tuple[float, ...] = ()
     text_encoders: tuple[TextEncoder, ...] = ()
     # SDXL: negative conditioning is zeros when no negative prompt is given
     force_zeros_for_empty_prompt: bool = False
@@ -107,6 +111,7 @@ class PipelineSpec:
     size_multiple: int = 1
     default_steps: int = 20
     default_guidance: float = 1.0
+    default_true_cfg: float = 1.0  # TRUE_CFG when a request gives none (Qwen-Image: 4.0)
     default_scheduler: str = "default"
     # serving limits (the repository writer sets them from `driffusion serve --max-...`)
     max_steps: int = SERVING_LIMITS["max_steps"].default
@@ -119,6 +124,9 @@ class PipelineSpec:
             raise ValueError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder {self.decoder!r} is not one of {', '.join(DECODERS)}")
+        if len(self.latents_mean) != len(self.latents_std):
+            raise ValueError(f"latents_mean has {len(self.latents_mean)} channels, latents_std "
+                             f"{len(self.latents_std)}: both or neither, one per channel")
         for network, precision in self.precisions.items():
             if precision not in NETWORK_PRECISIONS:
                 raise ValueError(f"{network}: precision {precision!r} is not one of "
@@ -157,6 +165,8 @@ class PipelineSpec:
             for key in ("height_range", "width_range"):
                 if data.get(key) is not None:
                     data[key] = tuple(data[key])
+            for key in ("latents_mean", "latents_std"):
+                data[key] = tuple(data.get(key, ()))
             return cls(**data)
         except (TypeError, KeyError, AttributeError, json.JSONDecodeError) as error:
             raise ValueError(f"not a PipelineSpec JSON object: {type(error).__name__}: {error}") \

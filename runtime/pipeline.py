@@ -88,7 +88,7 @@ def resolve(request: GenerationRequest, spec: PipelineSpec, default_window: int)
     strength = _resolve_strength(request, steps, family)
     prompt = request.prompt if spec.uses_prompts else None
     negative = request.negative_prompt if spec.uses_prompts else None
-    true_cfg = 1.0 if request.true_cfg is None else float(request.true_cfg)
+    true_cfg = spec.default_true_cfg if request.true_cfg is None else float(request.true_cfg)
     return ResolvedRequest(prompt, negative, label, negative_label, request.seed, steps,
                            request.mode, window, guidance, scheduler, request.tolerance,
                            request.draft_order, height, width, true_cfg, request.init_image,

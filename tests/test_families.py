@@ -134,7 +134,7 @@ def test_true_cfg_out_of_range_is_refused(value):
 def test_true_cfg_is_refused_for_other_families():
     spec = flux_spec(FLUX_DEV_SCHEDULER).with_defaults(
         family="sd3", scheduler_config={"_class_name": "FlowMatchEulerDiscreteScheduler"})
-    with pytest.raises(RequestError, match="TRUE_CFG is for Flux models.*use GUIDANCE"):
+    with pytest.raises(RequestError, match="TRUE_CFG is for Flux, Qwen-Image models.*use GUIDANCE"):
         resolve(GenerationRequest(prompt="x", true_cfg=2.0), spec, 1)
 
 

@@ -75,11 +75,11 @@ REFUSED = [
     ("class", {"mask": mask(8, 8)}, "mask", IMAGE_FAMILIES),
     ("class", {"strength": 0.5}, "strength", IMAGE_FAMILIES),
     ("class", {"height": 16}, "height", r"must be 8 pixels \(the engines are built for that"),
-    *[(key, {"true_cfg": 2.0}, "true_cfg", r"TRUE_CFG is for Flux models; .*use GUIDANCE")
+    *[(key, {"true_cfg": 2.0}, "true_cfg", r"TRUE_CFG is for Flux, Qwen-Image models; .*use GUIDANCE")
       for key in NOT_FLUX],
     # the SD family inpaints, yet TRUE_CFG beside a MASK is refused all the same
     ("sd", {"init_image": image(), "mask": mask(), "true_cfg": 2.0}, "true_cfg",
-     "TRUE_CFG is for Flux models"),
+     "TRUE_CFG is for Flux, Qwen-Image models"),
     *[(key, {"label": 3}, "label", "takes a PROMPT, not a LABEL") for key in TEXT_MODELS],
     *[(key, {"strength": 0.5}, "strength", NEEDS_IMAGE) for key in TEXT_MODELS],
     ("sd", {"mask": mask()}, "mask", NEEDS_IMAGE),

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from models import tensors
 from models.limits import MAX_GUIDANCE
 from models.pipeline_spec import FAMILIES, PipelineSpec, TextEncoder
 from runtime.driffusion import Blend
@@ -147,16 +148,20 @@ class Family:
         return start
 
     def image_latents(self, sample: torch.Tensor, spec: PipelineSpec) -> torch.Tensor:
-        """Latents of a VAE posterior sample, as the family's pipeline scales them."""
-        return sample * spec.scaling_factor
+        """Latents of a VAE posterior sample, as the family's pipeline scales them (and
+        normalises them by the VAE's latents_mean / latents_std where it has them)."""
+        mean, std = latent_statistics(spec)
+        return (sample - mean) * spec.scaling_factor / std
 
     def timestep_options(self, request: ResolvedRequest, spec: PipelineSpec) -> dict[str, Any]:
         """Extra arguments of the scheduler's `set_timesteps` (custom sigmas, shift `mu`)."""
         return dynamic_shift(spec, self.latent_shape(request, spec))
 
     def decoder_input(self, latents: torch.Tensor, spec: PipelineSpec) -> torch.Tensor:
-        """What the VAE decoder takes for the final latents (diffusers' scaling and shift)."""
-        scaled = latents / spec.scaling_factor
+        """What the VAE decoder takes for the final latents (diffusers' scaling and shift, and
+        the VAE's latents_mean / latents_std where it has them)."""
+        mean, std = latent_statistics(spec)
+        scaled = latents * std / spec.scaling_factor + mean
         return scaled if spec.shift_factor is None else scaled + spec.shift_factor
 
 
@@ -203,6 +208,28 @@ def prompt_rows(request: ResolvedRequest, negative: bool) -> list[str]:
     """The texts to encode: the prompt, and the negative prompt ("" if none) when `negative`."""
     rows = [request.prompt or ""]
     return rows + [request.negative_prompt or ""] if negative else rows
+
+
+def latent_statistics(spec: PipelineSpec) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """The VAE's per-channel latents_mean and latents_std shaped [1, C, 1, 1] (0 and 1 where its
+    config has none)."""
+    if not spec.latents_mean:
+        return 0.0, 1.0
+    return (torch.tensor(spec.latents_mean).view(1, -1, 1, 1),
+            torch.tensor(spec.latents_std).view(1, -1, 1, 1))
+
+
+async def llm_states(encoding: TextEncoding, encoder: TextEncoder,
+                     texts: list[str]) -> list[np.ndarray]:
+    """Each text's LLM states [1, tokens, D]: for an encoder that `trim`s (Qwen-Image,
+    Z-Image), the tokens its attention mask keeps less the first `drop_tokens` (the template's
+    prefix), as the pipelines cut them; otherwise all `max_length` tokens."""
+    outputs = await encoding.texts(encoder, texts)
+    states = outputs[tensors.TEXT_EMBEDDINGS]
+    if not encoder.trim:
+        return [row[None] for row in states]
+    masks = outputs[tensors.ATTENTION_MASK].astype(bool)
+    return [row[keep][encoder.drop_tokens:][None] for row, keep in zip(states, masks)]
 
 
 def split_rows(inputs: dict[str, np.ndarray], guidance: float,
