@@ -91,32 +91,60 @@ def flux2_klein_folder(path: Path, seed: int = 0, is_distilled: bool = False) ->
     channels (one double, one single block; no guidance embedding, as Klein), an
     AutoencoderKLFlux2 of 4 latent channels (factor 8: 16 pixels per patchified latent) whose
     batch-norm statistics are random (not 0 and 1), and Klein's flow-matching scheduler."""
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+    from diffusers import Flux2KleinPipeline
 
-    torch.manual_seed(seed + 1)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
-    with torch.no_grad():
-        transformer.context_embedder.weight.mul_(CONTEXT_GAIN)
-        transformer.proj_out.weight.mul_(OUTPUT_GAIN)
     pipeline = Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-            max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+        scheduler=_flux2_scheduler(),
         vae=_flux2_vae(seed + 2),
         text_encoder=_qwen3(seed, layers=28, hidden_size=16),
         tokenizer=qwen_tokenizer(),
-        transformer=transformer,
+        transformer=_flux2_transformer(seed + 1, guidance_embeds=False),
         is_distilled=is_distilled,
     )
     pipeline.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+def flux2_dev_folder(path: Path, seed: int = 0) -> Path:
+    """A Flux2Pipeline (dev): a 31-layer Mistral3ForConditionalGeneration 16 wide (dev stacks
+    layers 10, 20 and 30), mistral_tokenizer() in the place of the PixtralProcessor (which needs
+    torchvision), the Klein folder's transformer with a guidance embedding, VAE and scheduler."""
+    from diffusers import Flux2Pipeline
+
+    pipeline = Flux2Pipeline(
+        scheduler=_flux2_scheduler(),
+        vae=_flux2_vae(seed + 2),
+        text_encoder=mistral3(seed),
+        tokenizer=mistral_tokenizer(),
+        transformer=_flux2_transformer(seed + 1, guidance_embeds=True),
+    )
+    pipeline.save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+def _flux2_transformer(seed: int, *, guidance_embeds: bool):
+    """A Flux2Transformer2DModel with 16 patchified channels over 48-wide text states (three
+    16-wide layers stacked), one double and one single block, text-sensitive (the gains)."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds)
+    with torch.no_grad():
+        transformer.context_embedder.weight.mul_(CONTEXT_GAIN)
+        transformer.proj_out.weight.mul_(OUTPUT_GAIN)
+    return transformer
+
+
+def _flux2_scheduler():
+    """The flow-matching scheduler Flux.2's folders ship (shifted by the pipelines' mu)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+        max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
 
 
 def _qwen3(seed: int, *, layers: int, hidden_size: int, with_head: bool = True):
@@ -256,83 +284,3 @@ def mistral3(seed: int = 0, *, layers: int = 31, hidden_size: int = 16):
                             image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))
     torch.manual_seed(seed)
     return Mistral3ForConditionalGeneration(config).eval()
-
-
-# Qwen-Image's tiny transformer listens to its text through these gains on its blocks' text
-# value projections (the text's only way into the image stream: a gain before the blocks' layer
-# norms would cancel) and its output projection: another prompt moves diffusers' own image by
-# 26/255 at most, dropping the negative prompt by 19/255; without the template's 34 dropped
-# tokens or the norm rescale of true CFG it moves beyond the parity bound too
-# (tests/test_qwenimage_serving.py shows it)
-QWEN_IMAGE_TEXT_GAIN = 16.0
-QWEN_IMAGE_OUTPUT_GAIN = 4.0
-QWEN_IMAGE_TEXT_WIDTH = 32  # the tiny Qwen2.5-VL's hidden size: the joint attention width
-# the tiny VAE's per-channel statistics: far from 0 and 1, so that decoding without them fails
-QWEN_IMAGE_LATENTS_MEAN = (0.6, -0.4, 0.3, -0.8)
-QWEN_IMAGE_LATENTS_STD = (2.0, 0.6, 1.5, 0.8)
-
-
-def qwen_image_folder(path: Path, seed: int = 0) -> Path:
-    """A QwenImagePipeline: a 2-layer Qwen2_5_VLForConditionalGeneration 32 wide (a 1-block
-    vision tower 16 wide) over qwen_tokenizer(), a QwenImageTransformer2DModel of 4 latent
-    channels (16 packed; 2 blocks, 2 heads of 16 = rotary axes 4 + 6 + 6) with scaled text
-    value and output projections, an AutoencoderKLQwenImage of factor 2 with QWEN_IMAGE_LATENTS_MEAN /
-    _STD, and Qwen-Image's released scheduler settings (exponential shift by resolution,
-    terminal sigma 0.02)."""
-    import math
-
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
-
-    torch.manual_seed(seed + 1)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=QWEN_IMAGE_TEXT_WIDTH,
-        axes_dims_rope=(4, 6, 6))
-    with torch.no_grad():
-        for block in transformer.transformer_blocks:
-            block.attn.add_v_proj.weight.mul_(QWEN_IMAGE_TEXT_GAIN)
-        transformer.proj_out.weight.mul_(QWEN_IMAGE_OUTPUT_GAIN)
-    torch.manual_seed(seed + 2)
-    vae = AutoencoderKLQwenImage(
-        base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
-        latents_mean=list(QWEN_IMAGE_LATENTS_MEAN), latents_std=list(QWEN_IMAGE_LATENTS_STD))
-    shift = math.log(3.0)
-    pipeline = QwenImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=shift,
-            max_shift=shift, base_image_seq_len=256, max_image_seq_len=8192,
-            shift_terminal=0.02, time_shift_type="exponential"),
-        vae=vae.eval(),
-        text_encoder=_qwen25_vl(seed),
-        tokenizer=qwen_tokenizer(),
-        transformer=transformer.eval(),
-    )
-    pipeline.save_pretrained(path, safe_serialization=True)
-    return Path(path)
-
-
-def _qwen25_vl(seed: int):
-    """A tiny Qwen2_5_VLForConditionalGeneration over qwen_tokenizer()'s vocabulary: 2 text
-    layers QWEN_IMAGE_TEXT_WIDTH wide (multimodal rotary sections 2 + 3 + 3 of its 16-wide
-    heads) and a 1-block vision tower, which Qwen-Image never runs."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    tokenizer = qwen_tokenizer()
-    special = tokenizer.convert_tokens_to_ids([IM_START, IM_END])
-    text = {"vocab_size": len(tokenizer), "hidden_size": QWEN_IMAGE_TEXT_WIDTH,
-            "intermediate_size": 2 * QWEN_IMAGE_TEXT_WIDTH, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_key_value_heads": 1,
-            "max_position_embeddings": 2048,
-            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
-            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": special[0],
-            "eos_token_id": special[1]}
-    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
-              "out_hidden_size": QWEN_IMAGE_TEXT_WIDTH, "fullatt_block_indexes": [0]}
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision)
-    torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(config).eval()

@@ -2,16 +2,21 @@
 gives Flux2KleinPipeline's own image (Qwen3 layers 9/18/27 through the chat template, CFG with
 NEGATIVE_PROMPT in the empty prompt's place, a non-square size); DRiffusion's windows take
 fewer rounds and window 1 is bit-identical; the wrong layers or an ignored negative prompt
-would fail the parity bound."""
+would fail the parity bound. Flux.2 dev (Mistral3, embedded guidance) is served by a second
+server behind the slow marker: its encoder path is covered by tests/test_llm_encoder.py and
+the rest of its path is Klein's."""
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 from diffusers_folders import load_pipeline
-from llm_folders import KLEIN_LAYERS, flux2_klein_folder
+from llm_folders import KLEIN_LAYERS, flux2_dev_folder, flux2_klein_folder
+from PIL import Image
 from servers import serving_folder
 from test_text_to_image import Served, assert_matches, generate
 
@@ -90,3 +95,54 @@ def test_windows_take_fewer_rounds_and_window_one_is_sequential(served):
         parallel = served_image(served, 44, MODE="aggressive", WINDOW=window)
         assert parallel.rounds < sequential.rounds == STEPS
         assert parallel.evaluations == STEPS
+
+
+def test_http_json_and_the_generate_client_give_the_grpc_image(served, tmp_path):
+    from cli import main as driffusion
+
+    by_grpc = served_image(served, 45, NEGATIVE_PROMPT=NEGATIVE).image
+    values = {"PROMPT": ("BYTES", PROMPT), "NEGATIVE_PROMPT": ("BYTES", NEGATIVE),
+              "SEED": ("INT64", 45), "STEPS": ("INT32", STEPS), "GUIDANCE": ("FP32", GUIDANCE),
+              "HEIGHT": ("INT32", HEIGHT), "WIDTH": ("INT32", WIDTH),
+              "MODE": ("BYTES", "sequential")}
+    body = {"inputs": [{"name": name, "shape": [1], "datatype": datatype, "data": [value]}
+                       for name, (datatype, value) in values.items()],
+            "outputs": [{"name": "IMAGE"}]}
+    request = urllib.request.Request(f"{served.http_url}/v2/models/driffusion/infer",
+                                     data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        (output,) = json.loads(reply.read())["outputs"]
+    np.testing.assert_array_equal(
+        np.array(output["data"], np.uint8).reshape(output["shape"]), by_grpc)
+    out = tmp_path / "image.png"
+    assert driffusion(["generate", "--endpoints", served.http_url, "--prompt", PROMPT,
+                       "--negative-prompt", NEGATIVE, "--seed", "45", "--steps", str(STEPS),
+                       "--guidance", str(GUIDANCE), "--height", str(HEIGHT), "--width",
+                       str(WIDTH), "--mode", "sequential", "--out", str(out), "--quiet"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), by_grpc)
+
+
+@pytest.fixture(scope="module")
+def served_dev(tmp_path_factory, torch_single_thread) -> Iterator[Served]:
+    pytest.importorskip("pytriton", reason="needs nvidia-pytriton (the embedded tritonserver)")
+    from export.onnx_export import ExportOptions
+
+    root = tmp_path_factory.mktemp("flux2-dev")
+    folder = flux2_dev_folder(root / "tiny-flux2-dev")
+    with serving_folder(folder, root, export=ExportOptions(height=HEIGHT, width=WIDTH)) as server:
+        yield Served("flux2-dev", folder, server.grpc_url, load_pipeline(folder),
+                     server.http_url, root / "server.log")
+
+
+@pytest.mark.slow
+def test_flux2_dev_embeds_guidance_like_flux2_pipeline(served_dev):
+    with torch.no_grad():
+        expected = served_dev.pipeline(
+            prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE, generator=torch.Generator("cpu").manual_seed(46),
+            output_type="np").images[0]
+    result = served_image(served_dev, 46)
+    assert_matches(result.image, (expected * 255).round().astype(np.uint8), "flux2 dev")
+    assert (result.rounds, result.evaluations) == (STEPS, STEPS)
+    other = served_image(served_dev, 46, GUIDANCE=1.5).image
+    assert differs(result.image, other), "GUIDANCE must reach the guidance embedding"
