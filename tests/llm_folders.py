@@ -224,6 +224,86 @@ def zimage_folder(path: Path, seed: int = 0, turbo: bool = False) -> Path:
     return Path(path)
 
 
+# Qwen-Image's tiny transformer listens to its text through these gains on its blocks' text
+# value projections (the text's only way into the image stream: a gain before the blocks' layer
+# norms would cancel) and its output projection: another prompt moves diffusers' own image by
+# 26/255 at most, dropping the negative prompt by 19/255; without the template's 34 dropped
+# tokens or the norm rescale of true CFG it moves beyond the parity bound too
+# (tests/test_qwenimage_serving.py shows it)
+QWEN_IMAGE_TEXT_GAIN = 16.0
+QWEN_IMAGE_OUTPUT_GAIN = 4.0
+QWEN_IMAGE_TEXT_WIDTH = 32  # the tiny Qwen2.5-VL's hidden size: the joint attention width
+# the tiny VAE's per-channel statistics: far from 0 and 1, so that decoding without them fails
+QWEN_IMAGE_LATENTS_MEAN = (0.6, -0.4, 0.3, -0.8)
+QWEN_IMAGE_LATENTS_STD = (2.0, 0.6, 1.5, 0.8)
+
+
+def qwen_image_folder(path: Path, seed: int = 0) -> Path:
+    """A QwenImagePipeline: a 2-layer Qwen2_5_VLForConditionalGeneration 32 wide (a 1-block
+    vision tower 16 wide) over qwen_tokenizer(), a QwenImageTransformer2DModel of 4 latent
+    channels (16 packed; 2 blocks, 2 heads of 16 = rotary axes 4 + 6 + 6) with scaled text
+    value and output projections, an AutoencoderKLQwenImage of factor 2 with QWEN_IMAGE_LATENTS_MEAN /
+    _STD, and Qwen-Image's released scheduler settings (exponential shift by resolution,
+    terminal sigma 0.02)."""
+    import math
+
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    torch.manual_seed(seed + 1)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=QWEN_IMAGE_TEXT_WIDTH,
+        axes_dims_rope=(4, 6, 6))
+    with torch.no_grad():
+        for block in transformer.transformer_blocks:
+            block.attn.add_v_proj.weight.mul_(QWEN_IMAGE_TEXT_GAIN)
+        transformer.proj_out.weight.mul_(QWEN_IMAGE_OUTPUT_GAIN)
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+        latents_mean=list(QWEN_IMAGE_LATENTS_MEAN), latents_std=list(QWEN_IMAGE_LATENTS_STD))
+    shift = math.log(3.0)
+    pipeline = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=shift,
+            max_shift=shift, base_image_seq_len=256, max_image_seq_len=8192,
+            shift_terminal=0.02, time_shift_type="exponential"),
+        vae=vae.eval(),
+        text_encoder=_qwen25_vl(seed),
+        tokenizer=qwen_tokenizer(),
+        transformer=transformer.eval(),
+    )
+    pipeline.save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+def _qwen25_vl(seed: int):
+    """A tiny Qwen2_5_VLForConditionalGeneration over qwen_tokenizer()'s vocabulary: 2 text
+    layers QWEN_IMAGE_TEXT_WIDTH wide (multimodal rotary sections 2 + 3 + 3 of its 16-wide
+    heads) and a 1-block vision tower, which Qwen-Image never runs."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = qwen_tokenizer()
+    special = tokenizer.convert_tokens_to_ids([IM_START, IM_END])
+    text = {"vocab_size": len(tokenizer), "hidden_size": QWEN_IMAGE_TEXT_WIDTH,
+            "intermediate_size": 2 * QWEN_IMAGE_TEXT_WIDTH, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1,
+            "max_position_embeddings": 2048,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": special[0],
+            "eos_token_id": special[1]}
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+              "out_hidden_size": QWEN_IMAGE_TEXT_WIDTH, "fullatt_block_indexes": [0]}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision)
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
 DEV_LAYERS = (10, 20, 30)  # Flux2Pipeline's text_encoder_out_layers
 MISTRAL_TOKENS = ("<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]",
                   "[/SYSTEM_PROMPT]", "[IMG]")
