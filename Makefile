@@ -17,11 +17,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps open_clip_torch==3.3.0  # CLIP's BPE merges, for the tokenizer
 	touch $(STAMP)
 
+# the suite runs on TEST_WORKERS processes, one test module per worker at a time (servers
+# spend much of their time waiting on each other, so two workers fit a 2-core machine)
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "slow or not slow"
 
 demo: setup  ## main job: reference engines on 2 CPU devices behind Triton, every digit sequential vs DRiffusion (DEMO_ARGS=--quick)
 	$(BIN)/driffusion demo $(DEMO_ARGS)

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from engines.build_lock import exclusive_build
 from engines.build_types import GPU_PRECISION, BuildOutcome, BuildRequest, ExportedOnnx
 from engines.gpu import GpuInfo, list_gpus
 from engines.manifest import (
@@ -84,7 +85,13 @@ def _torch_gpus(gpus: list[GpuInfo]) -> list[GpuInfo]:
 
 
 def build_engines(request: BuildRequest, log: Callable[[str], None] = print) -> BuildOutcome:
-    """Build (or keep) every engine of the model for every device; print one summary line."""
+    """Build (or keep) every engine of the model for every device; print one summary line. A
+    second build of the same model waits for the first (engines/build_lock.py)."""
+    with exclusive_build(request.engines_root / request.name, log):
+        return _build_engines(request, log)
+
+
+def _build_engines(request: BuildRequest, log: Callable[[str], None]) -> BuildOutcome:
     backend, gpus, trt_version, no_plan_reason = choose_backend(request.backend)
     exported = ensure_exported(request, export_options_for(request, backend), log)
     if backend == "torch":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -402,3 +403,33 @@ def test_list_gpus_reads_name_capability_and_uuid(monkeypatch):
     assert reason is None
     assert [g.key for g in gpus] == ["h100-sm90-00010203", "a100-sm80-10111213"]
     assert gpus[1].describe() == "NVIDIA A100-SXM4-80GB (compute capability 8.0, " + A100.uuid + ")"
+
+
+def test_a_second_build_of_one_model_waits_for_the_first(tmp_path):
+    """Two builds of one model (two replicas starting together) never write at once: the second
+    says it waits and enters only when the first has left."""
+    import threading
+
+    from engines.build_lock import exclusive_build
+
+    events: list[str] = []
+    first_inside = threading.Event()
+    waiting: list[str] = []
+
+    def second() -> None:
+        first_inside.wait()
+        with exclusive_build(tmp_path / "model", waiting.append):
+            events.append("second in")
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with exclusive_build(tmp_path / "model", events.append):
+        events.append("first in")
+        first_inside.set()
+        deadline = time.monotonic() + 10
+        while not waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        events.append("first out")
+    thread.join(10)
+    assert events == ["first in", "first out", "second in"]
+    assert len(waiting) == 1 and "waiting for another build" in waiting[0]
