@@ -2,15 +2,16 @@
 
 | network                          | --precision fp32 | fp16                        | bf16 |
 |----------------------------------|------------------|-----------------------------|------|
-| SD3 / Flux transformer           | fp32             | fp16                        | bf16 |
+| SD3 / Flux / Z-Image transformer | fp32             | fp16                        | bf16 |
 | T5 encoder                       | fp32             | fp16 (`wo` kept fp32)       | bf16 |
 | UNet (SD 1.x/2.x, SDXL)          | fp32             | fp16                        | fp16 |
 | CLIP encoders, label encoder     | fp32             | fp16                        | fp16 |
 | VAE decoder                      | fp32             | fp16; fp32 for SDXL with `force_upcast` | same as fp16 |
 
 - bf16 goes to the models published and run in bf16 (the MMDiT transformers of SD3 and Flux,
-  and T5). UNets, CLIP and the VAE are published in fp16, run in fp16 by diffusers, and lose
-  three mantissa bits in bf16 without needing its range, so they take fp16 when bf16 is asked.
+  Z-Image's single-stream transformer, and T5). UNets, CLIP and the VAE are published in fp16,
+  run in fp16 by diffusers, and lose three mantissa bits in bf16 without needing its range, so
+  they take fp16 when bf16 is asked.
 - The SDXL pipelines decode in fp32 when the VAE config says `force_upcast` (the SDXL VAE
   overflows in fp16); the other pipelines ignore the flag (diffusers' AutoencoderKL defaults it
   to true, so SD 1.x folders carry it too), and so does this rule.
@@ -34,7 +35,8 @@ from models.pipeline_spec import NETWORK_PRECISIONS, STABLE_DIFFUSION_XL, T5_ENC
 
 PRECISIONS = NETWORK_PRECISIONS
 # the model classes --precision bf16 applies to; every other network takes fp16 for bf16
-BF16_MODELS = ("SD3Transformer2DModel", "FluxTransformer2DModel", *T5_ENCODERS)
+BF16_MODELS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "ZImageTransformer2DModel",
+               *T5_ENCODERS)
 # families whose diffusers pipelines decode in fp32 when the VAE config says force_upcast
 UPCAST_VAE_FAMILIES = (STABLE_DIFFUSION_XL,)
 BF16_MIN_OPSET = 22

@@ -53,6 +53,19 @@ def test_wrapper_equals_the_pipelines_transformer_call(transformer, batch, text_
         torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-5)
 
 
+def test_bf16_wrapper_equals_the_bf16_transformer_call():
+    """At bf16 (the precision Z-Image is published in and export/precision.py gives it), the
+    float32 boundary casts around the wrapper give diffusers' bf16 result."""
+    transformer = zimage_transformer(seed=3).to(torch.bfloat16)
+    spec = ZImageTransformerSpec.from_model(transformer, precision="bf16", latent_size=(8, 8))
+    sample, timestep, states = random_inputs(2, 9, 8, 12, seed=5)
+    with torch.no_grad():
+        actual = spec.wrap_for_export(transformer)(sample, timestep, states)
+        expected = pipeline_velocity(transformer, sample.bfloat16(), timestep, states.bfloat16())
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected.float(), atol=1e-2, rtol=1e-2)
+
+
 def test_the_padding_tokens_reach_the_output(transformer):
     """The comparison above would not see a wrapper that skipped the caption padding: it does,
     since the tiny transformer's pad tokens are random and change the output."""
