@@ -134,3 +134,24 @@ def test_flux2_dev_encoder_path_is_flux2_pipelines():
     assert (tokens.input_ids[:, 0] == tokenizer.bos_token_id).all()
     assert tokens.input_ids[0, 1] != tokenizer.bos_token_id
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_klein_folders_without_chat_template_or_tokenizer_are_refused(tmp_path):
+    """Export (and so `serve --model`) refuses a Klein folder whose tokenizer lacks its chat
+    template or its files, naming the component."""
+    import shutil
+
+    from llm_folders import flux2_klein_folder
+
+    from export.presets import ModelSourceError, load_bundle, pipeline_spec
+
+    folder = flux2_klein_folder(tmp_path / "klein")
+    assert pipeline_spec(load_bundle(str(folder))).text_encoders[0].template == CHAT_TEMPLATE
+    (folder / "tokenizer" / "chat_template.jinja").unlink()
+    with pytest.raises(ModelSourceError, match="klein: tokenizer: the tokenizer has no chat "
+                                               "template"):
+        pipeline_spec(load_bundle(str(folder)))
+    shutil.rmtree(folder / "tokenizer")
+    (folder / "tokenizer").mkdir()
+    with pytest.raises(ModelSourceError, match="text_encoder needs its tokenizer in tokenizer/"):
+        pipeline_spec(load_bundle(str(folder)))
