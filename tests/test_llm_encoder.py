@@ -155,3 +155,39 @@ def test_klein_folders_without_chat_template_or_tokenizer_are_refused(tmp_path):
     (folder / "tokenizer").mkdir()
     with pytest.raises(ModelSourceError, match="text_encoder needs its tokenizer in tokenizer/"):
         pipeline_spec(load_bundle(str(folder)))
+
+
+class _Encoders:
+    """Records the texts a family encodes; states [N, 4, 2] of each text's length."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def texts(self, encoder, texts: list[str]) -> dict[str, np.ndarray]:
+        self.seen += texts
+        states = np.stack([np.full((4, 2), len(text), np.float32) for text in texts])
+        return {"text_embeddings": states, "attention_mask": np.ones((len(texts), 4), np.int64)}
+
+
+@pytest.mark.parametrize("distilled, guidance, negative, rows", [
+    (False, 4.0, None, ["fox", ""]),  # Flux2KleinPipeline's empty negative
+    (False, 4.0, "blur", ["fox", "blur"]),  # NEGATIVE_PROMPT in its place
+    (False, 1.0, "blur", ["fox"]),  # guidance <= 1: no CFG
+    (True, 4.0, "blur", ["fox"]),  # is_distilled: no CFG
+])
+def test_klein_guidance_rules(distilled, guidance, negative, rows):
+    import asyncio
+
+    from models.pipeline_spec import FLUX2, PipelineSpec, TextEncoder
+    from runtime.families import family_of
+    from runtime.request import ResolvedRequest
+
+    spec = PipelineSpec("klein", FLUX2, 16, (4, 6), {}, text_encoders=(TextEncoder(
+        "text_encoder", "tokenizer", "Qwen3ForCausalLM", layers=KLEIN_LAYERS,
+        template=CHAT_TEMPLATE),), cfg_distilled=distilled)
+    request = ResolvedRequest("fox", negative, None, None, 0, 4, "sequential", 1, guidance,
+                              "default", height=64, width=96)
+    encoders = _Encoders()
+    conditioning = asyncio.run(family_of(spec).conditioning(encoders, request, spec))
+    assert encoders.seen == rows
+    assert (conditioning.uncond is None) == (len(rows) == 1)
