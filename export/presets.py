@@ -659,7 +659,8 @@ def pipeline_spec(
     if not encoders or bundle.family is None:
         raise UnsupportedModelError(
             f"{bundle.name}: a pipeline without a text encoder cannot be served; supported: "
-            "SD 1.x/2.x, SDXL, SD3/SD3.5 and Flux.1 pipelines")
+            "SD 1.x/2.x, SDXL, SD3/SD3.5, Flux.1, Flux.2 (dev, Klein), Qwen-Image and Z-Image "
+            "pipelines")
     family = bundle.family
     denoiser = bundle.modules[denoiser_name]
     vae = bundle.modules.get(VAE_NETWORK)
