@@ -135,6 +135,21 @@ def test_conditioning_mistakes_would_fail_parity(served, monkeypatch):
             assert differs(result, reference(served, 43)), f"{mistake} must be told apart"
 
 
+def test_a_long_prompt_is_cut_at_512_tokens_and_logged(served):
+    """The templated prompt past 512 tokens is truncated as diffusers' tokenizer call does, and
+    the transformer takes the longest text length of its profile."""
+    long_prompt = PROMPT + ", " + "a " * 600  # 626 tokens in 1231 bytes
+    result = served_image(served, 47, PROMPT=long_prompt, GUIDANCE=0.0)
+    with torch.no_grad():
+        images = served.pipeline(long_prompt, height=HEIGHT, width=WIDTH,
+                                 num_inference_steps=STEPS, guidance_scale=0.0,
+                                 generator=torch.Generator("cpu").manual_seed(47),
+                                 output_type="np").images
+    assert_matches(result.image, (images[0] * 255).round().astype(np.uint8),
+                   f"{served.family} long prompt")
+    assert "the prompt was truncated to 512 tokens" in served.log.read_text()
+
+
 def test_windows_take_fewer_rounds_and_window_one_is_sequential(served):
     fields = {"NEGATIVE_PROMPT": NEGATIVE, "GUIDANCE": GUIDANCE}
     sequential = served_image(served, 44, **fields)
