@@ -23,6 +23,8 @@ SERVING_LIMITS: dict[str, Limit] = {
     "max_prompt_bytes": Limit(2048, 1, 1_000_000, "most UTF-8 bytes in PROMPT/NEGATIVE_PROMPT"),
     "max_resolution": Limit(2048, 8, 65_536, "refuse to serve a model whose images are larger "
                                              "(pixels per side)"),
+    "max_video_pixels": Limit(81 * 720 * 1280, 1, 1 << 34, "most FRAMES x HEIGHT x WIDTH a "
+                                                           "video request may ask for"),
     "batch_delay_us": Limit(0, 0, 10_000_000, "how long a device call may wait for others to "
                                               "batch with"),
     "max_queue_size": Limit(16, 1, 100_000, "requests the driffusion model queues beyond those "

@@ -24,12 +24,15 @@ FLUX = "flux"  # CLIP pooled projection + T5 states, guidance embedding, 2x2-pac
 FLUX2 = "flux2"  # one LLM encoder's stacked hidden states, 2x2-patchified batch-normed latents
 QWEN_IMAGE = "qwenimage"  # Qwen2.5-VL states after the template prefix, true CFG
 Z_IMAGE = "zimage"  # Qwen3's second-to-last states, mask-trimmed
+WAN = "wan"  # text-to-video: UMT5 states zeroed past the prompt, 3-D transformer(s), causal VAE
 FAMILIES = (CLASS_CONDITIONAL, STABLE_DIFFUSION, STABLE_DIFFUSION_XL, STABLE_DIFFUSION_3, FLUX,
-            FLUX2, QWEN_IMAGE, Z_IMAGE)
+            FLUX2, QWEN_IMAGE, Z_IMAGE, WAN)
 # text encoder classes by what they give: CLIP (last/penultimate states, pooled), T5 (states) or
 # an LLM (chosen hidden states, with an attention mask)
 CLIP_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
-T5_ENCODERS = ("T5EncoderModel",)
+T5_ENCODERS = ("T5EncoderModel", "UMT5EncoderModel")
+# T5-style encoders that take the tokenizer's attention mask (Wan's UMT5)
+MASKED_T5_ENCODERS = ("UMT5EncoderModel",)
 LLM_ENCODERS = ("Qwen3ForCausalLM", "Qwen3Model", "Qwen2_5_VLForConditionalGeneration",
                 "Mistral3ForConditionalGeneration")
 # an LLM encoder's prompt template: none, the tokenizer's chat template (user message, generation
@@ -65,6 +68,11 @@ class TextEncoder:
     @property
     def is_llm(self) -> bool:
         return self.kind in LLM_ENCODERS
+
+    @property
+    def takes_mask(self) -> bool:
+        """The encoder is given the tokenizer's attention mask beside the token ids."""
+        return self.is_llm or self.kind in MASKED_T5_ENCODERS
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,13 @@ class PipelineSpec:
     default_guidance: float = 1.0
     default_true_cfg: float = 1.0  # TRUE_CFG when a request gives none (Qwen-Image: 4.0)
     default_scheduler: str = "default"
+    # video models (Wan): the VAE's temporal scale factor (0: an image model), FRAMES when a
+    # request gives none, and Wan 2.2's boundary between its experts (a fraction of the
+    # training timesteps: `transformer` at or above it, `transformer_2` below; None: one)
+    temporal_scale_factor: int = 0
+    default_frames: int = 0
+    boundary_ratio: float | None = None
+    max_video_pixels: int = SERVING_LIMITS["max_video_pixels"].default
     # serving limits (the repository writer sets them from `driffusion serve --max-...`)
     max_steps: int = SERVING_LIMITS["max_steps"].default
     max_window: int = SERVING_LIMITS["max_window"].default

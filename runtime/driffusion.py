@@ -87,7 +87,8 @@ class Schedule:
             raise ValueError("call scheduler.set_timesteps(num_steps) before sampling")
         timesteps = torch.as_tensor(timesteps)
         steps = len(timesteps)
-        if names & set(FLOW_SCHEDULERS):
+        if names & set(FLOW_SCHEDULERS) or getattr(scheduler.config, "use_flow_sigmas", False):
+            # flow matching, or a multistep solver (UniPC) on flow sigmas (Wan)
             sigma = _as_float64(scheduler.sigmas[:steps])
             return cls("flow", "flow", timesteps, 1.0 - sigma, sigma)
         prediction_type = scheduler.config.prediction_type
@@ -168,12 +169,6 @@ def _as_float64(values) -> torch.Tensor:
 
 
 def _vp_levels(scheduler, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    config = scheduler.config
-    if getattr(config, "use_flow_sigmas", False):
-        raise ValueError(
-            "use_flow_sigmas=True is not supported with VP schedulers; "
-            "use FlowMatchEulerDiscreteScheduler for flow-matching models"
-        )
     sigmas = getattr(scheduler, "sigmas", None)
     if sigmas is not None and len(sigmas) >= len(timesteps):
         # DPM-Solver and UniPC carry their own (possibly Karras) noise levels.
@@ -537,8 +532,9 @@ async def sample(
     _check_tolerance(mode, tolerance)
     if isinstance(draft_order, bool) or draft_order not in DRAFT_ORDERS:
         raise ValueError(f"draft_order must be 1 or 2, got {draft_order!r}")
-    if latents.dim() != 4:
-        raise ValueError(f"latents must be [B, C, H, W], got shape {tuple(latents.shape)}")
+    if latents.dim() not in (4, 5):
+        raise ValueError(f"latents must be [B, C, H, W] (a video's [B, C, F, H, W]), got shape "
+                         f"{tuple(latents.shape)}")
     schedule = Schedule.from_scheduler(scheduler)
     if draft_order == 2 and schedule.family != "vp":
         raise ValueError(

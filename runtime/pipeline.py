@@ -54,7 +54,7 @@ log = logging.getLogger("driffusion")
 class GenerationResult:
     """An image and what DRiffusion did to make it."""
 
-    image: np.ndarray  # uint8 [H, W, 3]
+    image: np.ndarray  # uint8 [H, W, 3]; a video model's frames: uint8 [F, H, W, 3]
     rounds: int  # parallel rounds (sequential: one per step)
     evaluations: int  # model evaluations (CFG pairs count once)
 
@@ -89,10 +89,12 @@ def resolve(request: GenerationRequest, spec: PipelineSpec, default_window: int)
     prompt = request.prompt if spec.uses_prompts else None
     negative = request.negative_prompt if spec.uses_prompts else None
     true_cfg = spec.default_true_cfg if request.true_cfg is None else float(request.true_cfg)
+    frames = family.frames(request, spec, height * width)
+    guidance_2 = family.guidance_2(request, spec, guidance)
     return ResolvedRequest(prompt, negative, label, negative_label, request.seed, steps,
                            request.mode, window, guidance, scheduler, request.tolerance,
                            request.draft_order, height, width, true_cfg, request.init_image,
-                           request.mask, strength)
+                           request.mask, strength, frames, guidance_2)
 
 
 def _resolve_sizes(request: GenerationRequest, spec: PipelineSpec) -> tuple[int, int]:
@@ -322,7 +324,7 @@ class Pipeline:
         """Every output of one text encoder for `texts` ([N, ...] each, float32); an LLM
         encoder's chosen hidden states come with the tokenizer's attention mask (int64)."""
         token_names = [tensors.INPUT_IDS, TOKENIZER_DROPPED]
-        token_names += [tensors.ATTENTION_MASK] if encoder.is_llm else []
+        token_names += [tensors.ATTENTION_MASK] if encoder.takes_mask else []
         tokens = await self._infer(encoder.tokenizer,
                                    {TOKENIZER_TEXT: np.array([[t.encode()] for t in texts],
                                                              dtype=np.object_)},
@@ -332,13 +334,13 @@ class Pipeline:
                 log.warning("%s: the prompt was truncated to %d tokens, %d token(s) dropped: %s",
                             encoder.tokenizer, encoder.max_length, int(dropped), _shown(text))
         inputs = {tensors.INPUT_IDS: tokens[tensors.INPUT_IDS].astype(np.int64)}
-        if encoder.is_llm:
+        if encoder.takes_mask:
             inputs[tensors.ATTENTION_MASK] = tokens[tensors.ATTENTION_MASK].astype(np.int64)
         names = ([tensors.TEXT_EMBEDDINGS] if encoder.is_t5 or encoder.is_llm else
                  [tensors.TEXT_EMBEDDINGS, tensors.PENULTIMATE_HIDDEN_STATES, tensors.POOLED])
         result = await self._infer(encoder.network, inputs, names)
         outputs = {name: value.astype(np.float32) for name, value in result.items()}
-        if encoder.is_llm:
+        if encoder.takes_mask:
             outputs[tensors.ATTENTION_MASK] = inputs[tensors.ATTENTION_MASK]
         return outputs
 
@@ -377,8 +379,9 @@ class Pipeline:
         scheduler = self.scheduler(request)
         state, generator = await self.start_state(request, scheduler)
         conditioning = with_inputs(conditioning, state.inputs)
-        counter = CountingDenoise(self.pool.denoiser(conditioning), conditioning.batch,
-                                  should_stop)
+        counter = CountingDenoise(self.family.denoiser(self.pool, conditioning, request,
+                                                       self.spec),
+                                  conditioning.batch, should_stop)
         result = await sample(
             counter, scheduler, state.latents, mode=request.mode, window=request.window,
             generator=generator, progress=progress, tolerance=request.tolerance,
@@ -387,7 +390,8 @@ class Pipeline:
         return result, counter.rounds, counter.evaluations
 
     async def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """uint8 image [H, W, 3] of latents [1, C, h, w]."""
+        """uint8 image [H, W, 3] of latents [1, C, h, w] (a video model's frames [F, H, W, 3]
+        of latents [1, C, f, h, w])."""
         images = latents
         if self.spec.decoder == "vae":
             scaled = self.family.decoder_input(latents, self.spec)
@@ -395,6 +399,9 @@ class Pipeline:
                                        {tensors.LATENT: scaled.numpy().astype(np.float32)},
                                        [tensors.IMAGES])
             images = torch.from_numpy(np.array(result[tensors.IMAGES]))
+        if images.ndim == 5:  # [1, 3, F, H, W]: every frame as an image
+            return np.stack([to_uint8_image(images[:, :, frame])
+                             for frame in range(images.shape[2])])
         return to_uint8_image(images)
 
     async def generate(self, request: GenerationRequest,

@@ -48,6 +48,8 @@ class GenerationRequest:
     # uint8 [H, W]: 255 repaints, 0 keeps (needs init_image)
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float | None = None  # how much of the schedule runs from init_image, in (0, 1]
+    frames: int | None = None  # video models: diffusers' num_frames
+    guidance_2: float | None = None  # Wan 2.2: the low-noise expert's guidance_scale_2
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class ResolvedRequest:
     init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float = 1.0
+    frames: int = 1  # video frames, after the VAE's temporal rule (images: 1)
+    guidance_2: float = 1.0  # Wan 2.2's low-noise expert (else unused)
 
 
 def shown(value: object, limit: int = 64) -> str:

@@ -24,6 +24,9 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 FLOW_MATCHING = frozenset({"FlowMatchEulerDiscreteScheduler"})
+# multistep solvers that run on flow-matching sigmas when the config says `use_flow_sigmas`
+# (Wan ships UniPC so, with prediction_type "flow_prediction")
+FLOW_SIGMA_SOLVERS = frozenset({"UniPCMultistepScheduler", "DPMSolverMultistepScheduler"})
 MAX_STEP_PROBES = 16  # step counts below the limit tried before giving up
 
 
@@ -47,8 +50,15 @@ def scheduler_class_name(name: str, config: dict[str, Any]) -> str:
 
 def compatible(name: str, config: dict[str, Any]) -> bool:
     """True when scheduler `name` fits the model's kind (flow matching or noise prediction)."""
-    model_is_flow = config.get("_class_name") in FLOW_MATCHING
-    return (scheduler_class_name(name, config) in FLOW_MATCHING) == model_is_flow
+    model_is_flow = is_flow(config.get("_class_name", ""), config)
+    return is_flow(scheduler_class_name(name, config), config) == model_is_flow
+
+
+def is_flow(class_name: str, config: dict[str, Any]) -> bool:
+    """True when the diffusers scheduler `class_name` built from `config` is a flow-matching
+    one (its class, or a multistep solver on flow sigmas)."""
+    return class_name in FLOW_MATCHING or (bool(config.get("use_flow_sigmas"))
+                                           and class_name in FLOW_SIGMA_SOLVERS)
 
 
 def make_scheduler(name: str, num_steps: int, config: dict[str, Any], *,
@@ -87,8 +97,15 @@ def _max_steps(name: str, config_json: str, limit: int) -> int:
     for steps in range(limit, max(0, limit - MAX_STEP_PROBES), -1):
         if _runs(name, steps, config):
             return steps
-    raise ValueError(f"scheduler {name} does not run {limit - MAX_STEP_PROBES + 1}..{limit} "
-                     "steps for this model")
+    # far below the limit (flow sigmas on integer timesteps repeat a timestep there): the
+    # largest count that runs, by bisection between one that runs and one that does not
+    low, high = 1, max(1, limit - MAX_STEP_PROBES)
+    if not _runs(name, low, config):
+        raise ValueError(f"scheduler {name} does not run for this model")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if _runs(name, middle, config) else (low, middle)
+    return low
 
 
 def _probe_options(config: dict[str, Any]) -> dict[str, Any]:
@@ -104,6 +121,9 @@ def _runs(name: str, steps: int, config: dict[str, Any]) -> bool:
 
     try:
         scheduler = make_scheduler(name, steps, config, **_probe_options(config))
+        timesteps = scheduler.timesteps.tolist()
+        if config.get("use_flow_sigmas") and len(set(timesteps)) < len(timesteps):
+            return False  # a repeated flow timestep: the solver's step size is zero there
         accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
         options = {"generator": torch.Generator().manual_seed(0)} if accepts_generator else {}
         x = torch.ones(1, 1, 1, 1)

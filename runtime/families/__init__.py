@@ -20,8 +20,9 @@ import torch
 from models import tensors
 from models.limits import MAX_GUIDANCE
 from models.pipeline_spec import FAMILIES, PipelineSpec, TextEncoder
-from runtime.driffusion import Blend
+from runtime.driffusion import Blend, Denoise
 from runtime.guidance import Conditioning
+from runtime.pool import DevicePool
 from runtime.request import GenerationRequest, RequestError, ResolvedRequest
 
 
@@ -66,6 +67,7 @@ class Family:
     takes_images = True
     takes_masks = False
     takes_true_cfg = False
+    makes_video = False
 
     def check(self, request: GenerationRequest, spec: PipelineSpec) -> None:
         """Refuse the optional inputs this family (or this folder) does not serve, with a
@@ -100,6 +102,28 @@ class Family:
             raise RequestError("init_image", f"{spec.model} is served without a VAE encoder; "
                                              "rebuild its engines with `driffusion "
                                              "build-engines` to take INIT_IMAGE")
+
+    def frames(self, request: GenerationRequest, spec: PipelineSpec, pixels: int) -> int:
+        """The request's video frames for images of `pixels` pixels each (an image family takes
+        no FRAMES: RequestError)."""
+        if request.frames is not None:
+            raise RequestError("frames", f"{self.of_family(spec)}, which makes images; FRAMES "
+                                         f"is for {served_by('makes_video')} models")
+        return 1
+
+    def guidance_2(self, request: GenerationRequest, spec: PipelineSpec,
+                   guidance: float) -> float:
+        """The second expert's guidance (only two-expert folders take GUIDANCE_2)."""
+        if request.guidance_2 is not None:
+            raise RequestError("guidance_2", f"GUIDANCE_2 is for two-expert (Wan 2.2) models; "
+                                             f"{spec.model} has one denoiser: use GUIDANCE")
+        return guidance
+
+    def denoiser(self, pool: DevicePool, conditioning: Conditioning, request: ResolvedRequest,
+                 spec: PipelineSpec) -> Denoise:
+        """The sampler's model: one round's items over the pool with the request's conditioning
+        (a family whose guidance depends on the timestep routes items itself)."""
+        return pool.denoiser(conditioning)
 
     def first_kept_step(self, steps: int, strength: float) -> int:
         """The first of `steps` timesteps an image request runs at `strength`, as the family's
