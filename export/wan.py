@@ -28,7 +28,6 @@ from export.specs import (
 from models import tensors
 
 LATENT_FRAMES = "latent_frames"
-FRAMES = "frames"
 # WanPipeline's defaults: 480x832 pixels, 81 frames, 512 text tokens
 WAN_DEFAULT_SIZE = (480, 832)
 WAN_DEFAULT_FRAMES = 81
@@ -164,8 +163,10 @@ class WanExperts(nn.Module):
 class WanVAEDecoderSpec(NetworkSpec):
     """AutoencoderKLWan's decoder: `latent` [B, z, f, h, w] (already de-normalised by
     latents_mean / latents_std) -> `images` [B, 3, 1 + (f - 1) t, H, W] in [-1, 1]. The
-    causal cache of earlier frames lives inside one decode call (frame by frame, the traced
-    graph unrolls it for the traced frame count)."""
+    causal cache of earlier frames lives inside one decode call, which runs frame by frame:
+    the traced graph unrolls that loop, so f is fixed at export (one decoder per latent frame
+    count; heights and widths stay dynamic). Validated against torch through the dynamo
+    exporter (the torchscript one has no nearest-exact upsampling)."""
 
     latent_channels: int = 16
     temporal_scale_factor: int = 4
@@ -174,6 +175,7 @@ class WanVAEDecoderSpec(NetworkSpec):
 
     @classmethod
     def from_model(cls, vae: nn.Module, *, precision: str = "fp32",
+                   latent_frames: int = (WAN_DEFAULT_FRAMES - 1) // 4 + 1,
                    name: str = "vae_decoder") -> WanVAEDecoderSpec:
         config = vae.config
         factor = 2 ** len(config.temperal_downsample)
@@ -181,22 +183,21 @@ class WanVAEDecoderSpec(NetworkSpec):
         return cls(name=name, precision=checked_precision(precision), vae_scale_factor=factor,
                    image_size=WAN_DEFAULT_SIZE,
                    latent_multiple=1, latent_channels=config.z_dim,
-                   temporal_scale_factor=temporal)
+                   temporal_scale_factor=temporal, latent_frames=latent_frames)
+
+    @property
+    def frames(self) -> int:
+        return 1 + (self.latent_frames - 1) * self.temporal_scale_factor
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        return [self.activation(tensors.LATENT, (BATCH, self.latent_channels, LATENT_FRAMES,
+        return [self.activation(tensors.LATENT, (BATCH, self.latent_channels, self.latent_frames,
                                                  LATENT_HEIGHT, LATENT_WIDTH))]
 
     @property
     def outputs(self) -> list[TensorSpec]:
-        return [self.activation(tensors.IMAGES, (BATCH, 3, FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH))]
-
-    def dim_ranges(self, batch_range, height=None, width=None):
-        ranges = super().dim_ranges(batch_range, height, width)
-        frames = 1 + (self.latent_frames - 1) * self.temporal_scale_factor
-        return {**ranges, LATENT_FRAMES: (1, self.latent_frames, self.latent_frames),
-                FRAMES: (1, frames, frames)}
+        return [self.activation(tensors.IMAGES,
+                                (BATCH, 3, self.frames, IMAGE_HEIGHT, IMAGE_WIDTH))]
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return _WanDecoderForward(module)
