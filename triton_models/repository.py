@@ -30,13 +30,17 @@ from models import paths, tensors
 from models.limits import SERVING_LIMITS, check_limit
 from models.pipeline_spec import SPEC_FILE, PipelineSpec, TextEncoder
 from models.sim import sim_spec
-from runtime.pipeline import TOKENIZER_DROPPED, TOKENIZER_TEXT
+from runtime.pipeline import TOKENIZER_DROPPED, TOKENIZER_TEXT, Pipeline
 from triton_models.device_endpoints import (
     ENDPOINTS_PARAMETER,
     SIGNATURE_PARAMETER,
     config_of_file,
     parse_endpoints,
     signature,
+)
+from triton_models.encoder_endpoints import (
+    ENCODER_ENDPOINTS_PARAMETER,
+    ENCODER_SIGNATURES_PARAMETER,
 )
 from triton_models.pipeline_io import (
     DRIFFUSION_IMAGE_INPUTS,
@@ -75,6 +79,14 @@ class RepositoryOptions:
     # device servers (HOST:PORT) whose unet_* models join the driffusion model's pool; with
     # them, devices may be 0 (a front server with no device of its own)
     device_endpoints: tuple[str, ...] = ()
+    # the GPU of the networks run once per request (text encoders, VAE encoder and decoder),
+    # which no denoiser device then uses; None: GPU 0, beside the first device
+    encoder_gpu: int | None = None
+    # an encoder server: the tokenizers and text encoders alone (no device, VAE or driffusion)
+    encoders_only: bool = False
+    # encoder servers (HOST:PORT, `encoders_only`) whose tokenizers and text encoders the
+    # driffusion model calls instead of its own (several: the first that answers)
+    encoder_endpoints: tuple[str, ...] = ()
     pipeline_instances: int = 2  # driffusion instances = requests it serves at once
     # None: one device model per device (unet_gpu<i> on GPU i); "batched" / "instances": the
     # one-GPU layouts of GPU_LAYOUTS (`serve --single-gpu`)
@@ -91,13 +103,14 @@ class RepositoryOptions:
     queue_timeout_s: int = SERVING_LIMITS["queue_timeout_s"].default
 
     def validate(self) -> None:
-        least = 0 if parse_endpoints(self.device_endpoints) else 1
+        least = 0 if parse_endpoints(self.device_endpoints) or self.encoders_only else 1
         if not least <= self.devices <= MAX_DEVICES:
             raise ValueError(f"devices must be in 1..{MAX_DEVICES} (0 only with device "
                              f"endpoints, on a front server); got {self.devices}")
         if parse_endpoints(self.device_endpoints) and not self.pipeline_model:
             raise ValueError("device endpoints feed the driffusion model: they cannot go with "
                              "--no-pipeline-model")
+        self._validate_encoder_placement()
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if self.gpu_layout not in (None, *GPU_LAYOUTS):
@@ -113,6 +126,25 @@ class RepositoryOptions:
             raise ValueError(f"deadline must be > 0 s; got {self.deadline_s}")
         for name in SERVING_LIMITS:
             check_limit(name, getattr(self, name))
+
+    def _validate_encoder_placement(self) -> None:
+        """--encoder-gpu, --encoders-only and --encoder-endpoints: each alone, where it means
+        something."""
+        if self.encoder_gpu is not None:
+            if not 0 <= self.encoder_gpu < MAX_DEVICES:
+                raise ValueError(f"encoder gpu must be in 0..{MAX_DEVICES - 1}; got "
+                                 f"{self.encoder_gpu}")
+            if self.backend != "tensorrt" or self.model == "sim":
+                raise ValueError("--encoder-gpu places TensorRT encoders on a GPU: it needs "
+                                 f"--backend tensorrt (the {self.backend} backend runs its "
+                                 "encoders on the CPU)")
+        if self.encoders_only and (parse_endpoints(self.device_endpoints)
+                                   or parse_endpoints(self.encoder_endpoints)):
+            raise ValueError("--encoders-only serves no driffusion model: it cannot go with "
+                             "--device-endpoints or --encoder-endpoints")
+        if parse_endpoints(self.encoder_endpoints) and not self.pipeline_model:
+            raise ValueError("encoder endpoints feed the driffusion model: they cannot go with "
+                             "--no-pipeline-model")
 
 
 @dataclass(frozen=True)
@@ -157,6 +189,8 @@ class Repository:
     devices: list[DeviceModel] = field(default_factory=list)
     spec: PipelineSpec | None = None
     device_signature: dict | None = None  # what every device takes (set with device endpoints)
+    # what each remote tokenizer and text encoder takes and returns (set with encoder endpoints)
+    encoder_signatures: dict[str, dict] | None = None
 
 
 def write_repository(target: str | Path | None = None,
@@ -178,8 +212,13 @@ def write_repository(target: str | Path | None = None,
         _write_sim(repository, local)
     else:
         _write_engines(repository, local, directory, manifest)
+    if options.encoders_only:
+        _keep_only_encoders(repository)
+        return repository
     if parse_endpoints(options.device_endpoints):
         _keep_device_signature(repository, options)
+    if parse_endpoints(options.encoder_endpoints):
+        _keep_encoder_signatures(repository)
     if options.pipeline_model:
         _write_driffusion(repository, options)
     return repository
@@ -332,7 +371,7 @@ def _write_engines(repository: Repository, options: RepositoryOptions, directory
     batching = _batching(options, max_batch) if _batch_is_dynamic(unet) else None
     for index, gpu in enumerate(device_gpus(options)):
         kind = "cpu" if options.backend == "onnxruntime" else "gpu"
-        name = f"unet_{kind}{index}"
+        name = f"unet_{kind}{gpu if options.gpu_layout is None else index}"
         _write_network(repository, name, directory, unet, options, gpu=gpu, batching=batching,
                        max_batch=max_batch, fail_calls=options.fail_calls if index == 0 else ())
         dtypes = {tensor["name"]: tensor["dtype"] for tensor in unet["inputs"]}
@@ -340,7 +379,8 @@ def _write_engines(repository: Repository, options: RepositoryOptions, directory
     for network in networks:
         if network.startswith("text_encoder") or network in VAE_NETWORKS:
             rows = DECODER_ROWS if network in VAE_NETWORKS else ENCODER_ROWS
-            _write_network(repository, network, directory, networks[network], options, gpu=0,
+            _write_network(repository, network, directory, networks[network], options,
+                           gpu=network_gpu(options),
                            batching=Batching(rows, dynamic=False), max_batch=rows)
     for encoder in repository.spec.text_encoders:
         _write_tokenizer(repository, directory, encoder, options)
@@ -452,12 +492,22 @@ def _write_torch_network(repository: Repository, name: str, source: Path, networ
 
 def device_gpus(options: RepositoryOptions) -> list[int]:
     """The GPU of each device model to write: one per device on GPU i by default; one model
-    for the batched one-GPU layout; `devices` models all on GPU 0 for the instances layout."""
+    for the batched one-GPU layout; `devices` models all on GPU 0 for the instances layout.
+    The encoder GPU (`encoder_gpu`) is skipped: the devices take the other GPUs in order."""
+    gpus = [gpu for gpu in range(options.devices + 1) if gpu != options.encoder_gpu]
     if options.gpu_layout == "batched":
-        return [0]
+        return gpus[:1]
     if options.gpu_layout == "instances":
-        return [0] * options.devices
-    return list(range(options.devices))
+        return gpus[:1] * options.devices
+    return gpus[:options.devices]
+
+
+def network_gpu(options: RepositoryOptions) -> int:
+    """The GPU of the networks that run once per request (text encoders, VAE encoder and
+    decoder): the encoder GPU if given, else GPU 0 beside the first device. With an encoder GPU
+    the denoiser GPUs hold denoisers alone: every device alike, and no request's decoding on
+    the GPU of a device that another request's rounds are waiting for."""
+    return 0 if options.encoder_gpu is None else options.encoder_gpu
 
 
 def _layout_parameters(options: RepositoryOptions) -> dict[str, str]:
@@ -563,6 +613,7 @@ def _write_driffusion(repository: Repository, options: RepositoryOptions) -> Non
             "max_resolution": options.max_resolution,
             "max_input_dims": json.dumps(_largest_images(repository.spec, options)),
             **_endpoint_parameters(repository, options),
+            **_encoder_endpoint_parameters(repository, options),
             **_layout_parameters(options),
         },
     ))
@@ -591,6 +642,42 @@ def _keep_device_signature(repository: Repository, options: RepositoryOptions) -
             shutil.rmtree(repository.path / device.name)
             repository.models.remove(device.name)
         repository.devices.clear()
+
+
+def text_models(spec: PipelineSpec) -> list[str]:
+    """The tokenizers and text encoders of `spec` (a class-conditional model: its label
+    encoder): what an encoder server serves."""
+    return [name for name in Pipeline.needed_models(spec) if name not in VAE_NETWORKS]
+
+
+def _keep_only_encoders(repository: Repository) -> None:
+    """An encoder server: drop every model but the tokenizers and text encoders."""
+    keep = text_models(repository.spec)
+    for name in [name for name in repository.models if name not in keep]:
+        shutil.rmtree(repository.path / name)
+        repository.models.remove(name)
+    repository.devices.clear()
+
+
+def _keep_encoder_signatures(repository: Repository) -> None:
+    """Record what each tokenizer and text encoder takes and returns (the encoder server's
+    must match), then drop them: the driffusion model calls the encoder servers' instead."""
+    repository.encoder_signatures = {}
+    for name in text_models(repository.spec):
+        config = config_of_file(repository.path / name / "config.pbtxt")
+        repository.encoder_signatures[name] = signature(config)
+        shutil.rmtree(repository.path / name)
+        repository.models.remove(name)
+
+
+def _encoder_endpoint_parameters(repository: Repository,
+                                 options: RepositoryOptions) -> dict[str, str]:
+    """The driffusion parameters naming the encoder servers and what their models take."""
+    endpoints = parse_endpoints(options.encoder_endpoints)
+    if not endpoints:
+        return {}
+    return {ENCODER_ENDPOINTS_PARAMETER: ",".join(endpoints),
+            ENCODER_SIGNATURES_PARAMETER: json.dumps(repository.encoder_signatures)}
 
 
 def _endpoint_parameters(repository: Repository, options: RepositoryOptions) -> dict[str, str]:

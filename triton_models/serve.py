@@ -584,6 +584,19 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         "gRPC port) or HTTP (http://HOST:PORT, the HTTP port: less CPU per call) "
                         "with --deadline-s per call; found when the model loads, so start them "
                         "first. With them --devices may be 0: a front server without devices")
+    parser.add_argument("--encoder-gpu", type=int, default=None, metavar="N",
+                        help="put the networks run once per request (text encoders, VAE encoder "
+                        "and decoder) on GPU N, and the denoiser devices on the other GPUs "
+                        "(TensorRT; default: GPU 0, beside the first device)")
+    parser.add_argument("--encoders-only", action="store_true",
+                        help="an encoder server: serve the tokenizers and text encoders alone "
+                        "(no device, VAE or driffusion model), for fronts' --encoder-endpoints")
+    parser.add_argument("--encoder-endpoints", type=endpoints_argument, default=(),
+                        metavar="HOST:PORT[,HOST:PORT...]",
+                        help="encoder servers (`serve --encoders-only`) whose tokenizers and "
+                        "text encoders the driffusion model calls instead of its own (gRPC "
+                        "HOST:PORT or http://HOST:PORT; several: the first that answers); "
+                        "found when the model loads, so start them first")
     parser.add_argument("--single-gpu", choices=("auto", *GPU_LAYOUTS), default="auto",
                         help="how a server with one GPU runs DRiffusion's parallel rounds: "
                         "batched = one device model, each round one batched call of --devices "
@@ -642,6 +655,8 @@ def options_from_args(args: argparse.Namespace) -> RepositoryOptions:
         deadline_s=args.deadline_s, dynamic_batching=args.dynamic_batching,
         batch_delay_us=args.batch_delay_us, max_queue_size=args.max_queue_size,
         queue_timeout_s=args.queue_timeout_s, device_endpoints=args.device_endpoints,
+        encoder_gpu=args.encoder_gpu, encoders_only=args.encoders_only,
+        encoder_endpoints=args.encoder_endpoints,
         gpu_layout=getattr(args, "single_gpu", None),  # "auto": resolved by prepare_model
     )
 
@@ -649,8 +664,9 @@ def options_from_args(args: argparse.Namespace) -> RepositoryOptions:
 def resolve_gpu_layout(options: RepositoryOptions, gpu_count: int | None = None
                        ) -> RepositoryOptions:
     """`--single-gpu auto`: the batched layout where GPU engines (TensorRT, torch) are served
-    with several devices on exactly one visible GPU; else one device model per device (None).
-    The batched default awaits a measurement on a GPU (scripts/gpu_check.py)."""
+    with several devices on exactly one visible GPU (besides the encoder GPU, if given); else
+    one device model per device (None). The batched default awaits a measurement on a GPU
+    (scripts/gpu_check.py)."""
     if options.gpu_layout != "auto":
         return options
     layout = None
@@ -660,7 +676,8 @@ def resolve_gpu_layout(options: RepositoryOptions, gpu_count: int | None = None
             from engines.torch_build import torch_gpus
 
             gpu_count = len(list_gpus()[0] or torch_gpus())
-        layout = "batched" if gpu_count == 1 else None
+        denoiser_gpus = gpu_count - (options.encoder_gpu is not None)
+        layout = "batched" if denoiser_gpus == 1 else None
     return replace(options, gpu_layout=layout)
 
 

@@ -15,7 +15,10 @@ Parameters (config.pbtxt): `pipeline` (PipelineSpec JSON with the serving limits
 of `window` items to the first device). Outputs: IMAGE (uint8 [H, W, 3]), ROUNDS and EVALUATIONS (what DRiffusion did).
 Scale out: `device_endpoints` (HOST:PORT,...) and `device_signature` add the ready unet_*
 models of device servers on other hosts, over gRPC, found and checked at initialize
-(triton_models/device_endpoints.py).
+(triton_models/device_endpoints.py). Encoder servers: `encoder_endpoints` and
+`encoder_signatures` replace the tokenizers and text encoders by those of other servers, found
+and checked at initialize (triton_models/encoder_endpoints.py); one that fails a request's call
+fails the request with UNAVAILABLE naming it.
 """
 import asyncio
 import json
@@ -32,6 +35,7 @@ from runtime.pool import DevicePool, PoolError
 from runtime.schedulers import max_steps
 from triton_models.backend import ThrottledCheck, model_parameters
 from triton_models.device_endpoints import describe, devices_from_parameters
+from triton_models.encoder_endpoints import encoders_from_parameters
 from triton_models.pipeline_io import (
     DRIFFUSION_IMAGE_INPUTS,
     DRIFFUSION_INPUTS,
@@ -123,6 +127,14 @@ class TritonPythonModel:
         self.window = int(parameters["window"]) if "window" in parameters else None
         self.max_resolution = int(parameters["max_resolution"])
         self.models = {name: BlsModel(name) for name in Pipeline.needed_models(self.spec)}
+        # encoder servers (`encoder_endpoints`): their tokenizers and text encoders, found and
+        # checked now; an endpoint that is down or serves another model fails the load
+        remote_encoders = encoders_from_parameters(parameters)
+        if remote_encoders:
+            pb_utils.Logger.log_info("driffusion: remote encoders " + ", ".join(
+                client.name for client in remote_encoders.values()))
+        self.models.update(remote_encoders)
+        self.remote_encoders = {client.name for client in remote_encoders.values()}
         self.log = pb_utils.Logger
         self.metrics = Metrics()
         self._executor_loop = None
@@ -183,7 +195,8 @@ class TritonPythonModel:
                               pb_utils.TritonError.UNAVAILABLE)
         except DeviceError as error:
             if error.lost:
-                return self._fail("unavailable", mode, f"device failure: {error}",
+                what = "encoder server" if error.model in self.remote_encoders else "device"
+                return self._fail("unavailable", mode, f"{what} failure: {error}",
                                   pb_utils.TritonError.UNAVAILABLE)
             return self._internal(mode, error)
         except Exception as error:  # noqa: BLE001 - a server fault, never the client's
