@@ -140,3 +140,44 @@ def test_the_pipeline_spec_of_a_folder(tmp_path):
                                                                            (256, 256))
     assert (spec.latent_channels, spec.vae_scale_factor, spec.size_multiple) == (4, 2, 4)
     assert PipelineSpec.from_json(spec.to_json()) == spec
+
+
+def test_an_sdxl_vae_with_latents_statistics_decodes_as_the_sdxl_pipeline(tmp_path):
+    """Older families too: an SDXL folder whose VAE config has latents_mean / latents_std gets
+    them in its spec, and the family's decoder input is what StableDiffusionXLPipeline hands
+    its VAE (latents x std / scaling_factor + mean); image-to-image is its inverse, as
+    StableDiffusionXLImg2ImgPipeline normalises."""
+    import json
+
+    from diffusers_folders import load_pipeline, sdxl_folder
+
+    from export.presets import load_bundle, pipeline_spec
+
+    folder = sdxl_folder(tmp_path / "sdxl")
+    config_file = folder / "vae" / "config.json"
+    config = json.loads(config_file.read_text())
+    config |= {"latents_mean": list(MEAN), "latents_std": list(STD)}
+    config_file.write_text(json.dumps(config))
+    spec = pipeline_spec(load_bundle(str(folder)))
+    assert (spec.latents_mean, spec.latents_std) == (MEAN, STD)
+    pipeline = load_pipeline(folder)
+    decode, seen = pipeline.vae.decode, {}
+
+    def captured_decode(latents, *args, **kwargs):
+        seen["decoded"] = latents
+        return decode(latents, *args, **kwargs)
+
+    def last_latents(pipe, step, timestep, outputs):
+        seen["latents"] = outputs["latents"]
+        return outputs
+
+    pipeline.vae.decode = captured_decode
+    with torch.no_grad():
+        pipeline("a red fox", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator("cpu").manual_seed(0),
+                 callback_on_step_end=last_latents)
+    family = family_of(spec)
+    ours = family.decoder_input(seen["latents"], spec)
+    torch.testing.assert_close(ours, seen["decoded"])
+    torch.testing.assert_close(family.image_latents(ours, spec), seen["latents"])
+    assert (ours - seen["latents"] / spec.scaling_factor).abs().max() > 0.1

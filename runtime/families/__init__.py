@@ -172,10 +172,11 @@ class Family:
         return start
 
     def image_latents(self, sample: torch.Tensor, spec: PipelineSpec) -> torch.Tensor:
-        """Latents of a VAE posterior sample, as the family's pipeline scales them (and
-        normalises them by the VAE's latents_mean / latents_std where it has them)."""
-        mean, std = latent_statistics(spec)
-        return (sample - mean) * spec.scaling_factor / std
+        """Latents of a VAE posterior sample, as the family's pipeline scales them: the inverse
+        of `decoder_input` (scaling and shift, latents_mean / latents_std where the VAE has
+        them)."""
+        mean, std = latent_statistics(spec, sample.ndim)
+        return (sample - mean - (spec.shift_factor or 0.0)) * spec.scaling_factor / std
 
     def timestep_options(self, request: ResolvedRequest, spec: PipelineSpec) -> dict[str, Any]:
         """Extra arguments of the scheduler's `set_timesteps` (custom sigmas, shift `mu`)."""
@@ -184,7 +185,7 @@ class Family:
     def decoder_input(self, latents: torch.Tensor, spec: PipelineSpec) -> torch.Tensor:
         """What the VAE decoder takes for the final latents (diffusers' scaling and shift, and
         the VAE's latents_mean / latents_std where it has them)."""
-        mean, std = latent_statistics(spec)
+        mean, std = latent_statistics(spec, latents.ndim)
         scaled = latents * std / spec.scaling_factor + mean
         return scaled if spec.shift_factor is None else scaled + spec.shift_factor
 
@@ -234,13 +235,15 @@ def prompt_rows(request: ResolvedRequest, negative: bool) -> list[str]:
     return rows + [request.negative_prompt or ""] if negative else rows
 
 
-def latent_statistics(spec: PipelineSpec) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-    """The VAE's per-channel latents_mean and latents_std shaped [1, C, 1, 1] (0 and 1 where its
-    config has none)."""
+def latent_statistics(spec: PipelineSpec,
+                      rank: int = 4) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """The VAE's per-channel latents_mean and latents_std shaped [1, C, 1, ...] for latents of
+    `rank` dims (0 and 1 where its config has none)."""
     if not spec.latents_mean:
         return 0.0, 1.0
-    return (torch.tensor(spec.latents_mean).view(1, -1, 1, 1),
-            torch.tensor(spec.latents_std).view(1, -1, 1, 1))
+    shape = (1, -1, *(1,) * (rank - 2))
+    return (torch.tensor(spec.latents_mean).view(shape),
+            torch.tensor(spec.latents_std).view(shape))
 
 
 async def llm_states(encoding: TextEncoding, encoder: TextEncoder,

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from models import tensors
 from models.pipeline_spec import FLUX, PipelineSpec
@@ -63,9 +62,6 @@ class Flux(Family):
         packed = 2 * spec.vae_scale_factor
         return (1, spec.latent_channels, 2 * (request.height // packed),
                 2 * (request.width // packed))
-
-    def image_latents(self, sample: torch.Tensor, spec: PipelineSpec) -> torch.Tensor:
-        return (sample - (spec.shift_factor or 0.0)) * spec.scaling_factor
 
     def timestep_options(self, request: ResolvedRequest, spec: PipelineSpec) -> dict[str, Any]:
         options = dynamic_shift(spec, self.latent_shape(request, spec), FLUX_MAX_SHIFT)

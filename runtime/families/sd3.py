@@ -7,7 +7,6 @@ without T5); the pooled projections of both CLIP encoders are concatenated.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from models import tensors
 from models.pipeline_spec import STABLE_DIFFUSION_3, PipelineSpec
@@ -21,9 +20,6 @@ class StableDiffusion3(Family):
     title = "SD3/SD3.5"
     default_strength = 0.6  # StableDiffusion3Img2ImgPipeline
     strength_rounds_kept_steps = False
-
-    def image_latents(self, sample: torch.Tensor, spec: PipelineSpec) -> torch.Tensor:
-        return (sample - (spec.shift_factor or 0.0)) * spec.scaling_factor
 
     async def conditioning(self, encoding: TextEncoding, request: ResolvedRequest,
                            spec: PipelineSpec) -> Conditioning:

@@ -59,9 +59,6 @@ class ZImage(Family):
         return (1, spec.latent_channels, 2 * (request.height // patched),
                 2 * (request.width // patched))
 
-    def image_latents(self, sample: torch.Tensor, spec: PipelineSpec) -> torch.Tensor:
-        return (sample - (spec.shift_factor or 0.0)) * spec.scaling_factor
-
     def timestep_options(self, request: ResolvedRequest, spec: PipelineSpec) -> dict[str, Any]:
         options = dynamic_shift(spec, self.latent_shape(request, spec), ZIMAGE_MAX_SHIFT)
         options["sigmas"] = torch.linspace(1.0, 1 / request.steps, request.steps).tolist()
