@@ -4,6 +4,8 @@
 #   ROLE=device  the unet model of this server's GPU, nothing else (`--no-pipeline-model`)
 #   ROLE=front   the `driffusion` model over the device servers in DEVICE_ENDPOINTS, plus the
 #                text encoder(s) and VAE decoder; no UNet of its own (DEVICES=0)
+#   ROLE=encoder the tokenizer(s) and text encoder(s) alone (`--encoders-only`), for fronts
+#                whose ENCODER_ENDPOINTS name it: an LLM encoder on a GPU of its own
 #
 # Environment (defaults in brackets):
 #   MODEL             engines/<model> directory on the shared engines volume, or `sim`
@@ -12,6 +14,8 @@
 #   BACKEND           tensorrt or onnxruntime [tensorrt]
 #   DEVICES           device models of this server [device: 1, its one GPU; front: 0]
 #   DEVICE_ENDPOINTS  front: the device servers' gRPC HOST:PORT, comma-separated
+#   ENCODER_ENDPOINTS front: encoder servers' gRPC HOST:PORT, comma-separated; the front then
+#                     serves no text encoder of its own [none]
 #   DEADLINE_S        deadline of every front-to-device call, seconds [30]
 #   HOST              the one address to bind (a pod sets its pod IP) [0.0.0.0]
 #   HTTP_PORT, GRPC_PORT, METRICS_PORT   [8000, 8001, 8002]
@@ -22,7 +26,7 @@
 #                     running it; nul: the same, NUL-separated (for tests)
 set -euo pipefail
 
-role=${ROLE:?set ROLE=device or ROLE=front}
+role=${ROLE:?set ROLE=device, ROLE=encoder or ROLE=front}
 model=${MODEL:?set MODEL to an engines/<model> directory}
 host=${HOST:-0.0.0.0}
 repository=${REPOSITORY:-/tmp/driffusion-repository}
@@ -34,6 +38,8 @@ fi
 case $role in
     device)
         args+=(--devices "${DEVICES:-1}" --no-pipeline-model) ;;
+    encoder)
+        args+=(--encoders-only) ;;
     front)
         endpoints=${DEVICE_ENDPOINTS:?set DEVICE_ENDPOINTS=HOST:PORT,... for a front server}
         args+=(--devices "${DEVICES:-0}" --device-endpoints "$endpoints")
@@ -41,9 +47,16 @@ case $role in
         if [[ -z ${DRY_RUN:-} ]]; then
             python3 -m triton_models.device_endpoints wait "$endpoints" \
                 --timeout-s "${WAIT_S:-600}"
+        fi
+        if [[ -n ${ENCODER_ENDPOINTS:-} ]]; then
+            args+=(--encoder-endpoints "$ENCODER_ENDPOINTS")
+            if [[ -z ${DRY_RUN:-} ]]; then
+                python3 -m triton_models.device_endpoints wait "$ENCODER_ENDPOINTS" \
+                    --models 'text_encoder*' --timeout-s "${WAIT_S:-600}"
+            fi
         fi ;;
     *)
-        echo "ROLE must be device or front, not '$role'" >&2
+        echo "ROLE must be device, encoder or front, not '$role'" >&2
         exit 2 ;;
 esac
 # shellcheck disable=SC2206 # EXTRA_ARGS is a list of flags on purpose

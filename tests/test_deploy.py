@@ -246,10 +246,22 @@ def test_role_script_refuses_an_unknown_role_and_a_front_without_endpoints(tmp_p
     base = {**os.environ, "MODEL": "sim", "DRY_RUN": "1"}
     unknown = subprocess.run(["bash", str(SCRIPT)], env={**base, "ROLE": "gpu"},
                              capture_output=True, text=True, check=False)
-    assert unknown.returncode == 2 and "ROLE must be device or front" in unknown.stderr
+    assert unknown.returncode == 2 and "ROLE must be device, encoder or front" in unknown.stderr
     front = subprocess.run(["bash", str(SCRIPT)], env={**base, "ROLE": "front"},
                            capture_output=True, text=True, check=False)
     assert front.returncode != 0 and "DEVICE_ENDPOINTS" in front.stderr
+
+
+def test_role_script_writes_an_encoder_server_and_a_front_that_calls_it(tmp_path):
+    encoder_argv = role_script(tmp_path, "encoder")
+    assert sorted(p.name for p in (tmp_path / "encoder").iterdir() if p.is_dir()) == \
+        ["text_encoder"]  # the sim's label encoder, nothing else
+    assert any(a.startswith("--model-repository=") for a in encoder_argv)
+    role_script(tmp_path, "front", DEVICE_ENDPOINTS="10.0.0.2:8001",
+                ENCODER_ENDPOINTS="10.0.0.9:8001")
+    assert not (tmp_path / "front" / "text_encoder").exists()
+    config = (tmp_path / "front" / "driffusion" / "config.pbtxt").read_text()
+    assert 'key: "encoder_endpoints" value { string_value: "10.0.0.9:8001" }' in config
 
 
 @pytest.mark.triton

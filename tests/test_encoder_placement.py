@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,6 +243,11 @@ def test_the_front_encodes_on_the_encoder_server_and_gives_the_all_local_image(p
     assert not np.array_equal(other, image)
     assert f"remote encoders {encoder.grpc_url}/tokenizer, {encoder.grpc_url}/text_encoder" in \
         front.log_path.read_text()
+    # what the role script of a front runs before it starts (deploy/driffusion-role.sh)
+    wait = subprocess.run([sys.executable, "-m", "triton_models.device_endpoints", "wait",
+                           encoder.grpc_url, "--models", "text_encoder*", "--timeout-s", "10"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert wait.returncode == 0 and "text_encoder* servers ready" in wait.stdout, wait.stderr
 
 
 @pytest.mark.triton

@@ -300,8 +300,9 @@ async def wait_for_devices(endpoints: Sequence[str], timeout_s: float, *, poll_s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m triton_models.device_endpoints wait HOST:PORT,... [--timeout-s S]`: exit 0
-    once every device server serves a ready unet_* model, 1 (naming them) if some never do."""
+    """`python -m triton_models.device_endpoints wait HOST:PORT,... [--timeout-s S] [--models
+    PATTERN]`: exit 0 once every server serves a ready unet_* (or PATTERN, e.g. text_encoder*
+    for encoder servers) model, 1 (naming them) if some never do."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m triton_models.device_endpoints")
@@ -310,13 +311,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     wait.add_argument("endpoints", type=endpoints_argument, metavar="HOST:PORT[,HOST:PORT...]")
     wait.add_argument("--timeout-s", type=float, default=600.0)
     wait.add_argument("--poll-s", type=float, default=2.0)
+    wait.add_argument("--models", default=DEVICE_PATTERN,
+                      help="the model name pattern to wait for (default %(default)s)")
     args = parser.parse_args(argv)
-    waiting = asyncio.run(wait_for_devices(args.endpoints, args.timeout_s, poll_s=args.poll_s))
+    waiting = asyncio.run(wait_for_devices(args.endpoints, args.timeout_s, poll_s=args.poll_s,
+                                           pattern=args.models))
+    servers = "device servers" if args.models == DEVICE_PATTERN else f"{args.models} servers"
     if waiting:
-        print(f"device servers not ready after {args.timeout_s:g} s: {', '.join(waiting)}",
+        print(f"{servers} not ready after {args.timeout_s:g} s: {', '.join(waiting)}",
               file=sys.stderr)
         return 1
-    print(f"device servers ready: {', '.join(args.endpoints)}")
+    print(f"{servers} ready: {', '.join(args.endpoints)}")
     return 0
 
 
