@@ -6,7 +6,10 @@ Models written (docs/ARCHITECTURE.md names them):
   or with `--backend torch` the python-backend `torch_model` (FP16, or BF16 for a bf16 network, + CUDA graphs on GPU i, FP32
   on a machine without a GPU); a one-GPU server writes one batched device model or several on
   GPU 0 (`gpu_layout`);
-- `text_encoder[_2|_3]`, `vae_decoder` and `vae_encoder` where the model has them;
+- `text_encoder[_2|_3]`, `vae_decoder` and `vae_encoder` where the model has them, on GPU 0 or
+  on the encoder GPU (`--encoder-gpu N`, which the devices then leave to them); an encoder
+  server (`--encoders-only`) has only the tokenizers and text encoders, and a front naming
+  encoder servers (`--encoder-endpoints`) has none of them (triton_models/encoder_endpoints.py);
 - `unet_sim` (with `--model sim`): the closed-form model, one instance per simulated device;
 - `driffusion`: the python-backend pipeline model (label/prompt -> image) over the devices.
 The `driffusion` config carries the PipelineSpec (JSON) that gRPC clients read, with the serving
