@@ -22,12 +22,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from models import tensors
 from models.pipeline_spec import Z_IMAGE, PipelineSpec
-from runtime.families import Family, TextEncoding, dynamic_shift, prompt_rows
+from runtime.families import Family, TextEncoding, dynamic_shift, llm_states, prompt_rows
 from runtime.guidance import Conditioning, Prediction
 from runtime.request import ResolvedRequest
 
@@ -46,8 +45,7 @@ class ZImage(Family):
         encoder = next((e for e in spec.text_encoders if e.is_llm), None)
         if encoder is None:
             raise ValueError(f"{spec.model}: a Z-Image model needs an LLM text encoder")
-        outputs = await encoding.texts(encoder, prompt_rows(request, guided))
-        rows = trimmed_rows(outputs[tensors.TEXT_EMBEDDINGS], outputs[tensors.ATTENTION_MASK])
+        rows = await llm_states(encoding, encoder, prompt_rows(request, guided))
         cond = {tensors.ENCODER_HIDDEN_STATES: rows[0]}
         if not guided:
             return Conditioning(cond)
@@ -63,11 +61,6 @@ class ZImage(Family):
         options = dynamic_shift(spec, self.latent_shape(request, spec), ZIMAGE_MAX_SHIFT)
         options["sigmas"] = torch.linspace(1.0, 1 / request.steps, request.steps).tolist()
         return options
-
-
-def trimmed_rows(states: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-    """Each row's states [1, tokens, D] at the tokens its attention mask keeps."""
-    return [row[keep.astype(bool)][None] for row, keep in zip(states, mask)]
 
 
 def guidance_above_one(cond: Prediction, uncond: Prediction, scale: float) -> Prediction:
