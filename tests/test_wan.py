@@ -203,3 +203,21 @@ def test_two_experts_equal_wan_pipeline(wan22):
     one_expert = in_process(pipeline, replace(spec, boundary_ratio=None), pipeline.transformer)
     assert not within_bound(generate(one_expert).image, reference)
     assert not within_bound(generate(runtime).image, reference)
+
+
+# slow: a dynamo export of each network takes minutes on a 2-core CPU; the in-process tests
+# above run the same wrappers through torch
+@pytest.mark.slow
+def test_transformer_and_decoder_export_validate(wan21, tmp_path):
+    """The 3-D transformer's ONNX (dynamic batch, latent frames, height, width) and the VAE
+    decoder's (dynamic size, frames fixed at export) match torch in ONNX Runtime."""
+    from export.onnx_export import ExportOptions, export_network
+
+    pipeline = wan21[0]
+    options = ExportOptions(batch_range=(1, 2, 2), height=(16, HEIGHT, 64),
+                            width=(16, WIDTH, 64), external_data_threshold=0)
+    specs = ((WanTransformerSpec.from_model(pipeline.transformer), pipeline.transformer),
+             (WanVAEDecoderSpec.from_model(pipeline.vae, latent_frames=2), pipeline.vae))
+    for spec, module in specs:
+        exported = export_network(spec, module, tmp_path / f"{spec.name}.onnx", options)
+        assert exported.validation.ok, exported.validation.describe()
