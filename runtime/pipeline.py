@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -422,7 +422,7 @@ def with_inputs(conditioning: Conditioning, inputs: Mapping[str, np.ndarray]) ->
     if not inputs:
         return conditioning
     uncond = None if conditioning.uncond is None else {**conditioning.uncond, **inputs}
-    return Conditioning({**conditioning.cond, **inputs}, uncond, conditioning.guidance)
+    return replace(conditioning, cond={**conditioning.cond, **inputs}, uncond=uncond)
 
 
 class CountingDenoise:

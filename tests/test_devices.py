@@ -98,6 +98,22 @@ def test_the_pool_applies_the_familys_combine_rule():
     assert not torch.allclose(output, expected_output(x, t, 2.5), atol=1e-2)
 
 
+def test_image_inputs_added_to_a_conditioning_keep_the_familys_rule():
+    """A family with its own rule that also takes image inputs (inpainting's extra denoiser
+    inputs) keeps that rule when the inputs join its conditioning."""
+    from runtime.pipeline import with_inputs
+
+    def reflected(cond, uncond, guidance):
+        return cond + guidance * (cond - uncond)
+
+    default = label_conditioning(1, 2.5)
+    family = Conditioning(default.cond, default.uncond, 2.5, combine=reflected)
+    extra = {"mask": np.zeros((1, 1, 4, 4), np.float32)}
+    joined = with_inputs(family, extra)
+    assert joined.combine is reflected and joined.guidance == 2.5
+    assert "mask" in joined.cond and "mask" in joined.uncond
+
+
 def text_length_device(name: str, shapes: list | None = None) -> Device:
     """A device whose output depends on its context's values and length; it records the
     (rows, text length) of every call."""
