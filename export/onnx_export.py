@@ -158,8 +158,9 @@ def export_network(
     opset = export_opset(options.opset, precision)
     exporter = options.exporter
     if spec.needs_dynamo and exporter != "dynamo":
-        log(f"{spec.name}: the torchscript exporter bakes the batch into this network's "
-            "reshapes; exporting with the dynamo exporter")
+        log(f"{spec.name}: the torchscript exporter cannot keep this network's dynamic dims "
+            "(it bakes sizes computed from them into the graph); exporting with the dynamo "
+            "exporter")
         exporter, opset = "dynamo", max(opset, DYNAMO_MIN_OPSET)
     batch_low, batch_opt, batch_high = options.batch_range
     profile = spec.profile(options.batch_range, options.height, options.width)
