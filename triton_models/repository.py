@@ -100,6 +100,7 @@ class RepositoryOptions:
     max_batch: int = SERVING_LIMITS["max_batch"].default
     max_prompt_bytes: int = SERVING_LIMITS["max_prompt_bytes"].default
     max_resolution: int = SERVING_LIMITS["max_resolution"].default
+    max_video_pixels: int = SERVING_LIMITS["max_video_pixels"].default
     dynamic_batching: bool = True  # device models merge concurrent calls into one batch
     batch_delay_us: int = SERVING_LIMITS["batch_delay_us"].default
     max_queue_size: int = SERVING_LIMITS["max_queue_size"].default
@@ -235,7 +236,8 @@ def with_limits(spec: PipelineSpec, options: RepositoryOptions) -> PipelineSpec:
         raise ValueError(f"{spec.model} makes {side}-pixel images, above the max resolution "
                          f"{options.max_resolution}; raise --max-resolution to serve it")
     return spec.with_defaults(max_steps=options.max_steps, max_window=options.max_window,
-                              max_prompt_bytes=options.max_prompt_bytes)
+                              max_prompt_bytes=options.max_prompt_bytes,
+                              max_video_pixels=options.max_video_pixels)
 
 
 def validate_repository(path: str | Path) -> Path:

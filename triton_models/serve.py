@@ -627,7 +627,8 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     """Serving limits and batching, written into the repository and enforced by the server."""
     defaults = RepositoryOptions()
     limits = parser.add_argument_group("limits (enforced server-side)")
-    for name in ("max_steps", "max_window", "max_batch", "max_prompt_bytes", "max_resolution"):
+    for name in ("max_steps", "max_window", "max_batch", "max_prompt_bytes", "max_resolution",
+                 "max_video_pixels"):
         limit = SERVING_LIMITS[name]
         limits.add_argument(f"--{name.replace('_', '-')}", type=int, default=limit.default,
                             help=f"{limit.help} ({limit.low}..{limit.high}, default "
@@ -652,6 +653,7 @@ def options_from_args(args: argparse.Namespace) -> RepositoryOptions:
         pipeline_model=args.pipeline_model, pipeline_instances=args.pipeline_instances,
         max_steps=args.max_steps, max_window=args.max_window, max_batch=args.max_batch,
         max_prompt_bytes=args.max_prompt_bytes, max_resolution=args.max_resolution,
+        max_video_pixels=args.max_video_pixels,
         deadline_s=args.deadline_s, dynamic_batching=args.dynamic_batching,
         batch_delay_us=args.batch_delay_us, max_queue_size=args.max_queue_size,
         queue_timeout_s=args.queue_timeout_s, device_endpoints=args.device_endpoints,
