@@ -12,6 +12,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -19,7 +20,9 @@ from servers import ServeCommand
 
 pytestmark = pytest.mark.triton
 MIB = 1 << 20
-HEADER_S, BODY_S = 2, 2  # the short timeouts these tests set
+# the short timeouts these tests set; a body may stall 4 s, time enough on a loaded 2-core box
+# to send the bodies that fill the memory budget before the first of them is closed
+HEADER_S, BODY_S = 2, 4
 MIN_RATE = 10_000  # bytes/s
 CAP = 32 * MIB
 BUDGET = 200 * MIB  # six bodies of CAP bytes fit, a seventh does not
@@ -120,6 +123,18 @@ def settled_memory(serve: ServeCommand, baseline: tuple[float, float],
         time.sleep(0.2)
 
 
+def memory_once(serve: ServeCommand, holds: Callable[[tuple[float, float]], bool],
+                wait_s: float) -> tuple[float, float]:
+    """The serving processes' memory once `holds(memory)` (or after `wait_s`): the guard reads
+    what clients sent at its own pace on a loaded machine."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        memory = serve.memory_mb()
+        if holds(memory) or time.monotonic() > deadline:
+            return memory
+        time.sleep(0.1)
+
+
 def slowloris(serve: ServeCommand, count: int, interval_s: float,
               give_up_s: float) -> list[tuple[bytes, float]]:
     """Open `count` connections that each send one more byte of a long head every `interval_s`;
@@ -153,10 +168,11 @@ def test_bodies_stalled_mid_way_are_closed_after_the_body_timeout_and_give_back_
     baseline = warm_memory(served)
     length = 24 * MIB
     with ThreadPoolExecutor(8) as pool:
-        closing = watch_closing(pool, [stalled_body(served, length, sent=length - MIB)
-                                       for _ in range(8)])
-        time.sleep(0.5)
-        held = served.memory_mb()
+        stalled = list(pool.map(lambda _: stalled_body(served, length, sent=length - MIB),
+                                range(8)))
+        closing = watch_closing(pool, stalled)
+        held = memory_once(served, lambda memory: memory[0] - baseline[0] > 8 * 20,
+                           wait_s=BODY_S / 2)
         assert held[0] - baseline[0] > 8 * 20  # the guard holds the 8 x 23 MiB ...
         assert held[1] - baseline[1] < 16  # ... and Triton has seen none of it
         assert served_normally(served) < 5
@@ -212,13 +228,15 @@ def admitted(connection: socket.socket) -> bytes:
 
 
 def test_bodies_beyond_the_memory_budget_get_503_until_memory_is_free(served):
+    baseline = warm_memory(served)
     expecting = infer_head(CAP, b"Expect: 100-continue")
     length = CAP - MIB
     held = []
     try:
-        for _ in range(BUDGET // length):  # what they sent fills the budget (6 x 31 MiB)
-            held.append(stalled_body(served, length, sent=length - 1)[0])
-        time.sleep(0.3)  # all of it read (the body timeout closes them 2 s after)
+        with ThreadPoolExecutor(6) as pool:  # what they sent fills the budget (6 x 31 MiB)
+            held = [connection for connection, _ in pool.map(
+                lambda _: stalled_body(served, length, sent=length - 1), range(BUDGET // length))]
+        memory_once(served, lambda memory: memory[0] - baseline[0] > 6 * 28, wait_s=BODY_S / 2)
         refused = connect(served)
         refused.sendall(expecting)  # told before it sends its body
         refused.shutdown(socket.SHUT_WR)
