@@ -87,8 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="guidance scale (default: the model's): classifier-free guidance, "
                         "or for guidance-distilled Flux models the scale they embed")
     parser.add_argument("--true-cfg", type=float, default=None,
-                        help="Flux only: true classifier-free guidance scale (diffusers' "
-                        "true_cfg_scale; runs with a --negative-prompt when > 1; default 1: off)")
+                        help="Flux.1 and Qwen-Image: true classifier-free guidance scale "
+                        "(diffusers' true_cfg_scale; runs with a --negative-prompt when > 1; "
+                        "default the model's: Flux 1 (off), Qwen-Image 4)")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="mode verified: accept drafts within this RMS distance over the "
                         "noise level (0 = sequential result)")

@@ -28,6 +28,8 @@ HEIGHT, WIDTH = 48, 64
 TRUE_CFG = 4.0  # QwenImagePipeline's default true_cfg_scale, which the server defaults to
 PROMPT = "a red fox in the snow at dawn"
 NEGATIVE = "blurry, low quality"
+# past the 512 + 34 tokens the encoder takes in the template (under the 2048-byte limit)
+LONG_PROMPT = "a red fox in the snow at dawn, " * 60
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +45,11 @@ def served(tmp_path_factory, torch_single_thread) -> Iterator[Served]:
 
 
 def reference(served: Served, seed: int, negative: str | None = NEGATIVE,
-              **call) -> np.ndarray:
+              prompt: str = PROMPT, **call) -> np.ndarray:
     """QwenImagePipeline's image (fp32, CPU) at the test's size, steps and default true CFG."""
     with torch.no_grad():
         images = served.pipeline(
-            prompt=PROMPT, negative_prompt=negative, height=HEIGHT, width=WIDTH,
+            prompt=prompt, negative_prompt=negative, height=HEIGHT, width=WIDTH,
             num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(seed),
             output_type="np", **call).images
     return (images[0] * 255).round().astype(np.uint8)
@@ -166,3 +168,11 @@ def test_image_to_image_matches_the_img2img_pipeline(served):
     assert_matches(result.image, (expected[0] * 255).round().astype(np.uint8),
                    "qwenimage image-to-image")
     assert result.evaluations == STEPS - int(STEPS - STEPS * 0.6)
+
+
+def test_a_long_prompt_is_cut_as_the_pipeline_cuts_it_and_logged(served):
+    """The pipeline tokenizes up to 1024 + 34 tokens and keeps 512 states after the prefix; the
+    encoder takes 512 + 34 (a causal model's first states do not depend on later tokens)."""
+    result = served_image(served, 47, PROMPT=LONG_PROMPT, NEGATIVE_PROMPT=None)
+    assert_matches(result.image, reference(served, 47, None, LONG_PROMPT), "qwenimage long")
+    assert "the prompt was truncated to 546 tokens" in served.log.read_text()
