@@ -12,6 +12,7 @@ BENCHMARKS: dict[str, str] = {
     "methods": "bench.methods",
     "floor": "bench.floor",
     "images": "bench.images",
+    "transport": "bench.transport",
 }
 
 

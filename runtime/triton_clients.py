@@ -25,6 +25,7 @@ from runtime.device import (
     ModelClient,
 )
 from runtime.triton_http import HttpError, HttpTriton
+from runtime.triton_shm import SHARED_MEMORY_MODES, SharedMemoryModel, is_loopback
 from runtime.triton_wire import numpy_dtype, raw_tensor_bytes, triton_datatype
 
 if TYPE_CHECKING:
@@ -185,13 +186,25 @@ class TritonEndpoints:
     endpoint gets a tritonclient aio client (discovery, configs, health) and an inference stub
     on a channel of its own; an HTTP one gets a `runtime.triton_http.HttpTriton` for all of it,
     whose calls cost the client about half the CPU.
+
+    `shared_memory` is how the denoiser devices of endpoints on this host (loopback) pass
+    tensors (runtime/triton_shm.py): "auto" (the default: a 720p Wan latent's round costs a
+    sixth, `driffusion bench transport`) through system shared memory where the server allows
+    it (`serve --allow-shared-memory`), else over the network; "system" or "cuda" (GPU 0)
+    always (a refusal is an error); "off" never.
     """
 
-    def __init__(self, endpoints: Sequence[str], *, timeout_s: float = 10.0) -> None:
+    def __init__(self, endpoints: Sequence[str], *, timeout_s: float = 10.0,
+                 shared_memory: str = "auto") -> None:
         self.endpoints = [parse_endpoint(endpoint) for endpoint in endpoints]
         if not self.endpoints:
             raise ValueError("give at least one endpoint (HOST:PORT or http://HOST:PORT)")
+        if shared_memory not in SHARED_MEMORY_MODES:
+            raise ValueError(f"shared_memory must be one of {SHARED_MEMORY_MODES}; "
+                             f"got {shared_memory!r}")
         self.timeout_s = timeout_s
+        self.shared_memory = shared_memory
+        self.shared_memory_models: list[SharedMemoryModel] = []
         self.clients: dict[str, Any] = {}
         self.channels: dict[str, Any] = {}
         self.stubs: dict[str, Any] = {}
@@ -219,6 +232,9 @@ class TritonEndpoints:
         self.stubs[endpoint] = service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
     async def __aexit__(self, *exc_info) -> None:
+        for model in self.shared_memory_models:
+            await model.close()
+        self.shared_memory_models.clear()
         await asyncio.gather(*(client.close() for client in self.clients.values()),
                              *(channel.close() for channel in self.channels.values()),
                              *(http.close() for http in self.http.values()))
@@ -294,8 +310,19 @@ class TritonEndpoints:
                 )
             for name in names:
                 config = await self.model_config(endpoint, name)
-                found.append(device_from_config(self.model(endpoint, name), config, deadline_s))
+                found.append(device_from_config(self._device_model(endpoint, name), config,
+                                                deadline_s))
         return found
+
+    def _device_model(self, endpoint: str, model_name: str) -> ModelClient:
+        """A denoiser's client: through shared memory where `shared_memory` asks for it."""
+        model = self.model(endpoint, model_name)
+        if self.shared_memory == "off" or not is_loopback(endpoint):
+            return model
+        kind = "system" if self.shared_memory == "auto" else self.shared_memory
+        wrapped = SharedMemoryModel(model, kind=kind, fallback=self.shared_memory == "auto")
+        self.shared_memory_models.append(wrapped)
+        return wrapped
 
 
 def channel_arguments() -> list[tuple[str, int]]:
