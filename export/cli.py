@@ -73,8 +73,9 @@ def add_precision_arguments(parser: argparse.ArgumentParser, default: str | None
         type=int,
         default=None,
         metavar="N",
-        help="T5 tokens (default: the family's, as diffusers: SD3 256, Flux-dev 512, "
-        "Flux-schnell 256)",
+        help="T5 or LLM prompt tokens (default: the family's, as diffusers: SD3 256, "
+        "Flux-dev 512, Flux-schnell 256, Flux.2, Z-Image and Qwen-Image 512; Qwen-Image's "
+        "encoder takes its template's 34 dropped tokens more)",
     )
 
 

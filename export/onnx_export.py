@@ -45,7 +45,8 @@ class ExportOptions:
 
     `precision` is the one asked for; each network gets its own from the rule of
     export/precision.py, then from `network_precisions` (network name -> precision).
-    `max_sequence_length` overrides the family's T5 tokens (SD3 256, Flux-dev 512, schnell 256).
+    `max_sequence_length` overrides the family's T5 or LLM prompt tokens (SD3 256, Flux-dev 512,
+    schnell 256, the LLM-conditioned families 512).
     """
 
     precision: str = "fp32"

@@ -97,6 +97,7 @@ FAMILY_OF_TRANSFORMER = {"SD3Transformer2DModel": STABLE_DIFFUSION_3,
                          "QwenImageTransformer2DModel": QWEN_IMAGE,
                          "ZImageTransformer2DModel": Z_IMAGE}
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.check_inputs refuses more T5 tokens
+QWEN_IMAGE_MAX_SEQUENCE_LENGTH = 1024  # and QwenImagePipeline.check_inputs more prompt tokens
 FLUX_SCHNELL = "flux-schnell"  # the FAMILY_DEFAULTS key of Flux without guidance embedding
 FLUX2_KLEIN = "flux2-klein"  # the FAMILY_DEFAULTS key of Flux.2 without guidance embedding
 # Flux.2 dev's prompt format: its chat template around Flux2Pipeline's system message and the
@@ -254,7 +255,17 @@ class ModelBundle:
         if self.family == FLUX and max_sequence_length > FLUX_MAX_SEQUENCE_LENGTH:
             raise ValueError(f"Flux takes at most {FLUX_MAX_SEQUENCE_LENGTH} T5 tokens "
                              f"(FluxPipeline refuses more); got {max_sequence_length}")
+        if self.family == QWEN_IMAGE and max_sequence_length > QWEN_IMAGE_MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"Qwen-Image takes at most {QWEN_IMAGE_MAX_SEQUENCE_LENGTH} tokens "
+                             f"(QwenImagePipeline refuses more); got {max_sequence_length}")
         return max_sequence_length
+
+    def llm_tokens(self, max_sequence_length: int | None = None) -> int:
+        """An LLM encoder's tokens: `max_sequence_length` and the template prefix the family
+        drops from the states (Qwen-Image's 34) when given, else the family's default."""
+        if max_sequence_length is None:
+            return self.context.llm_tokens
+        return self.t5_tokens(max_sequence_length) + self.context.llm_dropped_tokens
 
     def specs(
         self,
@@ -262,10 +273,12 @@ class ModelBundle:
         overrides: dict[str, str] | None = None,
         max_sequence_length: int | None = None,
     ) -> dict[str, NetworkSpec]:
-        """{network name: spec} in export order, each at its precision (`precisions`), T5 and
-        the transformer at `max_sequence_length` T5 tokens (default: the family's)."""
+        """{network name: spec} in export order, each at its precision (`precisions`), T5 or
+        an LLM encoder and the transformer at `max_sequence_length` tokens (default: the
+        family's)."""
         precisions = self.precisions(precision, overrides)
-        context = replace(self.context, t5_tokens=self.t5_tokens(max_sequence_length))
+        context = replace(self.context, t5_tokens=self.t5_tokens(max_sequence_length),
+                          llm_tokens=self.llm_tokens(max_sequence_length))
         specs: dict[str, NetworkSpec] = {}
         for name, module in self.modules.items():
             if name in self.label_encoders:
@@ -655,7 +668,7 @@ def pipeline_spec(
     if denoiser_name is None:
         return None
     t5_tokens = bundle.t5_tokens(max_sequence_length)
-    encoders = _text_encoders(bundle, t5_tokens)
+    encoders = _text_encoders(bundle, t5_tokens, bundle.llm_tokens(max_sequence_length))
     if not encoders or bundle.family is None:
         raise UnsupportedModelError(
             f"{bundle.name}: a pipeline without a text encoder cannot be served; supported: "
@@ -664,7 +677,7 @@ def pipeline_spec(
     family = bundle.family
     denoiser = bundle.modules[denoiser_name]
     vae = bundle.modules.get(VAE_NETWORK)
-    network = bundle.specs("fp32", max_sequence_length=t5_tokens)[denoiser_name]
+    network = bundle.specs("fp32", max_sequence_length=max_sequence_length)[denoiser_name]
     ranges = network.dim_ranges(1, height, width)
     defaults = family_defaults(family, bundle.guidance_embeds)
     sdxl = family == STABLE_DIFFUSION_XL
@@ -721,9 +734,9 @@ def _range(triple: tuple[int, int, int]) -> tuple[int, int] | None:
     return None if triple[0] == triple[2] else (triple[0], triple[2])
 
 
-def _text_encoders(bundle: ModelBundle, t5_tokens: int) -> list[TextEncoder]:
+def _text_encoders(bundle: ModelBundle, t5_tokens: int, llm_tokens: int) -> list[TextEncoder]:
     """Every text encoder in component order: CLIP's max_position_embeddings tokens and
-    hidden_size, T5's `t5_tokens` and d_model, an LLM's family token count, hidden size, layers
+    hidden_size, T5's `t5_tokens` and d_model, an LLM's `llm_tokens`, hidden size, layers
     and prompt template (its tokenizer must be able to apply it)."""
     defaults = family_defaults(bundle.family, bundle.guidance_embeds)
     encoders = []
@@ -738,7 +751,7 @@ def _text_encoders(bundle: ModelBundle, t5_tokens: int) -> list[TextEncoder]:
             template = _llm_template(bundle, network, tokenizer, defaults.template)
             encoders.append(TextEncoder(
                 network=network, tokenizer=tokenizer, kind=kind,
-                max_length=bundle.context.llm_tokens,
+                max_length=llm_tokens,
                 hidden_size=config.get_text_config().hidden_size,
                 layers=bundle.context.llm_layers, template=template,
                 trim=defaults.trim, drop_tokens=defaults.drop_tokens))

@@ -181,3 +181,20 @@ def test_an_sdxl_vae_with_latents_statistics_decodes_as_the_sdxl_pipeline(tmp_pa
     torch.testing.assert_close(ours, seen["decoded"])
     torch.testing.assert_close(family.image_latents(ours, spec), seen["latents"])
     assert (ours - seen["latents"] / spec.scaling_factor).abs().max() > 0.1
+
+
+def test_max_sequence_length_sets_the_encoders_tokens_and_the_transformers_profile(tmp_path):
+    """--max-sequence-length N: the transformer takes up to N text tokens, the encoder N + 34
+    (the template's prefix the pipeline drops); more than QwenImagePipeline's 1024 is refused."""
+    from llm_folders import qwen_image_folder
+
+    from export.presets import load_bundle, pipeline_spec
+
+    bundle = load_bundle(str(qwen_image_folder(tmp_path / "qwen")))
+    spec = pipeline_spec(bundle, max_sequence_length=100)
+    assert spec.text_encoders[0].max_length == 134
+    specs = bundle.specs(max_sequence_length=100)
+    assert specs["transformer"].text_lengths() == (1, 100, 100)
+    assert specs["text_encoder"].sequence_length == 134
+    with pytest.raises(ValueError, match="at most 1024 tokens"):
+        bundle.specs(max_sequence_length=1025)
