@@ -26,6 +26,9 @@ from export.specs import (
     LATENT_WIDTH,
     QWEN_IMAGE_DEFAULT_SAMPLE_SIZE,
     QWEN_IMAGE_MAX_TEXT_LENGTH,
+    WAN_DEFAULT_FRAMES,
+    WAN_DEFAULT_SIZE,
+    WAN_TEXT_TOKENS,
     FluxTransformerSpec,
     LabelEncoderSpec,
     NetworkSpec,
@@ -52,6 +55,7 @@ from models.pipeline_spec import (
     STABLE_DIFFUSION_3,
     STABLE_DIFFUSION_XL,
     T5_ENCODERS,
+    WAN,
     Z_IMAGE,
     PipelineSpec,
     TextEncoder,
@@ -95,7 +99,8 @@ FAMILY_OF_TRANSFORMER = {"SD3Transformer2DModel": STABLE_DIFFUSION_3,
                          "FluxTransformer2DModel": FLUX,
                          "Flux2Transformer2DModel": FLUX2,
                          "QwenImageTransformer2DModel": QWEN_IMAGE,
-                         "ZImageTransformer2DModel": Z_IMAGE}
+                         "ZImageTransformer2DModel": Z_IMAGE,
+                         "WanTransformer3DModel": WAN}
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.check_inputs refuses more T5 tokens
 QWEN_IMAGE_MAX_SEQUENCE_LENGTH = 1024  # and QwenImagePipeline.check_inputs more prompt tokens
 FLUX_SCHNELL = "flux-schnell"  # the FAMILY_DEFAULTS key of Flux without guidance embedding
@@ -105,7 +110,7 @@ FLUX2_KLEIN = "flux2-klein"  # the FAMILY_DEFAULTS key of Flux.2 without guidanc
 FLUX2_SYSTEM_CHAT = "flux2-system-chat"
 # Flux.2's pipelines condition on reference images, never start from one: no image-to-image is
 # served for them, so their VAE is exported as a decoder only
-DECODE_ONLY_VAES = ("AutoencoderKLFlux2",)
+DECODE_ONLY_VAES = ("AutoencoderKLFlux2", "AutoencoderKLWan")  # Wan: text-to-video only
 # components a pipeline folder may hold that are not networks to export
 IGNORED_COMPONENTS = {
     "tokenizer",
@@ -170,6 +175,8 @@ FAMILY_DEFAULTS = {
                                llm_tokens=QWEN_IMAGE_MAX_TEXT_LENGTH + QWEN_IMAGE_PREFIX_TOKENS,
                                llm_layers=(-1,), template=QWEN_IMAGE_TEMPLATE, trim=True,
                                drop_tokens=QWEN_IMAGE_PREFIX_TOKENS, true_cfg=4.0),
+    # WanPipeline.__call__: 50 steps, guidance 5.0, max_sequence_length 512 UMT5 tokens
+    WAN: FamilyDefaults(50, 5.0, t5_tokens=WAN_TEXT_TOKENS),
 }
 
 
@@ -608,6 +615,8 @@ def _pipeline_context(
         # Flux.2's latents are 2x2-patchified: 16 pixels each under its factor-8 VAE
         vae_scale *= 2
         latent = FLUX_DEFAULT_SAMPLE_SIZE // 2  # the pipelines' default_sample_size x 8 pixels
+    if denoiser is not None and classes[denoiser] == "WanTransformer3DModel":
+        latent = tuple(side // vae_scale for side in WAN_DEFAULT_SIZE)  # WanPipeline's 480x832
     if denoiser is not None and classes[denoiser] == "QwenImageTransformer2DModel":
         latent = QWEN_IMAGE_DEFAULT_SAMPLE_SIZE  # QwenImagePipeline's default_sample_size
     if isinstance(latent, int):
@@ -672,8 +681,8 @@ def pipeline_spec(
     if not encoders or bundle.family is None:
         raise UnsupportedModelError(
             f"{bundle.name}: a pipeline without a text encoder cannot be served; supported: "
-            "SD 1.x/2.x, SDXL, SD3/SD3.5, Flux.1, Flux.2 (dev, Klein), Qwen-Image and Z-Image "
-            "pipelines")
+            "SD 1.x/2.x, SDXL, SD3/SD3.5, Flux.1, Flux.2 (dev, Klein), Qwen-Image, Z-Image and "
+            "Wan pipelines")
     family = bundle.family
     denoiser = bundle.modules[denoiser_name]
     vae = bundle.modules.get(VAE_NETWORK)
@@ -708,7 +717,18 @@ def pipeline_spec(
         default_steps=defaults.steps,
         default_guidance=defaults.guidance,
         default_true_cfg=defaults.true_cfg,
+        **_video_fields(bundle, vae),
     )
+
+
+def _video_fields(bundle: ModelBundle, vae: nn.Module | None) -> dict[str, Any]:
+    """A video family's PipelineSpec fields (Wan: the VAE's temporal factor, WanPipeline's 81
+    frames, a two-expert folder's boundary_ratio); {} for image families."""
+    if bundle.family != WAN or vae is None:
+        return {}
+    return {"temporal_scale_factor": 2 ** sum(vae.config.temperal_downsample),
+            "default_frames": WAN_DEFAULT_FRAMES,
+            "boundary_ratio": bundle.pipeline_config.get("boundary_ratio")}
 
 
 def _latent_statistics(vae: nn.Module | None) -> dict[str, tuple[float, ...]]:

@@ -1469,6 +1469,153 @@ class _Flux2VAEDecoderForward(_Wrapper):
         return _first(self.module.decode(unpatched, return_dict=False))
 
 
+# ---------------------------------------------------------------------------------------------
+# Wan (text-to-video): video latents carry a frame axis, `sample` [B, C, latent_frames, h, w]
+# and the decoder's `images` [B, 3, frames, H, W]; the wrappers are in export/wan.py
+
+LATENT_FRAMES = "latent_frames"
+# WanPipeline's defaults: 480x832 pixels, 81 frames, 512 text tokens
+WAN_DEFAULT_SIZE = (480, 832)
+WAN_DEFAULT_FRAMES = 81
+WAN_TEXT_TOKENS = 512
+
+
+@dataclass
+class UMT5EncoderSpec(T5EncoderSpec):
+    """UMT5EncoderModel (Wan): `input_ids` and `attention_mask` [B, S] int64 -> the last hidden
+    state [B, S, d_model], called with the mask as WanPipeline calls it."""
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        tokens = (BATCH, self.sequence_length)
+        return [TensorSpec(tensors.INPUT_IDS, "int64", tokens),
+                TensorSpec(tensors.ATTENTION_MASK, "int64", tokens)]
+
+    @classmethod
+    def from_context(cls, encoder: nn.Module, context: SpecContext, *, precision: str = "fp32",
+                     name: str = "text_encoder") -> UMT5EncoderSpec:
+        return cls.from_model(encoder, precision=precision, sequence_length=context.t5_tokens,
+                              name=name)
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        from export.wan import MaskedT5Forward
+
+        return MaskedT5Forward(module)
+
+    def sample_value(self, tensor, shape, generator):
+        if tensor.name == tensors.ATTENTION_MASK:  # a prompt of random length, right-padded
+            lengths = torch.randint(1, shape[1] + 1, (shape[0], 1), generator=generator)
+            return (torch.arange(shape[1]).unsqueeze(0) < lengths).to(torch.int64)
+        return super().sample_value(tensor, shape, generator)
+
+
+@dataclass
+class WanTransformerSpec(NetworkSpec):
+    """WanTransformer3DModel (or Wan 2.2's `WanExperts`, export/wan.py): `sample` [B, C, f, h, w], `timestep`
+    [B] (the scheduler's timestep) and UMT5 states [B, 512, text_dim] -> `out_sample` (the
+    flow prediction) like `sample`."""
+
+    in_channels: int = 16
+    out_channels: int = 16
+    sequence_length: int = WAN_TEXT_TOKENS
+    text_dim: int = 4096
+    latent_frames: int = (WAN_DEFAULT_FRAMES - 1) // 4 + 1
+    needs_dynamo: ClassVar[bool] = True
+
+    @classmethod
+    def from_model(cls, transformer: nn.Module, *, precision: str = "fp32",
+                   vae_scale_factor: int = 8, name: str = "transformer") -> WanTransformerSpec:
+        config = transformer.config
+        return cls(
+            name=name, precision=checked_precision(precision), vae_scale_factor=vae_scale_factor,
+            image_size=WAN_DEFAULT_SIZE, latent_multiple=config.patch_size[1],
+            in_channels=config.in_channels, out_channels=config.out_channels,
+            text_dim=config.text_dim)
+
+    @classmethod
+    def from_context(cls, transformer: nn.Module, context: SpecContext, *,
+                     precision: str = "fp32", name: str = "transformer") -> WanTransformerSpec:
+        spec = cls.from_model(transformer, precision=precision,
+                              vae_scale_factor=context.vae_scale_factor, name=name)
+        spec.sequence_length = context.t5_tokens
+        return spec
+
+    def _latents(self, name: str, channels: int) -> TensorSpec:
+        return self.activation(name, (BATCH, channels, LATENT_FRAMES, LATENT_HEIGHT,
+                                      LATENT_WIDTH))
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [self._latents(tensors.SAMPLE, self.in_channels),
+                TensorSpec(tensors.TIMESTEP, "float32", (BATCH,)),
+                self.activation(tensors.ENCODER_HIDDEN_STATES,
+                                (BATCH, self.sequence_length, self.text_dim))]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [self._latents(tensors.OUT_SAMPLE, self.out_channels)]
+
+    def dim_ranges(self, batch_range, height=None, width=None):
+        ranges = super().dim_ranges(batch_range, height, width)
+        return {**ranges, LATENT_FRAMES: (1, self.latent_frames, self.latent_frames)}
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        from export.wan import WanForward
+
+        return WanForward(module)
+
+
+@dataclass
+class WanVAEDecoderSpec(NetworkSpec):
+    """AutoencoderKLWan's decoder: `latent` [B, z, f, h, w] (already de-normalised by
+    latents_mean / latents_std) -> `images` [B, 3, 1 + (f - 1) t, H, W] in [-1, 1]. The
+    causal cache of earlier frames lives inside one decode call, which runs frame by frame:
+    the traced graph unrolls that loop, so f is fixed at export (one decoder per latent frame
+    count; heights and widths stay dynamic). Validated against torch through the dynamo
+    exporter (the torchscript one has no nearest-exact upsampling)."""
+
+    latent_channels: int = 16
+    temporal_scale_factor: int = 4
+    latent_frames: int = (WAN_DEFAULT_FRAMES - 1) // 4 + 1
+    needs_dynamo: ClassVar[bool] = True
+
+    @classmethod
+    def from_model(cls, vae: nn.Module, *, precision: str = "fp32",
+                   latent_frames: int = (WAN_DEFAULT_FRAMES - 1) // 4 + 1,
+                   name: str = "vae_decoder") -> WanVAEDecoderSpec:
+        config = vae.config
+        factor = 2 ** len(config.temperal_downsample)
+        temporal = 2 ** sum(config.temperal_downsample)
+        return cls(name=name, precision=checked_precision(precision), vae_scale_factor=factor,
+                   image_size=WAN_DEFAULT_SIZE,
+                   latent_multiple=1, latent_channels=config.z_dim,
+                   temporal_scale_factor=temporal, latent_frames=latent_frames)
+
+    @classmethod
+    def from_context(cls, vae: nn.Module, context: SpecContext, *, precision: str = "fp32",
+                     name: str = "vae_decoder") -> WanVAEDecoderSpec:
+        return cls.from_model(vae, precision=precision, name=name)
+
+    @property
+    def frames(self) -> int:
+        return 1 + (self.latent_frames - 1) * self.temporal_scale_factor
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [self.activation(tensors.LATENT, (BATCH, self.latent_channels, self.latent_frames,
+                                                 LATENT_HEIGHT, LATENT_WIDTH))]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [self.activation(tensors.IMAGES,
+                                (BATCH, 3, self.frames, IMAGE_HEIGHT, IMAGE_WIDTH))]
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        from export.wan import WanDecoderForward
+
+        return WanDecoderForward(module)
+
+
 SPEC_BY_CLASS: dict[str, type[NetworkSpec]] = {
     "UNet2DConditionModel": UNetSpec,
     "UNet2DModel": UNet2DSpec,
@@ -1484,6 +1631,9 @@ SPEC_BY_CLASS: dict[str, type[NetworkSpec]] = {
     "QwenImageTransformer2DModel": QwenImageTransformerSpec,
     "AutoencoderKLQwenImage": QwenImageVAEDecoderSpec,
     "ZImageTransformer2DModel": ZImageTransformerSpec,
+    "UMT5EncoderModel": UMT5EncoderSpec,
+    "WanTransformer3DModel": WanTransformerSpec,
+    "AutoencoderKLWan": WanVAEDecoderSpec,
 }
 
 
@@ -1522,6 +1672,8 @@ def spec_for(
 ) -> NetworkSpec:
     """Build the spec of one pipeline component (`unet`, `text_encoder`, `vae`, ...)."""
     spec_class = spec_class_for(module, component)
+    if hasattr(spec_class, "from_context"):  # a spec that reads the context itself (Wan's)
+        return spec_class.from_context(module, context, precision=precision, name=component)
     if spec_class is UNetSpec:
         return UNetSpec.from_model(
             module,

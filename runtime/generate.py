@@ -1,5 +1,8 @@
 """`driffusion generate`: one image from Triton endpoints, sampled with DRiffusion by this client.
 
+A video model's frames (Wan: --frames, --guidance-2) go to an MP4 or a folder of PNGs
+(runtime/video_files.py).
+
 The client discovers every ready `unet_*` model on the endpoints, runs the draft-and-refine
 sampler locally and sends each round's items to the devices concurrently over gRPC. A device
 that fails mid-image is replaced by the others (same image); the text encoder and decoder are
@@ -31,6 +34,7 @@ from runtime.pipeline import (
 from runtime.pool import DevicePool, PoolError
 from runtime.schedulers import scheduler_names
 from runtime.triton_clients import DEVICE_PATTERN, DiscoveryError, TritonEndpoints
+from runtime.video_files import check_video_out, save_video
 
 PIPELINE_MODEL = "driffusion"
 
@@ -76,6 +80,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="image height in pixels (default: the model's)")
     parser.add_argument("--width", type=int, default=None,
                         help="image width in pixels (default: the model's)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="video models: frames (diffusers' num_frames; counts that do not "
+                        "fit the VAE's temporal factor t become F // t * t + 1; default the "
+                        "model's)")
+    parser.add_argument("--guidance-2", type=float, default=None,
+                        help="Wan 2.2 two-expert models: the low-noise expert's guidance "
+                        "(diffusers' guidance_scale_2; default --guidance)")
     parser.add_argument("--mode", choices=MODES, default="aggressive",
                         help="sampling mode (default %(default)s)")
     parser.add_argument("--window", type=int, default=None,
@@ -98,7 +109,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--scheduler", default=None,
                         help=f"{', '.join(scheduler_names())} (default: the model's own)")
     parser.add_argument("--out", type=Path, default=Path("image.png"),
-                        help="where to write the PNG (default %(default)s)")
+                        help="where to write the PNG (default %(default)s); a video model's "
+                        "frames: clip.mp4 (H.264) or a folder, frames/ (one PNG a frame)")
     parser.add_argument("--compare", action="store_true",
                         help="also sample sequentially; print latencies, speedup, pixel difference")
     parser.add_argument("--repeat", type=int, default=3,
@@ -149,13 +161,16 @@ async def generate_command(args: argparse.Namespace) -> int:
         guidance=args.guidance, scheduler=args.scheduler, tolerance=args.tolerance,
         draft_order=args.draft_order, height=args.height, width=args.width,
         true_cfg=args.true_cfg, init_image=read_image(args.image, "RGB"),
-        mask=read_image(args.mask, "L"), strength=args.strength,
+        mask=read_image(args.mask, "L"), strength=args.strength, frames=args.frames,
+        guidance_2=args.guidance_2,
     )
     async with TritonEndpoints(endpoints) as connection:
         pipeline = await connect_pipeline(connection, spec_file=args.spec, pattern=args.devices,
                                           deadline_s=args.deadline_s, cfg_parallel=args.cfg_parallel,
                                           batched=args.batched)
         resolved = pipeline.resolve(request)
+        if pipeline.family.makes_video:
+            check_video_out(args.out)
         print(f"{pipeline.spec.model}: {len(pipeline.pool.devices)} device model(s), "
               f"{pipeline.pool.width} lane(s): {', '.join(d.name for d in pipeline.pool.devices)}")
         repeat = args.repeat if args.compare else 1
@@ -165,7 +180,10 @@ async def generate_command(args: argparse.Namespace) -> int:
         print(f"warning: device {failover.device} failed after {failover.seconds:.2f} s "
               f"({failover.error}); its call was re-issued on {failover.replacement}",
               file=sys.stderr)
-    save_image(runs[-1].image, args.out)
+    if pipeline.family.makes_video:
+        save_video(runs[-1].image, args.out)
+    else:
+        save_image(runs[-1].image, args.out)
     report(runs, args.out, repeat)
     return 0
 

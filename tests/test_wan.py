@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.wan import UMT5EncoderSpec, WanExperts, WanTransformerSpec, WanVAEDecoderSpec
+from export.specs import UMT5EncoderSpec, WanTransformerSpec, WanVAEDecoderSpec
+from export.wan import WanExperts
 from models import tensors
 from models.pipeline_spec import WAN, PipelineSpec, TextEncoder
 from models.prompt_tokens import tokenize

@@ -25,6 +25,11 @@ DRIFFUSION_INPUTS: dict[str, tuple[str, str]] = {
     "TRUE_CFG": ("TYPE_FP32", "true_cfg"),
     "STRENGTH": ("TYPE_FP32", "strength"),
 }
+# a video model's further inputs (each optional, shape [1]), in its config only
+VIDEO_INPUTS: dict[str, tuple[str, str]] = {
+    "FRAMES": ("TYPE_INT32", "frames"),
+    "GUIDANCE_2": ("TYPE_FP32", "guidance_2"),
+}
 # image inputs (optional): name -> (dims, request field); UINT8, RGB pixels and the repaint mask
 DRIFFUSION_IMAGE_INPUTS: dict[str, tuple[list[int], str]] = {
     "INIT_IMAGE": ([-1, -1, 3], "init_image"),
@@ -36,6 +41,24 @@ DRIFFUSION_OUTPUTS: dict[str, tuple[str, list[int]]] = {
     "ROUNDS": ("TYPE_INT32", [1]),
     "EVALUATIONS": ("TYPE_INT32", [1]),
 }
+# a video model answers VIDEO (uint8 [F, H, W, 3]) in IMAGE's place
+VIDEO_OUTPUT = ("VIDEO", ("TYPE_UINT8", [-1, -1, -1, 3]))
+IMAGE_OUTPUT = "IMAGE"
+
+
+def driffusion_outputs(video: bool) -> dict[str, tuple[str, list[int]]]:
+    """The `driffusion` model's outputs: an image model's, or a video model's (VIDEO first)."""
+    if not video:
+        return dict(DRIFFUSION_OUTPUTS)
+    rest = {name: entry for name, entry in DRIFFUSION_OUTPUTS.items() if name != IMAGE_OUTPUT}
+    return dict([VIDEO_OUTPUT, *rest.items()])
+
+
+def driffusion_inputs(video: bool) -> dict[str, tuple[str, str]]:
+    """The `driffusion` model's scalar inputs: a video model's add FRAMES and GUIDANCE_2."""
+    return {**DRIFFUSION_INPUTS, **VIDEO_INPUTS} if video else dict(DRIFFUSION_INPUTS)
+
+
 # string fields other than prompts are short names; their byte limit is fixed
 MAX_NAME_BYTES = 64
 # fields whose empty string means "not given" (the default), like an absent input
@@ -70,7 +93,7 @@ def request_from_tensors(tensors: Mapping[str, np.ndarray | None],
             if image.dtype != np.uint8:
                 raise RequestError(field_name, f"must be UINT8; got {image.dtype}")
             values[field_name] = image
-    for name, (dtype, field_name) in DRIFFUSION_INPUTS.items():
+    for name, (dtype, field_name) in {**DRIFFUSION_INPUTS, **VIDEO_INPUTS}.items():
         tensor = tensors.get(name)
         if tensor is None:
             continue

@@ -33,6 +33,7 @@ from models import paths, tensors
 from models.limits import SERVING_LIMITS, check_limit
 from models.pipeline_spec import SPEC_FILE, PipelineSpec, TextEncoder
 from models.sim import sim_spec
+from runtime.families import family_of
 from runtime.pipeline import TOKENIZER_DROPPED, TOKENIZER_TEXT, Pipeline
 from triton_models.device_endpoints import (
     ENDPOINTS_PARAMETER,
@@ -47,8 +48,8 @@ from triton_models.encoder_endpoints import (
 )
 from triton_models.pipeline_io import (
     DRIFFUSION_IMAGE_INPUTS,
-    DRIFFUSION_INPUTS,
-    DRIFFUSION_OUTPUTS,
+    driffusion_inputs,
+    driffusion_outputs,
 )
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -602,11 +603,9 @@ def _link_or_copy(source: Path, destination: Path) -> None:
 
 def _write_driffusion(repository: Repository, options: RepositoryOptions) -> None:
     model_dir = _model_dir(repository, "driffusion", "driffusion")
-    inputs = [(name, dtype, [1]) for name, (dtype, _) in DRIFFUSION_INPUTS.items()]
-    inputs += [(name, "TYPE_UINT8", dims) for name, (dims, _) in DRIFFUSION_IMAGE_INPUTS.items()]
+    inputs, outputs = driffusion_tensors(repository.spec)
     _write_config(model_dir, _python_config(
-        "driffusion", inputs,
-        [(name, dtype, dims) for name, (dtype, dims) in DRIFFUSION_OUTPUTS.items()],
+        "driffusion", inputs, outputs,
         optional_inputs=True,
         instances=options.pipeline_instances,
         extra=_queue_policy(options),
@@ -622,6 +621,16 @@ def _write_driffusion(repository: Repository, options: RepositoryOptions) -> Non
             **_layout_parameters(options),
         },
     ))
+
+
+def driffusion_tensors(spec: PipelineSpec) -> tuple[list[Tensor], list[Tensor]]:
+    """The `driffusion` model's inputs and outputs: a video model's also take FRAMES and
+    GUIDANCE_2 and answer VIDEO where an image model answers IMAGE."""
+    video = family_of(spec).makes_video
+    inputs = [(name, dtype, [1]) for name, (dtype, _) in driffusion_inputs(video).items()]
+    inputs += [(name, "TYPE_UINT8", dims) for name, (dims, _) in DRIFFUSION_IMAGE_INPUTS.items()]
+    outputs = [(name, dtype, dims) for name, (dtype, dims) in driffusion_outputs(video).items()]
+    return inputs, outputs
 
 
 def _largest_images(spec: PipelineSpec, options: RepositoryOptions) -> dict[str, list[int]]:

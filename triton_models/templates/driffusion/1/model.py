@@ -12,7 +12,9 @@ CANCEL_CHECK_INTERVAL_S (each question is an IPC round trip to the server).
 Parameters (config.pbtxt): `pipeline` (PipelineSpec JSON with the serving limits), `devices`
 (JSON list of {name, instances, max_batch, batching, dtypes}), `deadline_s` (per model call),
 `cfg_parallel`, `batched_rounds` and `window` (the one-GPU batched layout: each round is one call
-of `window` items to the first device). Outputs: IMAGE (uint8 [H, W, 3]), ROUNDS and EVALUATIONS (what DRiffusion did).
+of `window` items to the first device). Outputs: IMAGE (uint8 [H, W, 3]), or a video model's
+VIDEO (uint8 [F, H, W, 3]; it also takes FRAMES and GUIDANCE_2), ROUNDS and EVALUATIONS (what
+DRiffusion did).
 Scale out: `device_endpoints` (HOST:PORT,...) and `device_signature` add the ready unet_*
 models of device servers on other hosts, over gRPC, found and checked at initialize
 (triton_models/device_endpoints.py). Encoder servers: `encoder_endpoints` and
@@ -30,6 +32,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from runtime.device import DenoiserIO, Device, DeviceError
+from runtime.families import family_of
 from runtime.pipeline import Cancelled, Pipeline, PipelineSpec, RequestError
 from runtime.pool import DevicePool, PoolError
 from runtime.schedulers import max_steps
@@ -39,6 +42,9 @@ from triton_models.encoder_endpoints import encoders_from_parameters
 from triton_models.pipeline_io import (
     DRIFFUSION_IMAGE_INPUTS,
     DRIFFUSION_INPUTS,
+    IMAGE_OUTPUT,
+    VIDEO_INPUTS,
+    VIDEO_OUTPUT,
     check_image_shape,
     request_from_tensors,
 )
@@ -127,6 +133,7 @@ class TritonPythonModel:
         self.window = int(parameters["window"]) if "window" in parameters else None
         self.max_resolution = int(parameters["max_resolution"])
         self.models = {name: BlsModel(name) for name in Pipeline.needed_models(self.spec)}
+        self.output = VIDEO_OUTPUT[0] if family_of(self.spec).makes_video else IMAGE_OUTPUT
         # encoder servers (`encoder_endpoints`): their tokenizers and text encoders, found and
         # checked now; an endpoint that is down or serves another model fails the load
         remote_encoders = encoders_from_parameters(parameters)
@@ -164,7 +171,7 @@ class TritonPythonModel:
         """The request's input tensors by name (None where absent); image shapes are checked
         against the resolution limit before their pixels are read."""
         tensors = {}
-        for name in [*DRIFFUSION_INPUTS, *DRIFFUSION_IMAGE_INPUTS]:
+        for name in [*DRIFFUSION_INPUTS, *VIDEO_INPUTS, *DRIFFUSION_IMAGE_INPUTS]:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None and name in DRIFFUSION_IMAGE_INPUTS:
                 check_image_shape(name, tensor.shape(), self.max_resolution)
@@ -205,7 +212,7 @@ class TritonPythonModel:
             self._log_health(pool, rejoins_before)
         self._count(resolved, result)
         return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("IMAGE", result.image),
+            pb_utils.Tensor(self.output, result.image),
             pb_utils.Tensor("ROUNDS", np.array([result.rounds], np.int32)),
             pb_utils.Tensor("EVALUATIONS", np.array([result.evaluations], np.int32)),
         ])

@@ -1,0 +1,146 @@
+"""Wan behind the serving stack: a Wan folder's pipeline spec as export derives it (WanPipeline's
+defaults, the VAE's temporal factor, no VAE encoder), the `driffusion` model's config of a video
+model (FRAMES and GUIDANCE_2 in, VIDEO [F, H, W, 3] out; image models keep IMAGE) as the
+request checker reads it, and the frames `driffusion generate` writes (an MP4 read back frame
+by frame, or PNGs in a folder)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from export.presets import load_bundle, pipeline_spec
+from export.specs import (
+    UMT5EncoderSpec,
+    UnsupportedModelError,
+    WanTransformerSpec,
+    WanVAEDecoderSpec,
+)
+from models.pipeline_spec import WAN
+from runtime.pipeline import RequestError
+from runtime.video_files import check_video_out, read_mp4, save_video
+from tests.video_folders import FRAMES, HEIGHT, WIDTH, wan_folder
+from triton_models.pipeline_io import request_from_tensors
+from triton_models.repository import driffusion_tensors
+from triton_models.request_check import BadRequest, ModelSpec, parse_http_infer
+
+EXPORT_HEIGHT, EXPORT_WIDTH = (16, HEIGHT, 64), (16, WIDTH, 64)
+
+
+@pytest.fixture(scope="module")
+def wan21(tmp_path_factory):
+    folder = wan_folder(tmp_path_factory.mktemp("wan21") / "tiny-wan21")
+    bundle = load_bundle(str(folder))
+    return bundle, pipeline_spec(bundle, EXPORT_HEIGHT, EXPORT_WIDTH)
+
+
+def test_a_wan_folder_exports_as_the_wan_family_with_wan_pipeline_defaults(wan21):
+    bundle, spec = wan21
+    assert bundle.family == WAN
+    # text-to-video only: the causal VAE is exported as a decoder, not also as an encoder
+    assert list(bundle.modules) == ["text_encoder", "transformer", "vae_decoder"]
+    specs = bundle.specs()
+    assert [type(specs[name]) for name in bundle.modules] == [
+        UMT5EncoderSpec, WanTransformerSpec, WanVAEDecoderSpec]
+    assert specs["text_encoder"].sequence_length == specs["transformer"].sequence_length == 512
+    assert (spec.family, spec.default_steps, spec.default_guidance) == (WAN, 50, 5.0)
+    assert (spec.temporal_scale_factor, spec.default_frames, spec.boundary_ratio) == (4, 81, None)
+    assert (spec.vae_scale_factor, spec.size_multiple, spec.latent_channels) == (8, 16, 16)
+    assert spec.height_range == (16, 64) and spec.width_range == (16, 64)
+    assert not spec.image_encoder
+    (encoder,) = spec.text_encoders
+    assert (encoder.kind, encoder.max_length, encoder.takes_mask) == ("UMT5EncoderModel", 512,
+                                                                      True)
+    vae = bundle.modules["vae_decoder"].config
+    assert spec.latents_mean == tuple(vae.latents_mean)
+    assert spec.latents_std == tuple(vae.latents_std)
+
+
+def test_a_two_expert_folder_is_refused_at_export_naming_transformer_2(tmp_path):
+    """Wan 2.2's second expert has no served network yet (the runtime family and the
+    WanExperts wrapper exist, tests/test_wan.py); refused, never silently one expert."""
+    folder = wan_folder(tmp_path / "tiny-wan22", boundary_ratio=0.8)
+    with pytest.raises(UnsupportedModelError, match="transformer_2"):
+        load_bundle(str(folder))
+
+
+def driffusion_config(spec) -> dict:
+    """The `driffusion` model's config as Triton's GET /v2/models/driffusion/config gives it."""
+    inputs, outputs = driffusion_tensors(spec)
+    return {"name": "driffusion", "backend": "python", "max_batch_size": 0,
+            "input": [{"name": name, "data_type": dtype, "dims": dims, "optional": True}
+                      for name, dtype, dims in inputs],
+            "output": [{"name": name, "data_type": dtype, "dims": dims}
+                       for name, dtype, dims in outputs]}
+
+
+def test_a_video_model_takes_frames_and_guidance_2_and_answers_video(wan21):
+    config = driffusion_config(wan21[1])
+    inputs = {entry["name"]: entry for entry in config["input"]}
+    outputs = {entry["name"]: entry for entry in config["output"]}
+    assert inputs["FRAMES"]["data_type"] == "TYPE_INT32" and inputs["FRAMES"]["dims"] == [1]
+    assert inputs["GUIDANCE_2"]["data_type"] == "TYPE_FP32"
+    assert list(outputs) == ["VIDEO", "ROUNDS", "EVALUATIONS"]
+    assert outputs["VIDEO"]["data_type"] == "TYPE_UINT8"
+    assert outputs["VIDEO"]["dims"] == [-1, -1, -1, 3]
+
+
+def test_the_request_checker_takes_video_inputs_only_from_a_video_models_config(wan21):
+    from models.sim import sim_spec
+
+    video = ModelSpec.from_config(driffusion_config(wan21[1]))
+    image = ModelSpec.from_config(driffusion_config(sim_spec()))
+    body = json.dumps({"inputs": [
+        {"name": "PROMPT", "shape": [1], "datatype": "BYTES", "data": ["a fox"]},
+        {"name": "FRAMES", "shape": [1], "datatype": "INT32", "data": [9]},
+        {"name": "GUIDANCE_2", "shape": [1], "datatype": "FP32", "data": [3.0]}],
+        "outputs": [{"name": "VIDEO"}]}).encode()
+    checked = parse_http_infer(body, None, "driffusion", "", video)
+    assert [tensor.name for tensor in checked.inputs] == ["PROMPT", "FRAMES", "GUIDANCE_2"]
+    with pytest.raises(BadRequest, match="FRAMES"):
+        parse_http_infer(body, None, "driffusion", "", image)
+    image_only = {"IMAGE", "ROUNDS", "EVALUATIONS"}
+    assert set(image.outputs) == image_only and "IMAGE" not in video.outputs
+
+
+def test_frames_and_guidance_2_reach_the_request():
+    request = request_from_tensors({"FRAMES": np.array([9], np.int32),
+                                    "GUIDANCE_2": np.array([3.0], np.float32)})
+    assert (request.frames, request.guidance_2) == (9, 3.0)
+    with pytest.raises(RequestError, match="frames: FRAMES must hold exactly one value"):
+        request_from_tensors({"FRAMES": np.array([9, 13], np.int32)})
+
+
+def frames_of(seed: int = 0) -> np.ndarray:
+    """Smooth frames (codecs keep them close): a moving gradient per colour channel."""
+    rows, columns = np.mgrid[0:HEIGHT, 0:WIDTH]
+    frames = [np.stack([(rows * 4 + 16 * index + seed) % 256, (columns * 4) % 256,
+                        np.full_like(rows, 40 * index)], axis=-1) for index in range(FRAMES)]
+    return np.stack(frames).astype(np.uint8)
+
+
+def test_an_mp4_reads_back_with_every_frame(tmp_path):
+    frames = frames_of()
+    (path,) = save_video(frames, tmp_path / "clip.mp4")
+    decoded = read_mp4(path)
+    assert decoded.shape == frames.shape
+    difference = np.abs(decoded.astype(np.int16) - frames.astype(np.int16))
+    assert difference.mean() < 2, "H.264 at this quality stays close to the frames"
+
+
+def test_a_folder_gets_one_png_a_frame(tmp_path):
+    from PIL import Image
+
+    frames = frames_of()
+    written = save_video(frames, tmp_path / "frames/")
+    assert [path.name for path in written] == [f"frame_{i:04d}.png" for i in range(FRAMES)]
+    np.testing.assert_array_equal(np.stack([np.asarray(Image.open(p)) for p in written]),
+                                  frames)
+
+
+def test_a_video_is_not_written_to_an_image_file(tmp_path):
+    with pytest.raises(ValueError, match=r"MP4 file \(clip.mp4\) or a folder"):
+        check_video_out(tmp_path / "image.png")
+    with pytest.raises(ValueError, match="even sides"):
+        save_video(np.zeros((2, 15, 16, 3), np.uint8), tmp_path / "odd.mp4")
