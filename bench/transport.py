@@ -5,7 +5,7 @@ rounds, side by side in one run, against devices that compute nothing (`unet_ech
 backend model answering `out_sample` = `sample`, one instance per device) on a real
 tritonserver, through the runtime's own device client (`TritonEndpoints.devices`, `Device`):
 - sizes from an SD 1.5 image latent up to a 720p, 81-frame Wan latent ([1, 16, 21, 90, 160],
-  19.4 MiB in float32), optionally with Wan's UMT5 text states travelling beside it;
+  19.4 MB in float32), optionally with Wan's UMT5 text states travelling beside it;
 - paths: gRPC and HTTP with the tensors in the messages, and both again with the tensors in
   system shared memory regions registered on the server (runtime/triton_shm.py), as a sampler
   on the devices' host can send them;
