@@ -27,6 +27,9 @@ from engines.manifest import (
 from engines.ort_build import ORT_OPTIMIZATION_LEVEL, build_ort_engine, onnxruntime_version
 from engines.tensorrt_build import build_plan, tensorrt_status
 from engines.torch_build import (
+    CPU_LEVEL,
+    TORCH_SUFFIX,
+    build_torch_engine,
     build_torch_engines,
     torch_backend_version,
     torch_cuda_available,
@@ -247,6 +250,7 @@ def _exported(directory: Path, name: str, entry: dict[str, Any]) -> ExportedOnnx
         outputs=entry["outputs"],
         profile=entry["profile"],
         model_class=entry.get("model_class", ""),
+        torch_only=entry.get("torch_only", False),
     )
 
 
@@ -282,6 +286,9 @@ def _build_onnxruntime(request: BuildRequest, exported: list[ExportedOnnx], log)
     manifest = _current_manifest(directory, request.name, "onnxruntime", version, None)
     outcome = BuildOutcome("onnxruntime", [directory])
     for onnx in exported:
+        if onnx.torch_only:
+            _torch_only(request, onnx, directory, manifest, version, None, outcome, log)
+            continue
         file = f"{onnx.name}.onnx"
         wanted = _wanted_entry(onnx, file, 0.0, ORT_OPTIMIZATION_LEVEL)
         reason = _build_reason(request, manifest, directory, onnx.name, wanted, version, None)
@@ -302,6 +309,26 @@ def _build_onnxruntime(request: BuildRequest, exported: list[ExportedOnnx], log)
         outcome.built.append(onnx.name)
     write_manifest(directory, manifest)
     return outcome
+
+
+def _torch_only(request: BuildRequest, onnx: ExportedOnnx, directory: Path,
+                manifest: dict[str, Any], version: str, gpu: GpuInfo | None,
+                outcome: BuildOutcome, log: Callable[[str], None]) -> None:
+    """A network served by torch on every backend (its spec's torch_only: Wan's VAE decoder,
+    whose frame loop a traced graph would fix): its weights as a torch engine in `directory`,
+    run eager (its frame axis is dynamic)."""
+    file = f"{onnx.name}{TORCH_SUFFIX}"
+    reason = _build_reason(request, manifest, directory, onnx.name,
+                           _wanted_entry(onnx, file, 0.0, CPU_LEVEL), version, gpu)
+    if reason is None:
+        outcome.kept.append(onnx.name)
+        log(f"{onnx.name}: torch engine is up to date")
+        return
+    log(f"{onnx.name}: saving a torch engine ({reason}; served by torch on every backend)")
+    built = build_torch_engine(request.source, onnx, directory / file, request.loras)
+    manifest["networks"][onnx.name] = _wanted_entry(onnx, file, built.seconds, CPU_LEVEL)
+    write_manifest(directory, manifest)
+    outcome.built.append(onnx.name)
 
 
 def _build_reason(
@@ -339,6 +366,9 @@ def _build_tensorrt(
         outcome.directories.append(directory)
         manifest = _current_manifest(directory, request.name, "tensorrt", version, gpu)
         for onnx in exported:
+            if onnx.torch_only:
+                _torch_only(request, onnx, directory, manifest, version, gpu, outcome, log)
+                continue
             file = f"{onnx.name}.plan"
             wanted = _wanted_entry(onnx, file, 0.0, request.optimization_level)
             reason = _build_reason(request, manifest, directory, onnx.name, wanted, version, gpu)

@@ -66,3 +66,4 @@ class ExportedOnnx:
     outputs: list[dict[str, Any]]
     profile: dict[str, Any]
     model_class: str = ""
+    torch_only: bool = False  # served by torch on every backend: `path` holds its weights

@@ -13,6 +13,9 @@
   asked precision, export/precision.py: fp16, or bf16 for SD3/Flux transformers; fp32 on the
   CPU) and its `optimization_level` (`cuda-graphs` on a GPU, `eager` on the CPU);
 - `pipeline.json` and the tokenizers (engines/build.py copies them, as for every backend).
+A network whose spec is `torch_only` (Wan's VAE decoder: a traced graph would fix its frame
+count) is saved here on every backend (engines/build.py), eager and with no ONNX to check
+against: its export holds its weights.
 The denoiser is still exported to ONNX: that export derives the pipeline spec, and the saved
 network is checked against it (same names, same outputs) before the manifest records it.
 
@@ -229,14 +232,14 @@ def build_torch_engines(request: BuildRequest, exported: list[ExportedOnnx], gpu
     manifest["gpu"] = gpu.to_json() if gpu else None  # the same GPU, maybe at another index
     outcome = BuildOutcome(TORCH_BACKEND, [directory])
     for onnx in exported:
-        denoiser = is_denoiser(onnx.inputs, onnx.outputs)
+        denoiser = onnx.torch_only or is_denoiser(onnx.inputs, onnx.outputs)
         if denoiser:
             precision = "fp32"
             if gpu:
                 precision = request.export.network_precisions.get(
                     onnx.name, network_precision(asked, onnx.model_class))
             file = f"{onnx.name}{TORCH_SUFFIX}"
-            level, what = (GPU_LEVEL if gpu else CPU_LEVEL), "torch engine"
+            level, what = (GPU_LEVEL if gpu and not onnx.torch_only else CPU_LEVEL), "torch engine"
         else:
             file, precision = f"{onnx.name}.onnx", onnx.precision
             level, what = ORT_OPTIMIZATION_LEVEL, "ONNX Runtime engine"
@@ -281,7 +284,7 @@ def build_torch_engine(source: str, onnx: ExportedOnnx, path: Path,
     activations = {t.name for t in bundle.specs()[onnx.name].inputs if t.activation}
     save_network(module, path, activations)
     del bundle, module
-    difference = check_against_onnx(path, onnx)
+    difference = 0.0 if onnx.torch_only else check_against_onnx(path, onnx)
     return TorchBuild(path, time.perf_counter() - started, difference)
 
 

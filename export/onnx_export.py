@@ -32,6 +32,7 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 # polygraphy constant folding leaves tensors above this unfolded (e.g. Expand of a weight)
 FOLD_SIZE_THRESHOLD = 64 * 1024**2
 EXPORT_INDEX = "export.json"
+TORCH_WEIGHTS_SUFFIX = ".safetensors"  # a torch-only network's weights in the export
 # what an export holds; a lower number is an older release's export, rebuilt on first use
 # (2: the VAE encoder is exported beside the decoder, for image inputs)
 EXPORT_LAYOUT = 2
@@ -107,6 +108,7 @@ class ExportedNetwork:
             "profile": {k: [list(s) for s in v] for k, v in self.profile.items()},
             "export_seconds": round(self.seconds, 3),
             "validation": self.validation.to_json() if self.validation else None,
+            "torch_only": self.spec.torch_only,
         }
 
 
@@ -349,7 +351,11 @@ def export_model(
         path = out_dir / onnx_filename(name, spec.precision)
         prefix = f"[{step}/{len(specs)}] "
         step_log = functools.partial(_prefixed, log, prefix)
-        exported = export_network(spec, bundle.modules[name], path, options, step_log)
+        if spec.torch_only:
+            path = out_dir / f"{name}{TORCH_WEIGHTS_SUFFIX}"
+            exported = save_torch_only(spec, bundle.modules[name], path, options)
+        else:
+            exported = export_network(spec, bundle.modules[name], path, options, step_log)
         result.networks[name] = exported
         log(f"{prefix}{name}: wrote {path} ({exported.seconds:.1f} s)")
     servable = write_pipeline_files(
@@ -363,6 +369,20 @@ def export_model(
     write_export_index(result, bundle.source, complete=not bundle.selected, servable=servable,
                        loras=bundle.loras)
     return result
+
+
+def save_torch_only(spec: NetworkSpec, module: nn.Module, path: Path,
+                    options: ExportOptions) -> ExportedNetwork:
+    """A network served by torch on every backend (`spec.torch_only`): no ONNX, its weights
+    (safetensors) stand for it in the export; the engines build saves it as a torch engine."""
+    from safetensors.torch import save_model
+
+    started = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(module, str(path))
+    profile = spec.profile(options.batch_range, options.height, options.width)
+    return ExportedNetwork(spec, path, onnx_sha256(path), profile,
+                           time.perf_counter() - started)
 
 
 def _prefixed(log: Callable[[str], None], prefix: str, message: str) -> None:

@@ -88,6 +88,8 @@ class NetworkSpec:
     model_class: str = ""  # the diffusers/transformers class it exports (set by the bundle)
     # True where the torchscript exporter cannot keep the dynamic dims (export uses dynamo)
     needs_dynamo: ClassVar[bool] = False
+    # True for a network served by torch on every backend: export saves its weights (no ONNX)
+    torch_only: ClassVar[bool] = False
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -1474,6 +1476,7 @@ class _Flux2VAEDecoderForward(_Wrapper):
 # and the decoder's `images` [B, 3, frames, H, W]; the wrappers are in export/wan.py
 
 LATENT_FRAMES = "latent_frames"
+FRAMES = "frames"
 # WanPipeline's defaults: 480x832 pixels, 81 frames, 512 text tokens
 WAN_DEFAULT_SIZE = (480, 832)
 WAN_DEFAULT_FRAMES = 81
@@ -1570,18 +1573,20 @@ class WanVAEDecoderSpec(NetworkSpec):
     """AutoencoderKLWan's decoder: `latent` [B, z, f, h, w] (already de-normalised by
     latents_mean / latents_std) -> `images` [B, 3, 1 + (f - 1) t, H, W] in [-1, 1]. The
     causal cache of earlier frames lives inside one decode call, which runs frame by frame:
-    the traced graph unrolls that loop, so f is fixed at export (one decoder per latent frame
-    count; heights and widths stay dynamic). Validated against torch through the dynamo
-    exporter (the torchscript one has no nearest-exact upsampling)."""
+    a traced graph unrolls that loop, so an ONNX export fixes f (`latent_frames`; heights and
+    widths stay dynamic; validated through the dynamo exporter, the torchscript one has no
+    nearest-exact upsampling). Tracing even the tiny test VAE at f = 2 took 6 minutes on a
+    2-core CPU, and every served frame count would need its own, so the decoder is served
+    by torch (`torch_only`) at any f: `latent_frames` 0, the frame axes symbolic."""
 
     latent_channels: int = 16
     temporal_scale_factor: int = 4
-    latent_frames: int = (WAN_DEFAULT_FRAMES - 1) // 4 + 1
+    latent_frames: int = 0  # 0: any (torch); > 0: fixed, as an ONNX export needs
     needs_dynamo: ClassVar[bool] = True
+    torch_only: ClassVar[bool] = True
 
     @classmethod
-    def from_model(cls, vae: nn.Module, *, precision: str = "fp32",
-                   latent_frames: int = (WAN_DEFAULT_FRAMES - 1) // 4 + 1,
+    def from_model(cls, vae: nn.Module, *, precision: str = "fp32", latent_frames: int = 0,
                    name: str = "vae_decoder") -> WanVAEDecoderSpec:
         config = vae.config
         factor = 2 ** len(config.temperal_downsample)
@@ -1597,13 +1602,24 @@ class WanVAEDecoderSpec(NetworkSpec):
         return cls.from_model(vae, precision=precision, name=name)
 
     @property
-    def frames(self) -> int:
+    def frames(self) -> int | str:
+        if not self.latent_frames:
+            return FRAMES
         return 1 + (self.latent_frames - 1) * self.temporal_scale_factor
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        return [self.activation(tensors.LATENT, (BATCH, self.latent_channels, self.latent_frames,
+        latent_frames = self.latent_frames or LATENT_FRAMES
+        return [self.activation(tensors.LATENT, (BATCH, self.latent_channels, latent_frames,
                                                  LATENT_HEIGHT, LATENT_WIDTH))]
+
+    def dim_ranges(self, batch_range, height=None, width=None):
+        ranges = super().dim_ranges(batch_range, height, width)
+        if self.latent_frames:
+            return ranges
+        most = (WAN_DEFAULT_FRAMES - 1) // self.temporal_scale_factor + 1
+        return {**ranges, LATENT_FRAMES: (1, most, most),
+                FRAMES: (1, WAN_DEFAULT_FRAMES, WAN_DEFAULT_FRAMES)}
 
     @property
     def outputs(self) -> list[TensorSpec]:
