@@ -24,9 +24,9 @@ def tiny_transformer(**overrides):
     from diffusers import QwenImageTransformer2DModel
 
     torch.manual_seed(0)
-    options = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
-                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                   axes_dims_rope=(4, 6, 6))
+    options = {"patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2,
+               "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+               "axes_dims_rope": (4, 6, 6)}
     return QwenImageTransformer2DModel(**(options | overrides)).eval()
 
 
