@@ -122,22 +122,30 @@ def is_denoiser(inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> 
 
 
 def save_network(module: torch.nn.Module, path: Path, half_inputs: set[str] | frozenset[str]) -> None:
-    """Write a diffusers model's weights and what rebuilds it into one safetensors file."""
+    """Write a diffusers model's weights and what rebuilds it into one safetensors file (Wan
+    2.2's WanExperts: both experts' configs and the boundary timestep)."""
     from safetensors.torch import save_model
 
+    from export.wan import WanExperts
+
+    experts = isinstance(module, WanExperts)
     library = type(module).__module__.split(".")[0]
-    if library != "diffusers" or not hasattr(module, "config"):
+    if not experts and (library != "diffusers" or not hasattr(module, "config")):
         raise TorchEngineError(f"{type(module).__name__} is not a diffusers model; the torch "
                                "backend serves diffusers denoisers")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     metadata = {
         "format": FORMAT,
-        "library": library,
+        "library": "diffusers",
         "class_name": type(module).__name__,
         "config": json.dumps(dict(module.config), default=list),
         "half_inputs": json.dumps(sorted(half_inputs)),
     }
+    if experts:
+        metadata.update(expert_class=type(module.transformer_2).__name__,
+                        config_2=json.dumps(dict(module.transformer_2.config), default=list),
+                        boundary=repr(module.boundary))
     save_model(module, str(path), metadata=metadata)
 
 
@@ -168,12 +176,23 @@ def load_network(path: Path, device: str = "cpu", dtype: str = "float32") -> Loa
     from export.specs import spec_class_named
 
     metadata = read_metadata(path)
-    model_class = getattr(diffusers, metadata["class_name"], None)
-    if model_class is None:
-        raise TorchEngineError(f"{path}: diffusers {diffusers.__version__} has no class "
-                               f"{metadata['class_name']}")
-    with torch.device(device):
-        module = model_class.from_config(json.loads(metadata["config"]))
+
+    def rebuilt(class_name: str, config: str):
+        model_class = getattr(diffusers, class_name, None)
+        if model_class is None:
+            raise TorchEngineError(f"{path}: diffusers {diffusers.__version__} has no class "
+                                   f"{class_name}")
+        with torch.device(device):
+            return model_class.from_config(json.loads(config))
+
+    if "expert_class" in metadata:  # Wan 2.2: two experts of one class, picked by timestep
+        from export.wan import WanExperts
+
+        module = WanExperts(rebuilt(metadata["expert_class"], metadata["config"]),
+                            rebuilt(metadata["expert_class"], metadata["config_2"]),
+                            float(metadata["boundary"]))
+    else:
+        module = rebuilt(metadata["class_name"], metadata["config"])
     load_model(module, str(path), strict=True, device=device)
     if dtype != "float32":  # built on `device` in fp32; cast as diffusers loads it
         cast_module(module, PRECISION_OF_DTYPE[dtype])

@@ -83,6 +83,8 @@ EXPORTED_COMPONENTS = {
     "transformer": "transformer",
     "vae": "vae_decoder",
 }
+# Wan 2.2's low-noise expert: joined with `transformer` into one denoiser (WanExperts)
+EXPERT_COMPONENT = "transformer_2"
 VAE_NETWORK = EXPORTED_COMPONENTS["vae"]
 VAE_ENCODER_NETWORK = "vae_encoder"  # the same VAE, exported a second time: images -> posterior
 VAE_NETWORKS = (VAE_NETWORK, VAE_ENCODER_NETWORK)
@@ -514,7 +516,8 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
         _check_known(networks, known + ([VAE_ENCODER_NETWORK] if VAE_NETWORK in known else []),
                      path.name)
     else:
-        unsupported = [key for key in present if key not in EXPORTED_COMPONENTS]
+        unsupported = [key for key in present
+                       if key not in EXPORTED_COMPONENTS and key != EXPERT_COMPONENT]
         if unsupported:
             raise UnsupportedModelError(
                 f"{path}: components {', '.join(unsupported)} are not supported for export "
@@ -524,7 +527,8 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
     for component, (library, class_name) in present.items():
         network = network_of[component]
         if networks and network not in networks and not (
-                network == VAE_NETWORK and VAE_ENCODER_NETWORK in networks):
+                network == VAE_NETWORK and VAE_ENCODER_NETWORK in networks) and not (
+                network == EXPERT_COMPONENT and "transformer" in networks):
             continue
         spec_class_named(class_name, component)
         if class_name in T5_ENCODERS:
@@ -533,13 +537,16 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
         components[network] = model_class.from_pretrained(str(path / component))
     if not components:
         raise ModelSourceError(f"{path}/model_index.json names no exportable component")
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    scheduler_config = _read_json(scheduler_file) if scheduler_file.is_file() else {}
+    _join_experts(components, index, scheduler_config)
     decode_only = present.get("vae", ("", ""))[1] in DECODE_ONLY_VAES
     if not decode_only:
         _add_vae_encoder(components, networks)
-    scheduler_file = path / "scheduler" / "scheduler_config.json"
     tokenizers = {name: functools.partial(_copy_tree, path / name)
                   for name in TOKENIZER_OF_ENCODER.values() if (path / name).is_dir()}
-    classes = {network_of[key]: class_name for key, (_, class_name) in present.items()}
+    classes = {network_of[key]: class_name for key, (_, class_name) in present.items()
+               if key != EXPERT_COMPONENT}
     if VAE_NETWORK in classes and not decode_only:
         classes[VAE_ENCODER_NETWORK] = classes[VAE_NETWORK]
     configs = {network_of[key]: _read_json(path / key / "config.json") for key in present
@@ -552,7 +559,7 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
         source=str(path),
         modules={k: m.eval() for k, m in components.items()},
         context=_pipeline_context(classes, configs, family_defaults(family, guidance_embeds)),
-        scheduler_config=_read_json(scheduler_file) if scheduler_file.is_file() else {},
+        scheduler_config=scheduler_config,
         selected=bool(networks),
         tokenizers=tokenizers,
         pipeline_config=index,
@@ -561,6 +568,24 @@ def _load_pipeline_folder(path: Path, networks: list[str] | None) -> ModelBundle
         family=family,
         guidance_embeds=guidance_embeds,
     )
+
+
+def _join_experts(components: dict[str, nn.Module], index: dict[str, Any],
+                  scheduler_config: dict[str, Any]) -> None:
+    """Wan 2.2: `transformer` (high noise) and `transformer_2` (low noise) become one denoiser,
+    WanExperts, which runs each row by the expert of its timestep (boundary_ratio x
+    num_train_timesteps), so every device holds both and any round's items can go anywhere."""
+    low = components.pop(EXPERT_COMPONENT, None)
+    if low is None or "transformer" not in components:
+        return
+    from export.wan import WanExperts
+
+    ratio = index.get("boundary_ratio")
+    if ratio is None:
+        raise ModelSourceError(f"{EXPERT_COMPONENT} needs boundary_ratio in model_index.json "
+                               "(the timestep share where the low-noise expert takes over)")
+    boundary = float(ratio) * scheduler_config.get("num_train_timesteps", 1000)
+    components["transformer"] = WanExperts(components["transformer"], low, boundary)
 
 
 def _add_vae_encoder(components: dict[str, nn.Module], networks: list[str] | None) -> None:

@@ -1569,6 +1569,16 @@ class WanTransformerSpec(NetworkSpec):
 
 
 @dataclass
+class WanExpertsSpec(WanTransformerSpec):
+    """Wan 2.2's two experts as one denoiser (export/wan.py `WanExperts`), with
+    WanTransformerSpec's tensors. Which expert runs depends on each row's timestep: a traced
+    graph keeps that branch only by running both experts on every row, so it is served by
+    torch on every backend (`torch_only`)."""
+
+    torch_only: ClassVar[bool] = True
+
+
+@dataclass
 class WanVAEDecoderSpec(NetworkSpec):
     """AutoencoderKLWan's decoder: `latent` [B, z, f, h, w] (already de-normalised by
     latents_mean / latents_std) -> `images` [B, 3, 1 + (f - 1) t, H, W] in [-1, 1]. The
@@ -1649,6 +1659,7 @@ SPEC_BY_CLASS: dict[str, type[NetworkSpec]] = {
     "ZImageTransformer2DModel": ZImageTransformerSpec,
     "UMT5EncoderModel": UMT5EncoderSpec,
     "WanTransformer3DModel": WanTransformerSpec,
+    "WanExperts": WanExpertsSpec,
     "AutoencoderKLWan": WanVAEDecoderSpec,
 }
 

@@ -5,8 +5,7 @@ Sequential mode gives WanPipeline's frames (non-square, CFG with a negative prom
 UniPC scheduler, latents_mean / latents_std); dropping the negative prompt, the prompt cleaning,
 the state zeroing, routing every evaluation to one expert or ignoring GUIDANCE_2 each move the
 frames beyond the bound; DRiffusion windows 2 and 4 take fewer rounds, window 1 is
-bit-identical. (Serving these folders through Triton is not wired yet: see the report of
-issue #29.)
+bit-identical. The same folders served through Triton: tests/test_wan_serving.py.
 """
 from __future__ import annotations
 
