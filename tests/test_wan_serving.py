@@ -4,14 +4,15 @@ model (FRAMES and GUIDANCE_2 in, VIDEO [F, H, W, 3] out; image models keep IMAGE
 request checker reads it, and the frames `driffusion generate` writes (an MP4 read back frame
 by frame, or PNGs in a folder).
 
-Served (one module-scoped server, `driffusion serve`'s build path: the transformer as an ONNX
-Runtime engine, the VAE decoder by torch at any frame count): MODE=sequential gives
-WanPipeline's frames (non-square, 5 frames, CFG with a negative prompt that the cleaning
-changes) over gRPC, HTTP/JSON and `generate` (PNG frames, and an MP4 read back); windows 2 and
-4 take fewer rounds, window 1 is bit-identical; FRAMES past --max-video-pixels is refused naming
-FRAMES. The in-process tests (tests/test_wan.py) show the negative prompt, the cleaning, the
-state zeroing, the second expert and GUIDANCE_2 each matter; a Wan 2.2 folder is not served yet
-(refused at export, below).
+Served (one module-scoped server, `driffusion serve`'s build path): a Wan 2.2 two-expert folder
+(both experts one torch denoiser, GUIDANCE_2 != GUIDANCE) by default, a Wan 2.1 folder (the
+transformer as an ONNX Runtime engine) under slow; the VAE decoder by torch at any frame count.
+MODE=sequential gives WanPipeline's frames (non-square, 5 frames, CFG with a negative prompt
+that the cleaning changes) over gRPC, HTTP/JSON and `generate` (PNG frames, and an MP4 read
+back); GUIDANCE in GUIDANCE_2's place lies beyond the bound; windows 2 and 4 take fewer rounds
+(straddling the expert boundary), window 1 is bit-identical; FRAMES past --max-video-pixels is
+refused naming FRAMES. The in-process tests (tests/test_wan.py) show the negative prompt, the
+cleaning, the state zeroing and the second expert each matter.
 """
 from __future__ import annotations
 
