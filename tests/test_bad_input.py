@@ -201,7 +201,7 @@ REFERENCE_CASES = {
         "STRENGTH: needs an INIT_IMAGE (image-to-image or inpainting)"),
     "true cfg on an SD model": (
         [PROMPT, ("TRUE_CFG", 2.0, np.float32)],
-        "TRUE_CFG: TRUE_CFG is for Flux models; reference is a model of the SD 1.x/2.x family"),
+        "TRUE_CFG: TRUE_CFG is for Flux, Qwen-Image models; reference is a model of the SD 1.x/2.x family"),
 }
 
 
