@@ -44,6 +44,23 @@ def triton_server(tmp_path_factory) -> Iterator[Callable[[Path], object]]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def tiny_sd_engines(tmp_path_factory):
+    """RepositoryOptions naming tiny-sd's ONNX Runtime engines, exported and built once for the
+    whole run: in a directory every pytest-xdist worker shares (the build lock makes a second
+    worker wait, then keep the engines). Modules write their own repositories from it."""
+    from triton_models.repository import RepositoryOptions
+    from triton_models.serve import prepare_model
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    home = shared / "tiny-sd-home"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DRIFFUSION_HOME", str(home))
+        return prepare_model(RepositoryOptions(model="tiny-sd", backend="onnxruntime"),
+                             log=lambda line: None)
+
+
 @pytest.fixture(scope="module")
 def torch_single_thread() -> Iterator[None]:
     """Run torch on one thread for a module: on these shared 2-core machines, torch's own thread

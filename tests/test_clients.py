@@ -14,20 +14,16 @@ from PIL import Image
 from cli import main as driffusion
 from models.pipeline_spec import PipelineSpec
 from runtime.pipeline import GenerationRequest, RequestError, resolve
-from triton_models.repository import RepositoryOptions, write_repository
-from triton_models.serve import prepare_model
+from triton_models.repository import write_repository
 
 pytestmark = pytest.mark.triton
 PROMPT, SEED, STEPS = "a photo of a cat", 7, 6
 
 
 @pytest.fixture(scope="module")
-def server(triton_server, tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DRIFFUSION_HOME", str(home))
-        options = prepare_model(RepositoryOptions(model="tiny-sd", backend="onnxruntime"))
-    return triton_server(write_repository(home / "repo", options).path)
+def server(triton_server, tmp_path_factory, tiny_sd_engines):
+    repository = tmp_path_factory.mktemp("home") / "repo"
+    return triton_server(write_repository(repository, tiny_sd_engines).path)
 
 
 def grpc_image(url: str) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Hardening against local users: nothing a process listing shows opens Triton's admin APIs."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import socket
 from pathlib import Path
@@ -74,15 +75,9 @@ def test_nothing_in_any_server_process_listing_opens_the_admin_apis(server):
 
 
 @pytest.fixture(scope="module")
-def text_server(triton_server, tmp_path_factory):
-    from triton_models.serve import prepare_model
-
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DRIFFUSION_HOME", str(home))
-        options = prepare_model(RepositoryOptions(model="tiny-sd", backend="onnxruntime",
-                                                  max_batch=8))
-    repository = write_repository(home / "repo", options)
+def text_server(triton_server, tmp_path_factory, tiny_sd_engines):
+    options = dataclasses.replace(tiny_sd_engines, max_batch=8)
+    repository = write_repository(tmp_path_factory.mktemp("home") / "repo", options)
     return triton_server(repository.path)
 
 

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from triton_models.pipeline_io import DRIFFUSION_INPUTS
 from triton_models.repository import RepositoryOptions
-from triton_models.serve import prepare_model, write_repository
+from triton_models.serve import write_repository
 
 pytestmark = pytest.mark.triton
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,12 +50,9 @@ def infer(url: str, timeout_s: float | None = None, **fields) -> dict[str, np.nd
 
 
 @pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    """tiny-sd exported and built once for the module (ONNX Runtime engines)."""
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DRIFFUSION_HOME", str(home))
-        return prepare_model(RepositoryOptions(model="tiny-sd", backend="onnxruntime"))
+def tiny_sd(tiny_sd_engines):
+    """tiny-sd's ONNX Runtime engines, built once for the run (conftest)."""
+    return tiny_sd_engines
 
 
 @pytest.fixture(scope="module")
