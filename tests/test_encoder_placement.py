@@ -41,6 +41,15 @@ PER_REQUEST_NETWORKS = ("text_encoder", "text_encoder_2", "vae_decoder", "vae_en
 PROMPT = "a red circle on a blue square"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def reference_engines():
+    """The bundled reference model's ONNX Runtime engines, built if missing: the repositories
+    below name the model `reference`, as `driffusion triton-repo` does."""
+    from bench.common import ensure_reference_engines
+
+    return ensure_reference_engines(lambda line: None)
+
+
 def tensorrt_engines(root: Path) -> Path:
     """A fake TensorRT engine set: a UNet plan and the plans run once per request."""
     directory = root / "gpu"
@@ -215,7 +224,7 @@ def all_local_image(seed: int, steps: int, negative: str | None = None) -> np.nd
     from runtime.pipeline import GenerationRequest
     from runtime.pool import DevicePool
 
-    engines = ensure_reference_engines(lambda line: None)
+    engines = ensure_reference_engines(lambda line: None)  # built already: the module's fixture
     pool = DevicePool([LocalDevice.from_onnx(engines.path("unet"), threads=1)])
     request = GenerationRequest(prompt=PROMPT, negative_prompt=negative, seed=seed, steps=steps,
                                 mode="sequential", guidance=7.5)
