@@ -191,3 +191,26 @@ def test_klein_guidance_rules(distilled, guidance, negative, rows):
     conditioning = asyncio.run(family_of(spec).conditioning(encoders, request, spec))
     assert encoders.seen == rows
     assert (conditioning.uncond is None) == (len(rows) == 1)
+
+
+def test_dev_prompts_lose_the_image_token_as_flux2_pipeline_drops_it():
+    """Flux2Pipeline's format_input removes "[IMG]" from dev's prompts before its processor;
+    Klein's pipeline keeps it."""
+    import asyncio
+
+    from models.pipeline_spec import FLUX2, PipelineSpec, TextEncoder
+    from runtime.families import family_of
+    from runtime.request import ResolvedRequest
+
+    request = ResolvedRequest("a [IMG] fox", None, None, None, 0, 4, "sequential", 1, 4.0,
+                              "default", height=64, width=96)
+    seen = {}
+    for kind, guidance_embeds in (("Mistral3ForConditionalGeneration", True),
+                                  ("Qwen3ForCausalLM", False)):
+        spec = PipelineSpec("flux2", FLUX2, 16, (4, 6), {}, guidance_embeds=guidance_embeds,
+                            text_encoders=(TextEncoder("text_encoder", "tokenizer", kind),))
+        encoders = _Encoders()
+        asyncio.run(family_of(spec).conditioning(encoders, request, spec))
+        seen[kind] = encoders.seen
+    assert seen["Mistral3ForConditionalGeneration"] == ["a  fox"]
+    assert seen["Qwen3ForCausalLM"] == ["a [IMG] fox", ""]

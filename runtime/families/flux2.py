@@ -7,7 +7,8 @@
   distilled (model_index.json's is_distilled). Flux2KleinPipeline has no negative prompt and
   encodes "" in its place; a request's NEGATIVE_PROMPT, when given, is encoded like the prompt
   and takes the empty prompt's place. dev embeds GUIDANCE in the transformer (`guidance` [B])
-  and runs no classifier-free guidance.
+  and runs no classifier-free guidance. dev's prompts lose "[IMG]" first, as Flux2Pipeline's
+  format_input drops it (its Pixtral processor counts image tokens).
 - Latents are drawn already 2x2-patchified, [1, 4C, H / 16, W / 16], as the pipelines draw
   them; the exported transformer packs them into tokens and back, and the exported VAE decoder
   undoes the batch-norm normalisation and the patchify (export/specs.py), so the final latents
@@ -33,6 +34,8 @@ from runtime.request import ResolvedRequest
 MU_AT_10_STEPS = (8.73809524e-05, 1.89833333)  # slope per token, intercept
 MU_AT_200_STEPS = (0.00016927, 0.45666666)
 LARGE_IMAGE_TOKENS = 4300
+IMAGE_TOKEN = "[IMG]"  # what Flux2Pipeline removes from dev's prompts
+MISTRAL_ENCODERS = ("Mistral3ForConditionalGeneration",)
 
 
 def empirical_mu(image_tokens: int, steps: int) -> float:
@@ -59,6 +62,8 @@ class Flux2(Family):
                   and request.guidance > 1.0)
         rows = [request.prompt or ""]
         rows += [request.negative_prompt or ""] if guided else []
+        if encoder.kind in MISTRAL_ENCODERS:
+            rows = [row.replace(IMAGE_TOKEN, "") for row in rows]
         inputs = {tensors.ENCODER_HIDDEN_STATES:
                   (await encoding.texts(encoder, rows))[tensors.TEXT_EMBEDDINGS]}
         if spec.guidance_embeds:
