@@ -11,7 +11,8 @@ MODE=sequential gives WanPipeline's frames (non-square, 5 frames, CFG with a neg
 that the cleaning changes) over gRPC, HTTP/JSON and `generate` (PNG frames, and an MP4 read
 back); GUIDANCE in GUIDANCE_2's place lies beyond the bound; windows 2 and 4 take fewer rounds
 (straddling the expert boundary), window 1 is bit-identical; FRAMES past --max-video-pixels is
-refused naming FRAMES. The in-process tests (tests/test_wan.py) show the negative prompt, the
+refused naming FRAMES; a client's deadline cancels a video request (its rounds stop). The
+in-process tests (tests/test_wan.py) show the negative prompt, the
 cleaning, the state zeroing and the second expert each matter.
 """
 from __future__ import annotations
@@ -215,8 +216,8 @@ GRPC_TYPES = {str: ("BYTES", np.object_), int: ("INT32", np.int32),
               float: ("FP32", np.float32)}
 
 
-def grpc_video(url: str, **fields) -> tuple[np.ndarray, int, int]:
-    """VIDEO, ROUNDS and EVALUATIONS of one gRPC request (SEED as INT64)."""
+def grpc_inputs(fields: dict) -> list:
+    """tritonclient gRPC inputs of a request's fields (SEED as INT64)."""
     import tritonclient.grpc as grpc_client
 
     inputs = []
@@ -226,9 +227,16 @@ def grpc_video(url: str, **fields) -> tuple[np.ndarray, int, int]:
         tensor.set_data_from_numpy(np.array([value.encode() if isinstance(value, str)
                                              else value], dtype=dtype))
         inputs.append(tensor)
+    return inputs
+
+
+def grpc_video(url: str, timeout_s: float = 300, **fields) -> tuple[np.ndarray, int, int]:
+    """VIDEO, ROUNDS and EVALUATIONS of one gRPC request."""
+    import tritonclient.grpc as grpc_client
+
     client = grpc_client.InferenceServerClient(url)
     try:
-        answer = client.infer("driffusion", inputs, client_timeout=300)
+        answer = client.infer("driffusion", grpc_inputs(fields), client_timeout=timeout_s)
     finally:
         client.close()
     return (answer.as_numpy("VIDEO"), int(answer.as_numpy("ROUNDS")[0]),
@@ -316,3 +324,33 @@ def test_served_http_json_and_generate_give_the_grpc_frames(served, tmp_path):
     np.testing.assert_array_equal(np.stack([np.asarray(Image.open(p)) for p in pngs]), by_grpc)
     assert driffusion([*arguments, "--out", str(tmp_path / "clip.mp4")]) == 0
     assert read_mp4(tmp_path / "clip.mp4").shape == by_grpc.shape
+
+
+def test_a_video_request_whose_client_gave_up_stops_within_a_round(served):
+    """A client's deadline cancels a video request as it cancels an image one: the request is
+    counted cancelled and its rounds stop (not the 200 steps it asked for)."""
+    import time
+
+    from tritonclient.utils import InferenceServerException
+
+    from tests.servers import metric
+
+    server = served[0]
+
+    def cancelled() -> float:
+        return metric(server, "driffusion_requests_total", outcome="cancelled")
+
+    def rounds() -> float:
+        return metric(server, "driffusion_rounds_total", mode="sequential")
+
+    before, rounds_before = cancelled(), rounds()
+    request = served_request(served, 17, STEPS=200)
+    with pytest.raises(InferenceServerException, match="Deadline"):
+        grpc_video(server.grpc_url, timeout_s=1.5, **request)
+    gave_up = time.monotonic()
+    while cancelled() == before and time.monotonic() - gave_up < 10.0:
+        time.sleep(0.05)
+    assert cancelled() == before + 1
+    ran = rounds() - rounds_before
+    time.sleep(0.5)
+    assert rounds() - rounds_before == ran < 200  # quiet after: nothing more ran for it
