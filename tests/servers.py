@@ -1,9 +1,10 @@
 """Test helpers for real tritonservers: a diffusers folder built and served as `driffusion serve`
 serves it, a cluster of servers that restart on their own ports, `driffusion serve` in a process
-of its own, signals to a server's process group, Prometheus metrics read from its endpoint, and
-the servers' memory."""
+of its own, signals to a server's process group, Prometheus metrics read from its endpoint, the
+servers' memory, and the image of one request over HTTP/JSON or through `driffusion generate`."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,12 +18,37 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 
 from triton_models.serve import EmbeddedServer, free_ports, group_members
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+
+def http_json_image(http_url: str, values: dict[str, tuple[str, object]]) -> np.ndarray:
+    """IMAGE of one KServe v2 JSON request to the `driffusion` model; `values`: input name ->
+    (datatype, value), each input of shape [1]."""
+    body = {"inputs": [{"name": name, "shape": [1], "datatype": datatype, "data": [value]}
+                       for name, (datatype, value) in values.items()],
+            "outputs": [{"name": "IMAGE"}]}
+    request = urllib.request.Request(f"{http_url}/v2/models/driffusion/infer",
+                                     data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        (output,) = json.loads(reply.read())["outputs"]
+    return np.array(output["data"], np.uint8).reshape(output["shape"])
+
+
+def generate_image(http_url: str, out: Path, *arguments: str) -> np.ndarray:
+    """The image `driffusion generate --endpoints HTTP_URL ARGUMENTS` writes to `out` (a PNG)."""
+    from PIL import Image
+
+    from cli import main as driffusion
+
+    assert driffusion(["generate", "--endpoints", http_url, *arguments, "--out", str(out),
+                       "--quiet"]) == 0
+    return np.asarray(Image.open(out))
 
 
 @contextmanager

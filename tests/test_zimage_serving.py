@@ -8,8 +8,6 @@ server could make (ignoring the negative prompt, the last hidden state, states p
 tokens, no chat template) moves diffusers' own image beyond the parity bound."""
 from __future__ import annotations
 
-import json
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import torch
 from diffusers_folders import load_pipeline
 from llm_folders import zimage_folder
 from PIL import Image
-from servers import serving_folder
+from servers import generate_image, http_json_image, serving_folder
 from test_flux2_serving import differs
 from test_text_to_image import Served, assert_matches, generate, init_image
 
@@ -162,28 +160,16 @@ def test_windows_take_fewer_rounds_and_window_one_is_sequential(served):
 
 
 def test_http_json_and_the_generate_client_give_the_grpc_image(served, tmp_path):
-    from cli import main as driffusion
-
     by_grpc = served_image(served, 45, NEGATIVE_PROMPT=NEGATIVE, GUIDANCE=GUIDANCE).image
     values = {"PROMPT": ("BYTES", PROMPT), "NEGATIVE_PROMPT": ("BYTES", NEGATIVE),
               "SEED": ("INT64", 45), "STEPS": ("INT32", STEPS), "GUIDANCE": ("FP32", GUIDANCE),
               "HEIGHT": ("INT32", HEIGHT), "WIDTH": ("INT32", WIDTH),
               "MODE": ("BYTES", "sequential")}
-    body = {"inputs": [{"name": name, "shape": [1], "datatype": datatype, "data": [value]}
-                       for name, (datatype, value) in values.items()],
-            "outputs": [{"name": "IMAGE"}]}
-    request = urllib.request.Request(f"{served.http_url}/v2/models/driffusion/infer",
-                                     data=json.dumps(body).encode(), method="POST")
-    with urllib.request.urlopen(request, timeout=120) as reply:
-        (output,) = json.loads(reply.read())["outputs"]
-    np.testing.assert_array_equal(
-        np.array(output["data"], np.uint8).reshape(output["shape"]), by_grpc)
-    out = tmp_path / "image.png"
-    assert driffusion(["generate", "--endpoints", served.http_url, "--prompt", PROMPT,
-                       "--negative-prompt", NEGATIVE, "--seed", "45", "--steps", str(STEPS),
-                       "--guidance", str(GUIDANCE), "--height", str(HEIGHT), "--width",
-                       str(WIDTH), "--mode", "sequential", "--out", str(out), "--quiet"]) == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(out)), by_grpc)
+    np.testing.assert_array_equal(http_json_image(served.http_url, values), by_grpc)
+    np.testing.assert_array_equal(generate_image(
+        served.http_url, tmp_path / "image.png", "--prompt", PROMPT, "--negative-prompt",
+        NEGATIVE, "--seed", "45", "--steps", str(STEPS), "--guidance", str(GUIDANCE),
+        "--height", str(HEIGHT), "--width", str(WIDTH), "--mode", "sequential"), by_grpc)
 
 
 def test_image_to_image_matches_zimage_img2img(served):
