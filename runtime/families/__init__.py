@@ -67,6 +67,9 @@ class Family:
     takes_images = True
     takes_masks = False
     takes_true_cfg = False
+    # latents drawn in whole patches of the transformer (Flux.1, Qwen-Image, Z-Image: 2x2):
+    # each side is the pipeline's patch x (pixels // (patch x VAE factor))
+    latent_patch = 1
     makes_video = False
 
     def check(self, request: GenerationRequest, spec: PipelineSpec) -> None:
@@ -138,8 +141,10 @@ class Family:
 
     def latent_shape(self, request: ResolvedRequest, spec: PipelineSpec) -> tuple[int, ...]:
         """[1, C, h, w] of the request's latents, as the family's pipeline draws them."""
-        factor = spec.vae_scale_factor
-        return (1, spec.latent_channels, request.height // factor, request.width // factor)
+        patch = self.latent_patch
+        factor = patch * spec.vae_scale_factor
+        return (1, spec.latent_channels, patch * (request.height // factor),
+                patch * (request.width // factor))
 
     def initial_latents(self, request: ResolvedRequest, spec: PipelineSpec, scheduler,
                         generator: torch.Generator) -> torch.Tensor:

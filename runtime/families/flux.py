@@ -40,6 +40,7 @@ class Flux(Family):
     default_strength = 0.6  # FluxImg2ImgPipeline
     strength_rounds_kept_steps = False
     takes_true_cfg = True
+    latent_patch = 2
 
     async def conditioning(self, encoding: TextEncoding, request: ResolvedRequest,
                            spec: PipelineSpec) -> Conditioning:
@@ -57,11 +58,6 @@ class Flux(Family):
         if spec.guidance_embeds:
             inputs[tensors.GUIDANCE] = np.full(len(rows), request.guidance, np.float32)
         return split_rows(inputs, request.true_cfg, true_cfg)
-
-    def latent_shape(self, request: ResolvedRequest, spec: PipelineSpec) -> tuple[int, ...]:
-        packed = 2 * spec.vae_scale_factor
-        return (1, spec.latent_channels, 2 * (request.height // packed),
-                2 * (request.width // packed))
 
     def timestep_options(self, request: ResolvedRequest, spec: PipelineSpec) -> dict[str, Any]:
         options = dynamic_shift(spec, self.latent_shape(request, spec), FLUX_MAX_SHIFT)

@@ -39,6 +39,7 @@ class QwenImage(Family):
     default_strength = 0.6  # QwenImageImg2ImgPipeline
     strength_rounds_kept_steps = False
     takes_true_cfg = True
+    latent_patch = PATCH
 
     async def conditioning(self, encoding: TextEncoding, request: ResolvedRequest,
                            spec: PipelineSpec) -> Conditioning:
@@ -52,11 +53,6 @@ class QwenImage(Family):
             return Conditioning(cond)
         return Conditioning(cond, {tensors.ENCODER_HIDDEN_STATES: rows[1]}, request.true_cfg,
                             combine=norm_rescaled_cfg)
-
-    def latent_shape(self, request: ResolvedRequest, spec: PipelineSpec) -> tuple[int, ...]:
-        packed = PATCH * spec.vae_scale_factor
-        return (1, spec.latent_channels, PATCH * (request.height // packed),
-                PATCH * (request.width // packed))
 
     def timestep_options(self, request: ResolvedRequest, spec: PipelineSpec) -> dict[str, Any]:
         options = dynamic_shift(spec, self.latent_shape(request, spec), QWEN_IMAGE_MAX_SHIFT)

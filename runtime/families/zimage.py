@@ -38,6 +38,7 @@ class ZImage(Family):
     title = "Z-Image"
     default_strength = 0.6  # ZImageImg2ImgPipeline
     strength_rounds_kept_steps = False
+    latent_patch = 2
 
     async def conditioning(self, encoding: TextEncoding, request: ResolvedRequest,
                            spec: PipelineSpec) -> Conditioning:
@@ -51,11 +52,6 @@ class ZImage(Family):
             return Conditioning(cond)
         uncond = {tensors.ENCODER_HIDDEN_STATES: rows[1]}
         return Conditioning(cond, uncond, request.guidance + 1.0, combine=guidance_above_one)
-
-    def latent_shape(self, request: ResolvedRequest, spec: PipelineSpec) -> tuple[int, ...]:
-        patched = 2 * spec.vae_scale_factor
-        return (1, spec.latent_channels, 2 * (request.height // patched),
-                2 * (request.width // patched))
 
     def timestep_options(self, request: ResolvedRequest, spec: PipelineSpec) -> dict[str, Any]:
         options = dynamic_shift(spec, self.latent_shape(request, spec), ZIMAGE_MAX_SHIFT)
