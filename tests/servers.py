@@ -191,3 +191,17 @@ class ServeCommand:
         """(the serve process, which holds the request guard; tritonserver and its stubs) RSS."""
         (triton,) = children_of(self.process.pid)
         return rss_mb(self.process.pid), sum(rss_mb(pid) for pid in group_members(triton))
+
+    def shm_mb(self) -> float:
+        """What the /dev/shm files that tritonserver and its stubs map occupy, in MB: this
+        server's python-backend regions only, not those of servers that other workers run."""
+        paths = set()
+        for pid in group_members(self.tritonserver()):
+            try:
+                maps = (Path("/proc") / str(pid) / "maps").read_text()
+            except OSError:
+                continue
+            paths.update(line.split(maxsplit=5)[5].removesuffix(" (deleted)")
+                         for line in maps.splitlines() if " /dev/shm/" in line)
+        return sum(Path(path).stat().st_blocks * 512 for path in paths
+                   if Path(path).is_file()) / (1 << 20)
