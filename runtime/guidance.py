@@ -29,7 +29,9 @@ def classifier_free_guidance(cond: Prediction, uncond: Prediction, guidance: flo
 class Conditioning:
     """One request's conditioning: the denoiser's inputs by name for the latent batch [B, ...],
     for the prompt (`cond`) and the negative prompt (`uncond`), the guidance scale and the
-    family's rule `combine(cond_output, uncond_output, guidance)`.
+    family's rule `combine(cond_output, uncond_output, guidance)`. `guidance_at(t)`, where a
+    family gives it, is the scale at timestep t instead (Wan 2.2: its low-noise expert's
+    GUIDANCE_2 below the boundary), so one round can hold items of both scales.
 
     cond and uncond have the same inputs and batch; an input may differ in length along its
     text axis (axis 1: a prompt and a negative prompt trimmed to their own token counts).
@@ -41,6 +43,7 @@ class Conditioning:
     uncond: Mapping[str, np.ndarray] | None = None
     guidance: float = 1.0
     combine: Combine = classifier_free_guidance
+    guidance_at: Callable[[float], float] | None = None
 
     def __post_init__(self) -> None:
         if not self.guidance >= 0:
@@ -58,6 +61,10 @@ class Conditioning:
     @property
     def batch(self) -> int:
         return next(iter(self.cond.values())).shape[0]
+
+    def scale(self, timestep: float) -> float:
+        """The guidance scale of an item at `timestep`."""
+        return self.guidance if self.guidance_at is None else self.guidance_at(timestep)
 
     @property
     def uses_cfg(self) -> bool:

@@ -140,7 +140,7 @@ class DevicePool:
         tasks = self._tasks(items, conditioning.uses_cfg)
         outputs = await self._run_round(tasks, sample, timestep, conditioning)
         self.rounds += 1
-        return torch.from_numpy(self._combine(outputs, items, conditioning)).to(x.dtype)
+        return torch.from_numpy(self._combine(outputs, timestep, conditioning)).to(x.dtype)
 
     def _tasks(self, items: int, cfg: bool) -> list[_Task]:
         halves = ("uncond", "cond") if cfg else ("cond",)
@@ -225,14 +225,15 @@ class DevicePool:
         return f"no device left to run the round (every device failed: {reasons})"
 
     @staticmethod
-    def _combine(outputs: dict[tuple[int, str], np.ndarray], items: int,
+    def _combine(outputs: dict[tuple[int, str], np.ndarray], timestep: np.ndarray,
                  conditioning: Conditioning) -> np.ndarray:
+        """Each item's guided output, at the guidance scale of its own timestep."""
         combined = []
-        for item in range(items):
+        for item in range(len(timestep) // conditioning.batch):
             cond = outputs[(item, "cond")]
             if conditioning.uses_cfg:
-                cond = conditioning.combine(cond, outputs[(item, "uncond")],
-                                            conditioning.guidance)
+                scale = conditioning.scale(float(timestep[item * conditioning.batch]))
+                cond = conditioning.combine(cond, outputs[(item, "uncond")], scale)
             combined.append(cond)
         return np.concatenate(combined)
 

@@ -98,6 +98,20 @@ def test_the_pool_applies_the_familys_combine_rule():
     assert not torch.allclose(output, expected_output(x, t, 2.5), atol=1e-2)
 
 
+def test_a_round_guides_each_item_at_its_own_timesteps_scale():
+    """`guidance_at` (Wan 2.2's GUIDANCE_2 below its experts' boundary): one round whose items
+    straddle the boundary is one pool round, each item guided at its timestep's scale."""
+    x, t = round_inputs(4)  # timesteps 900, 633, 367, 100
+    default = label_conditioning(3, 2.5)
+    staged = Conditioning(default.cond, default.uncond, 2.5,
+                          guidance_at=lambda timestep: 2.5 if timestep >= 500 else 6.0)
+    pool = DevicePool(sim_devices(2))
+    output = asyncio.run(pool.denoiser(staged)(x, t))
+    assert pool.rounds == 1
+    expected = torch.cat([expected_output(x[:2], t[:2], 2.5), expected_output(x[2:], t[2:], 6.0)])
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-5)
+
+
 def test_image_inputs_added_to_a_conditioning_keep_the_familys_rule():
     """A family with its own rule that also takes image inputs (inpainting's extra denoiser
     inputs) keeps that rule when the inputs join its conditioning."""

@@ -196,9 +196,12 @@ def test_two_experts_equal_wan_pipeline(wan22):
     pipeline, spec, runtime = wan22
     reference = diffusers_frames(pipeline, guidance_scale_2=GUIDANCE_2)
     assert within_bound(generate(runtime, guidance_2=GUIDANCE_2).image, reference)
-    # drafts of one round straddle the boundary: still each evaluation by its own expert
+    # drafts of one round straddle the boundary: still each evaluation by its own expert, and
+    # such a round is one round of the pool, not one per expert
+    rounds_before = runtime.pool.rounds
     straddling = generate(runtime, guidance_2=GUIDANCE_2, mode="aggressive", window=4)
     assert straddling.rounds < STEPS
+    assert runtime.pool.rounds - rounds_before == straddling.rounds
     # one expert for every evaluation, or GUIDANCE in GUIDANCE_2's place, is another video
     one_expert = in_process(pipeline, replace(spec, boundary_ratio=None), pipeline.transformer)
     assert not within_bound(generate(one_expert).image, reference)

@@ -12,15 +12,14 @@
   (F // t * t + 1).
 - Wan 2.2 folders hold two experts: `transformer` for timesteps at or above boundary_ratio x
   num_train_timesteps, `transformer_2` below, guided by GUIDANCE_2 (guidance_scale_2, default
-  GUIDANCE). The served denoiser holds both and picks by each row's timestep; this family splits
-  every round (drafts straddling the boundary too) into the items of each expert, so each
-  device call is one expert's and the low-noise items are guided by GUIDANCE_2.
+  GUIDANCE). The served denoiser holds both and picks by each row's timestep, so a round whose
+  drafts straddle the boundary is still one round; each item is guided at its own timestep's
+  scale (GUIDANCE_2 below the boundary).
 - Decoding: latents x latents_std + latents_mean per channel, then the causal VAE decodes all
   frames at once.
 """
 from __future__ import annotations
 
-import asyncio
 import html
 import re
 from dataclasses import replace
@@ -34,7 +33,7 @@ from models import tensors
 from models.pipeline_spec import WAN, PipelineSpec
 from runtime.driffusion import Denoise
 from runtime.families import Family, TextEncoding, check_scale, prompt_rows, split_rows
-from runtime.guidance import Conditioning, classifier_free_guidance
+from runtime.guidance import Conditioning
 from runtime.pool import DevicePool
 from runtime.request import GenerationRequest, RequestError, ResolvedRequest
 
@@ -110,32 +109,13 @@ class Wan(Family):
                  spec: PipelineSpec) -> Denoise:
         if spec.boundary_ratio is None:
             return pool.denoiser(conditioning)
-        high = pool.denoiser(conditioning)
-        low = pool.denoiser(replace(conditioning, combine=partial(_guided_by,
-                                                                  request.guidance_2)))
-        return partial(_by_expert, high, low, boundary_timestep(spec))
+        return pool.denoiser(replace(conditioning, guidance_at=partial(
+            _expert_guidance, boundary_timestep(spec), request.guidance, request.guidance_2)))
 
 
-def _guided_by(scale: float, cond, uncond, _request_scale: float):
-    """Classifier-free guidance at the low-noise expert's own scale (GUIDANCE_2)."""
-    return classifier_free_guidance(cond, uncond, scale)
-
-
-async def _by_expert(high: Denoise, low: Denoise, boundary: float, x: torch.Tensor,
-                     t: torch.Tensor) -> torch.Tensor:
-    """One round's items, those at timesteps >= `boundary` by the high-noise expert and the
-    rest by the low-noise one (concurrently), back in the round's order."""
-    is_high = t >= boundary
-    if bool(is_high.all()):
-        return await high(x, t)
-    if not bool(is_high.any()):
-        return await low(x, t)
-    from_high, from_low = await asyncio.gather(high(x[is_high], t[is_high]),
-                                               low(x[~is_high], t[~is_high]))
-    output = torch.empty_like(x)
-    output[is_high] = from_high
-    output[~is_high] = from_low
-    return output
+def _expert_guidance(boundary: float, high: float, low: float, timestep: float) -> float:
+    """GUIDANCE for the high-noise expert's timesteps (>= `boundary`), GUIDANCE_2 below."""
+    return high if timestep >= boundary else low
 
 
 FAMILY = Wan()
