@@ -243,11 +243,26 @@ async def timed_run(pipeline: Pipeline, request: ResolvedRequest, *, quiet: bool
     from tqdm import tqdm
 
     label = f"{request.mode} w={request.window}"
-    with tqdm(total=pipeline.steps_to_run(request), desc=label, unit="step", disable=quiet, leave=False) as bar:
+    with tqdm(total=pipeline.steps_to_run(request), desc=label, unit="step", disable=quiet,
+              leave=False) as bar:
         start = time.perf_counter()
-        result = await pipeline.run(request, progress=bar.update)
+        result = await pipeline.run(request, progress=RoundProgress(bar))
         seconds = time.perf_counter() - start
     return Run(request, result.image, seconds, result.rounds)
+
+
+class RoundProgress:
+    """A run's progress on a tqdm bar: the timesteps refined, and the rounds that refined them
+    (a DRiffusion round refines up to its window's steps)."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+        self.rounds = 0
+
+    def __call__(self, steps: int) -> None:
+        self.rounds += 1
+        self.bar.set_postfix_str(f"round {self.rounds}", refresh=False)
+        self.bar.update(steps)
 
 
 def read_image(path: Path | None, mode: str) -> np.ndarray | None:

@@ -224,3 +224,22 @@ def test_transformer_and_decoder_export_validate(wan21, tmp_path):
     for spec, module in specs:
         exported = export_network(spec, module, tmp_path / f"{spec.name}.onnx", options)
         assert exported.validation.ok, exported.validation.describe()
+
+
+def test_generates_progress_bar_counts_steps_and_names_rounds(wan21):
+    """`generate`'s bar: the timesteps refined, and the round that refined them."""
+    import io
+
+    from tqdm import tqdm
+
+    from runtime.generate import RoundProgress
+
+    runtime = wan21[2]
+    request = runtime.resolve(GenerationRequest(prompt="a cat", mode="aggressive", window=2,
+                                                steps=STEPS, frames=FRAMES, height=HEIGHT,
+                                                width=WIDTH, guidance=GUIDANCE))
+    with tqdm(total=runtime.steps_to_run(request), file=io.StringIO()) as bar:
+        progress = RoundProgress(bar)
+        result = asyncio.run(runtime.run(request, progress=progress))
+        assert (bar.n, progress.rounds) == (STEPS, result.rounds)
+        assert bar.postfix == f"round {result.rounds}" and result.rounds < STEPS
