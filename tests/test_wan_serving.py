@@ -11,7 +11,8 @@ MODE=sequential gives WanPipeline's frames (non-square, 5 frames, CFG with a neg
 that the cleaning changes) over gRPC, HTTP/JSON and `generate` (PNG frames, and an MP4 read
 back); GUIDANCE in GUIDANCE_2's place lies beyond the bound; windows 2 and 4 take fewer rounds
 (straddling the expert boundary), window 1 is bit-identical; FRAMES past --max-video-pixels is
-refused naming FRAMES; a client's deadline cancels a video request (its rounds stop). The
+refused naming FRAMES; a client's deadline cancels a video request (its rounds stop); a dead
+device's calls go to the other and the frames do not change. The
 in-process tests (tests/test_wan.py) show the negative prompt, the
 cleaning, the state zeroing and the second expert each matter.
 """
@@ -354,3 +355,37 @@ def test_a_video_request_whose_client_gave_up_stops_within_a_round(served):
     ran = rounds() - rounds_before
     time.sleep(0.5)
     assert rounds() - rounds_before == ran < 200  # quiet after: nothing more ran for it
+
+
+def device_stub(server, name: str) -> int:
+    """The process id of the python-backend stub that runs device model `name`."""
+    from pathlib import Path
+
+    from triton_models.serve import group_members
+
+    marker = f"/{name}/1/model.py".encode()
+    (stub,) = [pid for pid in group_members(server.process.pid)
+               if marker in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return stub
+
+
+# last in the module: it leaves one device of the module's server dead (the others go on)
+def test_a_dead_device_loses_no_video_request(served):
+    """Failover holds for video as for images: the calls of a device whose process died are
+    re-issued on the other device, and the request answers the fault-free frames."""
+    import os
+    import signal
+    import time
+
+    server = served[0]
+    fields = served_request(served, 18, MODE="aggressive", WINDOW=2, STEPS=8)
+    expected, rounds, _ = grpc_video(server.grpc_url, **fields)
+    os.kill(device_stub(server, "unet_cpu1"), signal.SIGKILL)
+    frames, rounds_after, _ = grpc_video(server.grpc_url, **fields)
+    np.testing.assert_array_equal(frames, expected)
+    assert rounds_after == rounds
+    deadline = time.monotonic() + 10  # the stub's log lines reach the file a moment later
+    while "re-issued on unet_cpu0" not in server.log_path.read_text():
+        assert time.monotonic() < deadline, "no failover in the server log"
+        time.sleep(0.2)
+    assert "device unet_cpu1 lost" in server.log_path.read_text()
