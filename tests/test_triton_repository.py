@@ -114,6 +114,26 @@ def test_sim_repository_has_devices_encoder_and_pipeline_model(tmp_path):
         assert (repository.path / model / "1" / "model.py").is_file()
 
 
+def test_the_stream_model_is_opt_in_for_an_image_model_and_decoupled(tmp_path, capsys):
+    """An image model gets driffusion_stream only with --stream-model: the same model.py and
+    parameters as driffusion plus `stream`, decoupled, the progress outputs added."""
+    assert cli_main(["triton-repo", "--model", "sim", "--repository", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "driffusion_stream").exists()
+    assert cli_main(["triton-repo", "--model", "sim", "--repository", str(tmp_path / "repo"),
+                     "--stream-model", "--pipeline-instances", "3", "--max-queue-size", "5"]) == 0
+    assert capsys.readouterr().out.split()[-2:] == ["driffusion", "driffusion_stream"]
+    plain = load_config(tmp_path / "repo" / "driffusion")
+    stream = load_config(tmp_path / "repo" / "driffusion_stream")
+    assert stream.model_transaction_policy.decoupled and not plain.model_transaction_policy.decoupled
+    assert list(stream.input) == list(plain.input)
+    assert [tensor.name for tensor in stream.output] == [
+        "IMAGE", "ROUNDS", "EVALUATIONS", "STEPS_DONE", "STEPS_TOTAL"]
+    assert stream.instance_group[0].count == 3
+    assert parameters(stream) == {**parameters(plain), "stream": "true", "max_queue_size": "5"}
+    assert ((tmp_path / "repo" / "driffusion_stream" / "1" / "model.py").read_bytes()
+            == (tmp_path / "repo" / "driffusion" / "1" / "model.py").read_bytes())
+
+
 @pytest.mark.parametrize("external_data", [False, True])
 def test_onnxruntime_engines_become_one_cpu_model_per_device(tmp_path, external_data):
     engines = write_engines(tmp_path / "engines", "onnxruntime", external_data=external_data)

@@ -19,6 +19,7 @@ cleaning, the state zeroing and the second expert each matter.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -355,6 +356,159 @@ def test_a_video_request_whose_client_gave_up_stops_within_a_round(served):
     ran = rounds() - rounds_before
     time.sleep(0.5)
     assert rounds() - rounds_before == ran < 200  # quiet after: nothing more ran for it
+
+
+# ---------------------------------------------------------------------------------------------
+# driffusion_stream (written for video models): progress over a gRPC stream, through the request
+# guard that `driffusion serve` puts on the public ports
+
+
+@pytest.fixture(scope="module")
+def guarded(served):
+    """A request guard in front of the served server (as `driffusion serve` runs one): its
+    public gRPC HOST:PORT and HTTP URL."""
+    from triton_models.guard import RequestGuard
+    from triton_models.guard_limits import GuardLimits
+    from triton_models.serve import free_ports
+
+    server = served[0]
+    grpc_port, http_port = free_ports(2)
+    guard = RequestGuard(host="127.0.0.1", grpc_port=grpc_port, http_port=http_port,
+                         upstream_grpc_port=server.ports["grpc"],
+                         upstream_http_port=server.ports["http"], limits=GuardLimits())
+    guard.start()
+    yield f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
+    guard.stop()
+
+
+def streamed(url: str, fields: dict, cancel_after: int | None = None,
+             timeout_s: float = 300) -> list:
+    """One driffusion_stream request's responses in order, each (outputs, final flag), or the
+    error that ended the stream; with `cancel_after` the client cancels after that many."""
+    import queue
+
+    import tritonclient.grpc as grpc_client
+
+    from triton_models.pipeline_io import STREAM_MODEL
+
+    answers: queue.Queue = queue.Queue()
+    client = grpc_client.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    seen: list = []
+    try:
+        client.async_stream_infer(STREAM_MODEL, grpc_inputs(fields),
+                                  enable_empty_final_response=True)
+        while len(seen) != cancel_after:
+            result, error = answers.get(timeout=timeout_s)
+            if error is not None:
+                return [*seen, error]
+            response = result.get_response()
+            seen.append(({output.name: result.as_numpy(output.name)
+                          for output in response.outputs},
+                         response.parameters["triton_final_response"].bool_param))
+            if seen[-1][1]:
+                break
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    return seen
+
+
+def test_a_streamed_request_reports_each_round_then_gives_driffusions_video(served, guarded):
+    """One progress response a round (ROUNDS 1, 2, ...; STEPS_DONE up to STEPS_TOTAL), then the
+    video that driffusion gives the same request, bit for bit."""
+    fields = served_request(served, 18, MODE="aggressive", WINDOW=2)
+    *progress, (final, last) = streamed(guarded[0], fields)
+    assert last and not any(flag for _, flag in progress)
+    rounds = [int(outputs["ROUNDS"][0]) for outputs, _ in progress]
+    done = [int(outputs["STEPS_DONE"][0]) for outputs, _ in progress]
+    assert rounds == list(range(1, len(progress) + 1)) and len(progress) == final["ROUNDS"][0]
+    assert done == sorted(set(done)) and done[-1] == STEPS > len(progress)  # window 2: fewer
+    assert {int(outputs["STEPS_TOTAL"][0]) for outputs, _ in progress} == {STEPS}
+    video, plain_rounds, evaluations = grpc_video(guarded[0], **fields)
+    np.testing.assert_array_equal(final["VIDEO"], video)
+    assert (final["ROUNDS"][0], final["EVALUATIONS"][0]) == (plain_rounds, evaluations)
+
+
+def test_a_bad_streamed_request_gets_an_error_naming_the_field(served, guarded):
+    """Refused by the guard (a FRAMES of the wrong type) or by the model (too many frames):
+    the stream ends with an error naming FRAMES."""
+    from tritonclient.utils import InferenceServerException
+
+    (error,) = streamed(guarded[0], served_request(served, 19, FRAMES=5.0))
+    assert isinstance(error, InferenceServerException) and "FRAMES" in error.message()
+    assert "INVALID_ARGUMENT" in str(error.status())
+    too_many = 74_649_600 // (HEIGHT * WIDTH) + 8
+    (error,) = streamed(guarded[0], served_request(served, 19, FRAMES=too_many))
+    assert "FRAMES: " in error.message() and "FRAMES x HEIGHT x WIDTH" in error.message()
+
+
+def test_a_streamed_request_whose_client_cancels_stops(served, guarded):
+    """The client cancels its stream after the first progress response: the request is counted
+    cancelled and its rounds stop (not the 200 steps it asked for)."""
+    import time
+
+    from tests.servers import metric
+
+    server = served[0]
+
+    def cancelled() -> float:
+        return metric(server, "driffusion_requests_total", outcome="cancelled")
+
+    def rounds() -> float:
+        return metric(server, "driffusion_rounds_total", mode="sequential")
+
+    before, rounds_before = cancelled(), rounds()
+    ((first, final),) = streamed(guarded[0], served_request(served, 20, STEPS=200),
+                                 cancel_after=1)
+    assert not final and first["STEPS_TOTAL"][0] == 200
+    gave_up = time.monotonic()
+    while cancelled() == before and time.monotonic() - gave_up < 10.0:
+        time.sleep(0.05)
+    assert cancelled() == before + 1
+    ran = rounds() - rounds_before
+    time.sleep(0.5)
+    assert rounds() - rounds_before == ran < 200
+
+
+def test_http_infer_on_the_stream_model_names_the_grpc_stream(served, guarded):
+    """Triton's own HTTP answer (501, 'decoupled'), and the guard's: the same status, naming
+    the gRPC stream to use."""
+    import urllib.error
+    import urllib.request
+
+    body = {"inputs": [{"name": "PROMPT", "shape": [1], "datatype": "BYTES", "data": ["a fox"]}]}
+    answers = []
+    for url in (guarded[1], served[0].http_url):
+        request = urllib.request.Request(f"{url}/v2/models/driffusion_stream/infer",
+                                         data=json.dumps(body).encode(), method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        answers.append((refused.value.code, json.loads(refused.value.read())["error"]))
+    print(answers)
+    assert answers[0][0] == answers[1][0] == 501
+    assert all("decoupled" in message for _, message in answers)
+    assert "ModelStreamInfer" in answers[0][1]
+
+
+def test_the_example_client_prints_each_round_and_saves_the_video(served, guarded, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    fields = served_request(served, 21)
+    flags = [f"--{name.lower().replace('_', '-')}={value}" for name, value in fields.items()]
+    script = Path(__file__).resolve().parents[1] / "scripts" / "stream_progress.py"
+    run = subprocess.run([sys.executable, str(script), "--url", guarded[0],
+                          *flags, "--out", str(tmp_path / "frames/")],
+                         capture_output=True, text=True, timeout=300, check=True)
+    lines = run.stdout.splitlines()
+    assert lines == [f"round {r}: {r}/{STEPS} steps" for r in range(1, STEPS + 1)] + [
+        f"done: VIDEO [{FRAMES}, {HEIGHT}, {WIDTH}, 3] in {STEPS} rounds, {STEPS} evaluations"]
+    pngs = sorted((tmp_path / "frames").glob("frame_*.png"))
+    np.testing.assert_array_equal(np.stack([np.asarray(Image.open(p)) for p in pngs]),
+                                  grpc_video(guarded[0], **fields)[0])
 
 
 def device_stub(server, name: str) -> int:

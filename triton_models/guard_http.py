@@ -375,6 +375,10 @@ class PublicConnection:
         except OSError:
             raise Refusal(503, UNAVAILABLE_MESSAGE, linger=False,
                           headers=(("retry-after", "1"),)) from None
+        if spec.decoupled:  # Triton's status for it; its text does not say what to use
+            return error_answer(501, f"model {model!r} is decoupled (it streams its responses): "
+                                "ask it over gRPC's ModelStreamInfer (tritonclient.grpc: "
+                                "start_stream, async_stream_infer)")
         with body.view() as data:
             checked = await self.loop.run_in_executor(
                 self.guard.parser, parse_http_infer, data, header_length, model, version, spec)

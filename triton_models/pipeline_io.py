@@ -44,14 +44,23 @@ DRIFFUSION_OUTPUTS: dict[str, tuple[str, list[int]]] = {
 # a video model answers VIDEO (uint8 [F, H, W, 3]) in IMAGE's place
 VIDEO_OUTPUT = ("VIDEO", ("TYPE_UINT8", [-1, -1, -1, 3]))
 IMAGE_OUTPUT = "IMAGE"
+# the streaming model's (`driffusion_stream`) progress responses, one per round, hold these and
+# ROUNDS (rounds so far); its last response holds the other outputs
+STREAM_MODEL = "driffusion_stream"
+PROGRESS_OUTPUTS: dict[str, tuple[str, list[int]]] = {
+    "STEPS_DONE": ("TYPE_INT32", [1]),  # timesteps refined so far
+    "STEPS_TOTAL": ("TYPE_INT32", [1]),  # timesteps the request refines in all
+}
 
 
-def driffusion_outputs(video: bool) -> dict[str, tuple[str, list[int]]]:
-    """The `driffusion` model's outputs: an image model's, or a video model's (VIDEO first)."""
+def driffusion_outputs(video: bool, stream: bool = False) -> dict[str, tuple[str, list[int]]]:
+    """The `driffusion` model's outputs: an image model's, or a video model's (VIDEO first);
+    the streaming model's add the progress outputs."""
+    progress = PROGRESS_OUTPUTS if stream else {}
     if not video:
-        return dict(DRIFFUSION_OUTPUTS)
+        return {**DRIFFUSION_OUTPUTS, **progress}
     rest = {name: entry for name, entry in DRIFFUSION_OUTPUTS.items() if name != IMAGE_OUTPUT}
-    return dict([VIDEO_OUTPUT, *rest.items()])
+    return dict([VIDEO_OUTPUT, *rest.items(), *progress.items()])
 
 
 def driffusion_inputs(video: bool) -> dict[str, tuple[str, str]]:

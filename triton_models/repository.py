@@ -11,7 +11,9 @@ Models written (docs/ARCHITECTURE.md names them):
   server (`--encoders-only`) has only the tokenizers and text encoders, and a front naming
   encoder servers (`--encoder-endpoints`) has none of them (triton_models/encoder_endpoints.py);
 - `unet_sim` (with `--model sim`): the closed-form model, one instance per simulated device;
-- `driffusion`: the python-backend pipeline model (label/prompt -> image) over the devices.
+- `driffusion`: the python-backend pipeline model (label/prompt -> image) over the devices;
+  `driffusion_stream` beside it (video models, or `--stream-model`): the same model decoupled,
+  streaming a progress response per round before the image or video.
 The `driffusion` config carries the PipelineSpec (JSON) that gRPC clients read, with the serving
 limits (steps, window, prompt length) that the model enforces. Device models batch dynamically
 (`max_batch_size` = the batch limit) so that concurrent requests' drafts share calls.
@@ -48,6 +50,7 @@ from triton_models.encoder_endpoints import (
 )
 from triton_models.pipeline_io import (
     DRIFFUSION_IMAGE_INPUTS,
+    STREAM_MODEL,
     driffusion_inputs,
     driffusion_outputs,
 )
@@ -92,6 +95,9 @@ class RepositoryOptions:
     # driffusion model calls instead of its own (several: the first that answers)
     encoder_endpoints: tuple[str, ...] = ()
     pipeline_instances: int = 2  # driffusion instances = requests it serves at once
+    # the decoupled `driffusion_stream` model beside `driffusion` (progress responses over a
+    # gRPC stream); None: for video models only (each python-backend model is a stub process)
+    stream_model: bool | None = None
     # None: one device model per device (unet_gpu<i> on GPU i); "batched" / "instances": the
     # one-GPU layouts of GPU_LAYOUTS (`serve --single-gpu`)
     gpu_layout: str | None = None
@@ -226,7 +232,16 @@ def write_repository(target: str | Path | None = None,
         _keep_encoder_signatures(repository)
     if options.pipeline_model:
         _write_driffusion(repository, options)
+        if writes_stream_model(repository.spec, options):
+            _write_driffusion(repository, options, stream=True)
     return repository
+
+
+def writes_stream_model(spec: PipelineSpec, options: RepositoryOptions) -> bool:
+    """Whether the repository gets `driffusion_stream`: as asked, else for video models."""
+    if options.stream_model is None:
+        return family_of(spec).makes_video
+    return options.stream_model
 
 
 def with_limits(spec: PipelineSpec, options: RepositoryOptions) -> PipelineSpec:
@@ -601,15 +616,23 @@ def _link_or_copy(source: Path, destination: Path) -> None:
 # The pipeline model
 
 
-def _write_driffusion(repository: Repository, options: RepositoryOptions) -> None:
-    model_dir = _model_dir(repository, "driffusion", "driffusion")
-    inputs, outputs = driffusion_tensors(repository.spec)
+def _write_driffusion(repository: Repository, options: RepositoryOptions,
+                      stream: bool = False) -> None:
+    """`driffusion`, or with `stream` the decoupled `driffusion_stream` (the same model.py,
+    switched by its `stream` parameter; it bounds its own queue: Triton hands a decoupled
+    python model every request at once)."""
+    name = STREAM_MODEL if stream else "driffusion"
+    model_dir = _model_dir(repository, name, "driffusion")
+    inputs, outputs = driffusion_tensors(repository.spec, stream)
+    decoupled = "\nmodel_transaction_policy { decoupled: true }" if stream else ""
+    streaming = {"stream": "true", "max_queue_size": options.max_queue_size} if stream else {}
     _write_config(model_dir, _python_config(
-        "driffusion", inputs, outputs,
+        name, inputs, outputs,
         optional_inputs=True,
         instances=options.pipeline_instances,
-        extra=_queue_policy(options),
+        extra=_queue_policy(options) + decoupled,
         parameters={
+            **streaming,
             "pipeline": repository.spec.to_json(),
             "devices": json.dumps([asdict(device) for device in repository.devices]),
             "deadline_s": options.deadline_s,
@@ -623,13 +646,16 @@ def _write_driffusion(repository: Repository, options: RepositoryOptions) -> Non
     ))
 
 
-def driffusion_tensors(spec: PipelineSpec) -> tuple[list[Tensor], list[Tensor]]:
+def driffusion_tensors(spec: PipelineSpec, stream: bool = False
+                       ) -> tuple[list[Tensor], list[Tensor]]:
     """The `driffusion` model's inputs and outputs: a video model's also take FRAMES and
-    GUIDANCE_2 and answer VIDEO where an image model answers IMAGE."""
+    GUIDANCE_2 and answer VIDEO where an image model answers IMAGE; `driffusion_stream`'s
+    (`stream`) also answer the progress outputs."""
     video = family_of(spec).makes_video
     inputs = [(name, dtype, [1]) for name, (dtype, _) in driffusion_inputs(video).items()]
     inputs += [(name, "TYPE_UINT8", dims) for name, (dims, _) in DRIFFUSION_IMAGE_INPUTS.items()]
-    outputs = [(name, dtype, dims) for name, (dtype, dims) in driffusion_outputs(video).items()]
+    outputs = [(name, dtype, dims)
+               for name, (dtype, dims) in driffusion_outputs(video, stream).items()]
     return inputs, outputs
 
 

@@ -69,6 +69,7 @@ class ModelSpec:
     inputs: dict[str, TensorSpec]
     outputs: tuple[str, ...]
     max_batch_size: int
+    decoupled: bool = False  # answers over gRPC streams only (model_transaction_policy)
 
     @classmethod
     def from_config(cls, config: dict) -> ModelSpec:
@@ -85,7 +86,8 @@ class ModelSpec:
         if bounds:
             raise ValueError(f"max_input_dims names inputs the model lacks: {sorted(bounds)}")
         outputs = tuple(entry["name"] for entry in config.get("output", []))
-        return cls(config["name"], inputs, outputs, batch)
+        decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
+        return cls(config["name"], inputs, outputs, batch, decoupled)
 
 
 @dataclass

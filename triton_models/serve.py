@@ -577,6 +577,10 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
                         default=RepositoryOptions.pipeline_instances,
                         help="driffusion model instances: how many requests it serves at once "
                         "(default %(default)s)")
+    parser.add_argument("--stream-model", action=argparse.BooleanOptionalAction, default=None,
+                        help="also serve driffusion_stream, the decoupled pipeline model that "
+                        "streams a progress response per round to gRPC clients (one more stub "
+                        "process per instance; default: for video models only)")
     parser.add_argument("--device-endpoints", type=endpoints_argument, default=(),
                         metavar="HOST:PORT[,HOST:PORT...]",
                         help="device servers (`serve --no-pipeline-model`) whose ready unet_* "
@@ -651,6 +655,7 @@ def options_from_args(args: argparse.Namespace) -> RepositoryOptions:
         cpu_threads=args.cpu_threads, sim_latency_ms=args.sim_latency_ms,
         sim_latency_per_item_ms=args.sim_latency_per_item_ms, cfg_parallel=args.cfg_parallel,
         pipeline_model=args.pipeline_model, pipeline_instances=args.pipeline_instances,
+        stream_model=args.stream_model,
         max_steps=args.max_steps, max_window=args.max_window, max_batch=args.max_batch,
         max_prompt_bytes=args.max_prompt_bytes, max_resolution=args.max_resolution,
         max_video_pixels=args.max_video_pixels,

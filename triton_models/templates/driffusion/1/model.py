@@ -9,6 +9,11 @@ after a health check. The model is not decoupled (a plain gRPC infer gets the im
 runs one `execute` at a time per instance: concurrent requests need more instances
 (--pipeline-instances). Whether the client gave up is asked before a round, at most every
 CANCEL_CHECK_INTERVAL_S (each question is an IPC round trip to the server).
+Streaming: with the parameter `stream` the same model is `driffusion_stream`, decoupled (gRPC
+ModelStreamInfer only): after each round it sends a progress response (STEPS_DONE, STEPS_TOTAL,
+ROUNDS so far), then the response `driffusion` would give (outputs or its error), with the
+final flag. Triton hands a decoupled python model each request at once, so each instance runs
+one request at a time itself and refuses more than `max_queue_size` waiting (UNAVAILABLE).
 Parameters (config.pbtxt): `pipeline` (PipelineSpec JSON with the serving limits), `devices`
 (JSON list of {name, instances, max_batch, batching, dtypes}), `deadline_s` (per model call),
 `cfg_parallel`, `batched_rounds` and `window` (the one-GPU batched layout: each round is one call
@@ -51,6 +56,8 @@ from triton_models.pipeline_io import (
 
 # executor threads beyond one per device lane: encoders, the VAE, health checks, failover calls
 EXTRA_THREADS = 4
+BUSY_MESSAGE = ("server busy: every driffusion_stream instance is working and {waiting} "
+                "requests wait (--max-queue-size); retry later")
 
 
 class BlsModel:
@@ -109,6 +116,26 @@ class Metrics:
         self.metrics[key].increment(value)
 
 
+class ProgressSender:
+    """The progress responses of a streamed request: one after each round (called by the
+    sampler with the timesteps the round refined)."""
+
+    def __init__(self, sender, total_steps):
+        self.sender = sender
+        self.total_steps = total_steps
+        self.steps_done = 0
+        self.rounds = 0
+
+    def __call__(self, refined):
+        self.steps_done += refined
+        self.rounds += 1
+        values = {"STEPS_DONE": self.steps_done, "STEPS_TOTAL": self.total_steps,
+                  "ROUNDS": self.rounds}
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(name, np.array([value], np.int32)) for name, value in values.items()
+        ]))
+
+
 class TritonPythonModel:
     def initialize(self, args):
         torch.set_num_threads(1)  # scheduler arithmetic on tiny tensors; leave cores to devices
@@ -145,12 +172,38 @@ class TritonPythonModel:
         self.log = pb_utils.Logger
         self.metrics = Metrics()
         self._executor_loop = None
+        self.stream = parameters.get("stream", "false") == "true"
+        self.max_waiting = int(parameters.get("max_queue_size", "0"))
+        self._turn = None  # streamed requests: one runs at a time (an asyncio.Lock)
+        self._admitted = 0  # streamed requests running or waiting for their turn
         # import the schedulers and find the default one's step limit now, not in a request
         max_steps(self.spec.default_scheduler, self.spec.scheduler_config, self.spec.max_steps)
 
     async def execute(self, requests):
         self._size_executor(asyncio.get_running_loop())
+        if self.stream:
+            await asyncio.gather(*(self._stream(request) for request in requests))
+            return None
         return list(await asyncio.gather(*(self._respond(request) for request in requests)))
+
+    async def _stream(self, request):
+        """A decoupled request: progress responses, then the last response and the final flag
+        (one request at a time; beyond `max_waiting` waiting ones, UNAVAILABLE at once)."""
+        sender = request.get_response_sender()
+        if self._turn is None:
+            self._turn = asyncio.Lock()
+        if self._admitted > self.max_waiting:
+            response = self._fail("unavailable", "unknown",
+                                  BUSY_MESSAGE.format(waiting=self._admitted - 1),
+                                  pb_utils.TritonError.UNAVAILABLE)
+        else:
+            self._admitted += 1
+            try:
+                async with self._turn:
+                    response = await self._respond(request, sender)
+            finally:
+                self._admitted -= 1
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _size_executor(self, loop):
         """Give the stub's event loop enough threads for a whole round of BLS calls.
@@ -178,7 +231,9 @@ class TritonPythonModel:
             tensors[name] = None if tensor is None else tensor.as_numpy()
         return request_from_tensors(tensors, self.spec.max_prompt_bytes)
 
-    async def _respond(self, request):
+    async def _respond(self, request, progress_sender=None):
+        """The response to one request: its outputs, or the error the client is told; with a
+        streamed request's sender, a progress response goes to it after each round."""
         pool = DevicePool(self.devices, cfg_parallel=self.cfg_parallel,
                           batched=self.batched_rounds, window=self.window)
         pipeline = Pipeline(self.spec, pool, self.models, self.deadline_s)
@@ -188,7 +243,9 @@ class TritonPythonModel:
             resolved = pipeline.resolve(self._inputs(request))
             mode = resolved.mode
             cancelled = ThrottledCheck(request.is_cancelled)
-            result = await pipeline.run(resolved, should_stop=cancelled)
+            progress = (None if progress_sender is None
+                        else ProgressSender(progress_sender, pipeline.steps_to_run(resolved)))
+            result = await pipeline.run(resolved, progress, should_stop=cancelled)
         except RequestError as error:
             return self._fail("invalid", mode, f"{error.field.upper()}: {error.detail}",
                               pb_utils.TritonError.INVALID_ARG)
