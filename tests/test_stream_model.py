@@ -74,11 +74,12 @@ def test_progress_responses_count_rounds_and_steps(module):
         for rounds, done in ((1, 1), (2, 5), (3, 8))]
 
 
-def test_an_instance_runs_one_streamed_request_and_refuses_beyond_its_queue(module):
-    """max_queue_size 1: one request runs, one waits, the third is refused UNAVAILABLE at once;
-    each request's last response carries the final flag."""
+def test_the_instance_runs_its_concurrency_and_refuses_beyond_its_queue(module):
+    """concurrency 2, max_queue_size 1: two requests run, one waits, the fourth is refused
+    UNAVAILABLE at once; each request's last response carries the final flag."""
     model = module.TritonPythonModel()
-    model.stream, model.max_waiting, model._turn, model._admitted = True, 1, None, 0
+    model.stream, model.concurrency, model.max_waiting = True, 2, 1
+    model._turns, model._admitted = None, 0
     counted = []
     model.metrics = SimpleNamespace(add=lambda family, value, **labels: counted.append(labels))
     running, release = [], asyncio.Event()
@@ -89,23 +90,23 @@ def test_an_instance_runs_one_streamed_request_and_refuses_beyond_its_queue(modu
         return FakeResponse([FAKE_PB_UTILS.Tensor("ROUNDS", [len(running)])])
 
     model._respond = respond
-    requests = [FakeRequest(name) for name in "abc"]
+    requests = [FakeRequest(name) for name in "abcd"]
 
     async def run():
         streams = [asyncio.ensure_future(model._stream(request)) for request in requests]
         await asyncio.sleep(0.05)
-        assert running == ["a"]  # b waits for its turn; c was refused
-        assert [len(request.sender.sent) for request in requests] == [0, 0, 1]
+        assert running == ["a", "b"]  # c waits for its turn; d was refused
+        assert [len(request.sender.sent) for request in requests] == [0, 0, 0, 1]
         release.set()
         await asyncio.gather(*streams)
 
     asyncio.run(run())
-    assert running == ["a", "b"]
-    (refused, flags), = requests[2].sender.sent
+    assert running == ["a", "b", "c"]
+    (refused, flags), = requests[3].sender.sent
     assert flags == FINAL and refused.error.code == FakeError.UNAVAILABLE
     assert "server busy" in refused.error.message and "--max-queue-size" in refused.error.message
     assert counted == [{"mode": "unknown", "outcome": "unavailable"}]
-    for request in requests[:2]:
+    for request in requests[:3]:
         (answer, flags), = request.sender.sent
         assert flags == FINAL and answer.error is None
     assert model._admitted == 0

@@ -128,8 +128,10 @@ def test_the_stream_model_is_opt_in_for_an_image_model_and_decoupled(tmp_path, c
     assert list(stream.input) == list(plain.input)
     assert [tensor.name for tensor in stream.output] == [
         "IMAGE", "ROUNDS", "EVALUATIONS", "STEPS_DONE", "STEPS_TOTAL"]
-    assert stream.instance_group[0].count == 3
-    assert parameters(stream) == {**parameters(plain), "stream": "true", "max_queue_size": "5"}
+    # one stub running --pipeline-instances requests at once (its execute runs in the background)
+    assert stream.instance_group[0].count == 1 and plain.instance_group[0].count == 3
+    assert parameters(stream) == {**parameters(plain), "stream": "true", "concurrency": "3",
+                                  "max_queue_size": "5"}
     assert ((tmp_path / "repo" / "driffusion_stream" / "1" / "model.py").read_bytes()
             == (tmp_path / "repo" / "driffusion" / "1" / "model.py").read_bytes())
 

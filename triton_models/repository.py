@@ -619,17 +619,20 @@ def _link_or_copy(source: Path, destination: Path) -> None:
 def _write_driffusion(repository: Repository, options: RepositoryOptions,
                       stream: bool = False) -> None:
     """`driffusion`, or with `stream` the decoupled `driffusion_stream` (the same model.py,
-    switched by its `stream` parameter; it bounds its own queue: Triton hands a decoupled
-    python model every request at once)."""
+    switched by its `stream` parameter). Triton hands a decoupled python model every request
+    at once, so `driffusion_stream` is one instance that runs --pipeline-instances requests
+    at once and bounds its own queue: each stub costs ~385 MB (torch and the runtime), and its
+    requests mostly wait on device calls."""
     name = STREAM_MODEL if stream else "driffusion"
     model_dir = _model_dir(repository, name, "driffusion")
     inputs, outputs = driffusion_tensors(repository.spec, stream)
     decoupled = "\nmodel_transaction_policy { decoupled: true }" if stream else ""
-    streaming = {"stream": "true", "max_queue_size": options.max_queue_size} if stream else {}
+    streaming = {"stream": "true", "concurrency": options.pipeline_instances,
+                 "max_queue_size": options.max_queue_size} if stream else {}
     _write_config(model_dir, _python_config(
         name, inputs, outputs,
         optional_inputs=True,
-        instances=options.pipeline_instances,
+        instances=1 if stream else options.pipeline_instances,
         extra=_queue_policy(options) + decoupled,
         parameters={
             **streaming,

@@ -12,8 +12,9 @@ CANCEL_CHECK_INTERVAL_S (each question is an IPC round trip to the server).
 Streaming: with the parameter `stream` the same model is `driffusion_stream`, decoupled (gRPC
 ModelStreamInfer only): after each round it sends a progress response (STEPS_DONE, STEPS_TOTAL,
 ROUNDS so far), then the response `driffusion` would give (outputs or its error), with the
-final flag. Triton hands a decoupled python model each request at once, so each instance runs
-one request at a time itself and refuses more than `max_queue_size` waiting (UNAVAILABLE).
+final flag. Triton hands a decoupled python model each request at once (its async `execute`
+runs in the background), so one instance runs `concurrency` requests at a time itself and
+refuses more than `max_queue_size` waiting (UNAVAILABLE).
 Parameters (config.pbtxt): `pipeline` (PipelineSpec JSON with the serving limits), `devices`
 (JSON list of {name, instances, max_batch, batching, dtypes}), `deadline_s` (per model call),
 `cfg_parallel`, `batched_rounds` and `window` (the one-GPU batched layout: each round is one call
@@ -56,8 +57,8 @@ from triton_models.pipeline_io import (
 
 # executor threads beyond one per device lane: encoders, the VAE, health checks, failover calls
 EXTRA_THREADS = 4
-BUSY_MESSAGE = ("server busy: every driffusion_stream instance is working and {waiting} "
-                "requests wait (--max-queue-size); retry later")
+BUSY_MESSAGE = ("server busy: driffusion_stream runs {running} requests (--pipeline-instances) "
+                "and {waiting} wait (--max-queue-size); retry later")
 
 
 class BlsModel:
@@ -173,8 +174,9 @@ class TritonPythonModel:
         self.metrics = Metrics()
         self._executor_loop = None
         self.stream = parameters.get("stream", "false") == "true"
+        self.concurrency = int(parameters.get("concurrency", "1"))
         self.max_waiting = int(parameters.get("max_queue_size", "0"))
-        self._turn = None  # streamed requests: one runs at a time (an asyncio.Lock)
+        self._turns = None  # streamed requests: `concurrency` run at once (asyncio.Semaphore)
         self._admitted = 0  # streamed requests running or waiting for their turn
         # import the schedulers and find the default one's step limit now, not in a request
         max_steps(self.spec.default_scheduler, self.spec.scheduler_config, self.spec.max_steps)
@@ -188,18 +190,18 @@ class TritonPythonModel:
 
     async def _stream(self, request):
         """A decoupled request: progress responses, then the last response and the final flag
-        (one request at a time; beyond `max_waiting` waiting ones, UNAVAILABLE at once)."""
+        (`concurrency` at a time; beyond `max_waiting` waiting ones, UNAVAILABLE at once)."""
         sender = request.get_response_sender()
-        if self._turn is None:
-            self._turn = asyncio.Lock()
-        if self._admitted > self.max_waiting:
-            response = self._fail("unavailable", "unknown",
-                                  BUSY_MESSAGE.format(waiting=self._admitted - 1),
+        if self._turns is None:
+            self._turns = asyncio.Semaphore(self.concurrency)
+        if self._admitted >= self.concurrency + self.max_waiting:
+            busy = BUSY_MESSAGE.format(running=self.concurrency, waiting=self.max_waiting)
+            response = self._fail("unavailable", "unknown", busy,
                                   pb_utils.TritonError.UNAVAILABLE)
         else:
             self._admitted += 1
             try:
-                async with self._turn:
+                async with self._turns:
                     response = await self._respond(request, sender)
             finally:
                 self._admitted -= 1
@@ -215,7 +217,7 @@ class TritonPythonModel:
         """
         if self._executor_loop is loop:
             return
-        lanes = sum(device.instances for device in self.devices)
+        lanes = sum(device.instances for device in self.devices) * self.concurrency
         loop.set_default_executor(ThreadPoolExecutor(max_workers=lanes + EXTRA_THREADS,
                                                      thread_name_prefix="driffusion-bls"))
         self._executor_loop = loop
