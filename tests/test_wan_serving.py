@@ -430,6 +430,21 @@ def test_a_streamed_request_reports_each_round_then_gives_driffusions_video(serv
     assert (final["ROUNDS"][0], final["EVALUATIONS"][0]) == (plain_rounds, evaluations)
 
 
+def test_streamed_requests_at_once_share_the_one_instance(served, guarded):
+    """driffusion_stream is one instance that runs --pipeline-instances (2) requests at once:
+    two concurrent streams each get driffusion's video of their own request."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    requests = [served_request(served, seed, STEPS=8) for seed in (22, 23)]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda fields: streamed(guarded[0], fields), requests))
+    for fields, responses in zip(requests, answers):
+        assert len(responses) == 9 and responses[-1][1]
+        np.testing.assert_array_equal(responses[-1][0]["VIDEO"],
+                                      grpc_video(guarded[0], **fields)[0])
+    assert not np.array_equal(answers[0][-1][0]["VIDEO"], answers[1][-1][0]["VIDEO"])
+
+
 def test_a_bad_streamed_request_gets_an_error_naming_the_field(served, guarded):
     """Refused by the guard (a FRAMES of the wrong type) or by the model (too many frames):
     the stream ends with an error naming FRAMES."""
