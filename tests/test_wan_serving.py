@@ -12,7 +12,11 @@ that the cleaning changes) over gRPC, HTTP/JSON and `generate` (PNG frames, and 
 back); GUIDANCE in GUIDANCE_2's place lies beyond the bound; windows 2 and 4 take fewer rounds
 (straddling the expert boundary), window 1 is bit-identical; FRAMES past --max-video-pixels is
 refused naming FRAMES; a client's deadline cancels a video request (its rounds stop); a dead
-device's calls go to the other and the frames do not change. The
+device's calls go to the other and the frames do not change. `driffusion_stream` (written for
+video models), through a request guard in front of the same server: one progress response a
+round, then driffusion's video bit for bit (two requests at once too); a cancelled stream stops
+its request; bad fields end the stream naming them; HTTP gets 501 naming the gRPC stream;
+scripts/stream_progress.py prints each round and saves the frames. The
 in-process tests (tests/test_wan.py) show the negative prompt, the
 cleaning, the state zeroing and the second expert each matter.
 """
