@@ -332,12 +332,10 @@ def test_served_http_json_and_generate_give_the_grpc_frames(served, tmp_path):
     assert read_mp4(tmp_path / "clip.mp4").shape == by_grpc.shape
 
 
-def test_a_video_request_whose_client_gave_up_stops_within_a_round(served):
-    """A client's deadline cancels a video request as it cancels an image one: the request is
-    counted cancelled and its rounds stop (not the 200 steps it asked for)."""
+def assert_stops_when_the_client_gives_up(served, give_up) -> None:
+    """`give_up()` sends a 200-step sequential request and abandons it: the request is counted
+    cancelled and its rounds stop (not the 200 steps it asked for)."""
     import time
-
-    from tritonclient.utils import InferenceServerException
 
     from tests.servers import metric
 
@@ -350,9 +348,7 @@ def test_a_video_request_whose_client_gave_up_stops_within_a_round(served):
         return metric(server, "driffusion_rounds_total", mode="sequential")
 
     before, rounds_before = cancelled(), rounds()
-    request = served_request(served, 17, STEPS=200)
-    with pytest.raises(InferenceServerException, match="Deadline"):
-        grpc_video(server.grpc_url, timeout_s=1.5, **request)
+    give_up()
     gave_up = time.monotonic()
     while cancelled() == before and time.monotonic() - gave_up < 10.0:
         time.sleep(0.05)
@@ -360,6 +356,17 @@ def test_a_video_request_whose_client_gave_up_stops_within_a_round(served):
     ran = rounds() - rounds_before
     time.sleep(0.5)
     assert rounds() - rounds_before == ran < 200  # quiet after: nothing more ran for it
+
+
+def test_a_video_request_whose_client_gave_up_stops_within_a_round(served):
+    """A client's deadline cancels a video request as it cancels an image one."""
+    from tritonclient.utils import InferenceServerException
+
+    def give_up() -> None:
+        with pytest.raises(InferenceServerException, match="Deadline"):
+            grpc_video(served[0].grpc_url, timeout_s=1.5, **served_request(served, 17, STEPS=200))
+
+    assert_stops_when_the_client_gives_up(served, give_up)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,31 +470,14 @@ def test_a_bad_streamed_request_gets_an_error_naming_the_field(served, guarded):
 
 
 def test_a_streamed_request_whose_client_cancels_stops(served, guarded):
-    """The client cancels its stream after the first progress response: the request is counted
-    cancelled and its rounds stop (not the 200 steps it asked for)."""
-    import time
+    """The client cancels its stream after the first progress response: its request stops."""
 
-    from tests.servers import metric
+    def give_up() -> None:
+        ((first, final),) = streamed(guarded[0], served_request(served, 20, STEPS=200),
+                                     cancel_after=1)
+        assert not final and first["STEPS_TOTAL"][0] == 200
 
-    server = served[0]
-
-    def cancelled() -> float:
-        return metric(server, "driffusion_requests_total", outcome="cancelled")
-
-    def rounds() -> float:
-        return metric(server, "driffusion_rounds_total", mode="sequential")
-
-    before, rounds_before = cancelled(), rounds()
-    ((first, final),) = streamed(guarded[0], served_request(served, 20, STEPS=200),
-                                 cancel_after=1)
-    assert not final and first["STEPS_TOTAL"][0] == 200
-    gave_up = time.monotonic()
-    while cancelled() == before and time.monotonic() - gave_up < 10.0:
-        time.sleep(0.05)
-    assert cancelled() == before + 1
-    ran = rounds() - rounds_before
-    time.sleep(0.5)
-    assert rounds() - rounds_before == ran < 200
+    assert_stops_when_the_client_gives_up(served, give_up)
 
 
 def test_http_infer_on_the_stream_model_names_the_grpc_stream(served, guarded):
