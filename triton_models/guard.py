@@ -217,14 +217,19 @@ class _GrpcForward:
                     finally:
                         self._drop(client, request)
 
+            upstream = call(checked(), metadata=_passed_on(context.invocation_metadata()),
+                            timeout=context.time_remaining())
             try:
-                async for response in call(checked(),
-                                           metadata=_passed_on(context.invocation_metadata()),
-                                           timeout=context.time_remaining()):
-                    yield response
+                async for response in upstream:
+                    await context.write(response)
             except grpc.aio.AioRpcError as error:
                 await context.abort(error.code(), upstream_details(error),
                                     _passed_on(error.trailing_metadata()))
+            finally:
+                # a client that cancels its stream cancels this task, also while it writes: its
+                # requests on Triton must stop too (an async generator left suspended at a yield
+                # would hold the upstream call open until the garbage collector closed it)
+                upstream.cancel()
 
         return forward
 
