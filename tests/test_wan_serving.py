@@ -332,9 +332,15 @@ def test_served_http_json_and_generate_give_the_grpc_frames(served, tmp_path):
     assert read_mp4(tmp_path / "clip.mp4").shape == by_grpc.shape
 
 
+# a request that its client abandons must not finish before its server notices: the server's
+# most steps, which flow_euler runs (200 UniPC steps of the tiny folder took ~2 s, under the CI's
+# load less than the cancellation took to arrive)
+GIVE_UP = {"STEPS": 1000, "SCHEDULER": "flow_euler"}
+
+
 def assert_stops_when_the_client_gives_up(served, give_up) -> None:
-    """`give_up()` sends a 200-step sequential request and abandons it: the request is counted
-    cancelled and its rounds stop (not the 200 steps it asked for)."""
+    """`give_up()` sends a GIVE_UP sequential request and abandons it: the request is counted
+    cancelled and its rounds stop (not the steps it asked for)."""
     import time
 
     from tests.servers import metric
@@ -355,7 +361,7 @@ def assert_stops_when_the_client_gives_up(served, give_up) -> None:
     assert cancelled() == before + 1
     ran = rounds() - rounds_before
     time.sleep(0.5)
-    assert rounds() - rounds_before == ran < 200  # quiet after: nothing more ran for it
+    assert rounds() - rounds_before == ran < GIVE_UP["STEPS"]  # quiet after: nothing more ran
 
 
 def test_a_video_request_whose_client_gave_up_stops_within_a_round(served):
@@ -364,7 +370,8 @@ def test_a_video_request_whose_client_gave_up_stops_within_a_round(served):
 
     def give_up() -> None:
         with pytest.raises(InferenceServerException, match="Deadline"):
-            grpc_video(served[0].grpc_url, timeout_s=1.5, **served_request(served, 17, STEPS=200))
+            grpc_video(served[0].grpc_url, timeout_s=1.5,
+                       **served_request(served, 17, **GIVE_UP))
 
     assert_stops_when_the_client_gives_up(served, give_up)
 
@@ -473,9 +480,10 @@ def test_a_streamed_request_whose_client_cancels_stops(served, guarded):
     """The client cancels its stream after the first progress response: its request stops."""
 
     def give_up() -> None:
-        ((first, final),) = streamed(guarded[0], served_request(served, 20, STEPS=200),
+        ((first, final),) = streamed(guarded[0],
+                                     served_request(served, 20, **GIVE_UP),
                                      cancel_after=1)
-        assert not final and first["STEPS_TOTAL"][0] == 200
+        assert not final and first["STEPS_TOTAL"][0] == GIVE_UP["STEPS"]
 
     assert_stops_when_the_client_gives_up(served, give_up)
 
