@@ -125,6 +125,26 @@ def test_a_streamed_request_goes_through(guarded):
     assert error is None and result.as_numpy("IMAGE").shape == (8, 8, 3)
 
 
+def test_a_bad_request_on_a_stream_is_answered_and_the_stream_goes_on(guarded):
+    """As Triton answers: the refused request gets an error response naming its field, and the
+    next request on the same stream is served."""
+    answers: queue.Queue = queue.Queue()
+    client = grpc_client.InferenceServerClient(guarded.grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        wrong = grpc_client.InferInput("STEPS", [1], "FP32")  # STEPS is INT32
+        wrong.set_data_from_numpy(np.array([4], np.float32))
+        client.async_stream_infer("driffusion", [*tensors(LABEL=3), wrong], request_id="bad")
+        client.async_stream_infer("driffusion", tensors(LABEL=3, STEPS=4), request_id="good")
+        (refused, error), (result, second_error) = answers.get(timeout=30), answers.get(timeout=30)
+        client.stop_stream()
+    finally:
+        client.close()
+    assert refused is None and "STEPS" in str(error) and "INT32" in str(error)
+    assert second_error is None and result.get_response().id == "good"
+    assert result.as_numpy("IMAGE").shape == (8, 8, 3)
+
+
 @pytest.mark.parametrize("compression", [None, "gzip"])
 def test_an_oversized_grpc_request_is_refused_before_triton_reads_it(guarded, compression):
     before = group_rss_mb(guarded)

@@ -12,7 +12,8 @@ guard holds the public ones, in a thread of the serving process:
   the memory budget shared with HTTP gets UNAVAILABLE; an inference request is parsed and
   checked against the model's config (triton_models/request_check.py: shapes against the
   data, datatypes, value ranges, names) and Triton gets its canonical re-encoding, or the
-  client gets INVALID_ARGUMENT naming the field; every other call goes through unchanged
+  client gets INVALID_ARGUMENT naming the field (on a stream: an error response for that
+  request, and the stream goes on, as Triton answers); every other call goes through unchanged
   (metadata, deadline, cancellation, status and trailers);
 - HTTP (triton_models/guard_http.py): requests parsed by h11; malformed, ambiguous,
   compressed, chunked and oversized ones are refused from their heads, slow ones are cut off,
@@ -41,6 +42,7 @@ from triton_models.guard_upstream import (
 from triton_models.request_check import (
     BadRequest,
     decode_grpc_infer,
+    grpc_stream_error,
     model_of_grpc_infer,
     parse_grpc_infer,
     to_grpc_request,
@@ -155,16 +157,21 @@ class _GrpcForward:
         message as it came; the call is aborted with INVALID_ARGUMENT for a bad request."""
         import grpc
 
-        if method not in (INFER_METHOD, STREAM_METHOD):
+        if method != INFER_METHOD:
             return message
         try:
-            request = decode_grpc_infer(message)  # once: a message may be 64 MiB
-            spec = await self.specs.get(model_of_grpc_infer(request))
-            return to_grpc_request(parse_grpc_infer(request, lambda name: spec))
+            return await self._canonical(message)
         except BadRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except OSError:
             await context.abort(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE_MESSAGE)
+
+    async def _canonical(self, message: bytes) -> bytes:
+        """An inference request's canonical re-encoding, checked against its model's config
+        (BadRequest naming the field; OSError while Triton cannot say)."""
+        request = decode_grpc_infer(message)  # once: a message may be 64 MiB
+        spec = await self.specs.get(model_of_grpc_infer(request))
+        return to_grpc_request(parse_grpc_infer(request, lambda name: spec))
 
     async def _hold(self, message: bytes, context) -> str:
         """Count `message` against the memory budget for its client (its address); the call is
@@ -209,11 +216,23 @@ class _GrpcForward:
         async def forward(requests: AsyncIterator[bytes], context):
             import grpc
 
+            writing = asyncio.Lock()  # the client's stream: answers from Triton and refusals
+
+            async def write(message: bytes) -> None:
+                async with writing:
+                    await context.write(message)
+
             async def checked() -> AsyncIterator[bytes]:
+                """The requests Triton gets; a bad one is answered on the stream with an error
+                naming the field, and the stream goes on (as Triton does)."""
                 async for request in requests:
                     client = await self._hold(request, context)
                     try:
-                        yield await self._checked(method, request, context)
+                        yield await self._canonical(request)
+                    except BadRequest as error:
+                        await write(grpc_stream_error(request, str(error)))
+                    except OSError:
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE_MESSAGE)
                     finally:
                         self._drop(client, request)
 
@@ -221,7 +240,7 @@ class _GrpcForward:
                             timeout=context.time_remaining())
             try:
                 async for response in upstream:
-                    await context.write(response)
+                    await write(response)
             except grpc.aio.AioRpcError as error:
                 await context.abort(error.code(), upstream_details(error),
                                     _passed_on(error.trailing_metadata()))

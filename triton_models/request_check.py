@@ -794,6 +794,21 @@ def to_grpc_request(request: InferRequest) -> bytes:
     return message.SerializeToString()
 
 
+def grpc_stream_error(message: GrpcInfer, error: str) -> bytes:
+    """A ModelStreamInferResponse refusing one request of a stream with `error`, naming the
+    request's model and id where the message holds them, as Triton answers a bad request on a
+    stream it keeps open."""
+    try:
+        request = decode_grpc_infer(message)
+    except BadRequest:
+        request = service_pb2.ModelInferRequest()
+    answer = service_pb2.ModelStreamInferResponse(error_message=error)
+    answer.infer_response.model_name = request.model_name
+    answer.infer_response.model_version = request.model_version
+    answer.infer_response.id = request.id
+    return answer.SerializeToString()
+
+
 def to_http_request(request: InferRequest) -> tuple[bytes, int]:
     """Triton's binary-tensor HTTP body and its Inference-Header-Content-Length."""
     header: dict[str, object] = {}
