@@ -1,31 +1,37 @@
-"""Torch engines: the diffusers denoiser served by PyTorch on a GPU, with no TensorRT.
+"""Torch engines: diffusers denoisers and transformers text encoders served by PyTorch.
 
 `driffusion build-engines --backend torch` writes `engines/<model>/torch-<GPU key|cpu>/`:
-- `<denoiser>.safetensors`: the denoiser's fp32 weights; the file's metadata says how to rebuild
-  the module (library, class, config JSON) and which inputs run in the compute dtype (the export
-  spec's activations: `timestep`, `guidance` and SDXL's `time_ids` stay fp32);
-- the text encoders and the VAE decoder as ONNX Runtime CPU engines (`.onnx`), as
-  `--backend onnxruntime` builds them;
+- `<denoiser>.safetensors` and `text_encoder*.safetensors` (CLIP with or without projection,
+  T5 / UMT5, the LLM encoders Qwen3, Qwen2.5-VL and Mistral3): the fp32 weights; the file's
+  metadata says how to rebuild the module (library: diffusers or transformers, class, config
+  JSON, rebuilt from the config with no hub access), the export spec's fields (its wrapper: an
+  LLM encoder's stacked hidden-state layers) and which inputs run in the compute dtype (the
+  spec's activations: `timestep`, `guidance` and SDXL's `time_ids` stay fp32, token ids int64);
+- the VAE decoder and encoder (and a class-label encoder) as ONNX Runtime CPU engines
+  (`.onnx`), as `--backend onnxruntime` builds them;
 - `manifest.json` in the engines' format (engines/manifest.py), one `network_entry` per network:
   inputs, outputs and profile are the export spec's (export/specs.py, as export.json records
-  them, shared names from models/tensors.py); the denoiser's entry is keyed by the sha256 of the
-  ONNX exported from the same weights, its `precision` (on a GPU the precision rule's for the
-  asked precision, export/precision.py: fp16, or bf16 for SD3/Flux transformers; fp32 on the
-  CPU) and its `optimization_level` (`cuda-graphs` on a GPU, `eager` on the CPU);
+  them, shared names from models/tensors.py); a torch network's entry is keyed by the sha256 of
+  the ONNX exported from the same weights, its `precision` (on a GPU `torch_precision` for the
+  asked precision: export/precision.py's rule, except that T5-family and LLM encoders take bf16
+  for fp16 or bf16; fp32 on the CPU) and its `optimization_level` (`cuda-graphs` for the
+  denoiser on a GPU; `eager` on the CPU and for text encoders, which run once per request and
+  whose attention-mask code reads the mask on the host);
 - `pipeline.json` and the tokenizers (engines/build.py copies them, as for every backend).
 A network whose spec is `torch_only` (Wan's VAE decoder: a traced graph would fix its frame
 count) is saved here on every backend (engines/build.py), eager and with no ONNX to check
 against: its export holds its weights.
-The denoiser is still exported to ONNX: that export derives the pipeline spec, and the saved
-network is checked against it (same names, same outputs) before the manifest records it.
+Every torch network is still exported to ONNX: that export derives the pipeline spec, and the
+saved network is checked against it (same names, same outputs) before the manifest records it.
 
 The device model (`triton_models/templates/torch_model`) rebuilds the network with
-`load_network`: at the recorded precision (fp16/bf16) with CUDA graphs on `cuda:<i>`, FP32 eager
-on a machine without a GPU. Its inputs and outputs stay float32 on the wire either way.
+`load_network`: at the recorded precision (fp16/bf16) on `cuda:<i>` (the denoiser with CUDA
+graphs; the encoders on `--encoder-gpu N` or GPU 0), FP32 eager on a machine without a GPU. Its
+floating inputs and outputs stay float32 on the wire either way.
 """
-
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -37,16 +43,20 @@ import numpy as np
 
 from engines.gpu import GpuInfo
 from models import tensors
+from models.pipeline_spec import LLM_ENCODERS, T5_ENCODERS
 
 if TYPE_CHECKING:
     import torch
 
     from engines.build_types import BuildOutcome, BuildRequest, ExportedOnnx
+    from export.specs import NetworkSpec
 
 TORCH_BACKEND = "torch"
 TORCH_SUFFIX = ".safetensors"
 FORMAT = "driffusion-torch-network/1"
 GPU_LEVEL, CPU_LEVEL = "cuda-graphs", "eager"  # the manifest's optimization_level of a denoiser
+LIBRARIES = ("diffusers", "transformers")  # where a torch engine's model class comes from
+TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", *T5_ENCODERS, *LLM_ENCODERS)
 
 
 class TorchEngineError(ValueError):
@@ -65,7 +75,7 @@ class LoadedNetwork:
     """A torch engine rebuilt on a device: `module(**inputs)` takes the inputs by their shared
     names and returns the outputs in the spec's order (a tensor or a tuple)."""
 
-    module: Any  # torch.nn.Module: the export spec's wrapper around the diffusers model
+    module: Any  # torch.nn.Module: the export spec's wrapper around the model
     class_name: str
     half_inputs: frozenset[str]  # inputs cast to the compute dtype (the spec's activations)
     device: str
@@ -78,7 +88,7 @@ def torch_device_key(gpu: GpuInfo | None) -> str:
 
 
 def torch_backend_version() -> str:
-    """What a torch engine set depends on: torch (the denoiser) and ONNX Runtime (the rest)."""
+    """What a torch engine set depends on: torch (denoiser, encoders) and ONNX Runtime (VAE)."""
     import onnxruntime
     import torch
 
@@ -117,30 +127,53 @@ def is_denoiser(inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> 
             and any(tensor["name"] == tensors.OUT_SAMPLE for tensor in outputs))
 
 
+def is_text_encoder(model_class: str) -> bool:
+    """A transformers text encoder (CLIP, T5 / UMT5, an LLM encoder): a torch engine on the
+    torch backend."""
+    return model_class in TEXT_ENCODERS
+
+
+def torch_precision(asked: str, model_class: str) -> str:
+    """A torch engine's precision on a GPU: export/precision.py's rule, except that T5-family
+    and LLM encoders run in bf16 whenever a reduced precision is asked (T5 overflows fp16;
+    LLMs are published and run in bf16)."""
+    from export.precision import network_precision
+
+    if asked != "fp32" and model_class in (*T5_ENCODERS, *LLM_ENCODERS):
+        return "bf16"
+    return network_precision(asked, model_class)
+
+
 # ---------------------------------------------------------------------------------------------
 # The file format
 
 
-def save_network(module: torch.nn.Module, path: Path, half_inputs: set[str] | frozenset[str]) -> None:
-    """Write a diffusers model's weights and what rebuilds it into one safetensors file (Wan
-    2.2's WanExperts: both experts' configs and the boundary timestep)."""
+def save_network(module: torch.nn.Module, path: Path, spec: NetworkSpec) -> None:
+    """Write a network's fp32 weights and what rebuilds it into one safetensors file: a diffusers
+    model (Wan 2.2's WanExperts: both experts' configs and the boundary timestep) or a
+    transformers text encoder, its class and config, and `spec`'s fields (its wrapper: an LLM
+    encoder's chosen hidden states are the spec's, not the model's)."""
     from safetensors.torch import save_model
 
     from export.wan import WanExperts
 
     experts = isinstance(module, WanExperts)
     library = type(module).__module__.split(".")[0]
-    if not experts and (library != "diffusers" or not hasattr(module, "config")):
-        raise TorchEngineError(f"{type(module).__name__} is not a diffusers model; the torch "
-                               "backend serves diffusers denoisers")
+    if not experts and (library not in LIBRARIES or not hasattr(module, "config")):
+        raise TorchEngineError(f"{type(module).__name__} is not a diffusers or transformers "
+                               "model; the torch backend serves diffusers denoisers and "
+                               "transformers text encoders")
+    config = (module.config.to_dict() if library == "transformers" and not experts
+              else dict(module.config))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     metadata = {
         "format": FORMAT,
-        "library": "diffusers",
+        "library": "diffusers" if experts else library,
         "class_name": type(module).__name__,
-        "config": json.dumps(dict(module.config), default=list),
-        "half_inputs": json.dumps(sorted(half_inputs)),
+        "config": json.dumps(config, default=list),
+        "half_inputs": json.dumps(sorted(t.name for t in spec.inputs if t.activation)),
+        "spec": json.dumps(dataclasses.asdict(spec), default=list),
     }
     if experts:
         metadata.update(expert_class=type(module.transformer_2).__name__,
@@ -168,39 +201,60 @@ def read_metadata(path: Path) -> dict[str, str]:
 def load_network(path: Path, device: str = "cpu", dtype: str = "float32") -> LoadedNetwork:
     """Rebuild the network of a torch engine file on `device` in `dtype`, wrapped by its export
     spec's forward (inputs by the shared tensor names)."""
-    import diffusers
-    import torch
     from safetensors.torch import load_model
 
     from export.precision import PRECISION_OF_DTYPE, cast_module
-    from export.specs import spec_class_named
 
     metadata = read_metadata(path)
-
-    def rebuilt(class_name: str, config: str):
-        model_class = getattr(diffusers, class_name, None)
-        if model_class is None:
-            raise TorchEngineError(f"{path}: diffusers {diffusers.__version__} has no class "
-                                   f"{class_name}")
-        with torch.device(device):
-            return model_class.from_config(json.loads(config))
-
+    library = metadata.get("library", "diffusers")
+    if library not in LIBRARIES:
+        raise TorchEngineError(f"{path}: library {library!r} is not one of {', '.join(LIBRARIES)}")
     if "expert_class" in metadata:  # Wan 2.2: two experts of one class, picked by timestep
         from export.wan import WanExperts
 
-        module = WanExperts(rebuilt(metadata["expert_class"], metadata["config"]),
-                            rebuilt(metadata["expert_class"], metadata["config_2"]),
-                            float(metadata["boundary"]))
+        module = WanExperts(
+            rebuilt_model(path, library, metadata["expert_class"], metadata["config"], device),
+            rebuilt_model(path, library, metadata["expert_class"], metadata["config_2"], device),
+            float(metadata["boundary"]))
     else:
-        module = rebuilt(metadata["class_name"], metadata["config"])
+        module = rebuilt_model(path, library, metadata["class_name"], metadata["config"], device)
     load_model(module, str(path), strict=True, device=device)
     if dtype != "float32":  # built on `device` in fp32; cast as diffusers loads it
         cast_module(module, PRECISION_OF_DTYPE[dtype])
     module = module.eval()
-    spec_class = spec_class_named(metadata["class_name"], path.stem)
-    wrapped = spec_class.from_model(module).wrap(module).eval()
+    wrapped = saved_spec(path, metadata, module).wrap(module).eval()
     return LoadedNetwork(wrapped, metadata["class_name"],
                          frozenset(json.loads(metadata.get("half_inputs", "[]"))), device, dtype)
+
+
+def rebuilt_model(path: Path, library: str, class_name: str, config: str, device: str):
+    """A fresh (randomly initialised) model of `library`'s `class_name` from its config, built
+    on `device` in fp32: no hub access, the weights come from the engine file."""
+    import importlib
+
+    import torch
+
+    package = importlib.import_module(library)
+    model_class = getattr(package, class_name, None)
+    if model_class is None:
+        raise TorchEngineError(f"{path}: {library} {package.__version__} has no class "
+                               f"{class_name}")
+    with torch.device(device):
+        if library == "diffusers":
+            return model_class.from_config(json.loads(config))
+        return model_class(model_class.config_class.from_dict(json.loads(config)))
+
+
+def saved_spec(path: Path, metadata: Mapping[str, str], module: Any) -> NetworkSpec:
+    """The export spec recorded with the weights (older files: the spec of the model alone)."""
+    from export.specs import spec_class_named
+
+    spec_class = spec_class_named(metadata["class_name"], path.stem)
+    if "spec" not in metadata:
+        return spec_class.from_model(module)
+    fields = json.loads(metadata["spec"])
+    return spec_class(**{name: tuple(value) if isinstance(value, list) else value
+                         for name, value in fields.items()})
 
 
 def run_network(network: LoadedNetwork, feeds: Mapping[str, np.ndarray],
@@ -226,8 +280,9 @@ def run_network(network: LoadedNetwork, feeds: Mapping[str, np.ndarray],
 
 def build_torch_engines(request: BuildRequest, exported: list[ExportedOnnx], gpus: list[GpuInfo],
                         log: Callable[[str], None]) -> BuildOutcome:
-    """The denoiser as a torch engine, every other network as an ONNX Runtime engine, in one
-    `torch-<GPU key|cpu>` directory (the first GPU's key: the weights run on any GPU)."""
+    """The denoiser and the text encoders as torch engines, the VAE (and a label encoder) as ONNX
+    Runtime engines, in one `torch-<GPU key|cpu>` directory (the first GPU's key: the weights
+    run on any GPU)."""
     from engines.build_types import GPU_PRECISION, BuildOutcome
     from engines.manifest import (
         manifest_mismatch,
@@ -238,7 +293,6 @@ def build_torch_engines(request: BuildRequest, exported: list[ExportedOnnx], gpu
         write_manifest,
     )
     from engines.ort_build import ORT_OPTIMIZATION_LEVEL, build_ort_engine
-    from export.precision import network_precision
 
     gpu = gpus[0] if gpus else None
     asked = request.precision or GPU_PRECISION
@@ -251,14 +305,18 @@ def build_torch_engines(request: BuildRequest, exported: list[ExportedOnnx], gpu
     manifest["gpu"] = gpu.to_json() if gpu else None  # the same GPU, maybe at another index
     outcome = BuildOutcome(TORCH_BACKEND, [directory])
     for onnx in exported:
-        denoiser = onnx.torch_only or is_denoiser(onnx.inputs, onnx.outputs)
-        if denoiser:
+        by_torch = (onnx.torch_only or is_denoiser(onnx.inputs, onnx.outputs)
+                    or is_text_encoder(onnx.model_class))
+        if by_torch:
             precision = "fp32"
             if gpu:
                 precision = request.export.network_precisions.get(
-                    onnx.name, network_precision(asked, onnx.model_class))
+                    onnx.name, torch_precision(asked, onnx.model_class))
             file = f"{onnx.name}{TORCH_SUFFIX}"
-            level, what = (GPU_LEVEL if gpu and not onnx.torch_only else CPU_LEVEL), "torch engine"
+            # text encoders run eager: once per request, and transformers' attention-mask code
+            # reads the mask on the host, which a CUDA graph cannot capture
+            eager = onnx.torch_only or is_text_encoder(onnx.model_class)
+            level, what = (GPU_LEVEL if gpu and not eager else CPU_LEVEL), "torch engine"
         else:
             file, precision = f"{onnx.name}.onnx", onnx.precision
             level, what = ORT_OPTIMIZATION_LEVEL, "ONNX Runtime engine"
@@ -276,7 +334,7 @@ def build_torch_engines(request: BuildRequest, exported: list[ExportedOnnx], gpu
             log(f"{onnx.name}: {what} is up to date")
             continue
         log(f"{onnx.name}: building {what} ({reason})")
-        if denoiser:
+        if by_torch:
             built = build_torch_engine(request.source, onnx, directory / file, request.loras)
             seconds, path, difference = built.seconds, built.path, built.max_abs_difference
         else:
@@ -300,8 +358,7 @@ def build_torch_engine(source: str, onnx: ExportedOnnx, path: Path,
     started = time.perf_counter()
     bundle = load_bundle(source, [onnx.name], loras)
     module = bundle.modules[onnx.name]
-    activations = {t.name for t in bundle.specs()[onnx.name].inputs if t.activation}
-    save_network(module, path, activations)
+    save_network(module, path, bundle.specs()[onnx.name])
     del bundle, module
     difference = 0.0 if onnx.torch_only else check_against_onnx(path, onnx)
     return TorchBuild(path, time.perf_counter() - started, difference)
@@ -334,12 +391,16 @@ def check_against_onnx(path: Path, onnx: ExportedOnnx) -> float:
 
 def random_feeds(profile: dict[str, Any], inputs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Random inputs at the profile's smallest shapes (zeros for ids and labels: valid for every
-    embedding table)."""
+    embedding table; ones for an attention mask: every token attended)."""
     generator = np.random.default_rng(0)
     feeds = {}
     for tensor in inputs:
         shape = tuple(profile[tensor["name"]][0])
         dtype = np.dtype(tensors.dtype_named(tensor["dtype"]).name)
-        feeds[tensor["name"]] = (np.zeros(shape, dtype) if np.issubdtype(dtype, np.integer)
-                                 else generator.standard_normal(shape).astype(dtype))
+        if tensor["name"] == tensors.ATTENTION_MASK:
+            feeds[tensor["name"]] = np.ones(shape, dtype)
+        elif np.issubdtype(dtype, np.integer):
+            feeds[tensor["name"]] = np.zeros(shape, dtype)
+        else:
+            feeds[tensor["name"]] = generator.standard_normal(shape).astype(dtype)
     return feeds

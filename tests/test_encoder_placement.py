@@ -117,9 +117,9 @@ def test_triton_repo_takes_encoder_gpu(tmp_path, capsys):
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"model": "sim", "encoder_gpu": 1},
-     "--encoder-gpu places TensorRT encoders on a GPU: it needs --backend tensorrt"),
+     "--encoder-gpu places the text encoders on a GPU: it needs --backend tensorrt or torch"),
     ({"model": "reference", "backend": "onnxruntime", "encoder_gpu": 1},
-     "the onnxruntime backend runs its encoders on the CPU"),
+     "got --backend onnxruntime, model reference; the onnxruntime backend runs its encoders"),
     ({"model": "sim", "backend": "tensorrt", "encoder_gpu": -1}, "encoder gpu must be in 0..63"),
     ({"model": "sim", "encoders_only": True, "device_endpoints": ("h:1",)},
      "--encoders-only serves no driffusion model"),

@@ -242,8 +242,7 @@ def test_onnxruntime_engines_refuse_bf16_naming_the_networks(tmp_path):
 def test_torch_backend_runs_a_transformer_in_bf16(sd3_t5, tmp_path):
     spec = sd3_t5.specs()["transformer"]
     path = tmp_path / "transformer.safetensors"
-    save_network(sd3_t5.modules["transformer"], path,
-                 {t.name for t in spec.inputs if t.activation})
+    save_network(sd3_t5.modules["transformer"], path, spec)
     inputs = {name: value.numpy() for name, value in spec.sample_inputs(2).items()}
     fp32 = run_network(load_network(path), inputs, spec.output_names)[tensors.OUT_SAMPLE]
     network = load_network(path, "cpu", "bfloat16")

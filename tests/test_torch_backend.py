@@ -1,10 +1,13 @@
 """The torch backend: `build-engines --backend torch`, the `torch_model` device model, serving.
 
-Pure parts (placement, graph-cache keys, input checks, config reading, backend choice), the
-build of tiny-sd's torch engines, the device model in-process (with a stand-in for
-`triton_python_backend_utils`), and a real tritonserver serving the torch engines on the CPU
-(FP32), compared with the diffusers module in-process and with the ONNX Runtime backend's image.
-CUDA-only parts (FP16, CUDA graphs) are marked `gpu` and skipped without CUDA.
+Pure parts (placement, graph-cache keys, input checks, config reading, backend choice, encoder
+precision), the build of tiny-sd's torch engines (UNet and CLIP text encoder), the LLM encoders
+(Qwen3, Qwen2.5-VL, Mistral3) saved and reloaded with their spec's hidden-state layers, the
+device model in-process (with a stand-in for `triton_python_backend_utils`) for the UNet and the
+text encoder, `--encoder-gpu` on the torch backend, and a real tritonserver serving the torch
+engines on the CPU (FP32), compared with the diffusers module in-process and with the ONNX
+Runtime backend's image. CUDA-only parts (FP16/BF16, CUDA graphs) are marked `gpu` and skipped
+without CUDA.
 """
 from __future__ import annotations
 
@@ -31,9 +34,12 @@ from engines.torch_build import (
     load_network,
     read_metadata,
     run_network,
+    save_network,
     torch_device_key,
+    torch_precision,
 )
 from export.presets import tiny_sd
+from export.specs import LLMEncoderSpec
 from triton_models.repository import RepositoryOptions, write_repository
 from triton_models.torch_device import (
     BadInput,
@@ -187,6 +193,15 @@ def test_torch_directories_are_keyed_by_the_gpu_or_cpu():
     assert not is_denoiser([{"name": "input_ids"}], [{"name": "text_embeddings"}])
 
 
+def test_t5_and_llm_encoders_take_bf16_on_a_gpu_and_clip_the_precision_rule():
+    for encoder in ("T5EncoderModel", "UMT5EncoderModel", "Qwen3Model",
+                    "Mistral3ForConditionalGeneration"):
+        assert torch_precision("fp16", encoder) == torch_precision("bf16", encoder) == "bf16"
+        assert torch_precision("fp32", encoder) == "fp32"
+    assert torch_precision("bf16", "CLIPTextModel") == "fp16"  # as export/precision.py says
+    assert torch_precision("bf16", "FluxTransformer2DModel") == "bf16"
+
+
 def test_a_file_that_is_not_a_torch_engine_is_refused(tmp_path):
     from safetensors.torch import save_file
 
@@ -218,9 +233,9 @@ def built(tmp_path_factory):
                            export=json.loads((root / "onnx" / "export.json").read_text()))
 
 
-def test_build_writes_the_denoiser_for_torch_and_the_rest_for_onnxruntime(built):
+def test_build_writes_the_denoiser_and_encoder_for_torch_and_the_vae_for_onnxruntime(built):
     names = sorted(p.name for p in built.torch_dir.iterdir())
-    assert names == ["manifest.json", "pipeline.json", "text_encoder.onnx", "tokenizer",
+    assert names == ["manifest.json", "pipeline.json", "text_encoder.safetensors", "tokenizer",
                      "unet.safetensors", "vae_decoder.onnx", "vae_encoder.onnx"]
     manifest = read_manifest(built.torch_dir)
     assert manifest["backend"] == "torch" and manifest["gpu"] is None
@@ -233,6 +248,11 @@ def test_build_writes_the_denoiser_for_torch_and_the_rest_for_onnxruntime(built)
     for field in ("inputs", "outputs", "profile"):
         assert unet[field] == exported[field]
     assert unet["onnx_sha256"] == exported["sha256"]
+    encoder = manifest["networks"]["text_encoder"]
+    assert encoder["file"] == "text_encoder" + TORCH_SUFFIX
+    assert (encoder["precision"], encoder["optimization_level"]) == ("fp32", "eager")
+    assert encoder["onnx_sha256"] == built.export["exports"]["fp32"]["networks"][
+        "text_encoder"]["sha256"]
     assert manifest["networks"]["vae_decoder"]["file"] == "vae_decoder.onnx"
     sets = {s.device_key: s.backend for s in load_engines(built.model_dir)}
     assert sets == {"cpu": "onnxruntime", "torch-cpu": "torch"}
@@ -274,6 +294,61 @@ def test_torch_engine_and_runner_compute_what_diffusers_does(built):
     if not CUDA:
         assert runner.placement == Placement("cpu", "float32", False) and runner.graphs is None
         np.testing.assert_allclose(runner(inputs)["out_sample"], expected, rtol=0, atol=1e-5)
+
+
+def diffusers_text_encoder(input_ids: np.ndarray) -> list[np.ndarray]:
+    """The preset's CLIP text encoder in-process: last, penultimate hidden states, pooled."""
+    encoder = tiny_sd().modules["text_encoder"]
+    with torch.no_grad():
+        output = encoder(torch.from_numpy(input_ids), output_hidden_states=True)
+    return [value.numpy() for value in (output.last_hidden_state, output.hidden_states[-2],
+                                        output.pooler_output)]
+
+
+def prompt_ids(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 1000, (batch, 77)).astype(np.int64)
+
+
+def test_torch_text_encoder_computes_what_diffusers_does(built):
+    network = load_network(built.torch_dir / "text_encoder.safetensors")
+    assert network.class_name == "CLIPTextModel" and network.half_inputs == frozenset()
+    ids = prompt_ids(2)
+    names = ["text_embeddings", "penultimate_hidden_states", "pooled"]
+    outputs = run_network(network, {"input_ids": ids}, names)
+    for name, expected in zip(names, diffusers_text_encoder(ids)):
+        np.testing.assert_allclose(outputs[name], expected, rtol=0, atol=1e-5)
+
+
+LLM_LAYERS = {"qwen3": (1, 3), "qwen25_vl": (-1,), "mistral3": (10, 20, 30)}
+
+
+def llm_encoder(kind: str) -> torch.nn.Module:
+    from llm_folders import _qwen3, _qwen25_vl, mistral3
+
+    return {"qwen3": lambda: _qwen3(1, layers=4, hidden_size=24, with_head=False),
+            "qwen25_vl": lambda: _qwen25_vl(2), "mistral3": lambda: mistral3(3)}[kind]()
+
+
+@pytest.mark.parametrize("kind", sorted(LLM_LAYERS))
+def test_llm_encoder_engine_gives_its_specs_hidden_states(kind, tmp_path):
+    """A saved LLM encoder reloads with the spec's stacked layers (not the model's last state
+    alone), right-padded prompts masked as the export masks them."""
+    module = llm_encoder(kind)
+    spec = LLMEncoderSpec.from_model(module, sequence_length=12, layers=LLM_LAYERS[kind])
+    inputs = spec.sample_inputs(2)
+    with torch.no_grad():
+        expected = spec.wrap(module)(**inputs).numpy()
+    path = tmp_path / f"{kind}.safetensors"
+    save_network(module, path, spec)
+    assert read_metadata(path)["library"] == "transformers"
+    feeds = {name: value.numpy() for name, value in inputs.items()}
+    loaded = run_network(load_network(path), feeds, ["text_embeddings"])["text_embeddings"]
+    assert loaded.shape == expected.shape == (2, 12, len(spec.layers) * spec.hidden_size)
+    np.testing.assert_allclose(loaded, expected, rtol=0, atol=1e-5)
+    if spec.layers != (-1,):  # the wrong layers would be caught
+        with torch.no_grad():
+            last = LLMEncoderSpec.from_model(module, sequence_length=12).wrap(module)(**inputs)
+        assert last.shape[-1] != loaded.shape[-1] or not np.allclose(last.numpy(), loaded)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,8 +427,39 @@ def test_repository_writes_torch_device_models_and_ort_encoders(torch_repository
         assert [o.name for o in config.output] == ["out_sample"]
     assert parameters(load_config(path / "unet_gpu0"))["fail_calls"] == "3"
     assert "fail_calls" not in parameters(load_config(path / "unet_gpu1"))
-    for network in ("text_encoder", "vae_decoder"):
-        assert "onnx_file" in parameters(load_config(path / network))
+    encoder = parameters(load_config(path / "text_encoder"))
+    assert encoder["torch_file"] == "text_encoder.safetensors" and encoder["gpu"] == "0"
+    assert (encoder["precision"], encoder["cuda_graphs"]) == ("fp32", "false")  # eager
+    assert (path / "text_encoder" / "1" / "model.py").read_text() == TEMPLATE.read_text()
+    assert "onnx_file" in parameters(load_config(path / "vae_decoder"))
+
+
+def test_encoder_gpu_holds_the_torch_encoders_and_no_device(built, tmp_path):
+    from test_triton_repository import load_config, parameters
+
+    repository = write_repository(tmp_path / "repo", RepositoryOptions(
+        model=str(built.model_dir), backend="torch", devices=2, encoder_gpu=1))
+    assert [d.name for d in repository.devices] == ["unet_gpu0", "unet_gpu2"]
+    assert parameters(load_config(repository.path / "text_encoder"))["gpu"] == "1"
+    assert parameters(load_config(repository.path / "unet_gpu2"))["gpu"] == "2"
+    with pytest.raises(ValueError, match="needs --backend tensorrt or torch"):
+        RepositoryOptions(model=str(built.model_dir), backend="onnxruntime",
+                          encoder_gpu=1).validate()
+
+
+def test_text_encoder_device_model_answers_by_the_manifests_names(torch_repository,
+                                                                   monkeypatch):
+    model = in_process_model(torch_repository.path / "text_encoder", monkeypatch)
+    ids = prompt_ids(2, seed=5)
+    (response,) = model.execute([{"input_ids": ids}])
+    assert response.error is None
+    names = ["text_embeddings", "penultimate_hidden_states", "pooled"]
+    assert list(response.outputs) == names
+    for name, expected in zip(names, diffusers_text_encoder(ids)):
+        np.testing.assert_allclose(response.outputs[name], expected, rtol=0, atol=1e-5)
+    (bad,) = model.execute([{"input_ids": ids[:, :10]}])
+    assert bad.error.code == FakeTritonError.INVALID_ARG
+    assert "input_ids has shape" in bad.error.message
 
 
 def test_device_model_batches_requests_and_classifies_errors(torch_repository, monkeypatch):
@@ -456,7 +562,9 @@ def test_served_torch_unet_matches_the_diffusers_module(servers):
 def test_served_torch_image_matches_the_onnxruntime_backend(servers, mode):
     request = {"PROMPT": PROMPT, "NEGATIVE_PROMPT": NEGATIVE, "SEED": SEED, "STEPS": STEPS,
                "GUIDANCE": GUIDANCE, "MODE": mode, "WINDOW": 4}
+    encoder_calls = executions(servers.torch, "text_encoder")
     torch_image, torch_rounds = driffusion_request(servers.torch, **request)
+    assert executions(servers.torch, "text_encoder") > encoder_calls  # the torch encoder ran
     ort_image, ort_rounds = driffusion_request(servers.ort, **request)
     assert torch_image.shape == ort_image.shape and torch_image.dtype == np.uint8
     difference = np.abs(torch_image.astype(np.int16) - ort_image.astype(np.int16))
@@ -499,6 +607,39 @@ def test_cuda_graphs_replay_what_eager_fp16_computes(built):
     inputs = unet_inputs(2)
     np.testing.assert_allclose(graphs(inputs)["out_sample"], diffusers_unet(inputs),
                                rtol=0, atol=5e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_text_encoder_runs_eager_on_the_gpu_in_fp16(built):
+    names = ["text_embeddings", "penultimate_hidden_states", "pooled"]
+    runner = load_runner(built.torch_dir / "text_encoder.safetensors", gpu=0, precision="fp16",
+                         cuda_graphs=False,
+                         outputs=[TensorIO(name, "float32", (-1,)) for name in names])
+    assert runner.placement == Placement("cuda:0", "float16", False)
+    ids = prompt_ids(2)
+    outputs = runner({"input_ids": ids})
+    for name, expected in zip(names, diffusers_text_encoder(ids)):
+        np.testing.assert_allclose(outputs[name], expected, rtol=0, atol=5e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["qwen3", "mistral3"])
+def test_llm_encoder_runs_in_bf16_on_the_gpu(kind, tmp_path):
+    module = llm_encoder(kind)
+    spec = LLMEncoderSpec.from_model(module, sequence_length=12, layers=LLM_LAYERS[kind])
+    inputs = spec.sample_inputs(2)
+    with torch.no_grad():
+        expected = spec.wrap(module)(**inputs).numpy()
+    path = tmp_path / f"{kind}.safetensors"
+    save_network(module, path, spec)
+    runner = load_runner(path, gpu=0, precision="bf16", cuda_graphs=False,
+                         outputs=[TensorIO("text_embeddings", "float32", (-1,))])
+    assert next(runner.network.module.parameters()).dtype == torch.bfloat16
+    got = runner({name: value.numpy() for name, value in inputs.items()})["text_embeddings"]
+    scale = float(np.abs(expected).max())
+    assert float(np.abs(got - expected).max()) <= 0.05 * max(scale, 1.0)
 
 
 @pytest.mark.gpu

@@ -7,7 +7,8 @@ Models written (docs/ARCHITECTURE.md names them):
   on a machine without a GPU); a one-GPU server writes one batched device model or several on
   GPU 0 (`gpu_layout`);
 - `text_encoder[_2|_3]`, `vae_decoder` and `vae_encoder` where the model has them, on GPU 0 or
-  on the encoder GPU (`--encoder-gpu N`, which the devices then leave to them); an encoder
+  on the encoder GPU (`--encoder-gpu N`, which the devices then leave to them; with
+  `--backend torch` the text encoders are `torch_model`s there, eager); an encoder
   server (`--encoders-only`) has only the tokenizers and text encoders, and a front naming
   encoder servers (`--encoder-endpoints`) has none of them (triton_models/encoder_endpoints.py);
 - `unet_sim` (with `--model sim`): the closed-form model, one instance per simulated device;
@@ -58,6 +59,7 @@ from triton_models.pipeline_io import (
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MARKER = ".driffusion-repository"
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
+ENCODER_GPU_BACKENDS = ("tensorrt", "torch")  # the backends whose text encoders run on a GPU
 # one-GPU layouts: one device model whose every DRiffusion round is one batched call of
 # `devices` items, or `devices` device models all on GPU 0
 GPU_LAYOUTS = ("batched", "instances")
@@ -145,10 +147,11 @@ class RepositoryOptions:
             if not 0 <= self.encoder_gpu < MAX_DEVICES:
                 raise ValueError(f"encoder gpu must be in 0..{MAX_DEVICES - 1}; got "
                                  f"{self.encoder_gpu}")
-            if self.backend != "tensorrt" or self.model == "sim":
-                raise ValueError("--encoder-gpu places TensorRT encoders on a GPU: it needs "
-                                 f"--backend tensorrt (the {self.backend} backend runs its "
-                                 "encoders on the CPU)")
+            if self.backend not in ENCODER_GPU_BACKENDS or self.model == "sim":
+                raise ValueError("--encoder-gpu places the text encoders on a GPU: it needs "
+                                 f"--backend {' or '.join(ENCODER_GPU_BACKENDS)} and a model's "
+                                 f"engines (got --backend {self.backend}, model {self.model}; "
+                                 "the onnxruntime backend runs its encoders on the CPU)")
         if self.encoders_only and (parse_endpoints(self.device_endpoints)
                                    or parse_endpoints(self.encoder_endpoints)):
             raise ValueError("--encoders-only serves no driffusion model: it cannot go with "
@@ -499,8 +502,11 @@ def _write_torch_network(repository: Repository, name: str, source: Path, networ
 
     model_dir = _model_dir(repository, name, "torch_model")
     _link_or_copy(source, model_dir / "1" / source.name)
+    # text encoders run eager: once per request, and transformers' attention-mask code reads the
+    # mask on the host, which a CUDA graph cannot capture
+    graphs = graphs_allowed(network) and not name.startswith("text_encoder")
     parameters = {"torch_file": source.name, "gpu": gpu, "precision": network["precision"],
-                  "cuda_graphs": "true" if graphs_allowed(network) else "false",
+                  "cuda_graphs": "true" if graphs else "false",
                   "intra_op_threads": options.cpu_threads}
     if fail_calls:
         parameters["fail_calls"] = ",".join(map(str, fail_calls))

@@ -1,9 +1,12 @@
-"""Triton python-backend model: a torch engine (the diffusers denoiser) on GPU i, no TensorRT.
+"""Triton python-backend model: a torch engine (a denoiser or a text encoder) on GPU i, no TensorRT.
 
-Used for `unet_gpu<i>` with `--backend torch`: the network (engines/torch_build.py) runs at its
-recorded precision (FP16, or BF16 for SD3/Flux transformers) on `cuda:<gpu>` with a CUDA graph
-per (batch, input shapes, dtypes), captured on first use, and eager where shapes are dynamic or a
-capture fails; without any GPU, FP32 eager on the CPU. Inputs and outputs stay FP32 on the wire.
+Used for `unet_gpu<i>` and, with `--backend torch`, `text_encoder*`: the network
+(engines/torch_build.py) runs at its recorded precision (FP16, or BF16 for SD3/Flux transformers
+and T5/LLM encoders) on `cuda:<gpu>` with a CUDA graph per (batch, input shapes, dtypes),
+captured on first use, and eager where shapes are dynamic, a capture fails or the repository
+asks for none (text encoders); without any GPU, FP32 eager on the CPU. Floating inputs and
+outputs stay FP32 on the wire; inputs and outputs are the config's, by name (a denoiser's
+sample/timestep/... -> out_sample, an encoder's input_ids/attention_mask -> text_embeddings...).
 Parameters (config.pbtxt): `torch_file` (a plain name in the version directory), `gpu`,
 `precision` (the manifest's: fp16/bf16/fp32 on the GPU), `cuda_graphs`, `max_graphs`,
 `intra_op_threads` (CPU), `batching` ("true": the requests Triton hands over together run as one
