@@ -256,17 +256,23 @@ def test_torch_backend_runs_a_transformer_in_bf16(sd3_t5, tmp_path):
 
 
 def test_torch_engines_record_the_rules_precision_per_gpu(tmp_path):
-    request = BuildRequest(source=str(sd3_folder(tmp_path / "sd3")), name="sd3",
+    """On a GPU (faked: the build itself runs on the CPU) the transformer and T5 take bf16,
+    CLIP the rule's fp16; the VAE stays an ONNX Runtime engine."""
+    request = BuildRequest(source=str(sd3_t5_folder(tmp_path / "sd3")), name="sd3",
                            engines_root=tmp_path / "engines", onnx_dir=tmp_path / "onnx",
                            backend="torch", precision="bf16",
-                           networks=("transformer", "vae_decoder"),
+                           networks=("transformer", "text_encoder", "text_encoder_3",
+                                     "vae_decoder"),
                            export=ExportOptions(batch_range=(1, 2, 4)))
     exported = ensure_exported(request, build_export_options(request, "torch"), QUIET["log"])
-    assert {onnx.name: onnx.precision for onnx in exported} == {
-        "transformer": "fp32", "vae_decoder": "fp32"}
+    assert {onnx.name: onnx.precision for onnx in exported} == dict.fromkeys(
+        ("transformer", "text_encoder", "text_encoder_3", "vae_decoder"), "fp32")
     build_torch_engines(request, exported, [H100], QUIET["log"])
     manifest = read_manifest(request.engines_root / "sd3" / torch_device_key(H100))
     assert {name: (entry["precision"], entry["file"]) for name, entry in
             manifest["networks"].items()} == {
         "transformer": ("bf16", "transformer.safetensors"),
+        "text_encoder": ("fp16", "text_encoder.safetensors"),
+        "text_encoder_3": ("bf16", "text_encoder_3.safetensors"),
         "vae_decoder": ("fp32", "vae_decoder.onnx")}
+    assert manifest["networks"]["text_encoder_3"]["optimization_level"] == "eager"
