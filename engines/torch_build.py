@@ -390,14 +390,18 @@ def check_against_onnx(path: Path, onnx: ExportedOnnx) -> float:
 
 
 def random_feeds(profile: dict[str, Any], inputs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Random inputs at the profile's smallest shapes (zeros for ids and labels: valid for every
-    embedding table; ones for an attention mask: every token attended)."""
+    """Random inputs at the profile's smallest shapes: token ids 1..7 (id 0 is often the padding
+    id, whose zero embedding would make a T5 or LLM encoder's output zero whatever its weights),
+    ones for an attention mask (every token attended), zeros for labels (valid for every
+    embedding table)."""
     generator = np.random.default_rng(0)
     feeds = {}
     for tensor in inputs:
         shape = tuple(profile[tensor["name"]][0])
         dtype = np.dtype(tensors.dtype_named(tensor["dtype"]).name)
-        if tensor["name"] == tensors.ATTENTION_MASK:
+        if tensor["name"] == tensors.INPUT_IDS:
+            feeds[tensor["name"]] = generator.integers(1, 8, shape).astype(dtype)
+        elif tensor["name"] == tensors.ATTENTION_MASK:
             feeds[tensor["name"]] = np.ones(shape, dtype)
         elif np.issubdtype(dtype, np.integer):
             feeds[tensor["name"]] = np.zeros(shape, dtype)

@@ -319,6 +319,26 @@ def test_torch_text_encoder_computes_what_diffusers_does(built):
         np.testing.assert_allclose(outputs[name], expected, rtol=0, atol=1e-5)
 
 
+def test_the_builds_check_refuses_an_encoder_that_computes_otherwise(built, tmp_path):
+    from engines.build_types import ExportedOnnx
+    from engines.torch_build import check_against_onnx
+
+    entry = built.export["exports"]["fp32"]["networks"]["text_encoder"]
+    onnx = ExportedOnnx("text_encoder", built.root / "onnx" / entry["file"], entry["sha256"],
+                        "fp32", entry["inputs"], entry["outputs"], entry["profile"],
+                        entry["model_class"])
+    bundle = tiny_sd()
+    encoder, spec = bundle.modules["text_encoder"], bundle.specs()["text_encoder"]
+    path = tmp_path / "text_encoder.safetensors"
+    save_network(encoder, path, spec)
+    assert check_against_onnx(path, onnx) < 1e-4
+    with torch.no_grad():
+        encoder.final_layer_norm.bias.add_(0.5)
+    save_network(encoder, path, spec)
+    with pytest.raises(TorchEngineError, match="output text_embeddings differs from the ONNX"):
+        check_against_onnx(path, onnx)
+
+
 LLM_LAYERS = {"qwen3": (1, 3), "qwen25_vl": (-1,), "mistral3": (10, 20, 30)}
 
 
