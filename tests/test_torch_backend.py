@@ -371,6 +371,32 @@ def test_llm_encoder_engine_gives_its_specs_hidden_states(kind, tmp_path):
         assert last.shape[-1] != loaded.shape[-1] or not np.allclose(last.numpy(), loaded)
 
 
+# slow (an LLM's ONNX export, about 30 s): the build path of an LLM encoder; the default suite
+# covers its save and load (test_llm_encoder_engine_gives_its_specs_hidden_states) and the
+# build's check against ONNX on tiny-sd's CLIP
+# (test_the_builds_check_refuses_an_encoder_that_computes_otherwise)
+@pytest.mark.slow
+def test_klein_build_saves_its_qwen3_encoder_checked_against_its_onnx(tmp_path):
+    from llm_folders import KLEIN_LAYERS, flux2_klein_folder
+
+    from engines.build import ensure_exported, export_options_for
+    from engines.build_types import BuildRequest
+    from engines.torch_build import build_torch_engines
+    from export.onnx_export import ExportOptions
+
+    request = BuildRequest(source=str(flux2_klein_folder(tmp_path / "klein")), name="klein",
+                           engines_root=tmp_path / "engines", onnx_dir=tmp_path / "onnx",
+                           backend="torch", networks=("text_encoder",),
+                           export=ExportOptions(batch_range=(1, 2, 2)))
+    exported = ensure_exported(request, export_options_for(request, "torch"), lambda line: None)
+    build_torch_engines(request, exported, [], lambda line: None)
+    directory = tmp_path / "engines" / "klein" / torch_device_key(None)
+    entry = read_manifest(directory)["networks"]["text_encoder"]
+    assert (entry["file"], entry["precision"]) == ("text_encoder.safetensors", "fp32")
+    assert json.loads(read_metadata(directory / entry["file"])["spec"])["layers"] == list(
+        KLEIN_LAYERS)
+
+
 # ---------------------------------------------------------------------------------------------
 # The device model in-process, with a stand-in for triton_python_backend_utils
 
