@@ -452,7 +452,7 @@ def torch_repository(built, tmp_path_factory):
     return write_repository(tmp_path_factory.mktemp("torch-repo") / "repo", options)
 
 
-def test_repository_writes_torch_device_models_and_ort_encoders(torch_repository):
+def test_repository_writes_torch_devices_and_encoder_and_an_ort_vae(torch_repository):
     from test_triton_repository import load_config, parameters
 
     path = torch_repository.path
