@@ -349,17 +349,24 @@ def llm_encoder(kind: str) -> torch.nn.Module:
             "qwen25_vl": lambda: _qwen25_vl(2), "mistral3": lambda: mistral3(3)}[kind]()
 
 
-@pytest.mark.parametrize("kind", sorted(LLM_LAYERS))
-def test_llm_encoder_engine_gives_its_specs_hidden_states(kind, tmp_path):
-    """A saved LLM encoder reloads with the spec's stacked layers (not the model's last state
-    alone), right-padded prompts masked as the export masks them."""
+def saved_llm_encoder(kind: str, directory: Path):
+    """(module, spec, sample inputs, the wrapper's hidden states, the saved engine's path) of a
+    tiny LLM encoder of `kind` saved as a torch engine."""
     module = llm_encoder(kind)
     spec = LLMEncoderSpec.from_model(module, sequence_length=12, layers=LLM_LAYERS[kind])
     inputs = spec.sample_inputs(2)
     with torch.no_grad():
         expected = spec.wrap(module)(**inputs).numpy()
-    path = tmp_path / f"{kind}.safetensors"
+    path = directory / f"{kind}.safetensors"
     save_network(module, path, spec)
+    return module, spec, inputs, expected, path
+
+
+@pytest.mark.parametrize("kind", sorted(LLM_LAYERS))
+def test_llm_encoder_engine_gives_its_specs_hidden_states(kind, tmp_path):
+    """A saved LLM encoder reloads with the spec's stacked layers (not the model's last state
+    alone), right-padded prompts masked as the export masks them."""
+    module, spec, inputs, expected, path = saved_llm_encoder(kind, tmp_path)
     assert read_metadata(path)["library"] == "transformers"
     feeds = {name: value.numpy() for name, value in inputs.items()}
     loaded = run_network(load_network(path), feeds, ["text_embeddings"])["text_embeddings"]
@@ -673,13 +680,7 @@ def test_text_encoder_runs_eager_on_the_gpu_in_fp16(built):
 @needs_cuda
 @pytest.mark.parametrize("kind", ["qwen3", "mistral3"])
 def test_llm_encoder_runs_in_bf16_on_the_gpu(kind, tmp_path):
-    module = llm_encoder(kind)
-    spec = LLMEncoderSpec.from_model(module, sequence_length=12, layers=LLM_LAYERS[kind])
-    inputs = spec.sample_inputs(2)
-    with torch.no_grad():
-        expected = spec.wrap(module)(**inputs).numpy()
-    path = tmp_path / f"{kind}.safetensors"
-    save_network(module, path, spec)
+    _, _, inputs, expected, path = saved_llm_encoder(kind, tmp_path)
     runner = load_runner(path, gpu=0, precision="bf16", cuda_graphs=False,
                          outputs=[TensorIO("text_embeddings", "float32", (-1,))])
     assert next(runner.network.module.parameters()).dtype == torch.bfloat16
