@@ -34,7 +34,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -200,49 +201,115 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 def load_network(path: Path, device: str = "cpu", dtype: str = "float32") -> LoadedNetwork:
     """Rebuild the network of a torch engine file on `device` in `dtype`, wrapped by its export
-    spec's forward (inputs by the shared tensor names)."""
-    from safetensors.torch import load_model
+    spec's forward (inputs by the shared tensor names).
 
+    The model is built with its parameters on the meta device and cast there, then each weight
+    is read from the file and cast once on its way to `device`: the device never holds an fp32
+    copy of the model (a 24 B encoder is ~96 GB in fp32, ~48 GB in bf16)."""
     from export.precision import PRECISION_OF_DTYPE, cast_module
 
     metadata = read_metadata(path)
     library = metadata.get("library", "diffusers")
     if library not in LIBRARIES:
         raise TorchEngineError(f"{path}: library {library!r} is not one of {', '.join(LIBRARIES)}")
-    if "expert_class" in metadata:  # Wan 2.2: two experts of one class, picked by timestep
-        from export.wan import WanExperts
+    with parameters_on_meta():
+        if "expert_class" in metadata:  # Wan 2.2: two experts of one class, picked by timestep
+            from export.wan import WanExperts
 
-        module = WanExperts(
-            rebuilt_model(path, library, metadata["expert_class"], metadata["config"], device),
-            rebuilt_model(path, library, metadata["expert_class"], metadata["config_2"], device),
-            float(metadata["boundary"]))
-    else:
-        module = rebuilt_model(path, library, metadata["class_name"], metadata["config"], device)
-    load_model(module, str(path), strict=True, device=device)
-    if dtype != "float32":  # built on `device` in fp32; cast as diffusers loads it
+            module = WanExperts(
+                rebuilt_model(path, library, metadata["expert_class"], metadata["config"]),
+                rebuilt_model(path, library, metadata["expert_class"], metadata["config_2"]),
+                float(metadata["boundary"]))
+        else:
+            module = rebuilt_model(path, library, metadata["class_name"], metadata["config"])
+    if dtype != "float32":  # as diffusers loads it: its fp32 modules stay fp32
         cast_module(module, PRECISION_OF_DTYPE[dtype])
+    load_weights(module, path, device)
     module = module.eval()
     wrapped = saved_spec(path, metadata, module).wrap(module).eval()
     return LoadedNetwork(wrapped, metadata["class_name"],
                          frozenset(json.loads(metadata.get("half_inputs", "[]"))), device, dtype)
 
 
-def rebuilt_model(path: Path, library: str, class_name: str, config: str, device: str):
-    """A fresh (randomly initialised) model of `library`'s `class_name` from its config, built
-    on `device` in fp32: no hub access, the weights come from the engine file."""
+def rebuilt_model(path: Path, library: str, class_name: str, config: str):
+    """A fresh model of `library`'s `class_name` from its config: no hub access, the weights
+    come from the engine file."""
     import importlib
-
-    import torch
 
     package = importlib.import_module(library)
     model_class = getattr(package, class_name, None)
     if model_class is None:
         raise TorchEngineError(f"{path}: {library} {package.__version__} has no class "
                                f"{class_name}")
-    with torch.device(device):
-        if library == "diffusers":
-            return model_class.from_config(json.loads(config))
-        return model_class(model_class.config_class.from_dict(json.loads(config)))
+    if library == "diffusers":
+        return model_class.from_config(json.loads(config))
+    return model_class(model_class.config_class.from_dict(json.loads(config)))
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Within: every parameter a module registers moves to the meta device (no memory; its
+    random initialisation is skipped), while buffers keep the values their modules computed
+    (non-persistent ones, such as rotary frequencies, are not in the engine file)."""
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, parameter):
+        register(module, name, parameter)
+        if parameter is not None and parameter.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(
+                parameter.to("meta"), requires_grad=parameter.requires_grad)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def load_weights(module: Any, path: Path, device: str) -> None:
+    """Give a model whose parameters are on the meta device its weights from the engine file,
+    each cast to its parameter's dtype, on `device` (tied parameters stay one tensor); buffers
+    move to `device` too (persistent ones from the file). TorchEngineError if the file and the
+    model disagree on the names."""
+    import torch
+    from safetensors import safe_open
+
+    slots: dict[int, list[tuple[Any, str, str]]] = {}  # one parameter -> every place it sits
+    buffers: list[tuple[Any, str, str]] = []
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        for name, parameter in owner._parameters.items():
+            if parameter is not None:
+                slots.setdefault(id(parameter), []).append((owner, name, _joined(prefix, name)))
+        buffers += [(owner, name, _joined(prefix, name))
+                    for name, buffer in owner._buffers.items() if buffer is not None]
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        stored = set(handle.keys())
+        used = set()
+        for places in slots.values():
+            key = next((full for _, _, full in places if full in stored), None)
+            if key is None:
+                raise TorchEngineError(f"{path} has no weights for {places[0][2]}; rebuild it "
+                                       "with `driffusion build-engines --backend torch --force`")
+            owner, name, _ = places[0]
+            value = handle.get_tensor(key).to(device=device, dtype=owner._parameters[name].dtype)
+            loaded = torch.nn.Parameter(value, requires_grad=False)
+            for owner, name, _ in places:
+                owner._parameters[name] = loaded
+            used.update(full for _, _, full in places)
+        for owner, name, full in buffers:
+            buffer = owner._buffers[name]
+            value = handle.get_tensor(full) if full in stored else buffer
+            owner._buffers[name] = value.to(device=device, dtype=buffer.dtype)
+            used.add(full)
+    if stored - used:
+        raise TorchEngineError(f"{path} holds weights the model does not have: "
+                               f"{', '.join(sorted(stored - used)[:5])}")
+
+
+def _joined(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def saved_spec(path: Path, metadata: Mapping[str, str], module: Any) -> NetworkSpec:

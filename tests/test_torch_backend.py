@@ -39,7 +39,7 @@ from engines.torch_build import (
     torch_precision,
 )
 from export.presets import tiny_sd
-from export.specs import LLMEncoderSpec
+from export.specs import LLMEncoderSpec, T5EncoderSpec
 from triton_models.repository import RepositoryOptions, write_repository
 from triton_models.torch_device import (
     BadInput,
@@ -360,6 +360,44 @@ def saved_llm_encoder(kind: str, directory: Path):
     path = directory / f"{kind}.safetensors"
     save_network(module, path, spec)
     return module, spec, inputs, expected, path
+
+
+def by_suffix(named: dict, name: str):
+    """The entry of `named` (a wrapper's names) that is the model's `name`."""
+    (found,) = [value for key, value in named.items() if key == name or key.endswith("." + name)]
+    return found
+
+
+def test_a_reduced_precision_load_casts_each_weight_once_keeping_ties_and_buffers(tmp_path):
+    """load_network builds the model with its parameters on the meta device and casts each weight
+    once on its way in: at fp16 a T5 encoder's kept-fp32 `wo` weights are the file's fp32
+    values exactly (no round trip through fp16), the others the file's in fp16, the tied
+    embedding stays one tensor; an LLM encoder's rotary frequencies (a non-persistent buffer,
+    not in the file) are the model's own."""
+    from diffusers_folders import _t5
+    from safetensors.torch import load_file
+
+    register = torch.nn.Module.register_parameter
+    t5 = _t5(0, d_model=32)
+    path = tmp_path / "t5.safetensors"
+    save_network(t5, path, T5EncoderSpec.from_model(t5, sequence_length=8))
+    loaded = load_network(path, dtype="float16").module
+    assert torch.nn.Module.register_parameter is register  # the meta construction is undone
+    parameters = dict(loaded.named_parameters(remove_duplicate=False))
+    assert all(value.device.type == "cpu" for value in parameters.values())
+    for name, stored in load_file(str(path)).items():
+        value = by_suffix(parameters, name)
+        if ".wo." in name:
+            assert value.dtype == torch.float32 and torch.equal(value, stored), name
+        else:
+            assert value.dtype == torch.float16 and torch.equal(value, stored.half()), name
+    assert by_suffix(parameters, "shared.weight") is by_suffix(parameters,
+                                                              "encoder.embed_tokens.weight")
+    module, _, _, _, llm_path = saved_llm_encoder("qwen3", tmp_path)
+    frequencies = dict(load_network(llm_path).module.named_buffers())
+    for name, buffer in module.named_buffers():
+        if name.endswith("inv_freq"):
+            assert torch.equal(by_suffix(frequencies, name), buffer), name
 
 
 @pytest.mark.parametrize("kind", sorted(LLM_LAYERS))
