@@ -35,7 +35,7 @@ def guarded(tmp_path_factory):
     from triton_models.serve import EmbeddedServer, free_ports
 
     options = RepositoryOptions(model="sim", devices=2, sim_latency_ms=20.0,
-                                pipeline_instances=1, max_queue_size=2)
+                                pipeline_instances=1, max_queue_size=2, stream_model=True)
     repository = write_repository(tmp_path_factory.mktemp("guard") / "repo", options)
     grpc_port, http_port, metrics_port = free_ports(3)
     server = EmbeddedServer(repository.path, grpc_port=grpc_port, http_port=http_port,
@@ -143,6 +143,31 @@ def test_a_bad_request_on_a_stream_is_answered_and_the_stream_goes_on(guarded):
     assert refused is None and "STEPS" in str(error) and "INT32" in str(error)
     assert second_error is None and result.get_response().id == "good"
     assert result.as_numpy("IMAGE").shape == (8, 8, 3)
+
+
+def test_an_image_models_stream_model_reports_each_round_then_gives_the_image(guarded):
+    """`--stream-model` on an image model: one progress response a round, then the IMAGE that
+    `driffusion` gives the same request."""
+    answers: queue.Queue = queue.Queue()
+    fields = {"LABEL": 3, "STEPS": 6, "SEED": 2, "MODE": "sequential"}
+    client = grpc_client.InferenceServerClient(guarded.grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer("driffusion_stream", tensors(**fields),
+                                  enable_empty_final_response=True)
+        responses = []
+        while not responses or not responses[-1].get_response().parameters[
+                "triton_final_response"].bool_param:
+            result, error = answers.get(timeout=30)
+            assert error is None, error
+            responses.append(result)
+        client.stop_stream()
+    finally:
+        client.close()
+    *progress, final = responses
+    assert [int(r.as_numpy("ROUNDS")[0]) for r in progress] == list(range(1, 7))
+    assert [int(r.as_numpy("STEPS_DONE")[0]) for r in progress] == list(range(1, 7))
+    np.testing.assert_array_equal(final.as_numpy("IMAGE"), image(guarded.grpc_url, **fields))
 
 
 @pytest.mark.parametrize("compression", [None, "gzip"])
