@@ -6,7 +6,8 @@ save its video (MP4, or a folder of PNGs) or image (PNG).
 
 Each progress response holds STEPS_DONE, STEPS_TOTAL and ROUNDS (so far); the last one holds
 VIDEO (or IMAGE), ROUNDS and EVALUATIONS, and carries Triton's final-response flag. An error
-(a bad field, a busy server) ends the stream; Ctrl-C cancels the request on the server.
+response (a bad field, a busy server) is printed and the script stops; Ctrl-C cancels the
+request on the server.
 """
 from __future__ import annotations
 
