@@ -134,6 +134,13 @@ def is_text_encoder(model_class: str) -> bool:
     return model_class in TEXT_ENCODERS
 
 
+def runs_eager_on_gpu(network: str) -> bool:
+    """Whether a torch network runs eager on a GPU rather than in CUDA graphs: a text encoder
+    (`text_encoder*`) runs once per request, and transformers' attention-mask code reads the
+    mask on the host, which a CUDA graph cannot capture."""
+    return network.startswith("text_encoder")
+
+
 def torch_precision(asked: str, model_class: str) -> str:
     """A torch engine's precision on a GPU: export/precision.py's rule, except that T5-family
     and LLM encoders run in bf16 whenever a reduced precision is asked (T5 overflows fp16;
@@ -380,9 +387,7 @@ def build_torch_engines(request: BuildRequest, exported: list[ExportedOnnx], gpu
                 precision = request.export.network_precisions.get(
                     onnx.name, torch_precision(asked, onnx.model_class))
             file = f"{onnx.name}{TORCH_SUFFIX}"
-            # text encoders run eager: once per request, and transformers' attention-mask code
-            # reads the mask on the host, which a CUDA graph cannot capture
-            eager = onnx.torch_only or is_text_encoder(onnx.model_class)
+            eager = onnx.torch_only or runs_eager_on_gpu(onnx.name)
             level, what = (GPU_LEVEL if gpu and not eager else CPU_LEVEL), "torch engine"
         else:
             file, precision = f"{onnx.name}.onnx", onnx.precision

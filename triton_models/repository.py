@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.torch_build import TORCH_SUFFIX
+from engines.torch_build import TORCH_SUFFIX, runs_eager_on_gpu
 from models import paths, tensors
 from models.limits import SERVING_LIMITS, check_limit
 from models.pipeline_spec import SPEC_FILE, PipelineSpec, TextEncoder
@@ -502,9 +502,7 @@ def _write_torch_network(repository: Repository, name: str, source: Path, networ
 
     model_dir = _model_dir(repository, name, "torch_model")
     _link_or_copy(source, model_dir / "1" / source.name)
-    # text encoders run eager: once per request, and transformers' attention-mask code reads the
-    # mask on the host, which a CUDA graph cannot capture
-    graphs = graphs_allowed(network) and not name.startswith("text_encoder")
+    graphs = graphs_allowed(network) and not runs_eager_on_gpu(name)
     parameters = {"torch_file": source.name, "gpu": gpu, "precision": network["precision"],
                   "cuda_graphs": "true" if graphs else "false",
                   "intra_op_threads": options.cpu_threads}
