@@ -580,7 +580,8 @@ def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-model", action=argparse.BooleanOptionalAction, default=None,
                         help="also serve driffusion_stream, the decoupled pipeline model that "
                         "streams a progress response per round to gRPC clients (one more stub "
-                        "process per instance; default: for video models only)")
+                        "process, running --pipeline-instances requests at once; default: for "
+                        "video models only)")
     parser.add_argument("--device-endpoints", type=endpoints_argument, default=(),
                         metavar="HOST:PORT[,HOST:PORT...]",
                         help="device servers (`serve --no-pipeline-model`) whose ready unet_* "

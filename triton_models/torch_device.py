@@ -1,8 +1,8 @@
 """The torch device model's parts that need no Triton: device choice, input checks, CUDA graphs.
 
 `templates/torch_model/1/model.py` serves a torch engine (engines/torch_build.py) as
-`unet_gpu<i>` or a text encoder: at its recorded precision (FP16, or BF16 for SD3/Flux transformers) on `cuda:<i>`
-with one CUDA graph per (batch, input shapes, dtypes) key,
+`unet_gpu<i>` or a text encoder: at its recorded precision (FP16, or BF16 for SD3/Flux
+transformers) on `cuda:<i>` with one CUDA graph per (batch, input shapes, dtypes) key,
 captured the first time the key is seen and replayed after; eager when the profile lets
 non-batch dims vary (a graph per shape would never be reused), when the cache is full, or for a
 key whose capture failed. Without any GPU it runs FP32 eager on the CPU, which is what makes the
